@@ -1,0 +1,322 @@
+//! C = alpha * op(A) op(B) + beta * C, the syrk covariance accumulate and the
+//! triangle mirror, over chunked operands.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{require_f32, u32_of};
+use crate::context::{GpuContext, Kernel};
+use crate::error::{GpuError, Result};
+use crate::shader::{flag, ShaderFamily};
+use crate::tensor::{chunk_spans, DType, Tensor};
+
+const TILE: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    row_base: u32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+    /// Always 0; lets the syrk kernel hide an identity from the compiler.
+    opaque_zero: u32,
+    a_bstride: u32,
+    b_bstride: u32,
+    c_bstride: u32,
+    _pad1: u32,
+    alpha: f32,
+    beta: f32,
+    _pad2: [u32; 2],
+}
+
+/// How to combine A and B into C.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatmulSpec {
+    /// Use Aᵀ (A stored [K, M]).
+    pub trans_a: bool,
+    /// Use Bᵀ (B stored [N, K], the layout of a Linear weight).
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// Weight of the existing C; 0 overwrites without reading C.
+    pub beta: f32,
+}
+
+impl Default for MatmulSpec {
+    fn default() -> Self {
+        MatmulSpec { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }
+    }
+}
+
+impl MatmulSpec {
+    pub fn new(trans_a: bool, trans_b: bool) -> Self {
+        MatmulSpec { trans_a, trans_b, ..Default::default() }
+    }
+}
+
+fn defines(spec: &MatmulSpec, a: DType, b: DType) -> Vec<(&'static str, String)> {
+    vec![
+        ("TRANS_A", flag(spec.trans_a)),
+        ("TRANS_B", flag(spec.trans_b)),
+        ("A_F16", flag(a == DType::F16)),
+        ("B_F16", flag(b == DType::F16)),
+    ]
+}
+
+fn groups(m: usize, n: usize, batch: usize) -> [u32; 3] {
+    [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, batch as u32]
+}
+
+impl GpuContext {
+    /// op(A)·op(B) into a new f32 tensor. 2-D operands give [M, N]; 3-D
+    /// operands [batch, ., .] give [batch, M, N]; a 3-D A with a 2-D B
+    /// applies B to every batch item.
+    pub fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        let spec = MatmulSpec::new(trans_a, trans_b);
+        let (m, _, n) = product_dims(a, b, &spec)?;
+        let shape = match a.shape().len() {
+            3 => vec![a.shape()[0], m, n],
+            _ => vec![m, n],
+        };
+        let c = self.zeros(&shape, DType::F32)?;
+        self.matmul_into(a, b, &c, spec)?;
+        Ok(c)
+    }
+
+    /// C = alpha * op(A)·op(B) + beta * C, with C already allocated.
+    pub fn matmul_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec) -> Result<()> {
+        require_f32("matmul (output)", &[c])?;
+        let (m, k, n) = product_dims(a, b, &spec)?;
+        match (a.shape().len(), b.shape().len()) {
+            (2, 2) => {
+                expect_shape(c, &[m, n])?;
+                self.matmul_2d(a, b, c, spec, m, k, n)
+            }
+            (3, 2) if !spec.trans_a => {
+                // A shared weight: fold the batch into the rows of A and C.
+                let batch = a.shape()[0];
+                expect_shape(c, &[batch, m, n])?;
+                let a2 = a.reshape(&[batch * m, k])?;
+                let c2 = c.reshape(&[batch * m, n])?;
+                self.matmul_2d(&a2, b, &c2, spec, batch * m, k, n)
+            }
+            (3, 3) => {
+                let batch = a.shape()[0];
+                if b.shape()[0] != batch {
+                    return Err(GpuError::shape("matmul", format!("batch {} vs {}", batch, b.shape()[0])));
+                }
+                expect_shape(c, &[batch, m, n])?;
+                self.matmul_batched(a, b, c, spec, m, k, n)
+            }
+            _ => Err(GpuError::shape("matmul", format!("unsupported operand ranks {:?} x {:?}", a.shape(), b.shape()))),
+        }
+    }
+
+    /// Cuts M at chunk boundaries of C (and of A when A's rows are M), K at
+    /// those of A (when transposed) and B (when not), N at those of B (when
+    /// transposed), and accumulates the K pieces into C.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_2d(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, m: usize, k: usize, n: usize) -> Result<()> {
+        let m_spans = if spec.trans_a { chunk_spans(m, &[c]) } else { chunk_spans(m, &[a, c]) };
+        let k_spans = match (spec.trans_a, spec.trans_b) {
+            (true, false) => chunk_spans(k, &[a, b]),
+            (true, true) => chunk_spans(k, &[a]),
+            (false, false) => chunk_spans(k, &[b]),
+            (false, true) => vec![(0, k)],
+        };
+        let n_spans = if spec.trans_b { chunk_spans(n, &[b]) } else { vec![(0, n)] };
+        let defines = defines(&spec, a.dtype(), b.dtype());
+        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines };
+        for &(m0, mlen) in &m_spans {
+            for &(n0, nlen) in &n_spans {
+                let (c_buf, c_off) = c.locate(m0);
+                for (ki, &(k0, klen)) in k_spans.iter().enumerate() {
+                    let (a_buf, a_off) = if spec.trans_a { shift(a.locate(k0), m0) } else { shift(a.locate(m0), k0) };
+                    let (b_buf, b_off) = if spec.trans_b { shift(b.locate(n0), k0) } else { shift(b.locate(k0), n0) };
+                    let params = Params {
+                        m: u32_of(mlen, "matmul")?,
+                        n: u32_of(nlen, "matmul")?,
+                        k: u32_of(klen, "matmul")?,
+                        batch: 1,
+                        lda: u32_of(a.row_len(), "matmul")?,
+                        ldb: u32_of(b.row_len(), "matmul")?,
+                        ldc: u32_of(n, "matmul")?,
+                        a_off: u32_of(a_off, "matmul")?,
+                        b_off: u32_of(b_off, "matmul")?,
+                        c_off: u32_of(c_off + n0, "matmul")?,
+                        alpha: spec.alpha,
+                        beta: if ki == 0 { spec.beta } else { 1.0 },
+                        ..Default::default()
+                    };
+                    self.dispatch(
+                        kernel,
+                        bytemuck::bytes_of(&params),
+                        &[(1, &a_buf), (2, &b_buf), (3, &c_buf)],
+                        groups(mlen, nlen, 1),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One dispatch per batch range that lies in one chunk of A, B and C.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_batched(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, m: usize, k: usize, n: usize) -> Result<()> {
+        let defines = defines(&spec, a.dtype(), b.dtype());
+        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines };
+        for (z0, zlen) in chunk_spans(a.rows(), &[a, b, c]) {
+            for (sub0, sublen) in (0..zlen).step_by(65_535).map(|s| (s, (zlen - s).min(65_535))) {
+                let z = z0 + sub0;
+                let (a_buf, a_off) = a.locate(z);
+                let (b_buf, b_off) = b.locate(z);
+                let (c_buf, c_off) = c.locate(z);
+                let params = Params {
+                    m: u32_of(m, "matmul")?,
+                    n: u32_of(n, "matmul")?,
+                    k: u32_of(k, "matmul")?,
+                    batch: u32_of(sublen, "matmul")?,
+                    lda: u32_of(a.shape()[2], "matmul")?,
+                    ldb: u32_of(b.shape()[2], "matmul")?,
+                    ldc: u32_of(n, "matmul")?,
+                    a_off: u32_of(a_off, "matmul")?,
+                    b_off: u32_of(b_off, "matmul")?,
+                    c_off: u32_of(c_off, "matmul")?,
+                    a_bstride: u32_of(a.row_len(), "matmul")?,
+                    b_bstride: u32_of(b.row_len(), "matmul")?,
+                    c_bstride: u32_of(c.row_len(), "matmul")?,
+                    alpha: spec.alpha,
+                    beta: spec.beta,
+                    ..Default::default()
+                };
+                self.dispatch(
+                    kernel,
+                    bytemuck::bytes_of(&params),
+                    &[(1, &a_buf), (2, &b_buf), (3, &c_buf)],
+                    groups(m, n, sublen),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// C += alpha · Kᵀ K for keys K [n, d] (rows = tokens): the upper
+    /// triangle (and diagonal tiles) of the uncentered second moment, with
+    /// Kahan compensation kept in `comp` so sums over millions of tokens stay
+    /// accurate in f32. Call [`GpuContext::mirror_upper`] before using C whole.
+    pub fn syrk_accumulate(&self, c: &Tensor, comp: &Tensor, keys: &Tensor, alpha: f32) -> Result<()> {
+        require_f32("syrk", &[c, comp, keys])?;
+        let (_, d) = keys.dims2("syrk")?;
+        expect_shape(c, &[d, d])?;
+        expect_shape(comp, &[d, d])?;
+        let spec = MatmulSpec { trans_a: true, trans_b: false, alpha, beta: 1.0 };
+        let defines = defines(&spec, DType::F32, DType::F32);
+        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "syrk", defines: &defines };
+        for (r0, rlen) in chunk_spans(d, &[c, comp]) {
+            let (c_buf, c_off) = c.locate(r0);
+            let (comp_buf, comp_off) = comp.locate(r0);
+            if comp_off != c_off {
+                return Err(GpuError::shape("syrk", "the compensation tensor must be laid out like C (allocate both with zeros)"));
+            }
+            for (t0, tlen) in chunk_spans(keys.rows(), &[keys]) {
+                let (k_buf, k_off) = keys.locate(t0);
+                let params = Params {
+                    m: u32_of(rlen, "syrk")?,
+                    n: u32_of(d, "syrk")?,
+                    k: u32_of(tlen, "syrk")?,
+                    batch: 1,
+                    lda: u32_of(d, "syrk")?,
+                    ldb: u32_of(d, "syrk")?,
+                    ldc: u32_of(d, "syrk")?,
+                    row_base: u32_of(r0, "syrk")?,
+                    a_off: u32_of(k_off + r0, "syrk")?,
+                    b_off: u32_of(k_off, "syrk")?,
+                    c_off: u32_of(c_off, "syrk")?,
+                    alpha,
+                    beta: 1.0,
+                    ..Default::default()
+                };
+                self.dispatch(
+                    kernel,
+                    bytemuck::bytes_of(&params),
+                    &[(1, &k_buf), (2, &k_buf), (3, &c_buf), (4, &comp_buf)],
+                    groups(rlen, d, 1),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the upper triangle of the square matrix `c` onto its lower one.
+    pub fn mirror_upper(&self, c: &Tensor) -> Result<()> {
+        require_f32("mirror_upper", &[c])?;
+        let (d, d2) = c.dims2("mirror_upper")?;
+        if d != d2 {
+            return Err(GpuError::shape("mirror_upper", format!("matrix is {d}x{d2}, not square")));
+        }
+        let defines = defines(&MatmulSpec::default(), DType::F32, DType::F32);
+        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "mirror", defines: &defines };
+        let spans = chunk_spans(d, &[c]);
+        for &(r0, rlen) in &spans {
+            let (dst_buf, dst_off) = c.locate(r0);
+            for &(s0, slen) in spans.iter().filter(|&&(s0, _)| s0 < r0 + rlen) {
+                let (src_buf, src_off) = c.locate(s0);
+                let params = Params {
+                    m: u32_of(rlen, "mirror_upper")?,
+                    n: u32_of(slen, "mirror_upper")?,
+                    k: u32_of(s0, "mirror_upper")?,
+                    ldc: u32_of(d, "mirror_upper")?,
+                    row_base: u32_of(r0, "mirror_upper")?,
+                    a_off: u32_of(src_off, "mirror_upper")?,
+                    c_off: u32_of(dst_off, "mirror_upper")?,
+                    ..Default::default()
+                };
+                self.dispatch(
+                    kernel,
+                    bytemuck::bytes_of(&params),
+                    &[(3, &dst_buf), (5, &src_buf)],
+                    [slen.div_ceil(16) as u32, rlen.div_ceil(16) as u32, 1],
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shift((buf, off): (std::sync::Arc<wgpu::Buffer>, usize), by: usize) -> (std::sync::Arc<wgpu::Buffer>, usize) {
+    (buf, off + by)
+}
+
+fn expect_shape(t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(GpuError::shape("matmul", format!("output has shape {:?}, expected {shape:?}", t.shape())));
+    }
+    Ok(())
+}
+
+/// (M, K, N) of op(A)·op(B), checking that the inner dimensions agree.
+fn product_dims(a: &Tensor, b: &Tensor, spec: &MatmulSpec) -> Result<(usize, usize, usize)> {
+    let last2 = |t: &Tensor| -> Result<(usize, usize)> {
+        match t.shape() {
+            [r, c] | [_, r, c] => Ok((*r, *c)),
+            s => Err(GpuError::shape("matmul", format!("operand of shape {s:?} is not 2-D or 3-D"))),
+        }
+    };
+    let (ar, ac) = last2(a)?;
+    let (br, bc) = last2(b)?;
+    let (m, ka) = if spec.trans_a { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if spec.trans_b { (bc, br) } else { (br, bc) };
+    if ka != kb {
+        return Err(GpuError::shape(
+            "matmul",
+            format!("inner dimensions differ: {:?}{} x {:?}{}", a.shape(), if spec.trans_a { "ᵀ" } else { "" }, b.shape(), if spec.trans_b { "ᵀ" } else { "" }),
+        ));
+    }
+    Ok((m, ka, n))
+}

@@ -1,0 +1,73 @@
+//! LayerNorm and RMSNorm over the last dimension.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{as_rows, last_dim_rows, require_f32, u32_of};
+use crate::context::{grid_1d, GpuContext, Kernel};
+use crate::error::{GpuError, Result};
+use crate::shader::ShaderFamily;
+use crate::tensor::{row_pieces, DType, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct Params {
+    rows: u32,
+    row_len: u32,
+    x_off: u32,
+    out_off: u32,
+    eps: f32,
+    _pad: [u32; 3],
+}
+
+impl GpuContext {
+    /// (x − mean)/√(var + eps)·gain + bias over the last dimension.
+    pub fn layer_norm(&self, x: &Tensor, gain: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+        self.norm("layer_norm", x, gain, Some(bias), eps)
+    }
+
+    /// x/√(mean(x²) + eps)·gain over the last dimension (Llama).
+    pub fn rms_norm(&self, x: &Tensor, gain: &Tensor, eps: f32) -> Result<Tensor> {
+        self.norm("rms_norm", x, gain, None, eps)
+    }
+
+    fn norm(&self, entry: &'static str, x: &Tensor, gain: &Tensor, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        require_f32(entry, &[x, gain])?;
+        let (len, per_row) = last_dim_rows(x);
+        for v in std::iter::once(gain).chain(bias) {
+            require_f32(entry, &[v])?;
+            if v.numel() != len {
+                return Err(GpuError::shape(entry, format!("weight of {} elements for rows of {len}", v.numel())));
+            }
+        }
+        let (gain_buf, gain_off) = gain.single(entry)?;
+        let bias_buf = bias.map(|b| b.single(entry)).transpose()?;
+        if gain_off != 0 || bias_buf.is_some_and(|(_, off)| off != 0) {
+            return Err(GpuError::shape(entry, "norm weights must be whole tensors, not views"));
+        }
+        let shape = x.shape().to_vec();
+        let x = as_rows(x)?;
+        let out = self.zeros(x.shape(), DType::F32)?;
+        for piece in row_pieces(&[&x, &out]) {
+            let rows = piece.rows * per_row;
+            let params = Params {
+                rows: u32_of(rows, entry)?,
+                row_len: u32_of(len, entry)?,
+                x_off: u32_of(piece.parts[0].1, entry)?,
+                out_off: u32_of(piece.parts[1].1, entry)?,
+                eps,
+                ..Default::default()
+            };
+            let mut bindings = vec![(1, &*piece.parts[0].0), (2, gain_buf), (4, &*piece.parts[1].0)];
+            if let Some((b, _)) = bias_buf {
+                bindings.push((3, b));
+            }
+            self.dispatch(
+                Kernel { family: ShaderFamily::Norm, entry, defines: &[] },
+                bytemuck::bytes_of(&params),
+                &bindings,
+                grid_1d(rows),
+            )?;
+        }
+        out.reshape(&shape)
+    }
+}

@@ -1,0 +1,81 @@
+//! WGSL sources (one file per kernel family under `shaders/`) and the small
+//! template step that specialises them: every `{{KEY}}` in a source is replaced
+//! by a value chosen at pipeline-creation time (tile sizes, transposes, storage
+//! dtypes, the op of an elementwise kernel). Constant branches such as
+//! `if (TRANS_A) {..}` are folded by the shader compiler.
+
+use crate::error::{GpuError, Result};
+
+/// The kernel families; each maps to one file in `shaders/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShaderFamily {
+    Matmul,
+    Elementwise,
+    Activation,
+    Reduce,
+    Softmax,
+    Norm,
+    Embedding,
+}
+
+impl ShaderFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShaderFamily::Matmul => "matmul",
+            ShaderFamily::Elementwise => "elementwise",
+            ShaderFamily::Activation => "activation",
+            ShaderFamily::Reduce => "reduce",
+            ShaderFamily::Softmax => "softmax",
+            ShaderFamily::Norm => "norm",
+            ShaderFamily::Embedding => "embedding",
+        }
+    }
+
+    pub fn source(self) -> &'static str {
+        match self {
+            ShaderFamily::Matmul => include_str!("../../../shaders/matmul.wgsl"),
+            ShaderFamily::Elementwise => include_str!("../../../shaders/elementwise.wgsl"),
+            ShaderFamily::Activation => include_str!("../../../shaders/activation.wgsl"),
+            ShaderFamily::Reduce => include_str!("../../../shaders/reduce.wgsl"),
+            ShaderFamily::Softmax => include_str!("../../../shaders/softmax.wgsl"),
+            ShaderFamily::Norm => include_str!("../../../shaders/norm.wgsl"),
+            ShaderFamily::Embedding => include_str!("../../../shaders/embedding.wgsl"),
+        }
+    }
+}
+
+/// Helpers pasted where a family writes `{{COMMON}}`.
+const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+
+/// Replaces every `{{KEY}}` in `source` with its value (`COMMON` is always
+/// available); a key left without a value is an error rather than a
+/// confusing WGSL parse failure later.
+pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Result<String> {
+    let source = family.source();
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or_else(|| GpuError::Template {
+            shader: family.name(),
+            key: "<unterminated {{>".into(),
+        })?;
+        let key = &after[..end];
+        let value = defines
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+            .or((key == "COMMON").then_some(COMMON))
+            .ok_or_else(|| GpuError::Template { shader: family.name(), key: key.to_string() })?;
+        out.push_str(value);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// WGSL spelling of a boolean template value.
+pub fn flag(b: bool) -> String {
+    if b { "true".into() } else { "false".into() }
+}

@@ -1,0 +1,317 @@
+//! Tensors over wgpu buffers. A tensor is row-major and split along its first
+//! dimension into chunks, each its own buffer no larger than one storage
+//! binding, so any operand (GPT-J's 1 GiB covariance included) can be bound.
+//! Kernels see chunk-aligned "pieces" and take element offsets as parameters,
+//! so views never need aligned binding offsets.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use half::f16;
+
+use crate::context::GpuContext;
+use crate::error::{GpuError, Result};
+
+/// Element storage type. Arithmetic is always f32; f16 halves the memory of
+/// weights and is read in shaders with `unpack2x16float`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// A run of whole rows stored contiguously in one buffer.
+#[derive(Clone, Debug)]
+pub(crate) struct Segment {
+    pub buffer: Arc<wgpu::Buffer>,
+    /// Element offset of the segment's first row in `buffer`.
+    pub offset: usize,
+    pub rows: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    segments: Vec<Segment>,
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the first dimension, along which storage is chunked.
+    pub fn rows(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Elements per first-dimension row.
+    pub fn row_len(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+
+    /// Number of buffers the tensor spans.
+    pub fn n_chunks(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The shape as (rows, cols) for a 2-D tensor, or an error naming `op`.
+    pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(GpuError::shape(op, format!("expected a 2-D tensor, got shape {:?}", self.shape))),
+        }
+    }
+
+    /// A view of rows `range` of the first dimension (no copy).
+    pub fn slice_rows(&self, range: Range<usize>) -> Result<Tensor> {
+        if range.start > range.end || range.end > self.rows() {
+            return Err(GpuError::shape("slice_rows", format!("rows {range:?} out of 0..{}", self.rows())));
+        }
+        let row_len = self.row_len();
+        let mut segments = Vec::new();
+        let mut seg_start = 0;
+        for seg in &self.segments {
+            let seg_end = seg_start + seg.rows;
+            let lo = range.start.max(seg_start);
+            let hi = range.end.min(seg_end);
+            if lo < hi {
+                segments.push(Segment {
+                    buffer: seg.buffer.clone(),
+                    offset: seg.offset + (lo - seg_start) * row_len,
+                    rows: hi - lo,
+                });
+            }
+            seg_start = seg_end;
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = range.len();
+        Ok(Tensor { shape, dtype: self.dtype, segments })
+    }
+
+    /// The same elements under another shape. Each chunk must hold whole rows
+    /// of the new shape (always true for a single-chunk tensor).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if shape.is_empty() || numel != self.numel() {
+            return Err(GpuError::shape("reshape", format!("{:?} -> {shape:?}", self.shape)));
+        }
+        let old_row = self.row_len();
+        let new_row: usize = shape[1..].iter().product();
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for seg in &self.segments {
+            let elems = seg.rows * old_row;
+            if new_row == 0 || elems % new_row != 0 {
+                return Err(GpuError::shape(
+                    "reshape",
+                    format!("{:?} -> {shape:?} would split a row across storage chunks", self.shape),
+                ));
+            }
+            segments.push(Segment { buffer: seg.buffer.clone(), offset: seg.offset, rows: elems / new_row });
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, segments })
+    }
+}
+
+/// A row range that lies inside one chunk of every tensor it was cut from.
+pub(crate) struct Piece {
+    pub row0: usize,
+    pub rows: usize,
+    /// Per tensor: its buffer and the element offset of row `row0`.
+    pub parts: Vec<(Arc<wgpu::Buffer>, usize)>,
+}
+
+/// Cuts `0..len` at every chunk boundary (along the first dimension) of any
+/// of `tensors`, returning (start, length) spans.
+pub(crate) fn chunk_spans(len: usize, tensors: &[&Tensor]) -> Vec<(usize, usize)> {
+    let mut cuts: Vec<usize> = vec![0, len];
+    for t in tensors {
+        let mut at = 0;
+        for seg in &t.segments {
+            at += seg.rows;
+            cuts.push(at);
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2).filter(|w| w[1] <= len).map(|w| (w[0], w[1] - w[0])).collect()
+}
+
+/// Cuts the common row range of `tensors` (same number of rows) at every
+/// chunk boundary of any of them.
+pub(crate) fn row_pieces(tensors: &[&Tensor]) -> Vec<Piece> {
+    chunk_spans(tensors[0].rows(), tensors)
+        .into_iter()
+        .map(|(row0, rows)| Piece { row0, rows, parts: tensors.iter().map(|t| t.locate(row0)).collect() })
+        .collect()
+}
+
+impl Tensor {
+    /// Buffer and element offset of the start of row `row`.
+    pub(crate) fn locate(&self, row: usize) -> (Arc<wgpu::Buffer>, usize) {
+        let mut start = 0;
+        for seg in &self.segments {
+            if row < start + seg.rows {
+                return (seg.buffer.clone(), seg.offset + (row - start) * self.row_len());
+            }
+            start += seg.rows;
+        }
+        let last = self.segments.last().expect("tensor without storage");
+        (last.buffer.clone(), last.offset + last.rows * self.row_len())
+    }
+
+    /// The single buffer a small tensor lives in, or an error naming `op`.
+    pub(crate) fn single(&self, op: &'static str) -> Result<(&wgpu::Buffer, usize)> {
+        match &self.segments[..] {
+            [seg] => Ok((&seg.buffer, seg.offset)),
+            _ => Err(GpuError::shape(op, format!("operand of shape {:?} spans {} chunks; it must fit one binding", self.shape, self.segments.len()))),
+        }
+    }
+}
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl GpuContext {
+    /// Rows per chunk for rows of `row_bytes` bytes.
+    fn rows_per_chunk(&self, row_bytes: u64) -> Result<usize> {
+        if row_bytes > self.chunk_bytes() {
+            return Err(GpuError::RowTooLarge { row_bytes, max_binding: self.chunk_bytes() });
+        }
+        Ok((self.chunk_bytes() / row_bytes.max(1)) as usize)
+    }
+
+    /// A zero-filled tensor (wgpu zero-initialises new buffers).
+    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if shape.is_empty() {
+            return Err(GpuError::shape("zeros", "a tensor needs at least one dimension"));
+        }
+        let rows = shape[0];
+        let row_len: usize = shape[1..].iter().product();
+        let row_bytes = (row_len * dtype.size()) as u64;
+        let per_chunk = self.rows_per_chunk(row_bytes)?;
+        let mut segments = Vec::new();
+        let mut done = 0;
+        while done < rows || segments.is_empty() {
+            let n = per_chunk.min(rows - done);
+            let buffer = self.create_buffer(n as u64 * row_bytes, STORAGE, "tensor")?;
+            segments.push(Segment { buffer: Arc::new(buffer), offset: 0, rows: n });
+            done += n;
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype, segments })
+    }
+
+    /// Uploads f32 host data, converting to `dtype`.
+    pub fn upload(&self, shape: &[usize], data: &[f32], dtype: DType) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(GpuError::shape("upload", format!("{} values for shape {shape:?}", data.len())));
+        }
+        let tensor = self.zeros(shape, dtype)?;
+        let row_len = tensor.row_len();
+        let mut row = 0;
+        for seg in &tensor.segments {
+            let values = &data[row * row_len..(row + seg.rows) * row_len];
+            self.write_values(&seg.buffer, values, dtype);
+            row += seg.rows;
+        }
+        Ok(tensor)
+    }
+
+    /// Uploads raw f16 bits (as found in checkpoints) without conversion.
+    pub fn upload_f16_bits(&self, shape: &[usize], bits: &[u16]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if bits.len() != numel {
+            return Err(GpuError::shape("upload_f16_bits", format!("{} values for shape {shape:?}", bits.len())));
+        }
+        let tensor = self.zeros(shape, DType::F16)?;
+        let row_len = tensor.row_len();
+        let mut row = 0;
+        for seg in &tensor.segments {
+            let mut bytes: Vec<u8> = bytemuck::cast_slice(&bits[row * row_len..(row + seg.rows) * row_len]).to_vec();
+            bytes.resize(bytes.len().next_multiple_of(4), 0);
+            self.queue().write_buffer(&seg.buffer, 0, &bytes);
+            row += seg.rows;
+        }
+        Ok(tensor)
+    }
+
+    fn write_values(&self, buffer: &wgpu::Buffer, values: &[f32], dtype: DType) {
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => bytemuck::cast_slice(values).to_vec(),
+            DType::F16 => {
+                let mut halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                if halves.len() % 2 == 1 {
+                    halves.push(f16::ZERO);
+                }
+                bytemuck::cast_slice(&halves).to_vec()
+            }
+        };
+        if !bytes.is_empty() {
+            self.queue().write_buffer(buffer, 0, &bytes);
+        }
+    }
+
+    /// Uploads u32 values (token ids) into one buffer.
+    pub(crate) fn upload_u32(&self, values: &[u32], label: &str) -> Result<wgpu::Buffer> {
+        let buffer = self.create_buffer((values.len() * 4) as u64, STORAGE, label)?;
+        if !values.is_empty() {
+            self.queue().write_buffer(&buffer, 0, bytemuck::cast_slice(values));
+        }
+        Ok(buffer)
+    }
+
+    /// Waits for all queued work and returns the tensor's values as f32.
+    pub async fn read(&self, tensor: &Tensor) -> Result<Vec<f32>> {
+        let esize = tensor.dtype.size();
+        let row_len = tensor.row_len();
+        // Copies must start and end on 4-byte boundaries: copy the aligned
+        // superset of each segment and remember where its values start.
+        let mut layout = Vec::with_capacity(tensor.segments.len());
+        let mut staging_len = 0u64;
+        for seg in &tensor.segments {
+            let start = (seg.offset * esize) as u64;
+            let end = start + (seg.rows * row_len * esize) as u64;
+            let aligned_start = start & !3;
+            let aligned_end = end.next_multiple_of(4);
+            layout.push((aligned_start, aligned_end - aligned_start, staging_len, start - aligned_start));
+            staging_len += aligned_end - aligned_start;
+        }
+        let staging = self.create_buffer(staging_len, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, "readback")?;
+        for (seg, &(src, len, dst, _)) in tensor.segments.iter().zip(&layout) {
+            if len > 0 {
+                self.copy(&seg.buffer, src, &staging, dst, len);
+            }
+        }
+        let bytes = self.map_read(&staging).await?;
+        let mut out = Vec::with_capacity(tensor.numel());
+        for (seg, &(_, _, dst, skip)) in tensor.segments.iter().zip(&layout) {
+            let start = (dst + skip) as usize;
+            let raw = &bytes[start..start + seg.rows * row_len * esize];
+            match tensor.dtype {
+                DType::F32 => out.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                DType::F16 => out.extend(raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            }
+        }
+        Ok(out)
+    }
+}

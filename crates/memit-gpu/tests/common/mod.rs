@@ -1,0 +1,118 @@
+//! Shared helpers for the kernel tests: contexts, a seeded RNG, CPU
+//! references and tolerance checks.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use memit_gpu::{GpuContext, GpuOptions, Tensor};
+
+/// The real adapter with its real limits. Panics (failing the test) when no
+/// adapter exists: a GPU-less machine needs a software Vulkan driver.
+pub fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
+        eprintln!("adapter: {:?}", ctx.adapter_info());
+        ctx
+    })
+    .clone()
+}
+
+/// Same adapter, but tensors are split into 4 KiB chunks, so tiny shapes
+/// exercise the tiling that GPT-J-sized operands need.
+pub fn tiny_chunk_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        pollster::block_on(GpuContext::new(GpuOptions { max_chunk_bytes: Some(4096), ..Default::default() }))
+            .expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+    .clone()
+}
+
+pub fn read(ctx: &GpuContext, t: &Tensor) -> Vec<f32> {
+    pollster::block_on(ctx.read(t)).expect("readback")
+}
+
+/// xorshift64*: deterministic test data without extra dependencies.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Element (i, j) of a row-major matrix with `cols` columns, optionally
+/// transposed (stored as [cols_of_op, rows_of_op]).
+fn at(data: &[f32], trans: bool, i: usize, j: usize, stored_cols: usize) -> f64 {
+    if trans { data[j * stored_cols + i] as f64 } else { data[i * stored_cols + j] as f64 }
+}
+
+/// op(A)·op(B) in f64, plus Σ|a||b| per element for the error bound.
+pub fn cpu_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> (Vec<f64>, Vec<f64>) {
+    let a_cols = if ta { m } else { k };
+    let b_cols = if tb { k } else { n };
+    let mut out = vec![0.0; m * n];
+    let mut mag = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut g) = (0.0, 0.0);
+            for p in 0..k {
+                let v = at(a, ta, i, p, a_cols) * at(b, tb, p, j, b_cols);
+                s += v;
+                g += v.abs();
+            }
+            out[i * n + j] = s;
+            mag[i * n + j] = g;
+        }
+    }
+    (out, mag)
+}
+
+/// Checks |got − want| ≤ k·ε_f32·magnitude + abs_floor elementwise, the
+/// classic bound for a length-k f32 dot product.
+pub fn assert_dot_close(got: &[f32], want: &[f64], magnitude: &[f64], k: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let bound = (k.max(1) as f64) * f32::EPSILON as f64;
+    for (i, ((&g, &w), &mag)) in got.iter().zip(want).zip(magnitude).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err <= bound * mag + 1e-6, "{what}: element {i}: got {g}, want {w} (err {err:e}, bound {:e})", bound * mag + 1e-6);
+    }
+}
+
+/// Relative-or-absolute closeness for elementwise results.
+pub fn assert_close(got: &[f32], want: &[f64], rel: f64, abs: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= abs + rel * w.abs() || (g.is_infinite() && w.is_infinite() && g.signum() as f64 == w.signum()),
+            "{what}: element {i}: got {g}, want {w} (err {err:e})"
+        );
+    }
+}
+
+/// Rounds through f16, as f16 storage does.
+pub fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}

@@ -1,0 +1,437 @@
+//! Every kernel against an independent CPU reference, on random shapes that
+//! include sizes that are not multiples of the tiles, and on tensors split
+//! into many storage chunks.
+
+mod common;
+
+use common::*;
+use memit_gpu::{Activation, BinaryOp, Causal, DType, GpuContext, GpuError, MatmulSpec, ReduceOp};
+
+const SHAPES: [(usize, usize, usize); 7] =
+    [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129)];
+
+fn stored_shape(rows: usize, cols: usize, trans: bool) -> [usize; 2] {
+    if trans { [cols, rows] } else { [rows, cols] }
+}
+
+fn check_matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, ta: bool, tb: bool, dtypes: (DType, DType), seed: u64) {
+    let mut rng = Rng::new(seed);
+    let a = rng.vec(m * k, 1.0);
+    let b = rng.vec(k * n, 1.0);
+    let ga = ctx.upload(&stored_shape(m, k, ta), &a, dtypes.0).unwrap();
+    let gb = ctx.upload(&stored_shape(k, n, tb), &b, dtypes.1).unwrap();
+    let c = ctx.matmul(&ga, &gb, ta, tb).unwrap();
+    assert_eq!(c.shape(), &[m, n]);
+    let a_ref = if dtypes.0 == DType::F16 { f16_round(&a) } else { a };
+    let b_ref = if dtypes.1 == DType::F16 { f16_round(&b) } else { b };
+    let (want, mag) = cpu_matmul(&a_ref, &b_ref, m, k, n, ta, tb);
+    assert_dot_close(&read(ctx, &c), &want, &mag, k, &format!("matmul {m}x{k}x{n} ta={ta} tb={tb} {dtypes:?}"));
+}
+
+#[test]
+fn matmul_all_transposes_f32() {
+    let ctx = ctx();
+    for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            check_matmul(&ctx, m, k, n, ta, tb, (DType::F32, DType::F32), i as u64);
+        }
+    }
+}
+
+#[test]
+fn matmul_f16_storage_accumulates_in_f32() {
+    let ctx = ctx();
+    for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+        check_matmul(&ctx, m, k, n, false, true, (DType::F32, DType::F16), 100 + i as u64);
+        check_matmul(&ctx, m, k, n, true, false, (DType::F16, DType::F16), 200 + i as u64);
+    }
+}
+
+#[test]
+fn matmul_alpha_beta_accumulate() {
+    let ctx = ctx();
+    let (m, k, n) = (37, 45, 70);
+    let mut rng = Rng::new(7);
+    let (a, b, c0) = (rng.vec(m * k, 1.0), rng.vec(k * n, 1.0), rng.vec(m * n, 1.0));
+    let ga = ctx.upload(&[m, k], &a, DType::F32).unwrap();
+    let gb = ctx.upload(&[k, n], &b, DType::F32).unwrap();
+    let gc = ctx.upload(&[m, n], &c0, DType::F32).unwrap();
+    ctx.matmul_into(&ga, &gb, &gc, MatmulSpec { alpha: -0.5, beta: 2.0, ..Default::default() }).unwrap();
+    let (prod, mag) = cpu_matmul(&a, &b, m, k, n, false, false);
+    let want: Vec<f64> = prod.iter().zip(&c0).map(|(p, &c)| -0.5 * p + 2.0 * c as f64).collect();
+    let mag: Vec<f64> = mag.iter().zip(&c0).map(|(g, &c)| 0.5 * g + 2.0 * (c as f64).abs()).collect();
+    assert_dot_close(&read(&ctx, &gc), &want, &mag, k + 1, "alpha/beta");
+}
+
+#[test]
+fn matmul_batched_and_shared_weight() {
+    let ctx = ctx();
+    let (batch, m, k, n) = (5, 19, 33, 21);
+    let mut rng = Rng::new(11);
+    let a = rng.vec(batch * m * k, 1.0);
+    let b = rng.vec(batch * n * k, 1.0);
+    let ga = ctx.upload(&[batch, m, k], &a, DType::F32).unwrap();
+    let gb = ctx.upload(&[batch, n, k], &b, DType::F32).unwrap();
+    let c = read(&ctx, &ctx.matmul(&ga, &gb, false, true).unwrap());
+    for z in 0..batch {
+        let (want, mag) = cpu_matmul(&a[z * m * k..][..m * k], &b[z * n * k..][..n * k], m, k, n, false, true);
+        assert_dot_close(&c[z * m * n..][..m * n], &want, &mag, k, &format!("batch item {z}"));
+    }
+    // A weight [k, n] shared by every batch item.
+    let w = rng.vec(k * n, 1.0);
+    let gw = ctx.upload(&[k, n], &w, DType::F32).unwrap();
+    let c = read(&ctx, &ctx.matmul(&ga, &gw, false, false).unwrap());
+    let (want, mag) = cpu_matmul(&a, &w, batch * m, k, n, false, false);
+    assert_dot_close(&c, &want, &mag, k, "shared weight");
+}
+
+#[test]
+fn matmul_over_many_chunks() {
+    let ctx = tiny_chunk_ctx();
+    // 4 KiB chunks: a [300, 50] f32 operand spans 15 buffers.
+    let probe = ctx.zeros(&[300, 50], DType::F32).unwrap();
+    assert!(probe.n_chunks() > 10, "expected tiling, got {} chunks", probe.n_chunks());
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        check_matmul(&ctx, 300, 50, 70, ta, tb, (DType::F32, DType::F32), 31);
+        check_matmul(&ctx, 45, 300, 50, ta, tb, (DType::F32, DType::F32), 32);
+        check_matmul(&ctx, 20, 41, 300, ta, tb, (DType::F16, DType::F16), 33);
+    }
+    let (batch, m, k, n) = (9, 13, 20, 11);
+    let mut rng = Rng::new(34);
+    let a = rng.vec(batch * m * k, 1.0);
+    let b = rng.vec(batch * k * n, 1.0);
+    let ga = ctx.upload(&[batch, m, k], &a, DType::F32).unwrap();
+    let gb = ctx.upload(&[batch, k, n], &b, DType::F32).unwrap();
+    assert!(ga.n_chunks() > 1);
+    let c = read(&ctx, &ctx.matmul(&ga, &gb, false, false).unwrap());
+    for z in 0..batch {
+        let (want, mag) = cpu_matmul(&a[z * m * k..][..m * k], &b[z * k * n..][..k * n], m, k, n, false, false);
+        assert_dot_close(&c[z * m * n..][..m * n], &want, &mag, k, &format!("chunked batch item {z}"));
+    }
+}
+
+#[test]
+fn row_views_across_chunks() {
+    let ctx = tiny_chunk_ctx();
+    let (rows, k, n) = (200, 30, 9);
+    let mut rng = Rng::new(41);
+    let a = rng.vec(rows * k, 1.0);
+    let b = rng.vec(k * n, 1.0);
+    let ga = ctx.upload(&[rows, k], &a, DType::F32).unwrap();
+    let gb = ctx.upload(&[k, n], &b, DType::F32).unwrap();
+    let view = ga.slice_rows(25..173).unwrap();
+    assert!(view.n_chunks() > 1);
+    assert_eq!(read(&ctx, &view), a[25 * k..173 * k].to_vec());
+    let c = read(&ctx, &ctx.matmul(&view, &gb, false, false).unwrap());
+    let (want, mag) = cpu_matmul(&a[25 * k..173 * k], &b, 148, k, n, false, false);
+    assert_dot_close(&c, &want, &mag, k, "matmul of a view");
+}
+
+fn cpu_gram(keys: &[f32], n: usize, d: usize) -> Vec<f64> {
+    let mut c = vec![0.0; d * d];
+    for t in 0..n {
+        for i in 0..d {
+            for j in 0..d {
+                c[i * d + j] += keys[t * d + i] as f64 * keys[t * d + j] as f64;
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn syrk_accumulates_gram_matrix() {
+    for (ctx, d, batches) in [(ctx(), 70, 3), (tiny_chunk_ctx(), 90, 2), (ctx(), 1, 2), (ctx(), 130, 1)] {
+        let mut rng = Rng::new(d as u64);
+        let c = ctx.zeros(&[d, d], DType::F32).unwrap();
+        let comp = ctx.zeros(&[d, d], DType::F32).unwrap();
+        let mut all = Vec::new();
+        for batch in 0..batches {
+            let n = 17 + 40 * batch;
+            let keys = rng.vec(n * d, 1.0);
+            let gk = ctx.upload(&[n, d], &keys, DType::F32).unwrap();
+            ctx.syrk_accumulate(&c, &comp, &gk, 1.0).unwrap();
+            all.extend(keys);
+        }
+        ctx.mirror_upper(&c).unwrap();
+        let n_total = all.len() / d;
+        let want = cpu_gram(&all, n_total, d);
+        let mag = cpu_gram(&all.iter().map(|v| v.abs()).collect::<Vec<_>>(), n_total, d);
+        assert_dot_close(&read(&ctx, &c), &want, &mag, n_total, &format!("gram d={d} chunks={}", c.n_chunks()));
+    }
+}
+
+#[test]
+fn syrk_kahan_keeps_small_increments() {
+    // 1 + 3000 increments of 4.9e-7: plain f32 addition drifts by ~4e-5
+    // (each increment rounds to 4 ulps of 1.0); compensated sums do not.
+    let ctx = ctx();
+    let c = ctx.zeros(&[1, 1], DType::F32).unwrap();
+    let comp = ctx.zeros(&[1, 1], DType::F32).unwrap();
+    let big = ctx.upload(&[1, 1], &[1.0], DType::F32).unwrap();
+    ctx.syrk_accumulate(&c, &comp, &big, 1.0).unwrap();
+    let small = ctx.upload(&[1, 1], &[0.0007], DType::F32).unwrap();
+    let steps = 3000;
+    let mut naive = 1.0f32;
+    for _ in 0..steps {
+        ctx.syrk_accumulate(&c, &comp, &small, 1.0).unwrap();
+        naive += 0.0007f32 * 0.0007f32;
+    }
+    let exact = 1.0 + steps as f64 * (0.0007f32 as f64 * 0.0007f32 as f64);
+    assert!((naive as f64 - exact).abs() > 1e-5, "the test needs a case plain f32 gets wrong");
+    let got = read(&ctx, &c)[0] as f64;
+    assert!((got - exact).abs() < 2e-7, "compensated sum {got} vs exact {exact}");
+}
+
+#[test]
+fn binary_ops_with_broadcast() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        let mut rng = Rng::new(51);
+        let shape = [37, 3, 29];
+        let n = 37 * 3 * 29;
+        let x = rng.vec(n, 2.0);
+        let gx = ctx.upload(&shape, &x, DType::F32).unwrap();
+        let same = rng.vec(n, 2.0).iter().map(|v| v + 3.0).collect::<Vec<_>>();
+        let row = rng.vec(29, 2.0);
+        let plane = rng.vec(3 * 29, 2.0);
+        let cases: [(Vec<usize>, &Vec<f32>, fn(usize) -> usize); 3] = [
+            (shape.to_vec(), &same, |i| i),
+            (vec![29], &row, |i| i % 29),
+            (vec![3, 29], &plane, |i| i % 87),
+        ];
+        for (yshape, y, index) in cases {
+            let gy = ctx.upload(&yshape, y, DType::F32).unwrap();
+            for (op, f) in [
+                (BinaryOp::Add, (|a, b| a + b) as fn(f64, f64) -> f64),
+                (BinaryOp::Sub, |a, b| a - b),
+                (BinaryOp::Mul, |a, b| a * b),
+                (BinaryOp::Div, |a, b| a / b),
+            ] {
+                let out = read(&ctx, &ctx.binary(op, &gx, &gy).unwrap());
+                let want: Vec<f64> = (0..n).map(|i| f(x[i] as f64, y[index(i)] as f64)).collect();
+                assert_close(&out, &want, 1e-6, 1e-6, &format!("{op:?} with y {yshape:?}"));
+            }
+        }
+        let scalar = ctx.upload(&[1], &[0.25], DType::F32).unwrap();
+        let out = read(&ctx, &ctx.binary(BinaryOp::Mul, &gx, &scalar).unwrap());
+        assert_close(&out, &x.iter().map(|&v| v as f64 * 0.25).collect::<Vec<_>>(), 1e-7, 0.0, "scalar");
+        let bad = ctx.upload(&[28], &vec![0.0; 28], DType::F32).unwrap();
+        assert!(matches!(ctx.binary(BinaryOp::Add, &gx, &bad), Err(GpuError::Shape { .. })));
+    }
+}
+
+#[test]
+fn axpby_affine_fill_and_casts() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        let mut rng = Rng::new(61);
+        let n = 2501;
+        let (x, y) = (rng.vec(n, 3.0), rng.vec(n, 3.0));
+        let gx = ctx.upload(&[n], &x, DType::F32).unwrap();
+        let gy = ctx.upload(&[n], &y, DType::F32).unwrap();
+        ctx.axpby(1.5, &gx, -0.5, &gy).unwrap();
+        let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &b)| 1.5 * a as f64 - 0.5 * b as f64).collect();
+        assert_close(&read(&ctx, &gy), &want, 1e-6, 1e-6, "axpby");
+        let aff = ctx.affine(&gx, 2.0, 1.0).unwrap();
+        assert_close(&read(&ctx, &aff), &x.iter().map(|&v| 2.0 * v as f64 + 1.0).collect::<Vec<_>>(), 1e-6, 1e-6, "affine");
+        ctx.fill(&aff, -7.5).unwrap();
+        assert!(read(&ctx, &aff).iter().all(|&v| v == -7.5));
+
+        let half = ctx.cast(&gx, DType::F16).unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        let rounded = f16_round(&x);
+        assert_eq!(read(&ctx, &half), rounded, "f32 -> f16 rounds to nearest like `half`");
+        let back = ctx.cast(&half, DType::F32).unwrap();
+        assert_eq!(read(&ctx, &back), rounded);
+        let uploaded_half = ctx.upload(&[n], &x, DType::F16).unwrap();
+        assert_eq!(read(&ctx, &uploaded_half), rounded);
+    }
+}
+
+fn cpu_erf(z: f64) -> f64 {
+    let a = z.abs();
+    let value = if a < 2.5 {
+        // Maclaurin series; converges to f64 precision for |z| < 2.5.
+        let (mut term, mut sum, mut k) = (a, a, 0.0);
+        while term.abs() > 1e-18 {
+            k += 1.0;
+            term *= -a * a / k;
+            sum += term / (2.0 * k + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // Continued fraction for erfc, evaluated bottom-up.
+        let mut frac = a;
+        for n in (1..80).rev() {
+            frac = a + (n as f64 / 2.0) / frac;
+        }
+        1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * frac)
+    };
+    value.copysign(z)
+}
+
+#[test]
+fn activations_match_reference_formulas() {
+    let ctx = ctx();
+    let mut rng = Rng::new(71);
+    let mut x = rng.vec(3001, 6.0);
+    x.extend([0.0, 1e-4, -1e-4, 30.0, -30.0, 100.0, -100.0]);
+    let gx = ctx.upload(&[x.len()], &x, DType::F32).unwrap();
+    let tanh_gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+    let erf_gelu = |v: f64| 0.5 * v * (1.0 + cpu_erf(v / std::f64::consts::SQRT_2));
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    let relu = |v: f64| v.max(0.0);
+    let cases: [(Activation, &dyn Fn(f64) -> f64); 4] =
+        [(Activation::GeluTanh, &tanh_gelu), (Activation::GeluErf, &erf_gelu), (Activation::Silu, &silu), (Activation::Relu, &relu)];
+    for (act, f) in cases {
+        let got = read(&ctx, &ctx.activation(&gx, act).unwrap());
+        let want: Vec<f64> = x.iter().map(|&v| f(v as f64)).collect();
+        assert_close(&got, &want, 2e-6, 2e-7, &format!("{act:?}"));
+    }
+    let up = rng.vec(x.len(), 2.0);
+    let gup = ctx.upload(&[x.len()], &up, DType::F32).unwrap();
+    let got = read(&ctx, &ctx.gated_activation(&gx, &gup, Activation::Silu).unwrap());
+    let want: Vec<f64> = x.iter().zip(&up).map(|(&g, &u)| silu(g as f64) * u as f64).collect();
+    assert_close(&got, &want, 2e-6, 2e-7, "swiglu");
+}
+
+#[test]
+fn reductions_over_last_dim() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        for (rows, len) in [(1, 1), (5, 255), (33, 257), (4, 1000), (300, 3)] {
+            let mut rng = Rng::new((rows * len) as u64);
+            let x = rng.vec(rows * len, 4.0);
+            let gx = ctx.upload(&[rows, len], &x, DType::F32).unwrap();
+            let row = |r: usize| &x[r * len..(r + 1) * len];
+            let sum = read(&ctx, &ctx.reduce_last(&gx, ReduceOp::Sum, 1.0 / len as f32).unwrap());
+            let max = read(&ctx, &ctx.reduce_last(&gx, ReduceOp::Max, 1.0).unwrap());
+            let ssq = read(&ctx, &ctx.reduce_last(&gx, ReduceOp::SumOfSquares, 1.0).unwrap());
+            let mean_want: Vec<f64> = (0..rows).map(|r| row(r).iter().map(|&v| v as f64).sum::<f64>() / len as f64).collect();
+            let max_want: Vec<f64> = (0..rows).map(|r| row(r).iter().fold(f64::MIN, |m, &v| m.max(v as f64))).collect();
+            let ssq_want: Vec<f64> = (0..rows).map(|r| row(r).iter().map(|&v| (v as f64).powi(2)).sum()).collect();
+            assert_close(&sum, &mean_want, 1e-5, 1e-5, "mean");
+            assert_close(&max, &max_want, 0.0, 0.0, "max");
+            assert_close(&ssq, &ssq_want, 1e-5, 1e-5, "sum of squares");
+        }
+    }
+}
+
+fn cpu_softmax(row: &[f32], visible: usize, log: bool) -> Vec<f64> {
+    let max = row[..visible].iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+    let total: f64 = row[..visible].iter().map(|&v| (v as f64 - max).exp()).sum();
+    (0..row.len())
+        .map(|j| match (j < visible, log) {
+            (true, true) => row[j] as f64 - max - total.ln(),
+            (true, false) => (row[j] as f64 - max).exp() / total,
+            (false, true) => f64::NEG_INFINITY,
+            (false, false) => 0.0,
+        })
+        .collect()
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        for (rows, len) in [(1, 1), (7, 300), (40, 33), (3, 1025)] {
+            if (len * 4) as u64 > ctx.chunk_bytes() {
+                continue;
+            }
+            let mut rng = Rng::new(len as u64);
+            // Large logits: a naive exp would overflow.
+            let x = rng.vec(rows * len, 80.0);
+            let gx = ctx.upload(&[rows, len], &x, DType::F32).unwrap();
+            for log in [false, true] {
+                let got = read(&ctx, &ctx.softmax(&gx, log, None).unwrap());
+                let want: Vec<f64> = (0..rows).flat_map(|r| cpu_softmax(&x[r * len..][..len], len, log)).collect();
+                assert_close(&got, &want, 1e-5, 1e-6, &format!("softmax log={log} {rows}x{len}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn causal_softmax_masks_future_keys() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        // [batch*heads = 6, queries = 5, keys = 8]: 3 cached positions.
+        let (blocks, queries, past) = (6, 5, 3);
+        let keys = queries + past;
+        let mut rng = Rng::new(81);
+        let x = rng.vec(blocks * queries * keys, 3.0);
+        let gx = ctx.upload(&[blocks, queries, keys], &x, DType::F32).unwrap();
+        for log in [false, true] {
+            let got = read(&ctx, &ctx.softmax(&gx, log, Some(Causal { queries, past })).unwrap());
+            let want: Vec<f64> = (0..blocks * queries)
+                .flat_map(|r| cpu_softmax(&x[r * keys..][..keys], r % queries + past + 1, log))
+                .collect();
+            assert_close(&got, &want, 1e-5, 1e-6, &format!("causal log={log}"));
+        }
+    }
+}
+
+#[test]
+fn layer_norm_and_rms_norm() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        for (rows, len) in [(1, 1), (9, 64), (17, 257), (3, 1600)] {
+            if (len * 4) as u64 > ctx.chunk_bytes() {
+                continue;
+            }
+            let mut rng = Rng::new(len as u64 + 5);
+            let x: Vec<f32> = rng.vec(rows * len, 3.0).iter().map(|v| v + 10.0).collect();
+            let (g, b) = (rng.vec(len, 1.0), rng.vec(len, 1.0));
+            let gx = ctx.upload(&[rows, len], &x, DType::F32).unwrap();
+            let gg = ctx.upload(&[len], &g, DType::F32).unwrap();
+            let gb = ctx.upload(&[len], &b, DType::F32).unwrap();
+            let eps = 1e-5;
+            let ln = read(&ctx, &ctx.layer_norm(&gx, &gg, &gb, eps).unwrap());
+            let rms = read(&ctx, &ctx.rms_norm(&gx, &gg, eps).unwrap());
+            let mut ln_want = Vec::new();
+            let mut rms_want = Vec::new();
+            for r in 0..rows {
+                let row: Vec<f64> = x[r * len..][..len].iter().map(|&v| v as f64).collect();
+                let mean = row.iter().sum::<f64>() / len as f64;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / len as f64;
+                let ms = row.iter().map(|v| v * v).sum::<f64>() / len as f64;
+                for j in 0..len {
+                    ln_want.push((row[j] - mean) / (var + eps as f64).sqrt() * g[j] as f64 + b[j] as f64);
+                    rms_want.push(row[j] / (ms + eps as f64).sqrt() * g[j] as f64);
+                }
+            }
+            assert_close(&ln, &ln_want, 1e-4, 1e-4, &format!("layer_norm {rows}x{len}"));
+            assert_close(&rms, &rms_want, 1e-5, 1e-5, &format!("rms_norm {rows}x{len}"));
+        }
+    }
+}
+
+#[test]
+fn embedding_gathers_rows_from_chunked_tables() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        let (vocab, dim) = (503, 37);
+        let mut rng = Rng::new(91);
+        let table = rng.vec(vocab * dim, 1.0);
+        let ids: Vec<u32> = (0..211).map(|_| rng.below(vocab) as u32).chain([0, vocab as u32 - 1]).collect();
+        for dtype in [DType::F32, DType::F16] {
+            let gt = ctx.upload(&[vocab, dim], &table, dtype).unwrap();
+            let got = read(&ctx, &ctx.embedding(&gt, &ids).unwrap());
+            let source = if dtype == DType::F16 { f16_round(&table) } else { table.clone() };
+            let want: Vec<f32> = ids.iter().flat_map(|&id| source[id as usize * dim..][..dim].to_vec()).collect();
+            assert_eq!(got, want, "{dtype:?} table in {} chunks", gt.n_chunks());
+        }
+        let gt = ctx.upload(&[vocab, dim], &table, DType::F32).unwrap();
+        let err = ctx.embedding(&gt, &[5, vocab as u32]).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
+
+#[test]
+fn shape_errors_are_reported_not_run() {
+    let ctx = ctx();
+    let a = ctx.zeros(&[4, 5], DType::F32).unwrap();
+    let b = ctx.zeros(&[6, 7], DType::F32).unwrap();
+    let err = ctx.matmul(&a, &b, false, false).unwrap_err();
+    assert!(matches!(err, GpuError::Shape { op: "matmul", .. }), "{err}");
+    assert!(err.to_string().contains("inner dimensions"), "{err}");
+    assert!(a.reshape(&[3, 7]).is_err());
+    assert!(a.slice_rows(2..9).is_err());
+    let half = ctx.zeros(&[4, 5], DType::F16).unwrap();
+    assert!(matches!(ctx.softmax(&half, false, None), Err(GpuError::Dtype { .. })));
+    assert!(ctx.upload(&[2, 2], &[1.0; 3], DType::F32).is_err());
+}

@@ -1,0 +1,68 @@
+//! The runtime itself: adapter, limits, chunking rules, readback.
+
+mod common;
+
+use common::*;
+use memit_gpu::{DType, GpuContext, GpuError, GpuOptions};
+
+#[test]
+fn opens_an_adapter_with_its_real_limits() {
+    let ctx = ctx();
+    let limits = ctx.limits();
+    // The WebGPU default binding limit is 128 MiB; we request what the
+    // adapter really has, which is never less.
+    assert!(limits.max_storage_buffer_binding_size >= 128 << 20, "{limits:?}");
+    assert!(ctx.chunk_bytes() <= limits.max_storage_buffer_binding_size);
+    assert!(!ctx.adapter_info().name.is_empty());
+}
+
+#[test]
+fn adapter_filter_that_matches_nothing_is_a_clear_error() {
+    let err = pollster::block_on(GpuContext::new(GpuOptions {
+        adapter_name: Some("no-such-adapter-xyz".into()),
+        ..Default::default()
+    }))
+    .unwrap_err();
+    assert!(matches!(err, GpuError::NoAdapter { .. }), "{err}");
+    assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
+}
+
+#[test]
+fn tensors_split_at_the_chunk_limit_and_read_back_whole() {
+    let ctx = tiny_chunk_ctx();
+    assert_eq!(ctx.chunk_bytes(), 4096);
+    let mut rng = Rng::new(3);
+    for (shape, dtype) in [(vec![1000usize, 3], DType::F32), (vec![777, 5], DType::F16), (vec![3], DType::F32), (vec![10, 1, 1024], DType::F32)] {
+        let numel: usize = shape.iter().product();
+        let data = rng.vec(numel, 1.0);
+        let t = ctx.upload(&shape, &data, dtype).unwrap();
+        let row_bytes = (t.row_len() * dtype.size()) as u64;
+        let rows_per_chunk = (4096 / row_bytes) as usize;
+        assert_eq!(t.n_chunks(), shape[0].div_ceil(rows_per_chunk).max(1), "{shape:?}");
+        let want = if dtype == DType::F16 { f16_round(&data) } else { data };
+        assert_eq!(read(&ctx, &t), want, "{shape:?} {dtype:?}");
+        // Odd-offset f16 views read back correctly too.
+        let view = t.slice_rows(1..shape[0]).unwrap();
+        assert_eq!(read(&ctx, &view), want[t.row_len()..].to_vec());
+    }
+    let err = ctx.zeros(&[2, 2000], DType::F32).unwrap_err();
+    assert!(matches!(err, GpuError::RowTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn reshape_keeps_rows_within_chunks() {
+    let ctx = tiny_chunk_ctx();
+    let t = ctx.zeros(&[4, 256, 4], DType::F32).unwrap(); // one 4 KiB row per chunk
+    assert_eq!(t.n_chunks(), 4);
+    assert!(t.reshape(&[1024, 4]).is_ok());
+    assert!(t.reshape(&[2, 2048]).is_err(), "a new row would span two buffers");
+}
+
+#[test]
+fn sync_waits_for_queued_work() {
+    let ctx = ctx();
+    let t = ctx.zeros(&[64], DType::F32).unwrap();
+    ctx.fill(&t, 3.0).unwrap();
+    pollster::block_on(ctx.sync()).unwrap();
+    assert!(read(&ctx, &t).iter().all(|&v| v == 3.0));
+}

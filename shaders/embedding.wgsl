@@ -1,0 +1,37 @@
+// Embedding gather: out[i, :] = table[ids[ids_off + i], :] for the ids that fall in
+// this table chunk (rows row0 .. row0 + rows); other ids are left alone and
+// filled by the dispatch for their own chunk. Grid: x over 256-wide column
+// blocks, y over ids.
+
+const TABLE_F16: bool = {{TABLE_F16}};
+
+struct Params {
+    n_ids: u32, dim: u32, row0: u32, rows: u32,
+    table_off: u32, out_off: u32, ids_off: u32, _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read> table: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn load_table(i: u32) -> f32 {
+    if (TABLE_F16) {
+        return unpack2x16float(table[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(table[i]);
+}
+
+@compute @workgroup_size(256)
+fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let col = gid.x;
+    let i = wid.y;
+    if (col >= p.dim || i >= p.n_ids) {
+        return;
+    }
+    let id = ids[p.ids_off + i];
+    if (id < p.row0 || id >= p.row0 + p.rows) {
+        return;
+    }
+    out[p.out_off + i * p.dim + col] = load_table(p.table_off + (id - p.row0) * p.dim + col);
+}
