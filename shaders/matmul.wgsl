@@ -2,10 +2,12 @@
 // the syrk-style covariance accumulate C += alpha * K^T K, and the mirror of
 // an upper triangle into the lower one.
 //
-// A 16x16 workgroup owns a 64x64 tile of C. Each invocation keeps a 4x4
-// register block: rows ly + 16*i (i < 4) and the 4 contiguous columns
-// 4*lx .. 4*lx+3, held as one vec4 per row. Per step along k, a 64x16 tile of
-// op(A) and a 16x64 tile of op(B) are staged in workgroup memory (8 KiB).
+// An 8x8 workgroup owns a 64x64 tile of C. Each invocation keeps an 8x8
+// register block, rows 8*ly .. 8*ly+7 and columns 8*lx .. 8*lx+7, as 16
+// vec4 accumulators. Per step along k, 16x64 slices of op(A) and op(B) are
+// staged in workgroup memory as vec4s (8 KiB), so the inner loop does four
+// vec4 loads per 16 vec4 FMAs. Loops have constant bounds so drivers
+// unroll them and keep the accumulators in registers.
 // f16 operands are stored two per u32 and read with unpack2x16float, which
 // every adapter supports (no shader-f16 needed); accumulation is f32.
 
@@ -35,9 +37,8 @@ struct Params {
 // Source rows for the mirror step (may be the same buffer as c).
 @group(0) @binding(5) var<storage, read_write> mirror_src: array<f32>;
 
-var<workgroup> tile_a: array<f32, 1024>;       // [TILE_K][TILE_M]
+var<workgroup> tile_a: array<vec4<f32>, 256>;  // [TILE_K][TILE_M / 4]
 var<workgroup> tile_b: array<vec4<f32>, 256>;  // [TILE_K][TILE_N / 4]
-var<private> acc: array<vec4<f32>, 4>;
 
 fn load_a(i: u32) -> f32 {
     if (A_F16) {
@@ -53,62 +54,75 @@ fn load_b(i: u32) -> f32 {
     return bitcast<f32>(b[i]);
 }
 
-// Accumulates op(A)[row0.., :] * op(B)[:, col0..] into `acc`.
-fn accumulate_tile(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32, lid: vec3<u32>) {
-    for (var i = 0u; i < 4u; i++) {
-        acc[i] = vec4<f32>(0.0);
+// op(A)[m, k], zero outside the matrix.
+fn a_at(a_base: u32, m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) {
+        return 0.0;
     }
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        for (var r = 0u; r < 4u; r++) {
-            let l = li + r * 256u;
-            // Consecutive invocations read consecutive addresses of A and B.
-            var mm: u32;
-            var ka: u32;
-            if (TRANS_A) { ka = l / TILE_M; mm = l % TILE_M; } else { mm = l / TILE_K; ka = l % TILE_K; }
-            let gm = row0 + mm;
-            let gka = k0 + ka;
-            var va = 0.0;
-            if (gm < p.m && gka < p.k) {
-                if (TRANS_A) { va = load_a(a_base + gka * p.lda + gm); } else { va = load_a(a_base + gm * p.lda + gka); }
-            }
-            tile_a[ka * TILE_M + mm] = va;
+    if (TRANS_A) {
+        return load_a(a_base + k * p.lda + m);
+    }
+    return load_a(a_base + m * p.lda + k);
+}
 
-            var nn: u32;
-            var kb: u32;
-            if (TRANS_B) { nn = l / TILE_K; kb = l % TILE_K; } else { kb = l / TILE_N; nn = l % TILE_N; }
-            let gn = col0 + nn;
-            let gkb = k0 + kb;
-            var vb = 0.0;
-            if (gn < p.n && gkb < p.k) {
-                if (TRANS_B) { vb = load_b(b_base + gn * p.ldb + gkb); } else { vb = load_b(b_base + gkb * p.ldb + gn); }
-            }
-            tile_b[kb * (TILE_N / 4u) + nn / 4u][nn % 4u] = vb;
+// op(B)[k, n], zero outside the matrix.
+fn b_at(b_base: u32, k: u32, n: u32) -> f32 {
+    if (k >= p.k || n >= p.n) {
+        return 0.0;
+    }
+    if (TRANS_B) {
+        return load_b(b_base + n * p.ldb + k);
+    }
+    return load_b(b_base + k * p.ldb + n);
+}
+
+// Accumulates this invocation's 8x8 block of op(A)[row0.., :] * op(B)[:, col0..]:
+// element (i, 4*h + j) of the block is acc[2*i + h][j].
+fn accumulate_tile(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32, lid: vec3<u32>) -> array<vec4<f32>, 16> {
+    var acc: array<vec4<f32>, 16>;
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        // Invocation li stages vec4s li, li + 64, li + 128, li + 192 of each
+        // slice: 4 consecutive rows of A / columns of B at one k.
+        for (var r = 0u; r < 4u; r++) {
+            let v = li + 64u * r;
+            let k = k0 + v / 16u;
+            let m = row0 + 4u * (v % 16u);
+            tile_a[v] = vec4<f32>(a_at(a_base, m, k), a_at(a_base, m + 1u, k), a_at(a_base, m + 2u, k), a_at(a_base, m + 3u, k));
+            let n = col0 + 4u * (v % 16u);
+            tile_b[v] = vec4<f32>(b_at(b_base, k, n), b_at(b_base, k, n + 1u), b_at(b_base, k, n + 2u), b_at(b_base, k, n + 3u));
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
-            let bv = tile_b[kk * (TILE_N / 4u) + lid.x];
+            let a_lo = tile_a[kk * 16u + 2u * lid.y];
+            let a_hi = tile_a[kk * 16u + 2u * lid.y + 1u];
+            let b_lo = tile_b[kk * 16u + 2u * lid.x];
+            let b_hi = tile_b[kk * 16u + 2u * lid.x + 1u];
             for (var i = 0u; i < 4u; i++) {
-                acc[i] = fma(vec4<f32>(tile_a[kk * TILE_M + lid.y + 16u * i]), bv, acc[i]);
+                acc[2u * i] = fma(vec4<f32>(a_lo[i]), b_lo, acc[2u * i]);
+                acc[2u * i + 1u] = fma(vec4<f32>(a_lo[i]), b_hi, acc[2u * i + 1u]);
+                acc[8u + 2u * i] = fma(vec4<f32>(a_hi[i]), b_lo, acc[8u + 2u * i]);
+                acc[8u + 2u * i + 1u] = fma(vec4<f32>(a_hi[i]), b_hi, acc[8u + 2u * i + 1u]);
             }
         }
         workgroupBarrier();
     }
+    return acc;
 }
 
-@compute @workgroup_size(16, 16, 1)
+@compute @workgroup_size(8, 8, 1)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     let row0 = wid.y * TILE_M;
     let col0 = wid.x * TILE_N;
-    accumulate_tile(row0, col0, p.a_off + wid.z * p.a_bstride, p.b_off + wid.z * p.b_bstride, li, lid);
+    let acc = accumulate_tile(row0, col0, p.a_off + wid.z * p.a_bstride, p.b_off + wid.z * p.b_bstride, li, lid);
     let c_base = p.c_off + wid.z * p.c_bstride;
-    for (var i = 0u; i < 4u; i++) {
-        let gm = row0 + lid.y + 16u * i;
-        for (var j = 0u; j < 4u; j++) {
-            let gn = col0 + 4u * lid.x + j;
+    for (var i = 0u; i < 8u; i++) {
+        let gm = row0 + 8u * lid.y + i;
+        for (var j = 0u; j < 8u; j++) {
+            let gn = col0 + 8u * lid.x + j;
             if (gm < p.m && gn < p.n) {
                 let idx = c_base + gm * p.ldc + gn;
-                var v = p.alpha * acc[i][j];
+                var v = p.alpha * acc[2u * i + j / 4u][j % 4u];
                 if (p.beta != 0.0) {
                     v += p.beta * c[idx];
                 }
@@ -121,7 +135,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
 // C[rows of this piece, :] += alpha * K[:, piece cols]^T K with Kahan
 // summation across calls, so long corpus runs keep f32 sums accurate.
 // Tiles entirely below the diagonal are skipped; `mirror` fills them later.
-@compute @workgroup_size(16, 16, 1)
+@compute @workgroup_size(8, 8, 1)
 fn syrk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let row0 = wid.y * TILE_M;
@@ -129,14 +143,14 @@ fn syrk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     if (col0 + TILE_N <= p.row_base + row0) {
         return;
     }
-    accumulate_tile(row0, col0, p.a_off, p.b_off, li, lid);
-    for (var i = 0u; i < 4u; i++) {
-        let gm = row0 + lid.y + 16u * i;
-        for (var j = 0u; j < 4u; j++) {
-            let gn = col0 + 4u * lid.x + j;
+    let acc = accumulate_tile(row0, col0, p.a_off, p.b_off, li, lid);
+    for (var i = 0u; i < 8u; i++) {
+        let gm = row0 + 8u * lid.y + i;
+        for (var j = 0u; j < 8u; j++) {
+            let gn = col0 + 8u * lid.x + j;
             if (gm < p.m && gn < p.n) {
                 let idx = p.c_off + gm * p.ldc + gn;
-                let y = p.alpha * acc[i][j] - comp[idx];
+                let y = p.alpha * acc[2u * i + j / 4u][j % 4u] - comp[idx];
                 let s = c[idx];
                 let t = s + y;
                 // Drivers may simplify (s + y) - s to y, which erases the

@@ -1,0 +1,168 @@
+//! `memit-bench`: measures memit-wgpu on whatever adapter is present and
+//! writes a JSON report plus a short table.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use memit_gpu::{DType, GpuContext, MatmulSpec, Tensor};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(about = "Benchmark memit-wgpu kernels on the current adapter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Matmul GFLOP/s (f32 and f16 storage) against a CPU sgemm on this machine.
+    Kernels {
+        /// Square sizes to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024])]
+        sizes: Vec<usize>,
+        /// Minimum measuring time per case, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Where to write the JSON report.
+        #[arg(long, default_value = "target/bench/kernels.json")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Serialize)]
+struct AdapterReport {
+    name: String,
+    backend: String,
+    device_type: String,
+    driver: String,
+    max_storage_buffer_binding_size: u64,
+    shader_f16: bool,
+}
+
+#[derive(Serialize)]
+struct MatmulCase {
+    size: usize,
+    layout: &'static str,
+    dtype_a: &'static str,
+    dtype_b: &'static str,
+    gpu_gflops: f64,
+    cpu_gflops: f64,
+    gpu_over_cpu: f64,
+    iterations: usize,
+}
+
+#[derive(Serialize)]
+struct KernelReport {
+    adapter: AdapterReport,
+    cpu_reference: &'static str,
+    cpu_threads: usize,
+    matmul: Vec<MatmulCase>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Kernels { sizes, seconds, out } => kernels(&sizes, Duration::from_secs_f64(seconds), &out),
+    }
+}
+
+fn adapter_report(ctx: &GpuContext) -> AdapterReport {
+    let info = ctx.adapter_info();
+    AdapterReport {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info),
+        max_storage_buffer_binding_size: ctx.limits().max_storage_buffer_binding_size,
+        shader_f16: ctx.has_shader_f16(),
+    }
+}
+
+/// Runs `step` repeatedly for at least `budget` (after one warm-up) and
+/// returns (iterations, seconds).
+fn time_loop(budget: Duration, mut step: impl FnMut() -> Result<()>) -> Result<(usize, f64)> {
+    step()?;
+    let start = Instant::now();
+    let mut iterations = 0;
+    while start.elapsed() < budget || iterations == 0 {
+        step()?;
+        iterations += 1;
+    }
+    Ok((iterations, start.elapsed().as_secs_f64()))
+}
+
+fn gpu_matmul_gflops(ctx: &GpuContext, n: usize, trans_b: bool, dtypes: (DType, DType), budget: Duration) -> Result<(f64, usize)> {
+    let values: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let a = ctx.upload(&[n, n], &values, dtypes.0)?;
+    let b = ctx.upload(&[n, n], &values, dtypes.1)?;
+    let c: Tensor = ctx.zeros(&[n, n], DType::F32)?;
+    let spec = MatmulSpec { trans_b, ..Default::default() };
+    // Each timed step queues several products and waits once, the way a
+    // forward pass uses the GPU.
+    let per_sync = (64 * 1024 * 1024 * 1024usize / (2 * n * n * n)).clamp(1, 16);
+    let (iterations, secs) = time_loop(budget, || {
+        for _ in 0..per_sync {
+            ctx.matmul_into(&a, &b, &c, spec)?;
+        }
+        pollster::block_on(ctx.sync())?;
+        Ok(())
+    })?;
+    let flops = 2.0 * (n * n * n) as f64 * (iterations * per_sync) as f64;
+    Ok((flops / secs / 1e9, iterations * per_sync))
+}
+
+fn cpu_matmul_gflops(n: usize, budget: Duration) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let mut c = vec![0.0f32; n * n];
+    let (iterations, secs) = time_loop(budget, || {
+        // SAFETY: a and c hold n*n elements with the row-major strides given.
+        unsafe {
+            matrixmultiply::sgemm(n, n, n, 1.0, a.as_ptr(), n as isize, 1, a.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
+        }
+        Ok(())
+    })
+    .expect("cpu loop cannot fail");
+    2.0 * (n * n * n) as f64 * iterations as f64 / secs / 1e9
+}
+
+fn kernels(sizes: &[usize], budget: Duration, out: &PathBuf) -> Result<()> {
+    let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
+    let adapter = adapter_report(&ctx);
+    eprintln!("adapter: {} ({}, {})", adapter.name, adapter.backend, adapter.device_type);
+    let mut cases = Vec::new();
+    for &n in sizes {
+        let cpu = cpu_matmul_gflops(n, budget);
+        for (layout, trans_b, dtypes, names) in [
+            ("A·B", false, (DType::F32, DType::F32), ("f32", "f32")),
+            ("A·Bᵀ", true, (DType::F32, DType::F32), ("f32", "f32")),
+            ("A·Bᵀ", true, (DType::F32, DType::F16), ("f32", "f16")),
+        ] {
+            let (gpu, iterations) = gpu_matmul_gflops(&ctx, n, trans_b, dtypes, budget)?;
+            eprintln!("matmul {n:>5}^3 {layout:<5} {}x{}: {gpu:8.2} GFLOP/s  (cpu sgemm {cpu:8.2}, ratio {:.2})", names.0, names.1, gpu / cpu);
+            cases.push(MatmulCase {
+                size: n,
+                layout,
+                dtype_a: names.0,
+                dtype_b: names.1,
+                gpu_gflops: gpu,
+                cpu_gflops: cpu,
+                gpu_over_cpu: gpu / cpu,
+                iterations,
+            });
+        }
+    }
+    let report = KernelReport {
+        adapter,
+        cpu_reference: "matrixmultiply::sgemm (threading feature)",
+        cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        matmul: cases,
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
