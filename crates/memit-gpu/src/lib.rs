@@ -15,6 +15,7 @@ mod tensor;
 pub use context::{GpuContext, GpuOptions};
 pub use error::{GpuError, Result};
 pub use ops::activation::Activation;
+pub use ops::attention::{HeadLayout, RotaryStyle};
 pub use ops::elementwise::BinaryOp;
 pub use ops::matmul::MatmulSpec;
 pub use ops::reduce::ReduceOp;

@@ -16,6 +16,7 @@ pub enum ShaderFamily {
     Softmax,
     Norm,
     Embedding,
+    Attention,
 }
 
 impl ShaderFamily {
@@ -28,6 +29,7 @@ impl ShaderFamily {
             ShaderFamily::Softmax => "softmax",
             ShaderFamily::Norm => "norm",
             ShaderFamily::Embedding => "embedding",
+            ShaderFamily::Attention => "attention",
         }
     }
 
@@ -40,6 +42,7 @@ impl ShaderFamily {
             ShaderFamily::Softmax => include_str!("../../../shaders/softmax.wgsl"),
             ShaderFamily::Norm => include_str!("../../../shaders/norm.wgsl"),
             ShaderFamily::Embedding => include_str!("../../../shaders/embedding.wgsl"),
+            ShaderFamily::Attention => include_str!("../../../shaders/attention.wgsl"),
         }
     }
 }

@@ -435,3 +435,97 @@ fn shape_errors_are_reported_not_run() {
     assert!(matches!(ctx.softmax(&half, false, None), Err(GpuError::Dtype { .. })));
     assert!(ctx.upload(&[2, 2], &[1.0; 3], DType::F32).is_err());
 }
+
+/// [positions, half, 2] table of (cos, sin) for inv_freq_i = base^(-2i/rot).
+fn rope_table(max_pos: usize, rot: usize, base: f64) -> Vec<f32> {
+    let mut t = Vec::new();
+    for p in 0..max_pos {
+        for i in 0..rot / 2 {
+            let angle = p as f64 * base.powf(-2.0 * i as f64 / rot as f64);
+            t.extend([angle.cos() as f32, angle.sin() as f32]);
+        }
+    }
+    t
+}
+
+#[test]
+fn rotary_both_styles_on_strided_heads() {
+    let ctx = ctx();
+    let (rows, heads, head_dim, rot, stride, offset, width) = (6, 3, 10, 6, 12, 5, 42);
+    let layout = memit_gpu::HeadLayout { offset, head_stride: stride, n_heads: heads };
+    let table = rope_table(16, rot, 10000.0);
+    let gtable = ctx.upload(&[16, rot / 2, 2], &table, DType::F32).unwrap();
+    let positions: Vec<u32> = vec![0, 1, 2, 7, 3, 15];
+    for style in [memit_gpu::RotaryStyle::Interleaved, memit_gpu::RotaryStyle::Half] {
+        let mut rng = Rng::new(5);
+        let x = rng.vec(rows * width, 1.0);
+        let gx = ctx.upload(&[rows, width], &x, DType::F32).unwrap();
+        ctx.rotary(&gx, layout, rot, style, &gtable, &positions).unwrap();
+        let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for r in 0..rows {
+            for h in 0..heads {
+                let base = r * width + offset + h * stride;
+                for i in 0..rot / 2 {
+                    let (c, s) = (table[(positions[r] as usize * rot / 2 + i) * 2] as f64, table[(positions[r] as usize * rot / 2 + i) * 2 + 1] as f64);
+                    let (i1, i2) = match style {
+                        memit_gpu::RotaryStyle::Interleaved => (base + 2 * i, base + 2 * i + 1),
+                        memit_gpu::RotaryStyle::Half => (base + i, base + i + rot / 2),
+                    };
+                    let (x1, x2) = (x[i1] as f64, x[i2] as f64);
+                    want[i1] = x1 * c - x2 * s;
+                    want[i2] = x2 * c + x1 * s;
+                }
+                let _ = head_dim;
+            }
+        }
+        assert_close(&read(&ctx, &gx), &want, 1e-6, 1e-6, &format!("{style:?}"));
+    }
+}
+
+#[test]
+fn attention_causal_padded_grouped() {
+    let ctx = ctx();
+    // 2 sequences of 7 slots: the first left-padded (starts at 2), the
+    // second right-padded (ends at 5). 4 query heads share 2 kv heads.
+    let (seq, heads, kv_heads, hd) = (7, 4, 2, 8);
+    let bounds = [(2u32, 7u32), (0u32, 5u32)];
+    let rows = 2 * seq;
+    let mut rng = Rng::new(9);
+    // One fused row per token: [q heads | k heads | v heads].
+    let width = (heads + 2 * kv_heads) * hd;
+    let x = rng.vec(rows * width, 1.0);
+    let gx = ctx.upload(&[rows, width], &x, DType::F32).unwrap();
+    let q = memit_gpu::HeadLayout { offset: 0, head_stride: hd, n_heads: heads };
+    let k = memit_gpu::HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
+    let v = memit_gpu::HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out = read(&ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &bounds, scale).unwrap());
+    let at = |r: usize, off: usize, d: usize| x[r * width + off + d] as f64;
+    let mut want = vec![0.0; rows * heads * hd];
+    for (b, &(start, end)) in bounds.iter().enumerate() {
+        for t in 0..seq {
+            let r = b * seq + t;
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let keys: Vec<usize> = (start as usize..(end as usize).min(t + 1)).collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| (0..hd).map(|d| at(r, h * hd, d) * at(b * seq + j, k.offset + kv * hd, d)).sum::<f64>() * scale as f64)
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for d in 0..hd {
+                    want[r * heads * hd + h * hd + d] = keys
+                        .iter()
+                        .zip(&scores)
+                        .map(|(&j, s)| (s - max).exp() / total * at(b * seq + j, v.offset + kv * hd, d))
+                        .sum();
+                }
+            }
+        }
+    }
+    assert_close(&out, &want, 1e-5, 1e-6, "attention");
+}

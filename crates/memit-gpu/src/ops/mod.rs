@@ -2,6 +2,7 @@
 //! chunk-aligned pieces and records one dispatch per piece.
 
 pub mod activation;
+pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;

@@ -1,0 +1,179 @@
+//! Rotary position embedding and causal attention over padded batches.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{require_f32, u32_of};
+use crate::context::{grid_1d, GpuContext, Kernel};
+use crate::error::{GpuError, Result};
+use crate::shader::ShaderFamily;
+use crate::tensor::{DType, Tensor};
+
+const MAX_KEYS: usize = 2048;
+const MAX_HEAD_DIM: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct AttendParams {
+    seq: u32,
+    n_heads: u32,
+    kv_group: u32,
+    head_dim: u32,
+    q_off: u32,
+    q_row: u32,
+    q_head: u32,
+    k_off: u32,
+    k_row: u32,
+    k_head: u32,
+    v_off: u32,
+    v_row: u32,
+    v_head: u32,
+    out_row: u32,
+    scale: f32,
+    _pad0: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct RotaryParams {
+    rows: u32,
+    n_heads: u32,
+    rot_half: u32,
+    interleaved: u32,
+    off: u32,
+    row_stride: u32,
+    head_stride: u32,
+    _pad0: u32,
+}
+
+/// Where the heads of q, k or v sit inside the rows of a [tokens, width]
+/// tensor: head h of token r starts at `offset + r·width + h·head_stride`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLayout {
+    pub offset: usize,
+    pub head_stride: usize,
+    pub n_heads: usize,
+}
+
+/// Which dimensions rotary embedding pairs up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryStyle {
+    /// (2i, 2i+1): GPT-J, and Llama weights as stored in GGUF.
+    Interleaved,
+    /// (i, i + rot/2): GPT-NeoX and Hugging Face Llama.
+    Half,
+}
+
+fn kernel(entry: &'static str) -> Kernel<'static> {
+    Kernel { family: ShaderFamily::Attention, entry, defines: &[] }
+}
+
+impl GpuContext {
+    /// Rotates the first `rot_dim` dimensions of every head of `x` in place.
+    /// `table` is [positions, rot_dim/2, 2] of (cos, sin); `positions` gives
+    /// each row's position.
+    pub fn rotary(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32]) -> Result<()> {
+        require_f32("rotary", &[x, table])?;
+        let (rows, width) = x.dims2("rotary")?;
+        if positions.len() != rows {
+            return Err(GpuError::shape("rotary", format!("{} positions for {rows} rows", positions.len())));
+        }
+        if rot_dim == 0 || rot_dim % 2 != 0 {
+            return Err(GpuError::shape("rotary", format!("rotary dimension {rot_dim} must be even and positive")));
+        }
+        let rot_half = rot_dim / 2;
+        let max_pos = table.numel() / (2 * rot_half);
+        if let Some(p) = positions.iter().find(|&&p| p as usize >= max_pos) {
+            return Err(GpuError::shape("rotary", format!("position {p} beyond the {max_pos} positions of the rotary table")));
+        }
+        if layout.offset + (layout.n_heads - 1) * layout.head_stride + rot_dim > width {
+            return Err(GpuError::shape("rotary", "head layout reaches past the row"));
+        }
+        let (buf, off) = x.single("rotary")?;
+        let (table_buf, _) = table.single("rotary")?;
+        let positions_buf = self.upload_u32(positions, "positions")?;
+        let params = RotaryParams {
+            rows: u32_of(rows, "rotary")?,
+            n_heads: u32_of(layout.n_heads, "rotary")?,
+            rot_half: u32_of(rot_half, "rotary")?,
+            interleaved: (style == RotaryStyle::Interleaved) as u32,
+            off: u32_of(off + layout.offset, "rotary")?,
+            row_stride: u32_of(width, "rotary")?,
+            head_stride: u32_of(layout.head_stride, "rotary")?,
+            _pad0: 0,
+        };
+        let work = rows * layout.n_heads * rot_half;
+        self.dispatch(
+            kernel("rotary"),
+            bytemuck::bytes_of(&params),
+            &[(6, buf), (7, table_buf), (8, &positions_buf)],
+            grid_1d(work.div_ceil(256)),
+        )
+    }
+
+    /// Causal softmax(q·kᵀ·scale)·v for `bounds.len()` sequences of `seq`
+    /// tokens each (rows b·seq .. b·seq+seq of q, k, v). Sequence b sees only
+    /// keys in `bounds[b].0 .. bounds[b].1` (its real, unpadded tokens).
+    /// Query heads share key/value heads in groups (GQA). Returns
+    /// [rows, n_heads·head_dim].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: (&Tensor, HeadLayout),
+        k: (&Tensor, HeadLayout),
+        v: (&Tensor, HeadLayout),
+        head_dim: usize,
+        seq: usize,
+        bounds: &[(u32, u32)],
+        scale: f32,
+    ) -> Result<Tensor> {
+        require_f32("attention", &[q.0, k.0, v.0])?;
+        let rows = bounds.len() * seq;
+        for (t, name) in [(q.0, "q"), (k.0, "k"), (v.0, "v")] {
+            if t.rows() != rows {
+                return Err(GpuError::shape("attention", format!("{name} has {} rows, expected {rows}", t.rows())));
+            }
+        }
+        if seq > MAX_KEYS || head_dim > MAX_HEAD_DIM {
+            return Err(GpuError::shape("attention", format!("sequence {seq} / head dim {head_dim} exceed {MAX_KEYS} / {MAX_HEAD_DIM}")));
+        }
+        if k.1.n_heads != v.1.n_heads || k.1.n_heads == 0 || q.1.n_heads % k.1.n_heads != 0 {
+            return Err(GpuError::shape("attention", format!("{} query heads cannot share {} key/value heads", q.1.n_heads, k.1.n_heads)));
+        }
+        if let Some((s, e)) = bounds.iter().find(|(s, e)| s > e || *e as usize > seq) {
+            return Err(GpuError::shape("attention", format!("key bounds {s}..{e} outside 0..{seq}")));
+        }
+        let (q_buf, q_off) = q.0.single("attention")?;
+        let (k_buf, k_off) = k.0.single("attention")?;
+        let (v_buf, v_off) = v.0.single("attention")?;
+        let out_row = q.1.n_heads * head_dim;
+        let out = self.zeros(&[rows, out_row], DType::F32)?;
+        let (out_buf, _) = out.single("attention")?;
+        let flat_bounds: Vec<u32> = bounds.iter().flat_map(|&(s, e)| [s, e]).collect();
+        let bounds_buf = self.upload_u32(&flat_bounds, "key bounds")?;
+        let params = AttendParams {
+            seq: u32_of(seq, "attention")?,
+            n_heads: u32_of(q.1.n_heads, "attention")?,
+            kv_group: u32_of(q.1.n_heads / k.1.n_heads, "attention")?,
+            head_dim: u32_of(head_dim, "attention")?,
+            q_off: u32_of(q_off + q.1.offset, "attention")?,
+            q_row: u32_of(q.0.row_len(), "attention")?,
+            q_head: u32_of(q.1.head_stride, "attention")?,
+            k_off: u32_of(k_off + k.1.offset, "attention")?,
+            k_row: u32_of(k.0.row_len(), "attention")?,
+            k_head: u32_of(k.1.head_stride, "attention")?,
+            v_off: u32_of(v_off + v.1.offset, "attention")?,
+            v_row: u32_of(v.0.row_len(), "attention")?,
+            v_head: u32_of(v.1.head_stride, "attention")?,
+            out_row: u32_of(out_row, "attention")?,
+            scale,
+            _pad0: 0,
+        };
+        self.dispatch(
+            kernel("attend"),
+            bytemuck::bytes_of(&params),
+            &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds_buf), (5, out_buf)],
+            [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
+        )?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,115 @@
+// Attention pieces: rotary position embedding (in place on q and k) and
+// causal multi-head attention with per-sequence key bounds (padding) and
+// grouped KV heads.
+//
+// q, k and v are read through (offset, row stride, head stride) so fused
+// projections (GPT-2's [q|k|v] blocks, GPT-NeoX's per-head [q k v]) and
+// separate ones are read in place without copies.
+
+{{COMMON}}
+
+// Keys one query can attend to (probabilities live in workgroup memory).
+const MAX_KEYS: u32 = 2048u;
+const MAX_HEAD_DIM: u32 = 256u;
+
+struct AttendParams {
+    seq: u32, n_heads: u32, kv_group: u32, head_dim: u32,
+    q_off: u32, q_row: u32, q_head: u32, k_off: u32,
+    k_row: u32, k_head: u32, v_off: u32, v_row: u32,
+    v_head: u32, out_row: u32, scale: f32, _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> ap: AttendParams;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+// Per sequence: first real token, one past the last real token.
+@group(0) @binding(4) var<storage, read> bounds: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+var<workgroup> probs: array<f32, 2048>;
+var<workgroup> q_cache: array<f32, 256>;
+
+// One workgroup per (query position, head, sequence).
+@compute @workgroup_size(256)
+fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wid.x;
+    let h = wid.y;
+    let b = wid.z;
+    let start = bounds[2u * b];
+    let end = min(bounds[2u * b + 1u], t + 1u);
+    let row = b * ap.seq + t;
+    let kv = h / ap.kv_group;
+    for (var d = lid.x; d < ap.head_dim; d += 256u) {
+        q_cache[d] = q[ap.q_off + row * ap.q_row + h * ap.q_head + d] * ap.scale;
+    }
+    workgroupBarrier();
+
+    var local_max = neg_inf();
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
+        var s = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            s += q_cache[d] * k[k_base + d];
+        }
+        probs[j] = s;
+        local_max = max(local_max, s);
+    }
+    let row_max = workgroup_max(local_max, lid.x);
+    var local_sum = 0.0;
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let e = exp(probs[j] - row_max);
+        probs[j] = e;
+        local_sum += e;
+    }
+    // workgroup_sum's barriers also publish the probs written above.
+    let total = workgroup_sum(local_sum, lid.x);
+
+    for (var d = lid.x; d < ap.head_dim; d += 256u) {
+        var acc = 0.0;
+        for (var j = start; j < end; j++) {
+            acc += probs[j] * v[ap.v_off + (b * ap.seq + j) * ap.v_row + kv * ap.v_head + d];
+        }
+        // A padding query before its sequence starts sees no keys: output 0.
+        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc / total, end > start);
+    }
+}
+
+struct RotaryParams {
+    rows: u32, n_heads: u32, rot_half: u32, interleaved: u32,
+    off: u32, row_stride: u32, head_stride: u32, _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> rp: RotaryParams;
+@group(0) @binding(6) var<storage, read_write> x: array<f32>;
+// [position][rot_half] pairs of (cos, sin), computed on the CPU.
+@group(0) @binding(7) var<storage, read> table: array<f32>;
+@group(0) @binding(8) var<storage, read> positions: array<u32>;
+
+// One invocation per (row, head, rotated pair). GPT-J (and GGUF) rotate
+// adjacent pairs (2i, 2i+1); GPT-NeoX and Llama rotate (i, i + half).
+@compute @workgroup_size(256)
+fn rotary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = flat_index(wid, nwg, lid);
+    let pair = idx % rp.rot_half;
+    let head = (idx / rp.rot_half) % rp.n_heads;
+    let row = idx / (rp.rot_half * rp.n_heads);
+    if (row >= rp.rows) {
+        return;
+    }
+    let t = (positions[row] * rp.rot_half + pair) * 2u;
+    let c = table[t];
+    let s = table[t + 1u];
+    let base = rp.off + row * rp.row_stride + head * rp.head_stride;
+    var i1 = base + pair;
+    var i2 = base + pair + rp.rot_half;
+    if (rp.interleaved != 0u) {
+        i1 = base + 2u * pair;
+        i2 = i1 + 1u;
+    }
+    let x1 = x[i1];
+    let x2 = x[i2];
+    x[i1] = x1 * c - x2 * s;
+    x[i2] = x2 * c + x1 * s;
+}
