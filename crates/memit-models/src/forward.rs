@@ -1,0 +1,205 @@
+//! The forward pass: padded batches in, logits and chosen hidden states out.
+//! Each block is also callable on its own so MEMIT can read keys and add
+//! vectors to the residual stream between blocks.
+
+use memit_gpu::{BinaryOp, HeadLayout, Tensor};
+
+use crate::config::Residual;
+use crate::error::{ModelError, Result};
+use crate::model::{Block, Model, QkvProjection};
+
+/// Which side of a shorter sequence padding goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Right,
+    Left,
+}
+
+/// Token sequences padded to a common length. Row `b·seq + t` of every
+/// activation tensor is token `t` of sequence `b`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub batch: usize,
+    pub seq: usize,
+    /// Per sequence: index of the first real token and one past the last.
+    pub bounds: Vec<(u32, u32)>,
+    /// Position of each row (0 at a sequence's first real token).
+    pub positions: Vec<u32>,
+}
+
+impl Batch {
+    pub fn new(sequences: &[Vec<u32>], padding: Padding, pad_id: u32) -> Result<Batch> {
+        if sequences.is_empty() || sequences.iter().any(|s| s.is_empty()) {
+            return Err(ModelError::Input("a batch needs at least one non-empty sequence".into()));
+        }
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(sequences.len() * seq);
+        let mut bounds = Vec::with_capacity(sequences.len());
+        let mut positions = Vec::with_capacity(sequences.len() * seq);
+        for s in sequences {
+            let pad = seq - s.len();
+            let start = if padding == Padding::Left { pad } else { 0 };
+            bounds.push((start as u32, (start + s.len()) as u32));
+            for t in 0..seq {
+                let real = t >= start && t < start + s.len();
+                ids.push(if real { s[t - start] } else { pad_id });
+                positions.push(if real { (t - start) as u32 } else { 0 });
+            }
+        }
+        Ok(Batch { ids, batch: sequences.len(), seq, bounds, positions })
+    }
+
+    /// Activation row of token `t` (counting real tokens from 0) of sequence `b`.
+    pub fn row(&self, b: usize, t: usize) -> usize {
+        b * self.seq + self.bounds[b].0 as usize + t
+    }
+
+    /// Activation row of the last real token of sequence `b`.
+    pub fn last_row(&self, b: usize) -> usize {
+        b * self.seq + self.bounds[b].1 as usize - 1
+    }
+
+    /// Rows of all real (non-padding) tokens, in order.
+    pub fn real_rows(&self) -> Vec<u32> {
+        (0..self.batch)
+            .flat_map(|b| (self.bounds[b].0..self.bounds[b].1).map(move |t| (b * self.seq) as u32 + t))
+            .collect()
+    }
+}
+
+/// What a block produced besides its output.
+pub struct BlockOutput {
+    /// The residual stream after the block, [rows, d_model].
+    pub hidden: Tensor,
+    /// The input of W_out (MEMIT's keys), [rows, d_ff], when requested.
+    pub mlp_key: Option<Tensor>,
+}
+
+/// Everything `Model::forward` was asked to return.
+pub struct ForwardOutput {
+    /// [rows, vocab] when requested.
+    pub logits: Option<Tensor>,
+    /// Per layer: block output, if that layer was listed in `capture`.
+    pub hidden: Vec<Option<Tensor>>,
+    /// Per layer: MLP key, if that layer was listed in `capture`.
+    pub mlp_keys: Vec<Option<Tensor>>,
+}
+
+impl Model {
+    /// Token (and, for GPT-2, position) embeddings of a batch: [rows, d].
+    pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        if let Some(bad) = batch.ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the model's vocabulary of {}", self.config.vocab_size)));
+        }
+        if batch.seq > self.config.max_positions {
+            return Err(ModelError::Input(format!("sequence of {} tokens exceeds the model's {} positions", batch.seq, self.config.max_positions)));
+        }
+        let x = ctx.embedding(&self.embed, &batch.ids)?;
+        Ok(match &self.pos_embed {
+            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.embedding(wpe, &batch.positions)?)?,
+            None => x,
+        })
+    }
+
+    /// Runs block `layer` on `x` ([rows, d]).
+    pub fn block(&self, layer: usize, x: &Tensor, batch: &Batch, want_key: bool) -> Result<BlockOutput> {
+        let ctx = &self.ctx;
+        let block = &self.blocks[layer];
+        let a = block.ln1.forward(ctx, x)?;
+        let attn = self.attention(block, &a, batch)?;
+        let add = |p: &Tensor, q: &Tensor| ctx.binary(BinaryOp::Add, p, q);
+        let (hidden, key) = match self.config.residual {
+            Residual::Sequential => {
+                let x1 = add(x, &attn)?;
+                let norm2 = block.ln2.as_ref().expect("sequential blocks have ln2");
+                let (mlp, key) = self.mlp(block, &norm2.forward(ctx, &x1)?)?;
+                (add(&x1, &mlp)?, key)
+            }
+            Residual::ParallelSharedNorm => {
+                let (mlp, key) = self.mlp(block, &a)?;
+                (add(&add(x, &attn)?, &mlp)?, key)
+            }
+            Residual::Parallel => {
+                let norm2 = block.ln2.as_ref().expect("parallel blocks have ln2");
+                let (mlp, key) = self.mlp(block, &norm2.forward(ctx, x)?)?;
+                (add(&add(x, &attn)?, &mlp)?, key)
+            }
+        };
+        Ok(BlockOutput { hidden, mlp_key: want_key.then_some(key) })
+    }
+
+    /// Returns (W_out(key), key).
+    fn mlp(&self, block: &Block, m: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ctx = &self.ctx;
+        let up = block.mlp_in.forward(ctx, m)?;
+        let key = match &block.mlp_gate {
+            Some(gate) => ctx.gated_activation(&gate.forward(ctx, m)?, &up, self.config.activation)?,
+            None => ctx.activation(&up, self.config.activation)?,
+        };
+        Ok((block.mlp_out.forward(ctx, &key)?, key))
+    }
+
+    fn attention(&self, block: &Block, a: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        let c = &self.config;
+        let hd = c.head_dim;
+        let heads = |offset, head_stride, n_heads| HeadLayout { offset, head_stride, n_heads };
+        let (q, k, v);
+        let (ql, kl, vl);
+        match &block.qkv {
+            QkvProjection::Fused { proj, per_head } => {
+                let qkv = proj.forward(ctx, a)?;
+                if *per_head {
+                    (ql, kl, vl) = (heads(0, 3 * hd, c.n_heads), heads(hd, 3 * hd, c.n_heads), heads(2 * hd, 3 * hd, c.n_heads));
+                } else {
+                    let w = c.n_heads * hd;
+                    (ql, kl, vl) = (heads(0, hd, c.n_heads), heads(w, hd, c.n_kv_heads), heads(2 * w, hd, c.n_kv_heads));
+                }
+                (q, k, v) = (qkv.clone(), qkv.clone(), qkv);
+            }
+            QkvProjection::Separate { q: wq, k: wk, v: wv } => {
+                (q, k, v) = (wq.forward(ctx, a)?, wk.forward(ctx, a)?, wv.forward(ctx, a)?);
+                (ql, kl, vl) = (heads(0, hd, c.n_heads), heads(0, hd, c.n_kv_heads), heads(0, hd, c.n_kv_heads));
+            }
+        }
+        if let Some(table) = &self.rope_table {
+            ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
+            ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, batch.seq, &batch.bounds, scale)?;
+        block.attn_out.forward(ctx, &out)
+    }
+
+    /// Final norm and unembedding: [rows, d] → [rows, vocab].
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.ctx, &self.final_norm.forward(&self.ctx, x)?)
+    }
+
+    /// The whole model on `batch`, keeping the block outputs and MLP keys of
+    /// the layers in `capture`; logits only when `want_logits`.
+    pub fn forward(&self, batch: &Batch, capture: &[usize], want_logits: bool) -> Result<ForwardOutput> {
+        let n = self.config.n_layers;
+        if let Some(bad) = capture.iter().find(|&&l| l >= n) {
+            return Err(ModelError::Input(format!("layer {bad} does not exist (the model has {n})")));
+        }
+        let last_needed = if want_logits { n } else { capture.iter().map(|l| l + 1).max().unwrap_or(0) };
+        let mut hidden = vec![None; n];
+        let mut mlp_keys = vec![None; n];
+        let mut x = self.embed(batch)?;
+        for layer in 0..last_needed {
+            let keep = capture.contains(&layer);
+            let out = self.block(layer, &x, batch, keep)?;
+            if keep {
+                hidden[layer] = Some(out.hidden.clone());
+                mlp_keys[layer] = out.mlp_key;
+            }
+            x = out.hidden;
+        }
+        let logits = if want_logits { Some(self.logits(&x)?) } else { None };
+        Ok(ForwardOutput { logits, hidden, mlp_keys })
+    }
+}
+

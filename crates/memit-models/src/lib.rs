@@ -1,0 +1,22 @@
+//! GPT-2, GPT-J, GPT-NeoX and Llama models for memit-wgpu: checkpoints
+//! (Hugging Face folders with safetensors, GGUF files) loaded onto the GPU,
+//! tokenisation, and the forward pass and generation in WGSL.
+
+mod config;
+mod error;
+mod forward;
+mod model;
+mod tokenizer;
+mod weights;
+
+pub use config::{Arch, ModelConfig, Residual};
+pub use error::{ModelError, Result};
+pub use forward::{Batch, BlockOutput, ForwardOutput, Padding};
+pub use model::{rope_table, Block, Linear, LoadOptions, Model, Norm, QkvProjection, WeightLayout};
+pub use tokenizer::TextTokenizer;
+pub use weights::{FileBytes, HostData, HostTensor, SafetensorsSource, WeightSource};
+
+#[cfg(not(target_arch = "wasm32"))]
+mod folder;
+#[cfg(not(target_arch = "wasm32"))]
+pub use folder::{load_hf_dir, LoadedModel};

@@ -1,0 +1,340 @@
+//! A model's weights on the GPU, in one layout for all four families.
+
+use std::sync::Arc;
+
+use memit_gpu::{BinaryOp, DType, GpuContext, Tensor};
+
+use crate::config::{Arch, ModelConfig, Residual};
+use crate::error::{ModelError, Result};
+use crate::weights::{HostData, HostTensor, WeightSource};
+
+/// How a projection's weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// [out, in], torch `nn.Linear` (y = x·Wᵀ).
+    OutIn,
+    /// [in, out], GPT-2's `Conv1D` (y = x·W).
+    InOut,
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub layout: WeightLayout,
+}
+
+impl Linear {
+    pub fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
+        let y = ctx.matmul(x, &self.weight, false, self.layout == WeightLayout::OutIn)?;
+        Ok(match &self.bias {
+            Some(b) => ctx.binary(BinaryOp::Add, &y, b)?,
+            None => y,
+        })
+    }
+}
+
+/// LayerNorm when `bias` is present, RMSNorm otherwise.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub eps: f32,
+}
+
+impl Norm {
+    pub fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => ctx.layer_norm(x, &self.weight, b, self.eps)?,
+            None => ctx.rms_norm(x, &self.weight, self.eps)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum QkvProjection {
+    /// One projection producing q, k and v; `per_head` is GPT-NeoX's
+    /// [head][q k v] order, otherwise GPT-2's [q | k | v] blocks.
+    Fused { proj: Linear, per_head: bool },
+    Separate { q: Linear, k: Linear, v: Linear },
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub ln1: Norm,
+    /// Absent when attention and MLP share `ln1` (GPT-J).
+    pub ln2: Option<Norm>,
+    pub qkv: QkvProjection,
+    pub attn_out: Linear,
+    pub mlp_in: Linear,
+    /// SwiGLU gate (Llama).
+    pub mlp_gate: Option<Linear>,
+    /// MEMIT's W_out: its input is the key k, its output is added to the
+    /// residual stream.
+    pub mlp_out: Linear,
+}
+
+/// Storage choices for loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Storage of weight matrices (vectors are always f32). f16 halves GPU
+    /// memory; arithmetic stays f32 either way.
+    pub matrix_dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { matrix_dtype: DType::F32 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub ctx: Arc<GpuContext>,
+    pub embed: Tensor,
+    /// Learned absolute positions (GPT-2).
+    pub pos_embed: Option<Tensor>,
+    pub blocks: Vec<Block>,
+    pub final_norm: Norm,
+    pub lm_head: Linear,
+    /// [max_positions, rotary_dim/2, 2] of (cos, sin), when rotary is used.
+    pub rope_table: Option<Tensor>,
+}
+
+/// Tensor names of one family, `{}` standing for the layer index.
+struct Names {
+    embed: &'static str,
+    pos_embed: Option<&'static str>,
+    final_norm: &'static str,
+    lm_head: &'static str,
+    ln1: &'static str,
+    ln2: Option<&'static str>,
+    qkv_fused: Option<&'static str>,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    attn_out: &'static str,
+    mlp_in: &'static str,
+    mlp_gate: Option<&'static str>,
+    mlp_out: &'static str,
+}
+
+fn names(arch: Arch) -> Names {
+    match arch {
+        Arch::Gpt2 => Names {
+            embed: "transformer.wte",
+            pos_embed: Some("transformer.wpe"),
+            final_norm: "transformer.ln_f",
+            lm_head: "lm_head",
+            ln1: "transformer.h.{}.ln_1",
+            ln2: Some("transformer.h.{}.ln_2"),
+            qkv_fused: Some("transformer.h.{}.attn.c_attn"),
+            q: "",
+            k: "",
+            v: "",
+            attn_out: "transformer.h.{}.attn.c_proj",
+            mlp_in: "transformer.h.{}.mlp.c_fc",
+            mlp_gate: None,
+            mlp_out: "transformer.h.{}.mlp.c_proj",
+        },
+        Arch::Gptj => Names {
+            embed: "transformer.wte",
+            pos_embed: None,
+            final_norm: "transformer.ln_f",
+            lm_head: "lm_head",
+            ln1: "transformer.h.{}.ln_1",
+            ln2: None,
+            qkv_fused: None,
+            q: "transformer.h.{}.attn.q_proj",
+            k: "transformer.h.{}.attn.k_proj",
+            v: "transformer.h.{}.attn.v_proj",
+            attn_out: "transformer.h.{}.attn.out_proj",
+            mlp_in: "transformer.h.{}.mlp.fc_in",
+            mlp_gate: None,
+            mlp_out: "transformer.h.{}.mlp.fc_out",
+        },
+        Arch::GptNeox => Names {
+            embed: "gpt_neox.embed_in",
+            pos_embed: None,
+            final_norm: "gpt_neox.final_layer_norm",
+            lm_head: "embed_out",
+            ln1: "gpt_neox.layers.{}.input_layernorm",
+            ln2: Some("gpt_neox.layers.{}.post_attention_layernorm"),
+            qkv_fused: Some("gpt_neox.layers.{}.attention.query_key_value"),
+            q: "",
+            k: "",
+            v: "",
+            attn_out: "gpt_neox.layers.{}.attention.dense",
+            mlp_in: "gpt_neox.layers.{}.mlp.dense_h_to_4h",
+            mlp_gate: None,
+            mlp_out: "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        },
+        Arch::Llama => Names {
+            embed: "model.embed_tokens",
+            pos_embed: None,
+            final_norm: "model.norm",
+            lm_head: "lm_head",
+            ln1: "model.layers.{}.input_layernorm",
+            ln2: Some("model.layers.{}.post_attention_layernorm"),
+            qkv_fused: None,
+            q: "model.layers.{}.self_attn.q_proj",
+            k: "model.layers.{}.self_attn.k_proj",
+            v: "model.layers.{}.self_attn.v_proj",
+            attn_out: "model.layers.{}.self_attn.o_proj",
+            mlp_in: "model.layers.{}.mlp.up_proj",
+            mlp_gate: Some("model.layers.{}.mlp.gate_proj"),
+            mlp_out: "model.layers.{}.mlp.down_proj",
+        },
+    }
+}
+
+/// Looks tensors up by name, also without GPT-2's `transformer.` prefix
+/// (the original OpenAI-converted checkpoints omit it), checks shapes and
+/// uploads them.
+struct Loader<'a> {
+    ctx: &'a GpuContext,
+    source: &'a dyn WeightSource,
+    options: LoadOptions,
+}
+
+impl Loader<'_> {
+    fn find(&self, name: &str) -> Result<Option<HostTensor>> {
+        if let Some(t) = self.source.tensor(name)? {
+            return Ok(Some(t));
+        }
+        match name.strip_prefix("transformer.") {
+            Some(short) => self.source.tensor(short),
+            None => Ok(None),
+        }
+    }
+
+    fn host(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.find(name)?.ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), source_desc: self.source.describe() })?;
+        if t.shape != shape {
+            return Err(ModelError::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.shape });
+        }
+        Ok(t)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self.host(name, &[len])?;
+        Ok(self.ctx.upload(&[len], &t.to_f32(), DType::F32)?)
+    }
+
+    fn matrix(&self, name: &str, shape: [usize; 2]) -> Result<Tensor> {
+        let t = self.host(name, &shape)?;
+        Ok(match (&t.data, self.options.matrix_dtype) {
+            (HostData::F16(bits), DType::F16) => self.ctx.upload_f16_bits(&shape, bits)?,
+            (_, dtype) => self.ctx.upload(&shape, &t.to_f32(), dtype)?,
+        })
+    }
+
+    fn norm(&self, prefix: &str, len: usize, eps: f32, with_bias: bool) -> Result<Norm> {
+        Ok(Norm {
+            weight: self.vector(&format!("{prefix}.weight"), len)?,
+            bias: if with_bias { Some(self.vector(&format!("{prefix}.bias"), len)?) } else { None },
+            eps,
+        })
+    }
+
+    /// A projection from `d_in` to `d_out` features.
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, layout: WeightLayout, with_bias: bool) -> Result<Linear> {
+        let shape = match layout {
+            WeightLayout::OutIn => [d_out, d_in],
+            WeightLayout::InOut => [d_in, d_out],
+        };
+        let bias = if with_bias { Some(self.vector(&format!("{prefix}.bias"), d_out)?) } else { None };
+        Ok(Linear { weight: self.matrix(&format!("{prefix}.weight"), shape)?, bias, layout })
+    }
+
+    fn has(&self, name: &str) -> Result<bool> {
+        Ok(self.find(name)?.is_some())
+    }
+}
+
+/// (cos, sin) of position · base^(−2i/rot), with the frequencies rounded to
+/// f32 as PyTorch computes them.
+pub fn rope_table(max_positions: usize, rotary_dim: usize, theta: f64) -> Vec<f32> {
+    let half = rotary_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32)).collect();
+    let mut table = Vec::with_capacity(max_positions * half * 2);
+    for p in 0..max_positions {
+        for &f in &inv_freq {
+            let angle = (p as f32 * f) as f64;
+            table.push(angle.cos() as f32);
+            table.push(angle.sin() as f32);
+        }
+    }
+    table
+}
+
+impl Model {
+    /// Uploads a model's weights from `source` according to `config`.
+    pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, source: &dyn WeightSource, options: LoadOptions) -> Result<Model> {
+        let c = &config;
+        let n = names(c.arch);
+        let loader = Loader { ctx: &ctx, source, options };
+        let layer = |pattern: &str, l: usize| pattern.replace("{}", &l.to_string());
+        let (d, ff, hd) = (c.d_model, c.d_ff, c.head_dim);
+        let q_width = c.n_heads * hd;
+        let kv_width = c.n_kv_heads * hd;
+        let layernorm = c.arch != Arch::Llama;
+        let (proj_layout, biased) = match c.arch {
+            Arch::Gpt2 => (WeightLayout::InOut, true),
+            Arch::Gptj => (WeightLayout::OutIn, false),
+            Arch::GptNeox => (WeightLayout::OutIn, true),
+            Arch::Llama => (WeightLayout::OutIn, false),
+        };
+        let mlp_biased = c.arch != Arch::Llama;
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let qkv = match n.qkv_fused {
+                Some(p) => QkvProjection::Fused {
+                    proj: loader.linear(&layer(p, l), d, q_width + 2 * kv_width, proj_layout, biased)?,
+                    per_head: c.arch == Arch::GptNeox,
+                },
+                None => QkvProjection::Separate {
+                    q: loader.linear(&layer(n.q, l), d, q_width, proj_layout, biased)?,
+                    k: loader.linear(&layer(n.k, l), d, kv_width, proj_layout, biased)?,
+                    v: loader.linear(&layer(n.v, l), d, kv_width, proj_layout, biased)?,
+                },
+            };
+            blocks.push(Block {
+                ln1: loader.norm(&layer(n.ln1, l), d, c.norm_eps, layernorm)?,
+                ln2: n.ln2.map(|p| loader.norm(&layer(p, l), d, c.norm_eps, layernorm)).transpose()?,
+                qkv,
+                attn_out: loader.linear(&layer(n.attn_out, l), q_width, d, proj_layout, biased)?,
+                mlp_in: loader.linear(&layer(n.mlp_in, l), d, ff, proj_layout, mlp_biased)?,
+                mlp_gate: n.mlp_gate.map(|p| loader.linear(&layer(p, l), d, ff, proj_layout, false)).transpose()?,
+                mlp_out: loader.linear(&layer(n.mlp_out, l), ff, d, proj_layout, mlp_biased)?,
+            });
+        }
+        let embed = loader.matrix(&format!("{}.weight", n.embed), [c.vocab_size, d])?;
+        let lm_head_name = format!("{}.weight", n.lm_head);
+        let lm_head = if c.tie_word_embeddings && !loader.has(&lm_head_name)? {
+            Linear { weight: embed.clone(), bias: None, layout: WeightLayout::OutIn }
+        } else {
+            let bias = c.arch == Arch::Gptj;
+            loader.linear(n.lm_head, d, c.vocab_size, WeightLayout::OutIn, bias)?
+        };
+        let rope_table = if c.rotary_dim > 0 {
+            let table = rope_table(c.max_positions, c.rotary_dim, c.rope_theta);
+            Some(ctx.upload(&[c.max_positions, c.rotary_dim / 2, 2], &table, DType::F32)?)
+        } else {
+            None
+        };
+        let model = Model {
+            pos_embed: n.pos_embed.map(|p| loader.matrix(&format!("{p}.weight"), [c.max_positions, d])).transpose()?,
+            final_norm: loader.norm(n.final_norm, d, c.norm_eps, layernorm)?,
+            embed,
+            lm_head,
+            blocks,
+            rope_table,
+            config,
+            ctx,
+        };
+        debug_assert!(model.config.residual != Residual::ParallelSharedNorm || model.blocks.iter().all(|b| b.ln2.is_none()));
+        Ok(model)
+    }
+}

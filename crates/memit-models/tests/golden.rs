@@ -1,0 +1,120 @@
+//! The WGSL forward pass against transformers: logits, every block output
+//! and every MLP key of the tiny fixtures (tests/fixtures/tiny-*, made by
+//! tests/fixtures/make_tiny_models.py), for right- and left-padded batches.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use memit_gpu::{DType, GpuContext, Tensor};
+use memit_models::{load_hf_dir, Batch, LoadOptions, Padding};
+use safetensors::SafeTensors;
+
+fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(format!("tiny-{name}"))
+}
+
+struct Golden {
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    fn open(name: &str) -> Golden {
+        Golden { bytes: std::fs::read(fixture(name).join("golden.safetensors")).expect("golden file") }
+    }
+
+    fn get(&self, key: &str) -> (Vec<usize>, Vec<f64>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("golden has no {key}"));
+        let values = match t.dtype() {
+            safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            safetensors::Dtype::I32 => t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            other => panic!("unexpected dtype {other:?}"),
+        };
+        (t.shape().to_vec(), values)
+    }
+}
+
+/// Max |got − want| over each real row must be ≤ `rel` · max |want| of the row.
+fn assert_rows_close(got: &[f32], want: &[f64], width: usize, rows: &[(usize, usize)], rel: f64, what: &str) {
+    for &(got_row, want_row) in rows {
+        let g = &got[got_row * width..][..width];
+        let w = &want[want_row * width..][..width];
+        let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
+        let err = g.iter().zip(w).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        if std::env::var("GOLDEN_VERBOSE").is_ok() { eprintln!("{what}: row {want_row}: rel {:e}", err / scale); }
+        assert!(err <= rel * scale, "{what}: row {want_row}: max error {err:e} vs scale {scale:e} (rel {:e})", err / scale);
+    }
+}
+
+fn read(t: &Tensor) -> Vec<f32> {
+    pollster::block_on(ctx().read(t)).unwrap()
+}
+
+fn check_model(name: &str, options: LoadOptions, rel: f64) {
+    let loaded = load_hf_dir(ctx(), &fixture(name), options).unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let model = loaded.model;
+    let golden = Golden::open(name);
+    let layers: Vec<usize> = (0..model.config.n_layers).collect();
+    for (side, padding) in [("right", Padding::Right), ("left", Padding::Left)] {
+        let (shape, ids) = golden.get(&format!("{side}.input_ids"));
+        let (_, mask) = golden.get(&format!("{side}.attention_mask"));
+        let (_, positions) = golden.get(&format!("{side}.position_ids"));
+        let (b, t) = (shape[0], shape[1]);
+        let sequences: Vec<Vec<u32>> = (0..b)
+            .map(|i| (0..t).filter(|&j| mask[i * t + j] > 0.0).map(|j| ids[i * t + j] as u32).collect())
+            .collect();
+        let batch = Batch::new(&sequences, padding, 0).unwrap();
+        // Same padded layout as the golden, so rows correspond one to one.
+        let real: Vec<(usize, usize)> = (0..b * t).filter(|&r| mask[r] > 0.0).map(|r| (r, r)).collect();
+        for &(r, _) in &real {
+            assert_eq!(batch.positions[r] as f64, positions[r], "{name} {side}: position of row {r}");
+        }
+        let out = model.forward(&batch, &layers, true).unwrap();
+        let vocab = model.config.vocab_size;
+        for l in 0..model.config.n_layers {
+            let hidden = read(out.hidden[l].as_ref().unwrap());
+            assert_rows_close(&hidden, &golden.get(&format!("{side}.block.{l}")).1, model.config.d_model, &real, rel, &format!("{name} {side} block {l}"));
+            let key = read(out.mlp_keys[l].as_ref().unwrap());
+            assert_rows_close(&key, &golden.get(&format!("{side}.mlp_key.{l}")).1, model.config.d_ff, &real, rel, &format!("{name} {side} mlp key {l}"));
+        }
+        assert_rows_close(&read(out.logits.as_ref().unwrap()), &golden.get(&format!("{side}.logits")).1, vocab, &real, rel, &format!("{name} {side} logits"));
+    }
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    check_model("gpt2", LoadOptions::default(), 1e-4);
+}
+
+#[test]
+fn gptj_matches_transformers() {
+    check_model("gptj", LoadOptions::default(), 1e-4);
+}
+
+#[test]
+fn gpt_neox_parallel_f16_checkpoint_matches_transformers() {
+    check_model("gpt-neox", LoadOptions::default(), 1e-4);
+}
+
+#[test]
+fn gpt_neox_sequential_sharded_checkpoint_matches_transformers() {
+    check_model("gpt-neox-sequential", LoadOptions::default(), 1e-4);
+}
+
+#[test]
+fn llama_gqa_bf16_checkpoint_matches_transformers() {
+    check_model("llama", LoadOptions::default(), 1e-4);
+}
+
+#[test]
+fn f16_weight_storage_stays_close() {
+    // f16 storage rounds weights (~5e-4 relative), so the bound is looser;
+    // it still catches any layout mistake, which would be off by O(1).
+    check_model("gpt2", LoadOptions { matrix_dtype: DType::F16 }, 2e-2);
+    check_model("gpt-neox", LoadOptions { matrix_dtype: DType::F16 }, 1e-4);
+}
