@@ -5,6 +5,7 @@
 mod config;
 mod error;
 mod forward;
+mod generate;
 mod model;
 mod tokenizer;
 mod weights;
@@ -12,6 +13,7 @@ mod weights;
 pub use config::{Arch, ModelConfig, Residual};
 pub use error::{ModelError, Result};
 pub use forward::{Batch, BlockOutput, ForwardOutput, Padding};
+pub use generate::{argmax, GenerateOptions, Sampling};
 pub use model::{rope_table, Block, Linear, LoadOptions, Model, Norm, QkvProjection, WeightLayout};
 pub use tokenizer::TextTokenizer;
 pub use weights::{FileBytes, HostData, HostTensor, SafetensorsSource, WeightSource};

@@ -1,0 +1,122 @@
+//! Greedy and top-k sampled generation. Each step re-runs the prompt plus
+//! the tokens so far (prompts here are short) and reads back only the
+//! logits of each sequence's last token.
+
+use crate::error::{ModelError, Result};
+use crate::forward::{Batch, Padding};
+use crate::model::Model;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    Greedy,
+    /// Sample from the `k` most likely tokens at `temperature`, with a
+    /// seeded generator so runs repeat.
+    TopK { k: usize, temperature: f32, seed: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Stop a sequence once it produces the model's end-of-sequence token.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_new_tokens: 20, sampling: Sampling::Greedy, stop_at_eos: true }
+    }
+}
+
+/// xorshift64*, enough for reproducible top-k draws.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Index of the largest logit (lowest index on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn sample_top_k(logits: &[f32], k: usize, temperature: f32, rng: &mut Rng) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = k.clamp(1, logits.len());
+    order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    let top = &order[..k];
+    let max = top.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = top.iter().map(|&i| (((logits[i] - max) / temperature.max(1e-6)) as f64).exp()).collect();
+    let mut draw = rng.uniform() * weights.iter().sum::<f64>();
+    for (&i, w) in top.iter().zip(&weights) {
+        draw -= w;
+        if draw <= 0.0 {
+            return i as u32;
+        }
+    }
+    top[k - 1] as u32
+}
+
+impl Model {
+    /// Logits of the last real token of each sequence: [batch][vocab].
+    pub async fn last_token_logits(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let batch = Batch::new(sequences, Padding::Right, 0)?;
+        let mut x = self.embed(&batch)?;
+        for layer in 0..self.config.n_layers {
+            x = self.block(layer, &x, &batch, false)?.hidden;
+        }
+        let last: Vec<u32> = (0..batch.batch).map(|b| batch.last_row(b) as u32).collect();
+        let logits = self.logits(&self.ctx.embedding(&x, &last)?)?;
+        let values = self.ctx.read(&logits).await?;
+        Ok(values.chunks(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Continues each prompt; returns only the new tokens.
+    pub async fn generate(&self, prompts: &[Vec<u32>], options: GenerateOptions) -> Result<Vec<Vec<u32>>> {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest + options.max_new_tokens > self.config.max_positions {
+            return Err(ModelError::Input(format!(
+                "prompt of {longest} tokens plus {} new ones exceeds the model's {} positions",
+                options.max_new_tokens, self.config.max_positions
+            )));
+        }
+        let mut rng = match options.sampling {
+            Sampling::TopK { seed, .. } => Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            Sampling::Greedy => Rng(1),
+        };
+        let mut sequences: Vec<Vec<u32>> = prompts.to_vec();
+        let mut new_tokens = vec![Vec::new(); prompts.len()];
+        let mut done = vec![false; prompts.len()];
+        for _ in 0..options.max_new_tokens {
+            let active: Vec<usize> = (0..prompts.len()).filter(|&i| !done[i]).collect();
+            if active.is_empty() {
+                break;
+            }
+            let batch: Vec<Vec<u32>> = active.iter().map(|&i| sequences[i].clone()).collect();
+            let logits = self.last_token_logits(&batch).await?;
+            for (&i, row) in active.iter().zip(&logits) {
+                let token = match options.sampling {
+                    Sampling::Greedy => argmax(row),
+                    Sampling::TopK { k, temperature, .. } => sample_top_k(row, k, temperature, &mut rng),
+                };
+                sequences[i].push(token);
+                new_tokens[i].push(token);
+                if options.stop_at_eos && Some(token) == self.config.eos_token_id {
+                    done[i] = true;
+                }
+            }
+        }
+        Ok(new_tokens)
+    }
+}
