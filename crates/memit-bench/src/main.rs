@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use memit_gpu::{DType, GpuContext, MatmulSpec, Tensor};
 use serde::Serialize;
 
+mod forward;
+
 #[derive(Parser)]
 #[command(about = "Benchmark memit-wgpu kernels on the current adapter")]
 struct Cli {
@@ -30,10 +32,29 @@ enum Command {
         #[arg(long, default_value = "target/bench/kernels.json")]
         out: PathBuf,
     },
+    /// Forward (prefill) tokens/s for the tiny fixtures and SmolLM2-135M,
+    /// beside PyTorch on the same machine when a Python with torch is given.
+    Forward {
+        /// Model folders or .gguf files; default: tests/fixtures/tiny-* and
+        /// target/models/SmolLM2-135M-Instruct.Q4_1.gguf if present.
+        models: Vec<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        seq: usize,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Python interpreter with torch + transformers (+ gguf, accelerate
+        /// for .gguf) to run tests/bench/torch_forward.py; omitted: no ratio.
+        #[arg(long)]
+        torch_python: Option<PathBuf>,
+        #[arg(long, default_value = "target/bench/forward.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Serialize)]
-struct AdapterReport {
+pub(crate) struct AdapterReport {
     name: String,
     backend: String,
     device_type: String,
@@ -65,10 +86,13 @@ struct KernelReport {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Kernels { sizes, seconds, out } => kernels(&sizes, Duration::from_secs_f64(seconds), &out),
+        Command::Forward { models, batch, seq, seconds, torch_python, out } => {
+            forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
+        }
     }
 }
 
-fn adapter_report(ctx: &GpuContext) -> AdapterReport {
+pub(crate) fn adapter_report(ctx: &GpuContext) -> AdapterReport {
     let info = ctx.adapter_info();
     AdapterReport {
         name: info.name.clone(),
@@ -82,7 +106,7 @@ fn adapter_report(ctx: &GpuContext) -> AdapterReport {
 
 /// Runs `step` repeatedly for at least `budget` (after one warm-up) and
 /// returns (iterations, seconds).
-fn time_loop(budget: Duration, mut step: impl FnMut() -> Result<()>) -> Result<(usize, f64)> {
+pub(crate) fn time_loop(budget: Duration, mut step: impl FnMut() -> Result<()>) -> Result<(usize, f64)> {
     step()?;
     let start = Instant::now();
     let mut iterations = 0;
@@ -159,10 +183,15 @@ fn kernels(sizes: &[usize], budget: Duration, out: &PathBuf) -> Result<()> {
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         matmul: cases,
     };
+    write_report(out, &report)
+}
+
+/// Writes a JSON report, creating its folder.
+pub(crate) fn write_report(out: &std::path::Path, report: &impl Serialize) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(out, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
