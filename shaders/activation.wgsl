@@ -1,5 +1,6 @@
 // Activation functions, elementwise: `apply` computes act(x); `gated`
-// computes act(gate) * up (SwiGLU when act is silu).
+// computes act(gate) * up (SwiGLU when act is silu); the `_backward` entries
+// turn the output gradient dy into input gradients.
 
 {{COMMON}}
 
@@ -7,14 +8,22 @@ fn act(v: f32) -> f32 {
     return {{ACT}}(v);
 }
 
+fn act_grad(v: f32) -> f32 {
+    return {{ACT}}_grad(v);
+}
+
 struct Params {
     n: u32, x_off: u32, up_off: u32, out_off: u32,
+    dy_off: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> up: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+// Second output of gated_backward: the gradient w.r.t. `up` (laid out like out).
+@group(0) @binding(5) var<storage, read_write> out_up: array<f32>;
 
 const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
 const INV_SQRT_2: f32 = 0.7071067811865476;
@@ -46,12 +55,37 @@ fn gelu_erf(v: f32) -> f32 {
     return 0.5 * v * (2.0 - tail);
 }
 
+fn gelu_tanh_grad(v: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (v + 0.044715 * v * v * v);
+    let s = 1.0 / (1.0 + exp(-2.0 * u));
+    return s + v * 2.0 * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 0.134145 * v * v);
+}
+
+// d/dv of 0.5 v erfc(-v / sqrt2) = Phi(v) + v phi(v).
+fn gelu_erf_grad(v: f32) -> f32 {
+    let tail = erfc_nonneg(abs(v) * INV_SQRT_2);
+    var cdf = 1.0 - 0.5 * tail;
+    if (v < 0.0) {
+        cdf = 0.5 * tail;
+    }
+    return cdf + v * exp(-0.5 * v * v) * 0.3989422804014327;
+}
+
 fn silu(v: f32) -> f32 {
     return v / (1.0 + exp(-v));
 }
 
+fn silu_grad(v: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp(-v));
+    return s * (1.0 + v * (1.0 - s));
+}
+
 fn relu(v: f32) -> f32 {
     return max(v, 0.0);
+}
+
+fn relu_grad(v: f32) -> f32 {
+    return select(0.0, 1.0, v > 0.0);
 }
 
 @compute @workgroup_size(256)
@@ -72,4 +106,29 @@ fn gated(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         return;
     }
     out[p.out_off + i] = act(x[p.x_off + i]) * up[p.up_off + i];
+}
+
+// dx = dy * act'(x)
+@compute @workgroup_size(256)
+fn apply_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    out[p.out_off + i] = dy[p.dy_off + i] * act_grad(x[p.x_off + i]);
+}
+
+// d_gate = dy * up * act'(gate), d_up = dy * act(gate)
+@compute @workgroup_size(256)
+fn gated_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let g = x[p.x_off + i];
+    let d = dy[p.dy_off + i];
+    out[p.out_off + i] = d * up[p.up_off + i] * act_grad(g);
+    out_up[p.out_off + i] = d * act(g);
 }

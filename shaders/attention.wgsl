@@ -1,6 +1,6 @@
-// Attention pieces: rotary position embedding (in place on q and k) and
-// causal multi-head attention with per-sequence key bounds (padding) and
-// grouped KV heads.
+// Attention pieces: rotary position embedding (in place on q and k), causal
+// multi-head attention with per-sequence key bounds (padding) and grouped KV
+// heads, and its backward pass.
 //
 // q, k and v are read through (offset, row stride, head stride) so fused
 // projections (GPT-2's [q|k|v] blocks, GPT-NeoX's per-head [q k v]) and
@@ -77,7 +77,7 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
 
 struct RotaryParams {
     rows: u32, n_heads: u32, rot_half: u32, interleaved: u32,
-    off: u32, row_stride: u32, head_stride: u32, _pad0: u32,
+    off: u32, row_stride: u32, head_stride: u32, inverse: u32,
 }
 
 @group(0) @binding(0) var<uniform> rp: RotaryParams;
@@ -100,7 +100,8 @@ fn rotary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     let t = (positions[row] * rp.rot_half + pair) * 2u;
     let c = table[t];
-    let s = table[t + 1u];
+    // The inverse rotation (the backward pass of a rotation) negates the angle.
+    let s = select(table[t + 1u], -table[t + 1u], rp.inverse != 0u);
     let base = rp.off + row * rp.row_stride + head * rp.head_stride;
     var i1 = base + pair;
     var i2 = base + pair + rp.rot_half;
@@ -112,4 +113,118 @@ fn rotary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let x2 = x[i2];
     x[i1] = x1 * c - x2 * s;
     x[i2] = x2 * c + x1 * s;
+}
+
+// Backward pass. With S = scale * q k^T, P = softmax(S), O = P v and dO given:
+//   dP = dO v^T, dS = P * (dP - rowsum(P * dP)),
+//   dq = scale * dS k, dk = scale * dS^T q, dv = P^T dO.
+// `attend_backward_query` (one workgroup per query, head, sequence) writes
+// dq and stores P and dS in [sequence][head][query][key] scratch buffers;
+// `attend_backward_key` (one workgroup per key, kv head, sequence) sums
+// over queries and over the query heads sharing the kv head.
+@group(0) @binding(9) var<storage, read> d_out: array<f32>;
+@group(0) @binding(10) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(12) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(13) var<storage, read_write> probs_all: array<f32>;
+@group(0) @binding(14) var<storage, read_write> dscores_all: array<f32>;
+
+var<workgroup> dout_cache: array<f32, 256>;
+
+// Offset of (sequence b, head h, query t, key 0) in the scratch buffers.
+fn scratch_row(b: u32, h: u32, t: u32) -> u32 {
+    return ((b * ap.n_heads + h) * ap.seq + t) * ap.seq;
+}
+
+@compute @workgroup_size(256)
+fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wid.x;
+    let h = wid.y;
+    let b = wid.z;
+    let start = bounds[2u * b];
+    let end = min(bounds[2u * b + 1u], t + 1u);
+    let row = b * ap.seq + t;
+    let kv = h / ap.kv_group;
+    for (var d = lid.x; d < ap.head_dim; d += 256u) {
+        q_cache[d] = q[ap.q_off + row * ap.q_row + h * ap.q_head + d] * ap.scale;
+        dout_cache[d] = d_out[row * ap.out_row + h * ap.head_dim + d];
+    }
+    workgroupBarrier();
+
+    var local_max = neg_inf();
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
+        var s = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            s += q_cache[d] * k[k_base + d];
+        }
+        probs[j] = s;
+        local_max = max(local_max, s);
+    }
+    let row_max = workgroup_max(local_max, lid.x);
+    var local_sum = 0.0;
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let e = exp(probs[j] - row_max);
+        probs[j] = e;
+        local_sum += e;
+    }
+    let total = workgroup_sum(local_sum, lid.x);
+
+    // P and dP; rowsum(P * dP).
+    let srow = scratch_row(b, h, t);
+    var local_dot = 0.0;
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let pj = probs[j] / total;
+        let v_base = ap.v_off + (b * ap.seq + j) * ap.v_row + kv * ap.v_head;
+        var dp = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            dp += dout_cache[d] * v[v_base + d];
+        }
+        probs_all[srow + j] = pj;
+        dscores_all[srow + j] = dp;
+        local_dot += pj * dp;
+    }
+    let dot = workgroup_sum(local_dot, lid.x);
+    for (var j = start + lid.x; j < end; j += 256u) {
+        let ds = probs_all[srow + j] * (dscores_all[srow + j] - dot);
+        dscores_all[srow + j] = ds;
+        probs[j] = ds;
+    }
+    workgroupBarrier();
+    for (var d = lid.x; d < ap.head_dim; d += 256u) {
+        var acc = 0.0;
+        for (var j = start; j < end; j++) {
+            acc += probs[j] * k[ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head + d];
+        }
+        dq[ap.q_off + row * ap.q_row + h * ap.q_head + d] = ap.scale * acc;
+    }
+}
+
+@compute @workgroup_size(256)
+fn attend_backward_key(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let j = wid.x;
+    let kv = wid.y;
+    let b = wid.z;
+    let start = bounds[2u * b];
+    let end = bounds[2u * b + 1u];
+    let row = b * ap.seq + j;
+    for (var d = lid.x; d < ap.head_dim; d += 256u) {
+        var acc_k = 0.0;
+        var acc_v = 0.0;
+        if (j >= start && j < end) {
+            for (var g = 0u; g < ap.kv_group; g++) {
+                let h = kv * ap.kv_group + g;
+                // Every query t >= j sees key j (padding queries after the
+                // sequence's end attend to its real tokens too).
+                for (var t = j; t < ap.seq; t++) {
+                    let srow = scratch_row(b, h, t);
+                    let qrow = b * ap.seq + t;
+                    acc_k += dscores_all[srow + j] * q[ap.q_off + qrow * ap.q_row + h * ap.q_head + d];
+                    acc_v += probs_all[srow + j] * d_out[qrow * ap.out_row + h * ap.head_dim + d];
+                }
+            }
+        }
+        dk[ap.k_off + row * ap.k_row + kv * ap.k_head + d] = ap.scale * acc_k;
+        dv[ap.v_off + row * ap.v_row + kv * ap.v_head + d] = acc_v;
+    }
 }

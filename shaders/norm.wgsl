@@ -1,11 +1,12 @@
-// LayerNorm and RMSNorm over the last dimension, one 256-wide workgroup per
-// row. LayerNorm uses two passes (mean, then centred variance) for accuracy.
+// LayerNorm and RMSNorm over the last dimension and their input gradients,
+// one 256-wide workgroup per row. LayerNorm uses two passes (mean, then
+// centred variance) for accuracy.
 
 {{COMMON}}
 
 struct Params {
     rows: u32, row_len: u32, x_off: u32, out_off: u32,
-    eps: f32, _pad0: u32, _pad1: u32, _pad2: u32,
+    eps: f32, dy_off: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -13,6 +14,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read> gain: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// Gradient of the loss w.r.t. the norm's output (backward entries).
+@group(0) @binding(5) var<storage, read> dy: array<f32>;
 
 // y = (x - mean) / sqrt(var + eps) * gain + bias
 @compute @workgroup_size(256)
@@ -59,5 +62,71 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let out_base = p.out_off + row * p.row_len;
     for (var j = lid.x; j < p.row_len; j += 256u) {
         out[out_base + j] = x[base + j] * inv_rms * gain[j];
+    }
+}
+
+// dx = (g - mean(g) - xhat * mean(g * xhat)) / sigma, with g = gain * dy
+// and xhat = (x - mean) / sigma.
+@compute @workgroup_size(256)
+fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = flat_group(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = p.x_off + row * p.row_len;
+    let gbase = p.out_off + row * p.row_len;
+    let dbase = p.dy_off + row * p.row_len;
+    let n = f32(p.row_len);
+    var s = 0.0;
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        s += x[base + j];
+    }
+    let mean = workgroup_sum(s, lid.x) / n;
+    var sq = 0.0;
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        let d = x[base + j] - mean;
+        sq += d * d;
+    }
+    let inv_std = inverseSqrt(workgroup_sum(sq, lid.x) / n + p.eps);
+    var sum_g = 0.0;
+    var sum_gx = 0.0;
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        let g = gain[j] * dy[dbase + j];
+        sum_g += g;
+        sum_gx += g * (x[base + j] - mean) * inv_std;
+    }
+    let mean_g = workgroup_sum(sum_g, lid.x) / n;
+    let mean_gx = workgroup_sum(sum_gx, lid.x) / n;
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        let xhat = (x[base + j] - mean) * inv_std;
+        out[gbase + j] = (gain[j] * dy[dbase + j] - mean_g - xhat * mean_gx) * inv_std;
+    }
+}
+
+// dx = (g - xhat * mean(g * xhat)) / rms, with g = gain * dy, xhat = x / rms.
+@compute @workgroup_size(256)
+fn rms_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = flat_group(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = p.x_off + row * p.row_len;
+    let gbase = p.out_off + row * p.row_len;
+    let dbase = p.dy_off + row * p.row_len;
+    var sq = 0.0;
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        let v = x[base + j];
+        sq += v * v;
+    }
+    let inv_rms = inverseSqrt(workgroup_sum(sq, lid.x) / f32(p.row_len) + p.eps);
+    var sum_gx = 0.0;
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        sum_gx += gain[j] * dy[dbase + j] * x[base + j] * inv_rms;
+    }
+    let mean_gx = workgroup_sum(sum_gx, lid.x) / f32(p.row_len);
+    for (var j = lid.x; j < p.row_len; j += 256u) {
+        out[gbase + j] = (gain[j] * dy[dbase + j] - x[base + j] * inv_rms * mean_gx) * inv_rms;
     }
 }

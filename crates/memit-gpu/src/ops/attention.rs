@@ -1,4 +1,5 @@
-//! Rotary position embedding and causal attention over padded batches.
+//! Rotary position embedding and causal attention over padded batches,
+//! with their backward passes.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -42,7 +43,7 @@ struct RotaryParams {
     off: u32,
     row_stride: u32,
     head_stride: u32,
-    _pad0: u32,
+    inverse: u32,
 }
 
 /// Where the heads of q, k or v sit inside the rows of a [tokens, width]
@@ -72,6 +73,17 @@ impl GpuContext {
     /// `table` is [positions, rot_dim/2, 2] of (cos, sin); `positions` gives
     /// each row's position.
     pub fn rotary(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32]) -> Result<()> {
+        self.rotary_pass(x, layout, rot_dim, style, table, positions, false)
+    }
+
+    /// Undoes [`GpuContext::rotary`]: rotation by the opposite angle, which
+    /// is also the backward pass of a rotation (its transpose).
+    pub fn rotary_inverse(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32]) -> Result<()> {
+        self.rotary_pass(x, layout, rot_dim, style, table, positions, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_pass(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32], inverse: bool) -> Result<()> {
         require_f32("rotary", &[x, table])?;
         let (rows, width) = x.dims2("rotary")?;
         if positions.len() != rows {
@@ -99,7 +111,7 @@ impl GpuContext {
             off: u32_of(off + layout.offset, "rotary")?,
             row_stride: u32_of(width, "rotary")?,
             head_stride: u32_of(layout.head_stride, "rotary")?,
-            _pad0: 0,
+            inverse: inverse as u32,
         };
         let work = rows * layout.n_heads * rot_half;
         self.dispatch(
@@ -126,6 +138,84 @@ impl GpuContext {
         bounds: &[(u32, u32)],
         scale: f32,
     ) -> Result<Tensor> {
+        let (params, bounds_buf) = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
+        let (q_buf, _) = q.0.single("attention")?;
+        let (k_buf, _) = k.0.single("attention")?;
+        let (v_buf, _) = v.0.single("attention")?;
+        let out = self.zeros(&[bounds.len() * seq, q.1.n_heads * head_dim], DType::F32)?;
+        let (out_buf, _) = out.single("attention")?;
+        self.dispatch(
+            kernel("attend"),
+            bytemuck::bytes_of(&params),
+            &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds_buf), (5, out_buf)],
+            [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
+        )?;
+        Ok(out)
+    }
+
+    /// Gradients of [`GpuContext::attention`] w.r.t. q, k and v given the
+    /// output gradient `d_out`, written into `dq`, `dk`, `dv`: tensors laid
+    /// out exactly like q, k, v (they may all be one fused tensor, as q, k, v
+    /// may be).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        q: (&Tensor, HeadLayout),
+        k: (&Tensor, HeadLayout),
+        v: (&Tensor, HeadLayout),
+        d_out: &Tensor,
+        grads: (&Tensor, &Tensor, &Tensor),
+        head_dim: usize,
+        seq: usize,
+        bounds: &[(u32, u32)],
+        scale: f32,
+    ) -> Result<()> {
+        let (params, bounds_buf) = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
+        let rows = bounds.len() * seq;
+        if d_out.shape() != [rows, q.1.n_heads * head_dim] {
+            return Err(GpuError::shape("attention_backward", format!("output gradient has shape {:?}", d_out.shape())));
+        }
+        let mut bufs = Vec::new();
+        for ((t, _), g) in [q, k, v].into_iter().zip([grads.0, grads.1, grads.2]) {
+            require_f32("attention_backward", &[g])?;
+            let (buf, off) = t.single("attention_backward")?;
+            let (gbuf, goff) = g.single("attention_backward")?;
+            if g.shape() != t.shape() || goff != off {
+                return Err(GpuError::shape("attention_backward", "gradient tensors must be laid out like q, k, v"));
+            }
+            bufs.push((buf, gbuf));
+        }
+        let (d_out_buf, _) = d_out.single("attention_backward")?;
+        let scratch = bounds.len() * q.1.n_heads * seq * seq;
+        let probs = self.zeros(&[scratch.max(1)], DType::F32)?;
+        let dscores = self.zeros(&[scratch.max(1)], DType::F32)?;
+        let (probs_buf, _) = probs.single("attention_backward (scores scratch too large: use smaller batches)")?;
+        let (dscores_buf, _) = dscores.single("attention_backward (scores scratch too large: use smaller batches)")?;
+        self.dispatch(
+            kernel("attend_backward_query"),
+            bytemuck::bytes_of(&params),
+            &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, &bounds_buf), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
+            [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
+        )?;
+        self.dispatch(
+            kernel("attend_backward_key"),
+            bytemuck::bytes_of(&params),
+            &[(1, bufs[0].0), (4, &bounds_buf), (9, d_out_buf), (11, bufs[1].1), (12, bufs[2].1), (13, probs_buf), (14, dscores_buf)],
+            [seq as u32, k.1.n_heads as u32, bounds.len() as u32],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_params(
+        &self,
+        q: (&Tensor, HeadLayout),
+        k: (&Tensor, HeadLayout),
+        v: (&Tensor, HeadLayout),
+        head_dim: usize,
+        seq: usize,
+        bounds: &[(u32, u32)],
+        scale: f32,
+    ) -> Result<(AttendParams, wgpu::Buffer)> {
         require_f32("attention", &[q.0, k.0, v.0])?;
         let rows = bounds.len() * seq;
         for (t, name) in [(q.0, "q"), (k.0, "k"), (v.0, "v")] {
@@ -142,12 +232,10 @@ impl GpuContext {
         if let Some((s, e)) = bounds.iter().find(|(s, e)| s > e || *e as usize > seq) {
             return Err(GpuError::shape("attention", format!("key bounds {s}..{e} outside 0..{seq}")));
         }
-        let (q_buf, q_off) = q.0.single("attention")?;
-        let (k_buf, k_off) = k.0.single("attention")?;
-        let (v_buf, v_off) = v.0.single("attention")?;
+        let (_, q_off) = q.0.single("attention")?;
+        let (_, k_off) = k.0.single("attention")?;
+        let (_, v_off) = v.0.single("attention")?;
         let out_row = q.1.n_heads * head_dim;
-        let out = self.zeros(&[rows, out_row], DType::F32)?;
-        let (out_buf, _) = out.single("attention")?;
         let flat_bounds: Vec<u32> = bounds.iter().flat_map(|&(s, e)| [s, e]).collect();
         let bounds_buf = self.upload_u32(&flat_bounds, "key bounds")?;
         let params = AttendParams {
@@ -168,12 +256,6 @@ impl GpuContext {
             scale,
             _pad0: 0,
         };
-        self.dispatch(
-            kernel("attend"),
-            bytemuck::bytes_of(&params),
-            &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds_buf), (5, out_buf)],
-            [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
-        )?;
-        Ok(out)
+        Ok((params, bounds_buf))
     }
 }

@@ -16,7 +16,8 @@ struct Params {
     x_off: u32,
     out_off: u32,
     eps: f32,
-    _pad: [u32; 3],
+    dy_off: u32,
+    _pad: [u32; 2],
 }
 
 impl GpuContext {
@@ -30,8 +31,33 @@ impl GpuContext {
         self.norm("rms_norm", x, gain, None, eps)
     }
 
+    /// Gradient w.r.t. the input of `layer_norm(x, gain, _, eps)` given the
+    /// output gradient `dy`.
+    pub fn layer_norm_backward(&self, x: &Tensor, gain: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+        self.norm_backward("layer_norm_backward", x, gain, dy, eps)
+    }
+
+    /// Gradient w.r.t. the input of `rms_norm(x, gain, eps)`.
+    pub fn rms_norm_backward(&self, x: &Tensor, gain: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+        self.norm_backward("rms_norm_backward", x, gain, dy, eps)
+    }
+
+    fn norm_backward(&self, entry: &'static str, x: &Tensor, gain: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+        super::same_shape(entry, x, dy)?;
+        self.norm_pass(entry, x, gain, None, Some(dy), eps)
+    }
+
     fn norm(&self, entry: &'static str, x: &Tensor, gain: &Tensor, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        self.norm_pass(entry, x, gain, bias, None, eps)
+    }
+
+    /// One row-wise pass of the norm family: forward (with optional bias) or
+    /// backward (with the output gradient `dy`).
+    fn norm_pass(&self, entry: &'static str, x: &Tensor, gain: &Tensor, bias: Option<&Tensor>, dy: Option<&Tensor>, eps: f32) -> Result<Tensor> {
         require_f32(entry, &[x, gain])?;
+        if let Some(d) = dy {
+            require_f32(entry, &[d])?;
+        }
         let (len, per_row) = last_dim_rows(x);
         for v in std::iter::once(gain).chain(bias) {
             require_f32(entry, &[v])?;
@@ -46,8 +72,10 @@ impl GpuContext {
         }
         let shape = x.shape().to_vec();
         let x = as_rows(x)?;
+        let dy = dy.map(as_rows).transpose()?;
         let out = self.zeros(x.shape(), DType::F32)?;
-        for piece in row_pieces(&[&x, &out]) {
+        let operands: Vec<&Tensor> = [&x, &out].into_iter().chain(dy.as_ref()).collect();
+        for piece in row_pieces(&operands) {
             let rows = piece.rows * per_row;
             let params = Params {
                 rows: u32_of(rows, entry)?,
@@ -55,11 +83,15 @@ impl GpuContext {
                 x_off: u32_of(piece.parts[0].1, entry)?,
                 out_off: u32_of(piece.parts[1].1, entry)?,
                 eps,
+                dy_off: u32_of(piece.parts.get(2).map_or(0, |p| p.1), entry)?,
                 ..Default::default()
             };
             let mut bindings = vec![(1, &*piece.parts[0].0), (2, gain_buf), (4, &*piece.parts[1].0)];
             if let Some((b, _)) = bias_buf {
                 bindings.push((3, b));
+            }
+            if let Some(part) = piece.parts.get(2) {
+                bindings.push((5, &*part.0));
             }
             self.dispatch(
                 Kernel { family: ShaderFamily::Norm, entry, defines: &[] },
