@@ -76,6 +76,34 @@ pub struct BlockOutput {
     pub mlp_key: Option<Tensor>,
 }
 
+/// q, k, v (after rotary) with their head layouts, and the attention output
+/// after its projection.
+pub(crate) struct AttentionTrace {
+    pub q: (Tensor, HeadLayout),
+    pub k: (Tensor, HeadLayout),
+    pub v: (Tensor, HeadLayout),
+    pub projected: Tensor,
+}
+
+pub(crate) struct MlpTrace {
+    pub out: Tensor,
+    pub up: Tensor,
+    pub gate: Option<Tensor>,
+    pub key: Tensor,
+}
+
+/// A block's input, intermediates and output.
+pub(crate) struct BlockTrace {
+    pub x: Tensor,
+    pub attn: AttentionTrace,
+    /// x + attention, for sequential blocks.
+    pub x1: Option<Tensor>,
+    pub up: Tensor,
+    pub gate: Option<Tensor>,
+    pub key: Tensor,
+    pub out: Tensor,
+}
+
 /// Everything `Model::forward` was asked to return.
 pub struct ForwardOutput {
     /// [rows, vocab] when requested.
@@ -105,43 +133,46 @@ impl Model {
 
     /// Runs block `layer` on `x` ([rows, d]).
     pub fn block(&self, layer: usize, x: &Tensor, batch: &Batch, want_key: bool) -> Result<BlockOutput> {
+        let trace = self.block_trace(layer, x, batch)?;
+        Ok(BlockOutput { hidden: trace.out, mlp_key: want_key.then_some(trace.key) })
+    }
+
+    /// Runs block `layer`, keeping every intermediate the backward pass needs.
+    pub(crate) fn block_trace(&self, layer: usize, x: &Tensor, batch: &Batch) -> Result<BlockTrace> {
         let ctx = &self.ctx;
         let block = &self.blocks[layer];
         let a = block.ln1.forward(ctx, x)?;
         let attn = self.attention(block, &a, batch)?;
         let add = |p: &Tensor, q: &Tensor| ctx.binary(BinaryOp::Add, p, q);
-        let (hidden, key) = match self.config.residual {
+        let (x1, m) = match self.config.residual {
             Residual::Sequential => {
-                let x1 = add(x, &attn)?;
-                let norm2 = block.ln2.as_ref().expect("sequential blocks have ln2");
-                let (mlp, key) = self.mlp(block, &norm2.forward(ctx, &x1)?)?;
-                (add(&x1, &mlp)?, key)
+                let x1 = add(x, &attn.projected)?;
+                let m = block.ln2.as_ref().expect("sequential blocks have ln2").forward(ctx, &x1)?;
+                (Some(x1), m)
             }
-            Residual::ParallelSharedNorm => {
-                let (mlp, key) = self.mlp(block, &a)?;
-                (add(&add(x, &attn)?, &mlp)?, key)
-            }
-            Residual::Parallel => {
-                let norm2 = block.ln2.as_ref().expect("parallel blocks have ln2");
-                let (mlp, key) = self.mlp(block, &norm2.forward(ctx, x)?)?;
-                (add(&add(x, &attn)?, &mlp)?, key)
-            }
+            Residual::ParallelSharedNorm => (None, a.clone()),
+            Residual::Parallel => (None, block.ln2.as_ref().expect("parallel blocks have ln2").forward(ctx, x)?),
         };
-        Ok(BlockOutput { hidden, mlp_key: want_key.then_some(key) })
+        let mlp = self.mlp(block, &m)?;
+        let out = match &x1 {
+            Some(x1) => add(x1, &mlp.out)?,
+            None => add(&add(x, &attn.projected)?, &mlp.out)?,
+        };
+        Ok(BlockTrace { x: x.clone(), attn, x1, up: mlp.up, gate: mlp.gate, key: mlp.key, out })
     }
 
-    /// Returns (W_out(key), key).
-    fn mlp(&self, block: &Block, m: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn mlp(&self, block: &Block, m: &Tensor) -> Result<MlpTrace> {
         let ctx = &self.ctx;
         let up = block.mlp_in.forward(ctx, m)?;
-        let key = match &block.mlp_gate {
-            Some(gate) => ctx.gated_activation(&gate.forward(ctx, m)?, &up, self.config.activation)?,
+        let gate = block.mlp_gate.as_ref().map(|g| g.forward(ctx, m)).transpose()?;
+        let key = match &gate {
+            Some(gate) => ctx.gated_activation(gate, &up, self.config.activation)?,
             None => ctx.activation(&up, self.config.activation)?,
         };
-        Ok((block.mlp_out.forward(ctx, &key)?, key))
+        Ok(MlpTrace { out: block.mlp_out.forward(ctx, &key)?, up, gate, key })
     }
 
-    fn attention(&self, block: &Block, a: &Tensor, batch: &Batch) -> Result<Tensor> {
+    fn attention(&self, block: &Block, a: &Tensor, batch: &Batch) -> Result<AttentionTrace> {
         let ctx = &self.ctx;
         let c = &self.config;
         let hd = c.head_dim;
@@ -168,9 +199,13 @@ impl Model {
             ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
             ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
         }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let out = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, batch.seq, &batch.bounds, scale)?;
-        block.attn_out.forward(ctx, &out)
+        let mixed = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, batch.seq, &batch.bounds, self.attention_scale())?;
+        let projected = block.attn_out.forward(ctx, &mixed)?;
+        Ok(AttentionTrace { q: (q, ql), k: (k, kl), v: (v, vl), projected })
+    }
+
+    pub(crate) fn attention_scale(&self) -> f32 {
+        1.0 / (self.config.head_dim as f32).sqrt()
     }
 
     /// Final norm and unembedding: [rows, d] → [rows, vocab].

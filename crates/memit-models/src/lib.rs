@@ -2,6 +2,7 @@
 //! (Hugging Face folders with safetensors, GGUF files) loaded onto the GPU,
 //! tokenisation, and the forward pass and generation in WGSL.
 
+mod backward;
 mod config;
 mod error;
 mod forward;
@@ -11,6 +12,7 @@ mod model;
 mod tokenizer;
 mod weights;
 
+pub use backward::Trace;
 pub use config::{Arch, ModelConfig, Residual};
 pub use error::{ModelError, Result};
 pub use forward::{Batch, BlockOutput, ForwardOutput, Padding};

@@ -1,0 +1,144 @@
+//! Gradients w.r.t. activations (never weights) through the blocks above a
+//! layer, the final norm and the unembedding: what MEMIT's target-vector
+//! optimisation needs to move the residual stream at one layer.
+
+use memit_gpu::{BinaryOp, MatmulSpec, Tensor};
+
+use crate::config::Residual;
+use crate::error::Result;
+use crate::forward::{Batch, BlockTrace};
+use crate::model::{Linear, Model, Norm, QkvProjection, WeightLayout};
+
+/// Activations recorded by [`Model::forward_traced`].
+pub struct Trace {
+    first_layer: usize,
+    blocks: Vec<BlockTrace>,
+    /// Input of the final norm.
+    last_hidden: Tensor,
+}
+
+impl Linear {
+    /// dL/dx of y = x·Wᵀ + b (or x·W for Conv1D storage).
+    pub fn backward(&self, ctx: &memit_gpu::GpuContext, dy: &Tensor) -> Result<Tensor> {
+        Ok(ctx.matmul(dy, &self.weight, false, self.layout == WeightLayout::InOut)?)
+    }
+
+    /// dx += dL/dx, accumulating into an existing gradient.
+    fn backward_into(&self, ctx: &memit_gpu::GpuContext, dy: &Tensor, dx: &Tensor) -> Result<()> {
+        let spec = MatmulSpec { trans_b: self.layout == WeightLayout::InOut, beta: 1.0, ..Default::default() };
+        Ok(ctx.matmul_into(dy, &self.weight, dx, spec)?)
+    }
+}
+
+impl Norm {
+    pub fn backward(&self, ctx: &memit_gpu::GpuContext, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(_) => ctx.layer_norm_backward(x, &self.weight, dy, self.eps)?,
+            None => ctx.rms_norm_backward(x, &self.weight, dy, self.eps)?,
+        })
+    }
+}
+
+impl Model {
+    /// Runs blocks `first_layer..` on `hidden` (the residual stream entering
+    /// block `first_layer`) and returns the logits and the trace for
+    /// [`Model::backward`].
+    pub fn forward_traced(&self, first_layer: usize, hidden: &Tensor, batch: &Batch) -> Result<(Tensor, Trace)> {
+        let mut x = hidden.clone();
+        let mut blocks = Vec::new();
+        for layer in first_layer..self.config.n_layers {
+            let trace = self.block_trace(layer, &x, batch)?;
+            x = trace.out.clone();
+            blocks.push(trace);
+        }
+        let logits = self.logits(&x)?;
+        Ok((logits, Trace { first_layer, blocks, last_hidden: x }))
+    }
+
+    /// dL/d(hidden) for the `hidden` given to `forward_traced`, from dL/dlogits.
+    pub fn backward(&self, trace: &Trace, d_logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        let d_normed = self.lm_head.backward(ctx, d_logits)?;
+        let mut d = self.final_norm.backward(ctx, &trace.last_hidden, &d_normed)?;
+        for (i, block_trace) in trace.blocks.iter().enumerate().rev() {
+            d = self.block_backward(trace.first_layer + i, block_trace, &d, batch)?;
+        }
+        Ok(d)
+    }
+
+    fn block_backward(&self, layer: usize, t: &BlockTrace, d_out: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        let block = &self.blocks[layer];
+        let add = |p: &Tensor, q: &Tensor| -> Result<Tensor> { Ok(ctx.binary(BinaryOp::Add, p, q)?) };
+        match self.config.residual {
+            Residual::Sequential => {
+                let ln2 = block.ln2.as_ref().expect("sequential blocks have ln2");
+                let x1 = t.x1.as_ref().expect("sequential trace keeps x1");
+                let d_x1 = add(d_out, &ln2.backward(ctx, x1, &self.mlp_backward(layer, t, d_out)?)?)?;
+                let d_a = self.attention_backward(layer, t, &d_x1, batch)?;
+                add(&d_x1, &block.ln1.backward(ctx, &t.x, &d_a)?)
+            }
+            Residual::ParallelSharedNorm => {
+                let d_a = add(&self.attention_backward(layer, t, d_out, batch)?, &self.mlp_backward(layer, t, d_out)?)?;
+                add(d_out, &block.ln1.backward(ctx, &t.x, &d_a)?)
+            }
+            Residual::Parallel => {
+                let ln2 = block.ln2.as_ref().expect("parallel blocks have ln2");
+                let d_a = self.attention_backward(layer, t, d_out, batch)?;
+                let d_m = self.mlp_backward(layer, t, d_out)?;
+                add(&add(d_out, &block.ln1.backward(ctx, &t.x, &d_a)?)?, &ln2.backward(ctx, &t.x, &d_m)?)
+            }
+        }
+    }
+
+    /// Gradient w.r.t. the MLP input given the gradient of its output.
+    fn mlp_backward(&self, layer: usize, t: &BlockTrace, d_h: &Tensor) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        let block = &self.blocks[layer];
+        let d_key = block.mlp_out.backward(ctx, d_h)?;
+        match (&block.mlp_gate, &t.gate) {
+            (Some(gate_proj), Some(gate)) => {
+                let (d_gate, d_up) = ctx.gated_activation_backward(gate, &t.up, &d_key, self.config.activation)?;
+                let d_m = block.mlp_in.backward(ctx, &d_up)?;
+                gate_proj.backward_into(ctx, &d_gate, &d_m)?;
+                Ok(d_m)
+            }
+            _ => {
+                let d_up = ctx.activation_backward(&t.up, &d_key, self.config.activation)?;
+                block.mlp_in.backward(ctx, &d_up)
+            }
+        }
+    }
+
+    /// Gradient w.r.t. the attention input `a` given the gradient of the
+    /// attention output (after its projection).
+    fn attention_backward(&self, layer: usize, t: &BlockTrace, d_proj: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        let c = &self.config;
+        let block = &self.blocks[layer];
+        let d_mixed = block.attn_out.backward(ctx, d_proj)?;
+        let (q, k, v) = (&t.attn.q, &t.attn.k, &t.attn.v);
+        let zeros_like = |x: &Tensor| ctx.zeros(x.shape(), memit_gpu::DType::F32);
+        let (dq, dk, dv) = match &block.qkv {
+            QkvProjection::Fused { .. } => {
+                let g = zeros_like(&q.0)?;
+                (g.clone(), g.clone(), g)
+            }
+            QkvProjection::Separate { .. } => (zeros_like(&q.0)?, zeros_like(&k.0)?, zeros_like(&v.0)?),
+        };
+        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&dq, &dk, &dv), c.head_dim, batch.seq, &batch.bounds, self.attention_scale())?;
+        if let Some(table) = &self.rope_table {
+            ctx.rotary_inverse(&dq, q.1, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
+            ctx.rotary_inverse(&dk, k.1, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
+        }
+        match &block.qkv {
+            QkvProjection::Fused { proj, .. } => proj.backward(ctx, &dq),
+            QkvProjection::Separate { q: wq, k: wk, v: wv } => {
+                let d_a = wq.backward(ctx, &dq)?;
+                wk.backward_into(ctx, &dk, &d_a)?;
+                wv.backward_into(ctx, &dv, &d_a)?;
+                Ok(d_a)
+            }
+        }
+    }
+}
