@@ -29,8 +29,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<u32>;
-@group(0) @binding(2) var<storage, read> b: array<u32>;
+// read_write only when an operand shares C's buffer (blocked solves update
+// one region of a matrix from another); WebGPU forbids mixing the two.
+@group(0) @binding(1) var<storage, {{AB_ACCESS}}> a: array<u32>;
+@group(0) @binding(2) var<storage, {{AB_ACCESS}}> b: array<u32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 // Kahan compensation terms of C (syrk only).
 @group(0) @binding(4) var<storage, read_write> comp: array<f32>;

@@ -24,6 +24,9 @@ pub enum GpuError {
     #[error("{op} does not support dtype {dtype:?} here: {detail}")]
     Dtype { op: &'static str, dtype: crate::DType, detail: &'static str },
 
+    #[error("matrix is not positive definite (pivot {pivot} is not positive); the statistics may be degenerate or too few")]
+    NotPositiveDefinite { pivot: usize },
+
     #[error("GPU validation error (a bug in memit-wgpu, please report it): {0}")]
     Validation(String),
 

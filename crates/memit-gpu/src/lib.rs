@@ -17,7 +17,7 @@ pub use error::{GpuError, Result};
 pub use ops::activation::Activation;
 pub use ops::attention::{HeadLayout, RotaryStyle};
 pub use ops::elementwise::BinaryOp;
-pub use ops::matmul::MatmulSpec;
+pub use ops::matmul::{MatmulSpec, MatrixView};
 pub use ops::reduce::ReduceOp;
 pub use ops::softmax::Causal;
 pub use shader::ShaderFamily;

@@ -17,6 +17,7 @@ pub enum ShaderFamily {
     Norm,
     Embedding,
     Attention,
+    Solve,
 }
 
 impl ShaderFamily {
@@ -30,6 +31,7 @@ impl ShaderFamily {
             ShaderFamily::Norm => "norm",
             ShaderFamily::Embedding => "embedding",
             ShaderFamily::Attention => "attention",
+            ShaderFamily::Solve => "solve",
         }
     }
 
@@ -43,6 +45,7 @@ impl ShaderFamily {
             ShaderFamily::Norm => include_str!("../../../shaders/norm.wgsl"),
             ShaderFamily::Embedding => include_str!("../../../shaders/embedding.wgsl"),
             ShaderFamily::Attention => include_str!("../../../shaders/attention.wgsl"),
+            ShaderFamily::Solve => include_str!("../../../shaders/solve.wgsl"),
         }
     }
 }

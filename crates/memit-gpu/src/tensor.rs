@@ -68,6 +68,10 @@ impl Tensor {
         self.shape[1..].iter().product()
     }
 
+    pub(crate) fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
     /// Number of buffers the tensor spans.
     pub fn n_chunks(&self) -> usize {
         self.segments.len()
@@ -187,6 +191,22 @@ impl Tensor {
     }
 }
 
+/// Little-endian bytes of `values` in `dtype`, padded to whole 4-byte words
+/// (a trailing odd f16 gets a zero neighbour; `write` only pads at the end
+/// of a segment, where the word is the tensor's own).
+fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::F16 => {
+            let mut halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+            if halves.len() % 2 == 1 {
+                halves.push(f16::ZERO);
+            }
+            bytemuck::cast_slice(&halves).to_vec()
+        }
+    }
+}
+
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -256,16 +276,7 @@ impl GpuContext {
     }
 
     fn write_values(&self, buffer: &wgpu::Buffer, values: &[f32], dtype: DType) {
-        let bytes: Vec<u8> = match dtype {
-            DType::F32 => bytemuck::cast_slice(values).to_vec(),
-            DType::F16 => {
-                let mut halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
-                if halves.len() % 2 == 1 {
-                    halves.push(f16::ZERO);
-                }
-                bytemuck::cast_slice(&halves).to_vec()
-            }
-        };
+        let bytes = encode(values, dtype);
         if !bytes.is_empty() {
             self.queue().write_buffer(buffer, 0, &bytes);
         }
@@ -278,6 +289,14 @@ impl GpuContext {
             self.queue().write_buffer(&buffer, 0, bytemuck::cast_slice(values));
         }
         Ok(buffer)
+    }
+
+    /// Waits for queued work and returns the contents of a u32 buffer.
+    pub(crate) async fn read_u32(&self, buffer: &wgpu::Buffer) -> Result<Vec<u32>> {
+        let staging = self.create_buffer(buffer.size(), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, "readback")?;
+        self.copy(buffer, 0, &staging, 0, buffer.size());
+        let bytes = self.map_read(&staging).await?;
+        Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// Waits for all queued work and returns the tensor's values as f32.
@@ -313,5 +332,30 @@ impl GpuContext {
             }
         }
         Ok(out)
+    }
+}
+
+impl GpuContext {
+    /// Overwrites a whole tensor with f32 host values (converted to its dtype).
+    pub fn write(&self, tensor: &Tensor, data: &[f32]) -> Result<()> {
+        if data.len() != tensor.numel() {
+            return Err(GpuError::shape("write", format!("{} values for shape {:?}", data.len(), tensor.shape())));
+        }
+        let row_len = tensor.row_len();
+        let clobbers_neighbour = |s: &Segment| {
+            let end = s.offset + s.rows * row_len;
+            s.offset % 2 != 0 || (end % 2 != 0 && (end as u64 + 1) * 2 <= s.buffer.size() && end + 1 < s.buffer.size() as usize / 2)
+        };
+        if tensor.dtype == DType::F16 && tensor.segments.iter().any(clobbers_neighbour) {
+            return Err(GpuError::shape("write", "an f16 view must start and end on whole 32-bit words"));
+        }
+        let mut row = 0;
+        for seg in &tensor.segments {
+            let values = &data[row * row_len..(row + seg.rows) * row_len];
+            let bytes = encode(values, tensor.dtype);
+            self.queue().write_buffer(&seg.buffer, (seg.offset * tensor.dtype.size()) as u64, &bytes);
+            row += seg.rows;
+        }
+        Ok(())
     }
 }

@@ -61,7 +61,13 @@ impl MatmulSpec {
 }
 
 fn defines(spec: &MatmulSpec, a: DType, b: DType) -> Vec<(&'static str, String)> {
+    defines_aliased(spec, a, b, false)
+}
+
+/// `aliased`: A or B lives in C's buffer (disjoint regions).
+fn defines_aliased(spec: &MatmulSpec, a: DType, b: DType, aliased: bool) -> Vec<(&'static str, String)> {
     vec![
+        ("AB_ACCESS", if aliased { "read_write" } else { "read" }.to_string()),
         ("TRANS_A", flag(spec.trans_a)),
         ("TRANS_B", flag(spec.trans_b)),
         ("A_F16", flag(a == DType::F16)),
@@ -73,7 +79,66 @@ fn groups(m: usize, n: usize, batch: usize) -> [u32; 3] {
     [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, batch as u32]
 }
 
+/// A matrix inside a single-buffer tensor: `rows` × `cols` elements from
+/// element `offset`, consecutive rows `ld` elements apart.
+#[derive(Debug, Clone, Copy)]
+pub struct MatrixView<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl MatrixView<'_> {
+    fn check(&self, what: &str) -> Result<(&wgpu::Buffer, usize)> {
+        let (buf, base) = self.tensor.single("matmul_views")?;
+        let end = if self.rows == 0 { 0 } else { self.offset + (self.rows - 1) * self.ld + self.cols };
+        if self.cols > self.ld || end > self.tensor.numel() {
+            return Err(GpuError::shape("matmul_views", format!("{what} view {}x{} at {} (ld {}) exceeds its tensor", self.rows, self.cols, self.offset, self.ld)));
+        }
+        Ok((buf, base + self.offset))
+    }
+}
+
 impl GpuContext {
+    /// C = alpha·op(A)·op(B) + beta·C on sub-matrices of single-buffer
+    /// tensors (blocked factorisations work on such views). A or B may share
+    /// C's buffer if the regions are disjoint.
+    pub fn matmul_views(&self, a: MatrixView<'_>, b: MatrixView<'_>, c: MatrixView<'_>, spec: MatmulSpec) -> Result<()> {
+        require_f32("matmul_views", &[c.tensor])?;
+        let (m, ka) = if spec.trans_a { (a.cols, a.rows) } else { (a.rows, a.cols) };
+        let (kb, n) = if spec.trans_b { (b.cols, b.rows) } else { (b.rows, b.cols) };
+        if ka != kb || c.rows != m || c.cols != n {
+            return Err(GpuError::shape("matmul_views", format!("{m}x{ka} · {kb}x{n} into {}x{}", c.rows, c.cols)));
+        }
+        let (a_buf, a_off) = a.check("A")?;
+        let (b_buf, b_off) = b.check("B")?;
+        let (c_buf, c_off) = c.check("C")?;
+        let defines = defines_aliased(&spec, a.tensor.dtype(), b.tensor.dtype(), a_buf == c_buf || b_buf == c_buf);
+        let params = Params {
+            m: u32_of(m, "matmul_views")?,
+            n: u32_of(n, "matmul_views")?,
+            k: u32_of(ka, "matmul_views")?,
+            batch: 1,
+            lda: u32_of(a.ld, "matmul_views")?,
+            ldb: u32_of(b.ld, "matmul_views")?,
+            ldc: u32_of(c.ld, "matmul_views")?,
+            a_off: u32_of(a_off, "matmul_views")?,
+            b_off: u32_of(b_off, "matmul_views")?,
+            c_off: u32_of(c_off, "matmul_views")?,
+            alpha: spec.alpha,
+            beta: spec.beta,
+            ..Default::default()
+        };
+        self.dispatch(
+            Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines },
+            bytemuck::bytes_of(&params),
+            &[(1, a_buf), (2, b_buf), (3, c_buf)],
+            groups(m, n, 1),
+        )
+    }
+
     /// op(A)·op(B) into a new f32 tensor. 2-D operands give [M, N]; 3-D
     /// operands [batch, ., .] give [batch, M, N]; a 3-D A with a 2-D B
     /// applies B to every batch item.

@@ -9,6 +9,7 @@ pub mod matmul;
 pub mod norm;
 pub mod reduce;
 pub mod softmax;
+pub mod solve;
 
 use crate::error::{GpuError, Result};
 use crate::tensor::{DType, Tensor};

@@ -1,0 +1,116 @@
+//! The whole MEMIT edit: target vectors at the last edited layer, then, layer
+//! by layer, keys, residuals spread over the remaining layers, the solve and
+//! the weight update — keys recomputed after each layer's update.
+
+use memit_gpu::{BinaryOp, DType};
+use memit_models::{Model, TextTokenizer, WeightLayout};
+
+use crate::error::{MemitError, Result};
+use crate::hparams::Hparams;
+use crate::keys::keys_and_outputs;
+use crate::request::{EditRequest, PreparedRequest};
+use crate::solve::solve_keys;
+use crate::target::{compute_target, TargetVector};
+
+/// Where a long job is; `done` of `total` units of `stage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub stage: &'static str,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// The uncentered second moment C = E[k kᵀ] of one layer's keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerCovariance {
+    pub layer: usize,
+    /// [d_ff, d_ff] row-major.
+    pub matrix: Vec<f32>,
+    pub n_tokens: u64,
+}
+
+/// The update of one layer as low-rank factors: ΔW = residᵀ · x, i.e.
+/// ΔW[o][i] = Σ_r resid[r][o] · x[r][i] in Linear ([out, in]) orientation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerUpdate {
+    pub layer: usize,
+    /// [n, d_model]
+    pub resid: Vec<f32>,
+    /// [n, d_ff]
+    pub x: Vec<f32>,
+}
+
+pub struct EditOutcome {
+    pub targets: Vec<TargetVector>,
+    pub updates: Vec<LayerUpdate>,
+}
+
+/// Adds resid ᵀ·x to W_out of `update.layer`, respecting its storage layout
+/// and dtype.
+pub fn apply_update(model: &mut Model, update: &LayerUpdate) -> Result<()> {
+    let ctx = model.ctx.clone();
+    let (d, d_ff) = (model.config.d_model, model.config.d_ff);
+    let n = update.resid.len() / d;
+    let resid = ctx.upload(&[n, d], &update.resid, DType::F32)?;
+    let x = ctx.upload(&[n, d_ff], &update.x, DType::F32)?;
+    let linear = &mut model.blocks[update.layer].mlp_out;
+    let delta = match linear.layout {
+        WeightLayout::OutIn => ctx.matmul(&resid, &x, true, false)?,
+        WeightLayout::InOut => ctx.matmul(&x, &resid, true, false)?,
+    };
+    let dtype = linear.weight.dtype();
+    let current = if dtype == DType::F32 { linear.weight.clone() } else { ctx.cast(&linear.weight, DType::F32)? };
+    let updated = ctx.binary(BinaryOp::Add, &current, &delta)?;
+    linear.weight = if dtype == DType::F32 { updated } else { ctx.cast(&updated, dtype)? };
+    Ok(())
+}
+
+/// Edits `model` in place with MEMIT and returns the per-layer factors.
+/// `covariances` holds C for every layer in `hp.layers`.
+#[allow(clippy::too_many_arguments)]
+pub async fn apply_memit(
+    model: &mut Model,
+    tokenizer: &TextTokenizer,
+    requests: &[EditRequest],
+    hp: &Hparams,
+    templates: &[String],
+    covariances: &[LayerCovariance],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<EditOutcome> {
+    hp.validate(&model.config)?;
+    let prepared: Vec<PreparedRequest> = requests.iter().enumerate().map(|(i, r)| r.prepare(i, tokenizer)).collect::<Result<_>>()?;
+    if prepared.is_empty() {
+        return Err(MemitError::Request { index: 0, detail: "no requests".into() });
+    }
+    let (d, d_ff) = (model.config.d_model, model.config.d_ff);
+    let last = hp.last_layer();
+    let mut targets = Vec::with_capacity(prepared.len());
+    for (i, req) in prepared.iter().enumerate() {
+        progress(Progress { stage: "target vectors", done: i, total: prepared.len() });
+        targets.push(compute_target(model, tokenizer, req, templates, hp).await?);
+    }
+    progress(Progress { stage: "target vectors", done: prepared.len(), total: prepared.len() });
+    let n = prepared.len();
+    let mut updates = Vec::with_capacity(hp.layers.len());
+    for (i, &layer) in hp.layers.iter().enumerate() {
+        progress(Progress { stage: "layers", done: i, total: hp.layers.len() });
+        let cov = covariances.iter().find(|c| c.layer == layer).ok_or_else(|| MemitError::Hparams(format!("no covariance statistics for layer {layer}")))?;
+        if cov.matrix.len() != d_ff * d_ff {
+            return Err(MemitError::Hparams(format!("covariance of layer {layer} is not {d_ff}x{d_ff}")));
+        }
+        let ko = keys_and_outputs(model, tokenizer, &prepared, templates, layer, last).await?;
+        let remaining = (hp.layers.len() - i) as f32;
+        let mut resid = vec![0.0f32; n * d];
+        for r in 0..n {
+            for j in 0..d {
+                resid[r * d + j] = (targets[r].z[j] - ko.outputs[r * d + j]) / remaining;
+            }
+        }
+        let x = solve_keys(&cov.matrix, &ko.keys, n, d_ff, hp.mom2_update_weight)?;
+        let update = LayerUpdate { layer, resid, x };
+        apply_update(model, &update)?;
+        updates.push(update);
+    }
+    progress(Progress { stage: "layers", done: hp.layers.len(), total: hp.layers.len() });
+    Ok(EditOutcome { targets, updates })
+}

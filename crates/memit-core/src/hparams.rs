@@ -1,0 +1,115 @@
+//! MEMIT hyperparameters: the reference presets, overridable from JSON.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MemitError, Result};
+use memit_models::{Arch, ModelConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hparams {
+    /// Layers whose MLP output projection is rewritten (R); the last is
+    /// where target vectors are optimised.
+    pub layers: Vec<usize>,
+    pub v_num_grad_steps: usize,
+    pub v_lr: f32,
+    pub v_weight_decay: f32,
+    pub kl_factor: f32,
+    pub clamp_norm_factor: f32,
+    /// λ, the weight of the covariance in λC + KKᵀ.
+    pub mom2_update_weight: f32,
+    /// Texts used for the covariance statistics.
+    pub mom2_n_samples: usize,
+    /// Stop optimising a target vector below this loss.
+    pub v_loss_threshold: f32,
+    /// Generated context templates per prefix and their length in tokens.
+    pub context_template_length: usize,
+}
+
+impl Hparams {
+    fn base(layers: Vec<usize>, lambda: f32, steps: usize) -> Hparams {
+        Hparams {
+            layers,
+            v_num_grad_steps: steps,
+            v_lr: 0.5,
+            v_weight_decay: 0.5,
+            kl_factor: 0.0625,
+            clamp_norm_factor: 0.75,
+            mom2_update_weight: lambda,
+            mom2_n_samples: 100_000,
+            v_loss_threshold: 0.05,
+            context_template_length: 10,
+        }
+    }
+
+    /// A named reference preset.
+    pub fn preset(name: &str) -> Result<Hparams> {
+        Ok(match name {
+            "gpt2-xl" => Self::base(vec![13, 14, 15, 16, 17], 20000.0, 20),
+            "gpt2-medium" => Self::base(vec![4, 5, 6, 7, 8], 20000.0, 20),
+            "gpt2" | "gpt2-small" => Self::base(vec![3, 4, 5, 6, 7], 20000.0, 20),
+            "gpt-j-6b" => Self::base(vec![3, 4, 5, 6, 7, 8], 15000.0, 25),
+            "gpt-neox-20b" => Self::base(vec![6, 7, 8, 9, 10], 6000.0, 25),
+            "smollm2-135m" => Self::base(vec![4, 5, 6, 7, 8], 15000.0, 25),
+            other => {
+                return Err(MemitError::Hparams(format!(
+                    "unknown preset `{other}` (known: gpt2, gpt2-medium, gpt2-xl, gpt-j-6b, gpt-neox-20b, smollm2-135m)"
+                )))
+            }
+        })
+    }
+
+    /// The preset matching a model's shape, or for models without one
+    /// (tiny models included) a run of early-middle layers: the MLP
+    /// fact-recall site causal tracing finds.
+    pub fn for_model(config: &ModelConfig) -> Hparams {
+        let named = match (config.arch, config.n_layers, config.d_model) {
+            (Arch::Gpt2, 48, 1600) => Some("gpt2-xl"),
+            (Arch::Gpt2, 24, 1024) => Some("gpt2-medium"),
+            (Arch::Gpt2, 12, 768) => Some("gpt2"),
+            (Arch::Gptj, 28, 4096) => Some("gpt-j-6b"),
+            (Arch::GptNeox, 44, 6144) => Some("gpt-neox-20b"),
+            (Arch::Llama, 30, 576) => Some("smollm2-135m"),
+            _ => None,
+        };
+        if let Some(name) = named {
+            return Self::preset(name).expect("known preset");
+        }
+        let n = config.n_layers;
+        let count = n.div_ceil(4).clamp(1, 5);
+        let first = (n / 6).min(n - count);
+        Self::base((first..first + count).collect(), 15000.0, 25)
+    }
+
+    /// Applies the fields present in a JSON object on top of `self`.
+    pub fn with_overrides(&self, overrides: &serde_json::Value) -> Result<Hparams> {
+        let mut merged = serde_json::to_value(self).expect("hparams serialise");
+        let (Some(target), Some(source)) = (merged.as_object_mut(), overrides.as_object()) else {
+            return Err(MemitError::Hparams("overrides must be a JSON object".into()));
+        };
+        for (k, v) in source {
+            target.insert(k.clone(), v.clone());
+        }
+        serde_json::from_value(merged).map_err(|e| MemitError::Hparams(e.to_string()))
+    }
+
+    pub fn validate(&self, config: &ModelConfig) -> Result<()> {
+        if self.layers.is_empty() {
+            return Err(MemitError::Hparams("no layers to edit".into()));
+        }
+        if let Some(&bad) = self.layers.iter().find(|&&l| l >= config.n_layers) {
+            return Err(MemitError::Hparams(format!("layer {bad} does not exist (the model has {})", config.n_layers)));
+        }
+        if self.layers.windows(2).any(|w| w[1] <= w[0]) {
+            return Err(MemitError::Hparams(format!("layers {:?} must be strictly increasing", self.layers)));
+        }
+        if self.mom2_update_weight <= 0.0 {
+            return Err(MemitError::Hparams("mom2_update_weight must be positive".into()));
+        }
+        Ok(())
+    }
+
+    pub fn last_layer(&self) -> usize {
+        *self.layers.last().expect("validated: non-empty")
+    }
+}

@@ -1,0 +1,23 @@
+//! MEMIT (Meng et al., "Mass-Editing Memory in a Transformer", ICLR 2023)
+//! on the memit-wgpu GPU stack. The same code runs natively and in the
+//! browser: the only `await`s are GPU readbacks.
+
+mod edit;
+mod error;
+mod hparams;
+mod keys;
+mod request;
+mod solve;
+mod stats;
+mod target;
+mod templates;
+
+pub use edit::{apply_memit, apply_update, EditOutcome, LayerCovariance, LayerUpdate, Progress};
+pub use error::{MemitError, Result};
+pub use hparams::Hparams;
+pub use keys::{keys_and_outputs, KeysAndOutputs};
+pub use request::{subject_last_index, EditRequest, PreparedRequest, TargetText};
+pub use solve::solve_keys;
+pub use stats::{load_cache, StatsAccumulator, StatsIdentity};
+pub use target::{compute_target, StepLoss, TargetVector};
+pub use templates::context_templates;

@@ -1,0 +1,73 @@
+//! Edit requests in MEMIT's JSON format.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MemitError, Result};
+use memit_models::TextTokenizer;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetText {
+    #[serde(rename = "str")]
+    pub text: String,
+}
+
+/// `{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+///   "target_new": {"str": "English"}}`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case_id: Option<u64>,
+    pub prompt: String,
+    pub subject: String,
+    pub target_new: TargetText,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_true: Option<TargetText>,
+}
+
+/// A request checked and tokenised for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedRequest {
+    pub request: EditRequest,
+    /// The new object with its leading space, as the model should emit it.
+    pub target_text: String,
+    pub target_ids: Vec<u32>,
+}
+
+impl EditRequest {
+    /// Checks the request's shape and tokenises its target (`index` names it
+    /// in errors).
+    pub fn prepare(&self, index: usize, tokenizer: &TextTokenizer) -> Result<PreparedRequest> {
+        let fail = |detail: String| MemitError::Request { index, detail };
+        if self.prompt.matches("{}").count() != 1 {
+            return Err(fail(format!("prompt {:?} must contain exactly one {{}} where the subject goes", self.prompt)));
+        }
+        if self.subject.trim().is_empty() {
+            return Err(fail("subject is empty".into()));
+        }
+        if self.target_new.text.trim().is_empty() {
+            return Err(fail("target_new.str is empty".into()));
+        }
+        let target_text = if self.target_new.text.starts_with(' ') { self.target_new.text.clone() } else { format!(" {}", self.target_new.text) };
+        let target_ids = tokenizer.encode(&target_text)?;
+        if target_ids.is_empty() {
+            return Err(fail(format!("target {target_text:?} tokenises to nothing")));
+        }
+        Ok(PreparedRequest { request: self.clone(), target_text, target_ids })
+    }
+}
+
+/// Token index of the subject's last token in `template` (one `{}`) filled
+/// with `subject`, computed as MEMIT does: the prefix before `{}` (trailing
+/// space dropped, the subject then gets a leading space) and the subject are
+/// tokenised separately.
+pub fn subject_last_index(template: &str, subject: &str, tokenizer: &TextTokenizer) -> Result<usize> {
+    let (prefix, _) = template.split_once("{}").ok_or_else(|| MemitError::Request { index: 0, detail: format!("template {template:?} has no {{}}") })?;
+    let (prefix, word) = if prefix.is_empty() {
+        (String::new(), subject.to_string())
+    } else {
+        (prefix.strip_suffix(' ').unwrap_or(prefix).to_string(), format!(" {subject}"))
+    };
+    let n_prefix = if prefix.is_empty() { 0 } else { tokenizer.encode(&prefix)?.len() };
+    let n_word = tokenizer.encode(&word)?.len();
+    Ok(n_prefix + n_word - 1)
+}

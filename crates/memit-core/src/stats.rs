@@ -1,0 +1,217 @@
+//! Step 1: per-layer second moments C = E[k kᵀ] of the W_out inputs over a
+//! text corpus, accumulated on the GPU (syrk with Kahan compensation) one
+//! batch of texts at a time, so the corpus never sits on the GPU. The state
+//! serialises to safetensors so a run can stop and resume, and a finished
+//! run is a cache validated against the model and corpus it came from.
+
+use std::collections::HashMap;
+
+use memit_gpu::{DType, Tensor};
+use memit_models::{Batch, Model, Padding, TextTokenizer};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::edit::LayerCovariance;
+use crate::error::{MemitError, Result};
+
+const FORMAT: &str = "memit-wgpu-stats-v1";
+
+/// What the statistics are of; a cache made for anything else is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsIdentity {
+    /// Fingerprint of the model's weights and configuration.
+    pub model_id: String,
+    /// Fingerprint of the corpus text.
+    pub corpus_id: String,
+    pub layers: Vec<usize>,
+    /// Texts are truncated to this many tokens.
+    pub max_len: usize,
+}
+
+/// Running sums for every layer, on the GPU.
+pub struct StatsAccumulator {
+    identity: StatsIdentity,
+    d_ff: usize,
+    /// Per layer: (Σ k kᵀ upper triangle, Kahan compensation).
+    sums: Vec<(Tensor, Tensor)>,
+    pub n_tokens: u64,
+    /// Texts consumed so far, to resume where a run stopped.
+    pub texts_done: u64,
+}
+
+fn stats_error(detail: impl Into<String>) -> MemitError {
+    MemitError::Stats(detail.into())
+}
+
+impl StatsAccumulator {
+    pub fn new(model: &Model, identity: StatsIdentity) -> Result<StatsAccumulator> {
+        let d_ff = model.config.d_ff;
+        if identity.layers.is_empty() || identity.layers.iter().any(|&l| l >= model.config.n_layers) {
+            return Err(stats_error(format!("layers {:?} invalid for a {}-layer model", identity.layers, model.config.n_layers)));
+        }
+        let sums = identity
+            .layers
+            .iter()
+            .map(|_| Ok((model.ctx.zeros(&[d_ff, d_ff], DType::F32)?, model.ctx.zeros(&[d_ff, d_ff], DType::F32)?)))
+            .collect::<Result<_>>()?;
+        Ok(StatsAccumulator { identity, d_ff, sums, n_tokens: 0, texts_done: 0 })
+    }
+
+    pub fn identity(&self) -> &StatsIdentity {
+        &self.identity
+    }
+
+    /// Adds the keys of every token of `texts` (each truncated to
+    /// `max_len` tokens; empty texts are skipped).
+    pub fn add_texts(&mut self, model: &Model, tokenizer: &TextTokenizer, texts: &[String]) -> Result<()> {
+        let mut sequences = Vec::new();
+        for text in texts {
+            let mut ids = tokenizer.encode(text)?;
+            ids.truncate(self.identity.max_len.min(model.config.max_positions));
+            if !ids.is_empty() {
+                sequences.push(ids);
+            }
+        }
+        self.texts_done += texts.len() as u64;
+        if sequences.is_empty() {
+            return Ok(());
+        }
+        let batch = Batch::new(&sequences, Padding::Right, 0)?;
+        let out = model.forward(&batch, &self.identity.layers, false)?;
+        let rows = batch.real_rows();
+        for (&layer, (sum, comp)) in self.identity.layers.iter().zip(&self.sums) {
+            let keys = out.mlp_keys[layer].as_ref().expect("captured");
+            let real = model.ctx.embedding(keys, &rows)?;
+            model.ctx.syrk_accumulate(sum, comp, &real, 1.0)?;
+        }
+        self.n_tokens += rows.len() as u64;
+        Ok(())
+    }
+
+    /// C for each layer: the mirrored sums divided by the token count.
+    pub async fn covariances(&self, model: &Model) -> Result<Vec<LayerCovariance>> {
+        if self.n_tokens == 0 {
+            return Err(stats_error("no tokens were collected: the corpus is empty"));
+        }
+        let mut out = Vec::new();
+        for (&layer, (sum, _)) in self.identity.layers.iter().zip(&self.sums) {
+            let c = model.ctx.affine(sum, 1.0 / self.n_tokens as f32, 0.0)?;
+            model.ctx.mirror_upper(&c)?;
+            out.push(LayerCovariance { layer, matrix: model.ctx.read(&c).await?, n_tokens: self.n_tokens });
+        }
+        Ok(out)
+    }
+
+    fn metadata(&self, complete: bool) -> HashMap<String, String> {
+        let layers = self.identity.layers.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        HashMap::from([
+            ("format".into(), FORMAT.into()),
+            ("model_id".into(), self.identity.model_id.clone()),
+            ("corpus_id".into(), self.identity.corpus_id.clone()),
+            ("layers".into(), layers),
+            ("max_len".into(), self.identity.max_len.to_string()),
+            ("n_tokens".into(), self.n_tokens.to_string()),
+            ("texts_done".into(), self.texts_done.to_string()),
+            ("d_ff".into(), self.d_ff.to_string()),
+            ("complete".into(), complete.to_string()),
+        ])
+    }
+
+    /// The running sums and compensations (to resume later) as safetensors.
+    pub async fn checkpoint_bytes(&self, model: &Model) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
+        for (&layer, (sum, comp)) in self.identity.layers.iter().zip(&self.sums) {
+            tensors.push((format!("layer.{layer}.sum"), f32_bytes(&model.ctx.read(sum).await?)));
+            tensors.push((format!("layer.{layer}.comp"), f32_bytes(&model.ctx.read(comp).await?)));
+        }
+        serialize(&tensors, self.d_ff, self.metadata(false))
+    }
+
+    /// A finished cache: C per layer (`layer.{l}.mom2`) plus provenance.
+    pub async fn cache_bytes(&self, model: &Model) -> Result<Vec<u8>> {
+        let covs = self.covariances(model).await?;
+        let tensors: Vec<(String, Vec<u8>)> = covs.iter().map(|c| (format!("layer.{}.mom2", c.layer), f32_bytes(&c.matrix))).collect();
+        serialize(&tensors, self.d_ff, self.metadata(true))
+    }
+
+    /// Continues from a checkpoint made by `checkpoint_bytes` for the same
+    /// model, corpus, layers and truncation.
+    pub fn resume(model: &Model, identity: StatsIdentity, bytes: &[u8]) -> Result<StatsAccumulator> {
+        let (meta, st) = parse(bytes)?;
+        check_identity(&meta, &identity)?;
+        if meta.get("complete").map(String::as_str) != Some("false") {
+            return Err(stats_error("this stats file is a finished cache, not a checkpoint to resume"));
+        }
+        let mut acc = StatsAccumulator::new(model, identity)?;
+        acc.n_tokens = meta_u64(&meta, "n_tokens")?;
+        acc.texts_done = meta_u64(&meta, "texts_done")?;
+        let d_ff = acc.d_ff;
+        for (&layer, (sum, comp)) in acc.identity.layers.iter().zip(&acc.sums) {
+            for (name, t) in [("sum", sum), ("comp", comp)] {
+                let values = tensor_f32(&st, &format!("layer.{layer}.{name}"), d_ff)?;
+                model.ctx.write(t, &values)?;
+            }
+        }
+        Ok(acc)
+    }
+}
+
+/// Loads a finished cache, refusing one made for another model, corpus,
+/// layer set or truncation.
+pub fn load_cache(bytes: &[u8], identity: &StatsIdentity, d_ff: usize) -> Result<Vec<LayerCovariance>> {
+    let (meta, st) = parse(bytes)?;
+    check_identity(&meta, identity)?;
+    if meta.get("complete").map(String::as_str) != Some("true") {
+        return Err(stats_error("this stats file is an unfinished checkpoint: resume the stats run to finish it"));
+    }
+    let n_tokens = meta_u64(&meta, "n_tokens")?;
+    identity
+        .layers
+        .iter()
+        .map(|&layer| Ok(LayerCovariance { layer, matrix: tensor_f32(&st, &format!("layer.{layer}.mom2"), d_ff)?, n_tokens }))
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn serialize(tensors: &[(String, Vec<u8>)], d_ff: usize, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(name, data)| Ok((name.clone(), safetensors::tensor::TensorView::new(Dtype::F32, vec![d_ff, d_ff], data).map_err(|e| stats_error(e.to_string()))?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| stats_error(e.to_string()))
+}
+
+fn parse(bytes: &[u8]) -> Result<(HashMap<String, String>, SafeTensors<'_>)> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| stats_error(format!("not a stats file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| stats_error(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(stats_error(format!("not a {FORMAT} file")));
+    }
+    Ok((meta, st))
+}
+
+fn check_identity(meta: &HashMap<String, String>, want: &StatsIdentity) -> Result<()> {
+    let layers = want.layers.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    for (key, expected) in [("model_id", &want.model_id), ("corpus_id", &want.corpus_id), ("layers", &layers), ("max_len", &want.max_len.to_string())] {
+        let found = meta.get(key).map(String::as_str).unwrap_or("<missing>");
+        if found != expected.as_str() {
+            return Err(stats_error(format!("stats file was made with {key} = {found}, but this run has {key} = {expected}; it belongs to another model or setup")));
+        }
+    }
+    Ok(())
+}
+
+fn meta_u64(meta: &HashMap<String, String>, key: &str) -> Result<u64> {
+    meta.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| stats_error(format!("stats file has no valid `{key}`")))
+}
+
+fn tensor_f32(st: &SafeTensors<'_>, name: &str, d_ff: usize) -> Result<Vec<f32>> {
+    let t = st.tensor(name).map_err(|_| stats_error(format!("stats file lacks `{name}`")))?;
+    if t.dtype() != Dtype::F32 || t.shape() != [d_ff, d_ff] {
+        return Err(stats_error(format!("`{name}` is {:?} {:?}, expected F32 [{d_ff}, {d_ff}]", t.dtype(), t.shape())));
+    }
+    Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}

@@ -1,0 +1,222 @@
+//! MEMIT on the bundled facts model against an independent PyTorch
+//! implementation (tests/fixtures/make_memit_golden.py): covariance
+//! statistics, target vectors, per-layer updates and the edited model's
+//! predictions; plus stats checkpoint/resume and cache validation, and a
+//! 50-edit behaviour test.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use memit_core::{apply_memit, compute_target, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetText};
+use memit_gpu::GpuContext;
+use memit_models::{argmax, load_hf_dir, LoadOptions, Model, TextTokenizer};
+use safetensors::SafeTensors;
+
+fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn load() -> (Model, TextTokenizer) {
+    let loaded = load_hf_dir(ctx(), &fixtures().join("facts-gpt2"), LoadOptions::default()).unwrap();
+    (loaded.model, loaded.tokenizer.expect("facts model ships a tokenizer"))
+}
+
+struct Golden {
+    json: serde_json::Value,
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    fn open() -> Golden {
+        let dir = fixtures().join("facts-gpt2");
+        Golden {
+            json: serde_json::from_str(&std::fs::read_to_string(dir.join("memit-golden.json")).unwrap()).unwrap(),
+            bytes: std::fs::read(dir.join("memit-golden.safetensors")).unwrap(),
+        }
+    }
+
+    fn tensor(&self, name: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        st.tensor(name).unwrap_or_else(|_| panic!("golden lacks {name}")).data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    fn hparams(&self, model: &Model) -> Hparams {
+        let hp = &self.json["hparams"];
+        let overrides = serde_json::json!({
+            "layers": hp["layers"], "v_num_grad_steps": hp["v_num_grad_steps"], "v_lr": hp["v_lr"],
+            "v_weight_decay": hp["v_weight_decay"], "kl_factor": hp["kl_factor"], "clamp_norm_factor": hp["clamp_norm_factor"],
+            "mom2_update_weight": hp["mom2_update_weight"], "v_loss_threshold": hp["v_loss_threshold"],
+        });
+        Hparams::for_model(&model.config).with_overrides(&overrides).unwrap()
+    }
+
+    fn templates(&self) -> Vec<String> {
+        serde_json::from_value(self.json["templates"].clone()).unwrap()
+    }
+
+    fn requests(&self) -> Vec<EditRequest> {
+        serde_json::from_value(self.json["requests"].clone()).unwrap()
+    }
+
+    fn max_len(&self) -> usize {
+        self.json["hparams"]["max_len"].as_u64().unwrap() as usize
+    }
+}
+
+/// max |got − want| ≤ rel · max |want|.
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= rel * scale, "{what}: max error {err:e} vs scale {scale:e} (rel {:e})", err / scale);
+}
+
+fn corpus() -> Vec<String> {
+    std::fs::read_to_string(fixtures().join("memit-corpus.txt")).unwrap().lines().filter(|l| !l.trim().is_empty()).map(String::from).collect()
+}
+
+fn identity(layers: Vec<usize>, max_len: usize) -> StatsIdentity {
+    StatsIdentity { model_id: "facts-gpt2".into(), corpus_id: "memit-corpus.txt".into(), layers, max_len }
+}
+
+fn collect(model: &Model, tok: &TextTokenizer, layers: Vec<usize>, max_len: usize) -> StatsAccumulator {
+    let mut acc = StatsAccumulator::new(model, identity(layers, max_len)).unwrap();
+    for batch in corpus().chunks(8) {
+        acc.add_texts(model, tok, batch).unwrap();
+    }
+    acc
+}
+
+#[test]
+fn covariance_matches_torch_and_survives_resume() {
+    let (model, tok) = load();
+    let golden = Golden::open();
+    let layers: Vec<usize> = golden.hparams(&model).layers;
+    let acc = collect(&model, &tok, layers.clone(), golden.max_len());
+    assert_eq!(acc.n_tokens, golden.json["n_tokens"].as_u64().unwrap());
+    let covs = pollster::block_on(acc.covariances(&model)).unwrap();
+    for c in &covs {
+        assert_close(&c.matrix, &golden.tensor(&format!("layer.{}.mom2", c.layer)), 1e-5, &format!("C of layer {}", c.layer));
+    }
+
+    // Stop after two batches, checkpoint, resume, finish: same result.
+    let texts = corpus();
+    let mut first = StatsAccumulator::new(&model, identity(layers.clone(), golden.max_len())).unwrap();
+    for batch in texts.chunks(8).take(2) {
+        first.add_texts(&model, &tok, batch).unwrap();
+    }
+    let checkpoint = pollster::block_on(first.checkpoint_bytes(&model)).unwrap();
+    let mut resumed = StatsAccumulator::resume(&model, identity(layers.clone(), golden.max_len()), &checkpoint).unwrap();
+    assert_eq!(resumed.texts_done, 16);
+    for batch in texts[resumed.texts_done as usize..].chunks(8) {
+        resumed.add_texts(&model, &tok, batch).unwrap();
+    }
+    let again = pollster::block_on(resumed.covariances(&model)).unwrap();
+    for (a, b) in covs.iter().zip(&again) {
+        assert_eq!(a.n_tokens, b.n_tokens);
+        assert_close(&b.matrix, &a.matrix, 1e-6, "resumed statistics");
+    }
+
+    // A finished cache loads back; one for another model or corpus is refused.
+    let cache = pollster::block_on(acc.cache_bytes(&model)).unwrap();
+    let d_ff = model.config.d_ff;
+    let loaded = load_cache(&cache, &identity(layers.clone(), golden.max_len()), d_ff).unwrap();
+    assert_eq!(loaded, covs);
+    let mut foreign = identity(layers.clone(), golden.max_len());
+    foreign.model_id = "gpt2-xl".into();
+    let err = load_cache(&cache, &foreign, d_ff).unwrap_err().to_string();
+    assert!(err.contains("model_id") && err.contains("another model"), "{err}");
+    assert!(load_cache(&checkpoint, &identity(layers, golden.max_len()), d_ff).unwrap_err().to_string().contains("unfinished"));
+    assert!(load_cache(b"garbage", &foreign, d_ff).is_err());
+}
+
+fn golden_covariances(golden: &Golden, layers: &[usize]) -> Vec<LayerCovariance> {
+    layers.iter().map(|&layer| LayerCovariance { layer, matrix: golden.tensor(&format!("layer.{layer}.mom2")), n_tokens: 0 }).collect()
+}
+
+#[test]
+fn target_vectors_match_torch() {
+    let (model, tok) = load();
+    let golden = Golden::open();
+    let hp = golden.hparams(&model);
+    for (i, req) in golden.requests().iter().enumerate() {
+        let prepared = req.prepare(i, &tok).unwrap();
+        let target = pollster::block_on(compute_target(&model, &tok, &prepared, &golden.templates(), &hp)).unwrap();
+        assert_close(&target.target_init, &golden.tensor(&format!("request.{i}.target_init")), 1e-5, "target_init");
+        assert_close(&target.z, &golden.tensor(&format!("request.{i}.z")), 2e-3, &format!("z of request {i}"));
+        let first = target.losses.first().unwrap().total();
+        let last = target.losses.last().unwrap().total();
+        assert!(last < first, "loss went from {first} to {last}");
+    }
+}
+
+#[test]
+fn full_edit_matches_torch() {
+    let (mut model, tok) = load();
+    let golden = Golden::open();
+    let hp = golden.hparams(&model);
+    let covs = golden_covariances(&golden, &hp.layers);
+    let requests = golden.requests();
+    let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &golden.templates(), &covs, &mut |_| {})).unwrap();
+    let (d, d_ff) = (model.config.d_model, model.config.d_ff);
+    for update in &outcome.updates {
+        let n = update.resid.len() / d;
+        let mut delta = vec![0.0f32; d * d_ff];
+        for r in 0..n {
+            for o in 0..d {
+                for i in 0..d_ff {
+                    delta[o * d_ff + i] += update.resid[r * d + o] * update.x[r * d_ff + i];
+                }
+            }
+        }
+        assert_close(&update.resid, &golden.tensor(&format!("layer.{}.resid", update.layer)), 2e-3, "residual");
+        assert_close(&delta, &golden.tensor(&format!("layer.{}.delta", update.layer)), 3e-3, &format!("ΔW of layer {}", update.layer));
+    }
+    let want_logits = golden.tensor("edited.last_logits");
+    let vocab = model.config.vocab_size;
+    for (i, req) in requests.iter().enumerate() {
+        let ids = tok.encode(&req.prompt.replace("{}", &req.subject)).unwrap();
+        let logits = pollster::block_on(model.last_token_logits(&[ids])).unwrap().remove(0);
+        let want = &want_logits[i * vocab..][..vocab];
+        assert_eq!(argmax(&logits), argmax(want), "edited prediction for {:?}", req.subject);
+        let target = tok.encode(&format!(" {}", req.target_new.text)).unwrap()[0];
+        assert_eq!(argmax(&logits), target, "the edit makes {:?} the prediction", req.target_new.text);
+    }
+}
+
+#[test]
+fn fifty_edits_take_and_leave_other_facts_alone() {
+    let (mut model, tok) = load();
+    let facts: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixtures().join("facts-gpt2/facts.json")).unwrap()).unwrap();
+    let known: Vec<&serde_json::Value> = facts.iter().filter(|f| f["known"].as_bool() == Some(true)).collect();
+    assert!(known.len() >= 100, "the facts model must know at least 100 facts");
+    let (edited, untouched) = known.split_at(50);
+    let request = |f: &serde_json::Value| EditRequest {
+        case_id: f["case_id"].as_u64(),
+        prompt: f["prompt"].as_str().unwrap().into(),
+        subject: f["subject"].as_str().unwrap().into(),
+        target_new: TargetText { text: f["target_new"].as_str().unwrap().into() },
+        target_true: None,
+    };
+    let first_token = |text: &str| tok.encode(&format!(" {text}")).unwrap()[0];
+    let predict = |model: &Model, f: &serde_json::Value| {
+        let ids = tok.encode(&f["prompt"].as_str().unwrap().replace("{}", f["subject"].as_str().unwrap())).unwrap();
+        argmax(&pollster::block_on(model.last_token_logits(&[ids])).unwrap().remove(0))
+    };
+    let requests: Vec<EditRequest> = edited.iter().map(|f| request(f)).collect();
+    let hp = Hparams::for_model(&model.config);
+    let acc = collect(&model, &tok, hp.layers.clone(), 64);
+    let covs = pollster::block_on(acc.covariances(&model)).unwrap();
+    let templates = vec!["{}".to_string(), "The city of Paris. {}".to_string(), "Because of this, the answer is. {}".to_string()];
+    pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &templates, &covs, &mut |_| {})).unwrap();
+    let hits = edited.iter().filter(|f| predict(&model, f) == first_token(f["target_new"].as_str().unwrap())).count();
+    let kept = untouched.iter().filter(|f| predict(&model, f) == first_token(f["target_true"].as_str().unwrap())).count();
+    eprintln!("edits that took: {hits}/50; untouched facts kept: {kept}/{}", untouched.len());
+    assert!(hits >= 48, "only {hits}/50 edits made the new target the prediction");
+    assert!(kept as f64 >= 0.9 * untouched.len() as f64, "only {kept}/{} untouched facts kept", untouched.len());
+}

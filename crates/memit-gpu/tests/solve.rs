@@ -1,0 +1,93 @@
+//! The blocked Cholesky solve against a float64 CPU solve.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use common::*;
+use memit_gpu::{DType, GpuContext, GpuError, GpuOptions};
+
+/// Panels of 64 rows for d ≈ 130, so factorisation crosses buffers.
+fn panel_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(GpuOptions { max_chunk_bytes: Some(64 * 1024), ..Default::default() })).unwrap()).clone()
+}
+
+/// A = λ·MᵀM/m + KᵀK: MEMIT's shape of system, moderately ill-conditioned.
+fn spd(d: usize, rng: &mut Rng) -> Vec<f64> {
+    let m = d + 5;
+    let mm: Vec<f32> = rng.vec(m * d, 1.0);
+    let k: Vec<f32> = rng.vec(3 * d, 1.0);
+    let mut a = vec![0.0f64; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            let c: f64 = (0..m).map(|r| mm[r * d + i] as f64 * mm[r * d + j] as f64).sum::<f64>() / m as f64;
+            let kk: f64 = (0..3).map(|r| k[r * d + i] as f64 * k[r * d + j] as f64).sum();
+            a[i * d + j] = 50.0 * c + kk;
+        }
+    }
+    a
+}
+
+fn cpu_solve(a: &[f64], b: &[f64], d: usize, n: usize) -> Vec<f64> {
+    // Gaussian elimination with partial pivoting, float64.
+    let mut m: Vec<f64> = a.to_vec();
+    let mut x: Vec<f64> = b.to_vec();
+    for col in 0..d {
+        let piv = (col..d).max_by(|&i, &j| m[i * d + col].abs().total_cmp(&m[j * d + col].abs())).unwrap();
+        for c in 0..d {
+            m.swap(col * d + c, piv * d + c);
+        }
+        for c in 0..n {
+            x.swap(col * n + c, piv * n + c);
+        }
+        for r in col + 1..d {
+            let f = m[r * d + col] / m[col * d + col];
+            for c in col..d {
+                m[r * d + c] -= f * m[col * d + c];
+            }
+            for c in 0..n {
+                x[r * n + c] -= f * x[col * n + c];
+            }
+        }
+    }
+    for col in (0..d).rev() {
+        for c in 0..n {
+            let mut s = x[col * n + c];
+            for k in col + 1..d {
+                s -= m[col * d + k] * x[k * n + c];
+            }
+            x[col * n + c] = s / m[col * d + col];
+        }
+    }
+    x
+}
+
+#[test]
+fn cholesky_solve_matches_f64_reference() {
+    for (ctx, d, n) in [(ctx(), 1, 2), (ctx(), 63, 3), (ctx(), 64, 1), (ctx(), 65, 4), (ctx(), 200, 5), (panel_ctx(), 130, 3), (panel_ctx(), 250, 2)] {
+        let mut rng = Rng::new(d as u64);
+        let a = spd(d, &mut rng);
+        let b: Vec<f32> = rng.vec(d * n, 1.0);
+        let ga = ctx.upload(&[d, d], &a.iter().map(|&v| v as f32).collect::<Vec<_>>(), DType::F32).unwrap();
+        let gb = ctx.upload(&[d, n], &b, DType::F32).unwrap();
+        let x = read(&ctx, &pollster::block_on(ctx.solve_spd(&ga, &gb)).unwrap());
+        let a32: Vec<f64> = a.iter().map(|&v| v as f32 as f64).collect();
+        let want = cpu_solve(&a32, &b.iter().map(|&v| v as f64).collect::<Vec<_>>(), d, n);
+        assert_close(&x, &want, 0.0, 1e-4 * want.iter().fold(0.0f64, |m, v| m.max(v.abs())), &format!("solve d={d} n={n} chunks={}", ga.n_chunks()));
+    }
+}
+
+#[test]
+fn indefinite_matrix_is_reported() {
+    let ctx = ctx();
+    let d = 70;
+    let mut a = vec![0.0f32; d * d];
+    for i in 0..d {
+        a[i * d + i] = if i == 66 { -1.0 } else { 2.0 };
+    }
+    let ga = ctx.upload(&[d, d], &a, DType::F32).unwrap();
+    let gb = ctx.upload(&[d, 1], &vec![1.0; d], DType::F32).unwrap();
+    let err = pollster::block_on(ctx.solve_spd(&ga, &gb)).unwrap_err();
+    assert_eq!(err, GpuError::NotPositiveDefinite { pivot: 66 });
+}
