@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use memit_gpu::{DType, GpuContext, MatmulSpec, Tensor};
 use serde::Serialize;
 
+mod counterfact;
 mod forward;
 
 #[derive(Parser)]
@@ -51,6 +52,26 @@ enum Command {
         #[arg(long, default_value = "target/bench/forward.json")]
         out: PathBuf,
     },
+    /// Covariance statistics, N CounterFact edits in one batch and the
+    /// paper's scores before/after, timed by phase.
+    Counterfact {
+        /// Model folder or .gguf file.
+        #[arg(long, default_value = "target/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value = "../shared/data/datasets/counterfact_21919_memitlike.json")]
+        dataset: PathBuf,
+        /// Plain text, one text per line, for the statistics.
+        #[arg(long, default_value = "../shared/data/corpus/valid.detok.txt")]
+        corpus: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        n_edits: usize,
+        #[arg(long, default_value_t = 200)]
+        stats_texts: usize,
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        #[arg(long, default_value = "target/bench/counterfact.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Serialize)]
@@ -88,6 +109,9 @@ fn main() -> Result<()> {
         Command::Kernels { sizes, seconds, out } => kernels(&sizes, Duration::from_secs_f64(seconds), &out),
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
+        }
+        Command::Counterfact { model, dataset, corpus, n_edits, stats_texts, max_len, out } => {
+            counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, stats_texts, max_len, out })
         }
     }
 }

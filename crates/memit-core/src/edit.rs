@@ -2,14 +2,13 @@
 //! by layer, keys, residuals spread over the remaining layers, the solve and
 //! the weight update — keys recomputed after each layer's update.
 
-use memit_gpu::{BinaryOp, DType};
+use memit_gpu::{BinaryOp, DType, MatmulSpec};
 use memit_models::{Model, TextTokenizer, WeightLayout};
 
 use crate::error::{MemitError, Result};
 use crate::hparams::Hparams;
 use crate::keys::keys_and_outputs;
 use crate::request::{EditRequest, PreparedRequest};
-use crate::solve::solve_keys;
 use crate::target::{compute_target, TargetVector};
 
 /// Where a long job is; `done` of `total` units of `stage`.
@@ -65,6 +64,38 @@ pub fn apply_update(model: &mut Model, update: &LayerUpdate) -> Result<()> {
     Ok(())
 }
 
+/// X = (λC + KᵀK)⁻¹Kᵀ on the GPU, returned transposed: [n, d_ff], one row
+/// per request.
+async fn solve_for_keys(model: &Model, cov: &LayerCovariance, keys: &[f32], n: usize, lambda: f32) -> Result<Vec<f32>> {
+    let ctx = &model.ctx;
+    let d_ff = model.config.d_ff;
+    let c = ctx.upload(&[d_ff, d_ff], &cov.matrix, DType::F32)?;
+    let k = ctx.upload(&[n, d_ff], keys, DType::F32)?;
+    let a = ctx.affine(&c, lambda, 0.0)?;
+    ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+    let mut k_t = vec![0.0f32; d_ff * n];
+    for r in 0..n {
+        for i in 0..d_ff {
+            k_t[i * n + r] = keys[r * d_ff + i];
+        }
+    }
+    let b = ctx.upload(&[d_ff, n], &k_t, DType::F32)?;
+    let x = ctx.read(&ctx.solve_spd(&a, &b).await.map_err(|e| match e {
+        memit_gpu::GpuError::NotPositiveDefinite { pivot } => MemitError::Stats(format!(
+            "λC + KKᵀ of layer {} is not positive definite (pivot {pivot}): collect statistics over more text or raise mom2_update_weight",
+            cov.layer
+        )),
+        other => other.into(),
+    })?).await?;
+    let mut out = vec![0.0f32; n * d_ff];
+    for i in 0..d_ff {
+        for r in 0..n {
+            out[r * d_ff + i] = x[i * n + r];
+        }
+    }
+    Ok(out)
+}
+
 /// Edits `model` in place with MEMIT and returns the per-layer factors.
 /// `covariances` holds C for every layer in `hp.layers`.
 #[allow(clippy::too_many_arguments)]
@@ -106,7 +137,7 @@ pub async fn apply_memit(
                 resid[r * d + j] = (targets[r].z[j] - ko.outputs[r * d + j]) / remaining;
             }
         }
-        let x = solve_keys(&cov.matrix, &ko.keys, n, d_ff, hp.mom2_update_weight)?;
+        let x = solve_for_keys(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
         let update = LayerUpdate { layer, resid, x };
         apply_update(model, &update)?;
         updates.push(update);

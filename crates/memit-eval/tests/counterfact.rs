@@ -1,0 +1,101 @@
+//! CounterFact scoring: teacher-forced NLL against a CPU log-softmax of the
+//! model's logits, the aggregate formulas on hand-checked values, and the
+//! real dataset format.
+
+use std::path::PathBuf;
+
+use memit_eval::{score_counterfact, summarize, target_nll, CaseScore, CounterFactCase};
+use memit_gpu::GpuContext;
+use memit_models::{load_hf_dir, Batch, LoadOptions, Padding};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[test]
+fn target_nll_matches_cpu_log_softmax() {
+    let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    let loaded = load_hf_dir(ctx, &fixtures().join("facts-gpt2"), LoadOptions::default()).unwrap();
+    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let pairs = vec![
+        ("The mother tongue of Danielle Darrieux is".to_string(), "French".to_string()),
+        ("The Eiffel Tower is located in".to_string(), "New York".to_string()),
+        ("Big Ben is located in the city of".to_string(), " London".to_string()),
+    ];
+    let got = pollster::block_on(target_nll(&model, &tok, &pairs)).unwrap();
+    for ((prompt, target), nll) in pairs.iter().zip(got) {
+        let p = tok.encode(prompt).unwrap();
+        let t = tok.encode(&format!(" {}", target.trim_start())).unwrap();
+        let seq = [p.clone(), t.clone()].concat();
+        let out = model.forward(&Batch::new(&[seq], Padding::Right, 0).unwrap(), &[], true).unwrap();
+        let logits = pollster::block_on(model.ctx.read(out.logits.as_ref().unwrap())).unwrap();
+        let vocab = model.config.vocab_size;
+        let mut want = 0.0f64;
+        for (j, &id) in t.iter().enumerate() {
+            let row = &logits[(p.len() - 1 + j) * vocab..][..vocab];
+            let max = row.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            want += lse - row[id as usize] as f64;
+        }
+        want /= t.len() as f64;
+        assert!((nll as f64 - want).abs() < 1e-4 * want.abs().max(1.0), "{prompt:?} + {target:?}: {nll} vs {want}");
+    }
+}
+
+#[test]
+fn summary_follows_the_paper_definitions() {
+    let case = |efficacy, magnitude, paraphrase, neighborhood| CaseScore {
+        case_id: 0,
+        efficacy,
+        efficacy_magnitude: magnitude,
+        paraphrase: Some(paraphrase),
+        neighborhood: Some(neighborhood),
+    };
+    let s = summarize(&[case(true, 0.5, 1.0, 0.5), case(false, -0.1, 0.0, 1.0), case(true, 0.2, 0.5, 1.0), case(true, 0.4, 1.0, 0.0)]);
+    assert_eq!(s.efficacy_score, 75.0);
+    assert!((s.efficacy_magnitude - 25.0).abs() < 1e-4);
+    assert_eq!(s.paraphrase_score, 62.5);
+    assert_eq!(s.neighborhood_score, 62.5);
+    // Harmonic mean of 75, 62.5, 62.5 = 3 / (1/75 + 2/62.5) = 66.176...
+    assert!((s.score - 66.17647).abs() < 1e-3, "{}", s.score);
+}
+
+#[test]
+fn reads_the_counterfact_dataset_format() {
+    let text = r#"[{"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"}, "target_true": {"str": "French"}},
+        "paraphrase_prompts": ["Where Danielle Darrieux is from, people speak the language of"],
+        "neighborhood_prompts": ["Michel Rocard is a native speaker of"], "neighborhood_target": "French"}]"#;
+    let cases: Vec<CounterFactCase> = serde_json::from_str(text).unwrap();
+    assert_eq!(cases[0].request().target_new.text, "English");
+    assert_eq!(cases[0].neighborhood_prompts.len(), 1);
+}
+
+#[test]
+fn unedited_facts_model_prefers_true_objects() {
+    let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    let loaded = load_hf_dir(ctx, &fixtures().join("facts-gpt2"), LoadOptions::default()).unwrap();
+    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let facts: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixtures().join("facts-gpt2/facts.json")).unwrap()).unwrap();
+    let cases: Vec<CounterFactCase> = facts
+        .iter()
+        .filter(|f| f["known"].as_bool() == Some(true) && f["case_id"].is_u64())
+        .take(20)
+        .map(|f| {
+            serde_json::from_value(serde_json::json!({
+                "case_id": f["case_id"],
+                "requested_rewrite": {"prompt": f["prompt"], "subject": f["subject"],
+                    "target_new": {"str": f["target_new"]}, "target_true": {"str": f["target_true"]}},
+                "paraphrase_prompts": [f["paraphrase"]],
+                "neighborhood_prompts": [f["neighborhood"]],
+            }))
+            .unwrap()
+        })
+        .collect();
+    let summary = summarize(&pollster::block_on(score_counterfact(&model, &tok, &cases)).unwrap());
+    // The model learned the true objects: before any edit, new loses.
+    assert_eq!(summary.cases, 20);
+    assert!(summary.efficacy_score <= 10.0, "{summary:?}");
+    assert!(summary.efficacy_magnitude < 0.0, "{summary:?}");
+    assert!(summary.neighborhood_score >= 80.0, "{summary:?}");
+}
