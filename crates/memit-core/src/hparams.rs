@@ -51,17 +51,23 @@ impl Hparams {
             "gpt-j-6b" => Self::base(vec![3, 4, 5, 6, 7, 8], 15000.0, 25),
             "gpt-neox-20b" => Self::base(vec![6, 7, 8, 9, 10], 6000.0, 25),
             "smollm2-135m" => Self::base(vec![4, 5, 6, 7, 8], 15000.0, 25),
+            // The bundled 4-layer facts model: its statistics come from a
+            // few thousand tokens, so the covariance term needs a far
+            // smaller weight than the 100k-text presets above, and with
+            // d_ff = 512 it needs every layer's capacity for batch edits.
+            "tiny-facts" => Self::base(vec![0, 1, 2, 3], 10.0, 20),
             other => {
                 return Err(MemitError::Hparams(format!(
-                    "unknown preset `{other}` (known: gpt2, gpt2-medium, gpt2-xl, gpt-j-6b, gpt-neox-20b, smollm2-135m)"
+                    "unknown preset `{other}` (known: gpt2, gpt2-medium, gpt2-xl, gpt-j-6b, gpt-neox-20b, smollm2-135m, tiny-facts)"
                 )))
             }
         })
     }
 
-    /// The preset matching a model's shape, or for models without one
-    /// (tiny models included) a run of early-middle layers: the MLP
-    /// fact-recall site causal tracing finds.
+    /// The preset matching a model's shape, or for models without one a run
+    /// of early-middle layers (the MLP fact-recall site causal tracing
+    /// finds) with GPT-J's λ, which assumes statistics over ~100k texts:
+    /// tune `mom2_update_weight` down when collecting far fewer.
     pub fn for_model(config: &ModelConfig) -> Hparams {
         let named = match (config.arch, config.n_layers, config.d_model) {
             (Arch::Gpt2, 48, 1600) => Some("gpt2-xl"),
@@ -70,13 +76,14 @@ impl Hparams {
             (Arch::Gptj, 28, 4096) => Some("gpt-j-6b"),
             (Arch::GptNeox, 44, 6144) => Some("gpt-neox-20b"),
             (Arch::Llama, 30, 576) => Some("smollm2-135m"),
+            (Arch::Gpt2, 4, 128) => Some("tiny-facts"),
             _ => None,
         };
         if let Some(name) = named {
             return Self::preset(name).expect("known preset");
         }
         let n = config.n_layers;
-        let count = n.div_ceil(4).clamp(1, 5);
+        let count = if n >= 4 { (n / 4).clamp(2, 5) } else { 1 };
         let first = (n / 6).min(n - count);
         Self::base((first..first + count).collect(), 15000.0, 25)
     }
