@@ -30,6 +30,36 @@ struct AttendParams {
 var<workgroup> probs: array<f32, 2048>;
 var<workgroup> q_cache: array<f32, 256>;
 
+// Fills probs[start..end] with exp(score - max) for query t of head h of
+// sequence b (q is cached, pre-scaled, in q_cache) and returns their sum.
+// The barriers inside publish probs to the whole workgroup.
+fn unnormalised_probs(b: u32, h: u32, t: u32, start: u32, end: u32, lane: u32) -> f32 {
+    let row = b * ap.seq + t;
+    let kv = h / ap.kv_group;
+    for (var d = lane; d < ap.head_dim; d += 256u) {
+        q_cache[d] = q[ap.q_off + row * ap.q_row + h * ap.q_head + d] * ap.scale;
+    }
+    workgroupBarrier();
+    var local_max = neg_inf();
+    for (var j = start + lane; j < end; j += 256u) {
+        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
+        var s = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            s += q_cache[d] * k[k_base + d];
+        }
+        probs[j] = s;
+        local_max = max(local_max, s);
+    }
+    let row_max = workgroup_max(local_max, lane);
+    var local_sum = 0.0;
+    for (var j = start + lane; j < end; j += 256u) {
+        let e = exp(probs[j] - row_max);
+        probs[j] = e;
+        local_sum += e;
+    }
+    return workgroup_sum(local_sum, lane);
+}
+
 // One workgroup per (query position, head, sequence).
 @compute @workgroup_size(256)
 fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -40,30 +70,7 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     let end = min(bounds[2u * b + 1u], t + 1u);
     let row = b * ap.seq + t;
     let kv = h / ap.kv_group;
-    for (var d = lid.x; d < ap.head_dim; d += 256u) {
-        q_cache[d] = q[ap.q_off + row * ap.q_row + h * ap.q_head + d] * ap.scale;
-    }
-    workgroupBarrier();
-
-    var local_max = neg_inf();
-    for (var j = start + lid.x; j < end; j += 256u) {
-        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
-        var s = 0.0;
-        for (var d = 0u; d < ap.head_dim; d++) {
-            s += q_cache[d] * k[k_base + d];
-        }
-        probs[j] = s;
-        local_max = max(local_max, s);
-    }
-    let row_max = workgroup_max(local_max, lid.x);
-    var local_sum = 0.0;
-    for (var j = start + lid.x; j < end; j += 256u) {
-        let e = exp(probs[j] - row_max);
-        probs[j] = e;
-        local_sum += e;
-    }
-    // workgroup_sum's barriers also publish the probs written above.
-    let total = workgroup_sum(local_sum, lid.x);
+    let total = unnormalised_probs(b, h, t, start, end, lid.x);
 
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
         var acc = 0.0;
@@ -146,29 +153,9 @@ fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     let row = b * ap.seq + t;
     let kv = h / ap.kv_group;
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
-        q_cache[d] = q[ap.q_off + row * ap.q_row + h * ap.q_head + d] * ap.scale;
         dout_cache[d] = d_out[row * ap.out_row + h * ap.head_dim + d];
     }
-    workgroupBarrier();
-
-    var local_max = neg_inf();
-    for (var j = start + lid.x; j < end; j += 256u) {
-        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
-        var s = 0.0;
-        for (var d = 0u; d < ap.head_dim; d++) {
-            s += q_cache[d] * k[k_base + d];
-        }
-        probs[j] = s;
-        local_max = max(local_max, s);
-    }
-    let row_max = workgroup_max(local_max, lid.x);
-    var local_sum = 0.0;
-    for (var j = start + lid.x; j < end; j += 256u) {
-        let e = exp(probs[j] - row_max);
-        probs[j] = e;
-        local_sum += e;
-    }
-    let total = workgroup_sum(local_sum, lid.x);
+    let total = unnormalised_probs(b, h, t, start, end, lid.x);
 
     // P and dP; rowsum(P * dP).
     let srow = scratch_row(b, h, t);

@@ -17,6 +17,32 @@ struct Params {
 // Gradient of the loss w.r.t. the norm's output (backward entries).
 @group(0) @binding(5) var<storage, read> dy: array<f32>;
 
+// (mean, 1 / sqrt(var + eps)) of the row at `base`, two passes.
+fn mean_inv_std(base: u32, lane: u32) -> vec2<f32> {
+    let n = f32(p.row_len);
+    var s = 0.0;
+    for (var j = lane; j < p.row_len; j += 256u) {
+        s += x[base + j];
+    }
+    let mean = workgroup_sum(s, lane) / n;
+    var sq = 0.0;
+    for (var j = lane; j < p.row_len; j += 256u) {
+        let d = x[base + j] - mean;
+        sq += d * d;
+    }
+    return vec2<f32>(mean, inverseSqrt(workgroup_sum(sq, lane) / n + p.eps));
+}
+
+// 1 / sqrt(mean(x^2) + eps) of the row at `base`.
+fn inv_rms_of(base: u32, lane: u32) -> f32 {
+    var sq = 0.0;
+    for (var j = lane; j < p.row_len; j += 256u) {
+        let v = x[base + j];
+        sq += v * v;
+    }
+    return inverseSqrt(workgroup_sum(sq, lane) / f32(p.row_len) + p.eps);
+}
+
 // y = (x - mean) / sqrt(var + eps) * gain + bias
 @compute @workgroup_size(256)
 fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -26,18 +52,9 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         return;
     }
     let base = p.x_off + row * p.row_len;
-    let n = f32(p.row_len);
-    var s = 0.0;
-    for (var j = lid.x; j < p.row_len; j += 256u) {
-        s += x[base + j];
-    }
-    let mean = workgroup_sum(s, lid.x) / n;
-    var sq = 0.0;
-    for (var j = lid.x; j < p.row_len; j += 256u) {
-        let d = x[base + j] - mean;
-        sq += d * d;
-    }
-    let inv_std = inverseSqrt(workgroup_sum(sq, lid.x) / n + p.eps);
+    let stats = mean_inv_std(base, lid.x);
+    let mean = stats.x;
+    let inv_std = stats.y;
     let out_base = p.out_off + row * p.row_len;
     for (var j = lid.x; j < p.row_len; j += 256u) {
         out[out_base + j] = (x[base + j] - mean) * inv_std * gain[j] + bias[j];
@@ -53,12 +70,7 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         return;
     }
     let base = p.x_off + row * p.row_len;
-    var sq = 0.0;
-    for (var j = lid.x; j < p.row_len; j += 256u) {
-        let v = x[base + j];
-        sq += v * v;
-    }
-    let inv_rms = inverseSqrt(workgroup_sum(sq, lid.x) / f32(p.row_len) + p.eps);
+    let inv_rms = inv_rms_of(base, lid.x);
     let out_base = p.out_off + row * p.row_len;
     for (var j = lid.x; j < p.row_len; j += 256u) {
         out[out_base + j] = x[base + j] * inv_rms * gain[j];
@@ -78,17 +90,9 @@ fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     let gbase = p.out_off + row * p.row_len;
     let dbase = p.dy_off + row * p.row_len;
     let n = f32(p.row_len);
-    var s = 0.0;
-    for (var j = lid.x; j < p.row_len; j += 256u) {
-        s += x[base + j];
-    }
-    let mean = workgroup_sum(s, lid.x) / n;
-    var sq = 0.0;
-    for (var j = lid.x; j < p.row_len; j += 256u) {
-        let d = x[base + j] - mean;
-        sq += d * d;
-    }
-    let inv_std = inverseSqrt(workgroup_sum(sq, lid.x) / n + p.eps);
+    let stats = mean_inv_std(base, lid.x);
+    let mean = stats.x;
+    let inv_std = stats.y;
     var sum_g = 0.0;
     var sum_gx = 0.0;
     for (var j = lid.x; j < p.row_len; j += 256u) {
@@ -115,12 +119,7 @@ fn rms_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let base = p.x_off + row * p.row_len;
     let gbase = p.out_off + row * p.row_len;
     let dbase = p.dy_off + row * p.row_len;
-    var sq = 0.0;
-    for (var j = lid.x; j < p.row_len; j += 256u) {
-        let v = x[base + j];
-        sq += v * v;
-    }
-    let inv_rms = inverseSqrt(workgroup_sum(sq, lid.x) / f32(p.row_len) + p.eps);
+    let inv_rms = inv_rms_of(base, lid.x);
     var sum_gx = 0.0;
     for (var j = lid.x; j < p.row_len; j += 256u) {
         sum_gx += gain[j] * dy[dbase + j] * x[base + j] * inv_rms;
