@@ -500,32 +500,7 @@ fn attention_causal_padded_grouped() {
     let v = memit_gpu::HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
     let scale = 1.0 / (hd as f32).sqrt();
     let out = read(&ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &bounds, scale).unwrap());
-    let at = |r: usize, off: usize, d: usize| x[r * width + off + d] as f64;
-    let mut want = vec![0.0; rows * heads * hd];
-    for (b, &(start, end)) in bounds.iter().enumerate() {
-        for t in 0..seq {
-            let r = b * seq + t;
-            for h in 0..heads {
-                let kv = h / (heads / kv_heads);
-                let keys: Vec<usize> = (start as usize..(end as usize).min(t + 1)).collect();
-                if keys.is_empty() {
-                    continue;
-                }
-                let scores: Vec<f64> = keys
-                    .iter()
-                    .map(|&j| (0..hd).map(|d| at(r, h * hd, d) * at(b * seq + j, k.offset + kv * hd, d)).sum::<f64>() * scale as f64)
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                for d in 0..hd {
-                    want[r * heads * hd + h * hd + d] = keys
-                        .iter()
-                        .zip(&scores)
-                        .map(|(&j, s)| (s - max).exp() / total * at(b * seq + j, v.offset + kv * hd, d))
-                        .sum();
-                }
-            }
-        }
-    }
+    let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let want = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
     assert_close(&out, &want, 1e-5, 1e-6, "attention");
 }

@@ -116,3 +116,35 @@ pub fn assert_close(got: &[f32], want: &[f64], rel: f64, abs: f64, what: &str) {
 pub fn f16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
+
+/// Causal attention in f64 over rows laid out as [q heads | k heads | v heads]
+/// (`width` = (heads + 2·kv_heads)·hd), sequences `seq` rows apart, each
+/// seeing only keys inside its bounds. Padding queries that see nothing give 0.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_attention(x: &[f64], width: usize, seq: usize, heads: usize, kv_heads: usize, hd: usize, bounds: &[(u32, u32)], scale: f64) -> Vec<f64> {
+    let (k_off, v_off) = (heads * hd, (heads + kv_heads) * hd);
+    let mut out = vec![0.0; bounds.len() * seq * heads * hd];
+    for (b, &(start, end)) in bounds.iter().enumerate() {
+        for t in 0..seq {
+            let r = b * seq + t;
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let keys: Vec<usize> = (start as usize..(end as usize).min(t + 1)).collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| (0..hd).map(|d| x[r * width + h * hd + d] * x[(b * seq + j) * width + k_off + kv * hd + d]).sum::<f64>() * scale)
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for d in 0..hd {
+                    out[r * heads * hd + h * hd + d] =
+                        keys.iter().zip(&scores).map(|(&j, s)| (s - max).exp() / total * x[(b * seq + j) * width + v_off + kv * hd + d]).sum();
+                }
+            }
+        }
+    }
+    out
+}
