@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use memit_core::{apply_memit, context_templates, Hparams, StatsAccumulator, StatsIdentity};
 use memit_eval::{score_counterfact, summarize, CounterFactCase, CounterFactSummary};
 use memit_gpu::GpuContext;
-use memit_models::{load_hf_dir, GgufSource, LoadOptions, Model, TextTokenizer};
+use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
 use serde::Serialize;
 
 use crate::{adapter_report, write_report, AdapterReport};
@@ -45,15 +45,9 @@ struct Phases {
 }
 
 fn load(ctx: &std::sync::Arc<GpuContext>, path: &Path) -> Result<(Model, TextTokenizer)> {
-    if path.extension().is_some_and(|e| e == "gguf") {
-        let source = GgufSource::open(path)?;
-        let tokenizer = source.tokenizer()?;
-        Ok((Model::load(ctx.clone(), source.config()?, &source, LoadOptions::default())?, tokenizer))
-    } else {
-        let loaded = load_hf_dir(ctx.clone(), path, LoadOptions::default())?;
-        let tokenizer = loaded.tokenizer.with_context(|| format!("{} has no tokenizer.json", path.display()))?;
-        Ok((loaded.model, tokenizer))
-    }
+    let loaded = load_model_path(ctx.clone(), path, LoadOptions::default())?;
+    let tokenizer = loaded.tokenizer.with_context(|| format!("{} has no tokenizer.json", path.display()))?;
+    Ok((loaded.model, tokenizer))
 }
 
 pub fn run(o: Options) -> Result<()> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use memit_gpu::GpuContext;
-use memit_models::{load_hf_dir, Batch, GgufSource, LoadOptions, Model, Padding};
+use memit_models::{load_model_path, Batch, LoadOptions, Model, Padding};
 use serde::Serialize;
 
 use crate::{adapter_report, time_loop, write_report, AdapterReport};
@@ -37,15 +37,6 @@ fn default_models() -> Vec<PathBuf> {
         models.push(smollm2);
     }
     models
-}
-
-fn load(ctx: &std::sync::Arc<GpuContext>, path: &Path) -> Result<Model> {
-    if path.extension().is_some_and(|e| e == "gguf") {
-        let source = GgufSource::open(path)?;
-        Ok(Model::load(ctx.clone(), source.config()?, &source, LoadOptions::default())?)
-    } else {
-        Ok(load_hf_dir(ctx.clone(), path, LoadOptions::default())?.model)
-    }
 }
 
 fn parameter_count(model: &Model) -> usize {
@@ -81,7 +72,7 @@ pub fn run(models: Vec<PathBuf>, batch: usize, seq: usize, budget: Duration, tor
     };
     let mut cases = Vec::new();
     for path in &models {
-        let model = load(&ctx, path).with_context(|| format!("loading {}", path.display()))?;
+        let model = load_model_path(ctx.clone(), path, LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?.model;
         let vocab = model.config.vocab_size as u32;
         let sequences: Vec<Vec<u32>> = (0..batch).map(|b| (0..seq).map(|t| ((b * seq + t) as u32 * 7919) % vocab).collect()).collect();
         let input = Batch::new(&sequences, Padding::Right, 0)?;

@@ -1,4 +1,4 @@
-//! Loading a Hugging Face model folder from disk.
+//! Loading a model from disk: a Hugging Face folder or a GGUF file.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::{LoadOptions, Model};
 use crate::tokenizer::TextTokenizer;
+use crate::gguf::GgufSource;
 use crate::weights::SafetensorsSource;
 
 pub struct LoadedModel {
@@ -32,4 +33,16 @@ pub fn load_hf_dir(ctx: Arc<GpuContext>, dir: &Path, options: LoadOptions) -> Re
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(TextTokenizer::from_file(&tokenizer_path)?) } else { None };
     Ok(LoadedModel { model, tokenizer })
+}
+
+/// Loads a `.gguf` file (with its embedded tokenizer) or a Hugging Face
+/// model folder, whichever `path` is.
+pub fn load_model_path(ctx: Arc<GpuContext>, path: &Path, options: LoadOptions) -> Result<LoadedModel> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let source = GgufSource::open(path)?;
+        let tokenizer = Some(source.tokenizer()?);
+        Ok(LoadedModel { model: Model::load(ctx, source.config()?, &source, options)?, tokenizer })
+    } else {
+        load_hf_dir(ctx, path, options)
+    }
 }

@@ -25,4 +25,4 @@ pub use weights::{FileBytes, HostData, HostTensor, SafetensorsSource, WeightSour
 #[cfg(not(target_arch = "wasm32"))]
 mod folder;
 #[cfg(not(target_arch = "wasm32"))]
-pub use folder::{load_hf_dir, LoadedModel};
+pub use folder::{load_hf_dir, load_model_path, LoadedModel};
