@@ -10,6 +10,9 @@ pub enum MemitError {
     #[error("covariance statistics: {0}")]
     Stats(String),
 
+    #[error("patch: {0}")]
+    Patch(String),
+
     #[error("hyperparameters: {0}")]
     Hparams(String),
 

@@ -234,11 +234,7 @@ fn unpermute_rows(values: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
 
 impl GgufSource {
     pub fn from_bytes(name: String, bytes: FileBytes) -> Result<GgufSource> {
-        let data = match &bytes {
-            #[cfg(not(target_arch = "wasm32"))]
-            FileBytes::Mapped(m) => &m[..],
-            FileBytes::Owned(v) => &v[..],
-        };
+        let data = bytes.bytes();
         let mut r = Reader { bytes: data, pos: 0, file: &name };
         if r.take(4)? != b"GGUF" {
             return Err(r.fail("not a GGUF file (bad magic)"));
@@ -400,11 +396,7 @@ impl WeightSource for GgufSource {
         let n: usize = info.shape.iter().product();
         let start = self.data_start + info.offset;
         let size = type_size(info.ggml_type, n).expect("checked when opened");
-        let data = match &self.bytes {
-            #[cfg(not(target_arch = "wasm32"))]
-            FileBytes::Mapped(m) => &m[start..start + size],
-            FileBytes::Owned(v) => &v[start..start + size],
-        };
+        let data = &self.bytes.bytes()[start..start + size];
         let mut values = dequantize(info.ggml_type, data, n);
         let heads_key = if name.ends_with("attn_q.weight") {
             Some("llama.attention.head_count")
@@ -423,5 +415,9 @@ impl WeightSource for GgufSource {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    fn fingerprint(&self) -> String {
+        crate::weights::hex(&<sha2::Sha256 as sha2::Digest>::digest(self.bytes.bytes()))
     }
 }

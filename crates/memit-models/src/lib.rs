@@ -18,11 +18,11 @@ pub use error::{ModelError, Result};
 pub use forward::{Batch, BlockOutput, ForwardOutput, Padding};
 pub use gguf::{GgufSource, GgufValue};
 pub use generate::{argmax, GenerateOptions, Sampling};
-pub use model::{rope_table, Block, Linear, LoadOptions, Model, Norm, QkvProjection, WeightLayout};
+pub use model::{mlp_out_name, resolve_name, rope_table, Block, Linear, LoadOptions, Model, Norm, QkvProjection, WeightLayout};
 pub use tokenizer::TextTokenizer;
-pub use weights::{FileBytes, HostData, HostTensor, SafetensorsSource, WeightSource};
+pub use weights::{FileBytes, HostData, HostTensor, SafetensorsSource, StoredDtype, StoredTensor, WeightSource};
 
 #[cfg(not(target_arch = "wasm32"))]
 mod folder;
 #[cfg(not(target_arch = "wasm32"))]
-pub use folder::{load_hf_dir, load_model_path, LoadedModel};
+pub use folder::{load_hf_dir, load_model_path, write_hf_dir, LoadedModel};

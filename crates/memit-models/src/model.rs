@@ -120,6 +120,24 @@ struct Names {
     mlp_out: &'static str,
 }
 
+/// The checkpoint name of MEMIT's W_out at `layer` (the HF spelling; GPT-2
+/// checkpoints may omit the `transformer.` prefix, see `resolve_name`).
+pub fn mlp_out_name(arch: Arch, layer: usize) -> String {
+    format!("{}.weight", names(arch).mlp_out.replace("{}", &layer.to_string()))
+}
+
+/// `name` as the source spells it: as given, or without GPT-2's
+/// `transformer.` prefix.
+pub fn resolve_name(source: &dyn WeightSource, name: &str) -> Result<Option<String>> {
+    if source.tensor(name)?.is_some() {
+        return Ok(Some(name.to_string()));
+    }
+    match name.strip_prefix("transformer.") {
+        Some(short) if source.tensor(short)?.is_some() => Ok(Some(short.to_string())),
+        _ => Ok(None),
+    }
+}
+
 fn names(arch: Arch) -> Names {
     match arch {
         Arch::Gpt2 => Names {
@@ -250,6 +268,23 @@ impl Loader<'_> {
 
     fn has(&self, name: &str) -> Result<bool> {
         Ok(self.find(name)?.is_some())
+    }
+}
+
+impl Model {
+    /// Replaces W_out of `layer` with `weights` (shape as stored in the
+    /// checkpoint), keeping the storage dtype the model was loaded with.
+    pub fn set_mlp_out(&mut self, layer: usize, weights: &HostTensor) -> Result<()> {
+        let linear = self.blocks.get_mut(layer).map(|b| &mut b.mlp_out).ok_or_else(|| ModelError::Input(format!("no layer {layer}")))?;
+        let shape = linear.weight.shape().to_vec();
+        if weights.shape != shape {
+            return Err(ModelError::ShapeMismatch { name: format!("W_out of layer {layer}"), expected: shape, found: weights.shape.clone() });
+        }
+        linear.weight = match (&weights.data, linear.weight.dtype()) {
+            (HostData::F16(bits), DType::F16) => self.ctx.upload_f16_bits(&shape, bits)?,
+            (_, dtype) => self.ctx.upload(&shape, &weights.to_f32(), dtype)?,
+        };
+        Ok(())
     }
 }
 

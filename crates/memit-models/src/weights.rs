@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 
@@ -31,11 +32,125 @@ impl HostTensor {
     }
 }
 
+/// How a tensor is stored on disk, for the formats patches rewrite exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoredDtype {
+    pub fn size(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::F16 | StoredDtype::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "F32",
+            StoredDtype::F16 => "F16",
+            StoredDtype::BF16 => "BF16",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<StoredDtype> {
+        [StoredDtype::F32, StoredDtype::F16, StoredDtype::BF16].into_iter().find(|d| d.name() == name)
+    }
+}
+
+/// A tensor's bytes exactly as stored (little-endian), so an edit can be
+/// written back and undone bit for bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTensor {
+    /// The name in the checkpoint.
+    pub name: String,
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredTensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` widened to f64 (exact for all three dtypes).
+    pub fn get(&self, i: usize) -> f64 {
+        let b = &self.bytes;
+        match self.dtype {
+            StoredDtype::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as f64,
+            StoredDtype::F16 => half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f64(),
+            StoredDtype::BF16 => half::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f64(),
+        }
+    }
+
+    /// Stores `value` rounded to nearest (ties to even) in the tensor's dtype.
+    pub fn set(&mut self, i: usize, value: f64) {
+        match self.dtype {
+            StoredDtype::F32 => self.bytes[4 * i..4 * i + 4].copy_from_slice(&(value as f32).to_le_bytes()),
+            StoredDtype::F16 => self.bytes[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f64(value).to_bits().to_le_bytes()),
+            StoredDtype::BF16 => self.bytes[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f64(value).to_bits().to_le_bytes()),
+        }
+    }
+
+    /// The raw bits of element `i` (zero-extended for 16-bit dtypes).
+    pub fn bits(&self, i: usize) -> u32 {
+        let s = self.dtype.size();
+        let mut word = [0u8; 4];
+        word[..s].copy_from_slice(&self.bytes[s * i..s * (i + 1)]);
+        u32::from_le_bytes(word)
+    }
+
+    pub fn set_bits(&mut self, i: usize, bits: u32) {
+        let s = self.dtype.size();
+        self.bytes[s * i..s * (i + 1)].copy_from_slice(&bits.to_le_bytes()[..s]);
+    }
+
+    /// The values as the GPU loader takes them.
+    pub fn to_host(&self) -> HostTensor {
+        let data = match self.dtype {
+            StoredDtype::F16 => HostData::F16(self.bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
+            _ => HostData::F32((0..self.len()).map(|i| self.get(i) as f32).collect()),
+        };
+        HostTensor { shape: self.shape.clone(), data }
+    }
+
+    /// SHA-256 of the bytes, hex.
+    pub fn sha256(&self) -> String {
+        hex(&Sha256::digest(&self.bytes))
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Anything tensors can be looked up in by their Hugging Face name.
 pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>>;
     /// Where tensors come from, for error messages.
     fn describe(&self) -> String;
+    /// The tensor as stored, for exact rewriting. Sources that convert on
+    /// load (GGUF) give the converted values.
+    fn stored(&self, name: &str) -> Result<Option<StoredTensor>> {
+        Ok(self.tensor(name)?.map(|t| {
+            let (dtype, bytes) = match &t.data {
+                HostData::F32(v) => (StoredDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                HostData::F16(v) => (StoredDtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            };
+            StoredTensor { name: name.to_string(), dtype, shape: t.shape, bytes }
+        }))
+    }
+    /// SHA-256 over every tensor's name, dtype, shape and bytes: which
+    /// weights statistics and patches were made for.
+    fn fingerprint(&self) -> String;
 }
 
 /// The bytes of one checkpoint file.
@@ -46,7 +161,7 @@ pub enum FileBytes {
 }
 
 impl FileBytes {
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         match self {
             #[cfg(not(target_arch = "wasm32"))]
             FileBytes::Mapped(m) => m,
@@ -136,6 +251,18 @@ impl SafetensorsSource {
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+
+    fn raw(&self, name: &str, entry: &Entry) -> Result<&[u8]> {
+        self.files[entry.file].bytes().get(entry.range.clone()).ok_or_else(|| ModelError::Checkpoint {
+            path: PathBuf::from(&self.names[entry.file]),
+            detail: format!("tensor `{name}` lies past the end of the file"),
+        })
+    }
+
+    /// The file (as named when opened) holding `name`.
+    pub fn file_of(&self, name: &str) -> Option<&str> {
+        self.index.get(name).map(|e| self.names[e.file].as_str())
+    }
 }
 
 fn decode(name: &str, dtype: Dtype, raw: &[u8]) -> Result<HostData> {
@@ -154,15 +281,33 @@ fn decode(name: &str, dtype: Dtype, raw: &[u8]) -> Result<HostData> {
 impl WeightSource for SafetensorsSource {
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(entry) = self.index.get(name) else { return Ok(None) };
-        let bytes = self.files[entry.file].bytes();
-        let raw = bytes.get(entry.range.clone()).ok_or_else(|| ModelError::Checkpoint {
-            path: PathBuf::from(&self.names[entry.file]),
-            detail: format!("tensor `{name}` lies past the end of the file"),
-        })?;
-        Ok(Some(HostTensor { shape: entry.shape.clone(), data: decode(name, entry.dtype, raw)? }))
+        Ok(Some(HostTensor { shape: entry.shape.clone(), data: decode(name, entry.dtype, self.raw(name, entry)?)? }))
     }
 
     fn describe(&self) -> String {
         self.names.join(", ")
+    }
+
+    fn stored(&self, name: &str) -> Result<Option<StoredTensor>> {
+        let Some(entry) = self.index.get(name) else { return Ok(None) };
+        let dtype = match entry.dtype {
+            Dtype::F32 => StoredDtype::F32,
+            Dtype::F16 => StoredDtype::F16,
+            Dtype::BF16 => StoredDtype::BF16,
+            other => return Err(ModelError::UnsupportedDtype { name: name.to_string(), dtype: format!("{other:?} (edits are written for F32, F16 and BF16 tensors)") }),
+        };
+        Ok(Some(StoredTensor { name: name.to_string(), dtype, shape: entry.shape.clone(), bytes: self.raw(name, entry)?.to_vec() }))
+    }
+
+    fn fingerprint(&self) -> String {
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        let mut hasher = Sha256::new();
+        for name in names {
+            let entry = &self.index[name];
+            hasher.update(format!("{name}|{:?}|{:?}|", entry.dtype, entry.shape).as_bytes());
+            hasher.update(self.files[entry.file].bytes().get(entry.range.clone()).unwrap_or_default());
+        }
+        hex(&hasher.finalize())
     }
 }
