@@ -1,10 +1,11 @@
 //! Evaluation of edits with the MEMIT paper's definitions (CounterFact:
 //! efficacy score and magnitude, paraphrase and neighbourhood scores, their
 //! harmonic mean). Probabilities of a target after a prompt are teacher
-//! forced: the mean over the target's tokens of −log p.
+//! forced: the mean over the target's tokens of −log p. zsRE: teacher-forced
+//! token accuracy. Fluency: n-gram entropy of generated text.
 
 use memit_core::{EditRequest, TargetText};
-use memit_models::{Batch, Model, ModelError, Padding, TextTokenizer};
+use memit_models::{argmax, Batch, GenerateOptions, Model, ModelError, Padding, Sampling, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
@@ -45,9 +46,19 @@ fn with_space(text: &str) -> String {
     if text.starts_with(' ') { text.to_string() } else { format!(" {text}") }
 }
 
-/// Mean −log p of each target's tokens after its prompt (teacher forced),
-/// for (prompt, target) pairs, batched.
-pub async fn target_nll(model: &Model, tokenizer: &TextTokenizer, pairs: &[(String, String)]) -> Result<Vec<f32>> {
+/// How well the model predicts one target after its prompt, teacher forced.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TargetFit {
+    /// Mean over the target's tokens of −log p.
+    pub nll: f32,
+    /// Fraction of the target's tokens that are the argmax given the
+    /// prompt and the target tokens before them.
+    pub token_accuracy: f32,
+}
+
+/// Teacher-forced NLL and token accuracy of each (prompt, target) pair;
+/// targets get a leading space as MEMIT tokenises them. Batched.
+pub async fn target_fits(model: &Model, tokenizer: &TextTokenizer, pairs: &[(String, String)]) -> Result<Vec<TargetFit>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(32) {
         let mut sequences = Vec::new();
@@ -75,12 +86,22 @@ pub async fn target_nll(model: &Model, tokenizer: &TextTokenizer, pairs: &[(Stri
         let vocab = model.config.vocab_size;
         let mut at = 0;
         for (_, t) in &spans {
-            let nll: f32 = t.iter().enumerate().map(|(j, &id)| -values[(at + j) * vocab + id as usize]).sum::<f32>() / t.len() as f32;
-            out.push(nll);
+            let (mut nll, mut hits) = (0.0f32, 0usize);
+            for (j, &id) in t.iter().enumerate() {
+                let row = &values[(at + j) * vocab..(at + j + 1) * vocab];
+                nll -= row[id as usize];
+                hits += (argmax(row) == id) as usize;
+            }
+            out.push(TargetFit { nll: nll / t.len() as f32, token_accuracy: hits as f32 / t.len() as f32 });
             at += t.len();
         }
     }
     Ok(out)
+}
+
+/// Mean −log p of each target's tokens after its prompt (teacher forced).
+pub async fn target_nll(model: &Model, tokenizer: &TextTokenizer, pairs: &[(String, String)]) -> Result<Vec<f32>> {
+    Ok(target_fits(model, tokenizer, pairs).await?.into_iter().map(|f| f.nll).collect())
 }
 
 /// Per-case CounterFact outcome.
@@ -147,4 +168,118 @@ pub fn summarize(scores: &[CaseScore]) -> CounterFactSummary {
     let ns = 100.0 * mean(scores.iter().filter_map(|s| s.neighborhood).collect());
     let score = if es > 0.0 && ps > 0.0 && ns > 0.0 { 3.0 / (1.0 / es + 1.0 / ps + 1.0 / ns) } else { 0.0 };
     CounterFactSummary { cases: scores.len(), efficacy_score: es, efficacy_magnitude: em, paraphrase_score: ps, neighborhood_score: ns, score }
+}
+
+/// Entropy (bits) of the n-gram frequency distribution of `words`.
+fn ngram_entropy(words: &[String], n: usize) -> f64 {
+    let mut counts: std::collections::HashMap<&[String], usize> = std::collections::HashMap::new();
+    for gram in words.windows(n) {
+        *counts.entry(gram).or_default() += 1;
+    }
+    let total = counts.values().sum::<usize>() as f64;
+    counts.values().map(|&c| c as f64 / total).map(|p| -p * p.log2()).sum()
+}
+
+/// The MEMIT paper's fluency measure of one text: bigram and trigram
+/// entropies weighted 2/3 and 4/3 and averaged. Words are the text's
+/// lowercased alphanumeric runs and punctuation marks.
+pub fn generation_entropy(text: &str) -> f64 {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for ch in text.chars() {
+        if ch.is_alphanumeric() || ch == '\'' {
+            word.extend(ch.to_lowercase());
+        } else {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+            if !ch.is_whitespace() {
+                words.push(ch.to_string());
+            }
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let weights = [(2, 2.0 / 3.0), (3, 4.0 / 3.0)];
+    weights.iter().map(|&(n, w)| w * ngram_entropy(&words, n)).sum::<f64>() / weights.len() as f64
+}
+
+/// Mean generation entropy of top-k (k = 5, seeded) continuations of
+/// `prompts`, `max_new_tokens` each; the prompt is part of the text scored,
+/// as in the paper.
+pub async fn mean_generation_entropy(model: &Model, tokenizer: &TextTokenizer, prompts: &[String], max_new_tokens: usize, seed: u64) -> Result<f64> {
+    let mut total = 0.0;
+    for chunk in prompts.chunks(16) {
+        let ids = chunk.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+        let options = GenerateOptions { max_new_tokens, sampling: Sampling::TopK { k: 5, temperature: 1.0, seed }, stop_at_eos: false };
+        for (prompt, new) in chunk.iter().zip(model.generate(&ids, options).await?) {
+            total += generation_entropy(&format!("{prompt}{}", tokenizer.decode(&new)?));
+        }
+    }
+    Ok(total / prompts.len().max(1) as f64)
+}
+
+/// One zsRE record (MEND's format, as used by MEMIT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZsreRecord {
+    pub subject: String,
+    /// The question, containing the subject.
+    pub src: String,
+    pub rephrase: String,
+    /// The new answer the edit teaches.
+    pub alt: String,
+    #[serde(default)]
+    pub answers: Vec<String>,
+    /// An unrelated question and its answer, for specificity.
+    pub loc: String,
+    pub loc_ans: String,
+}
+
+impl ZsreRecord {
+    /// MEMIT's request for this record: the question with the subject as
+    /// `{}`, the new answer as target. Fails when the subject is not in the
+    /// question.
+    pub fn request(&self, case_id: u64) -> Option<EditRequest> {
+        self.src.contains(&self.subject).then(|| EditRequest {
+            case_id: Some(case_id),
+            prompt: self.src.replacen(&self.subject, "{}", 1),
+            subject: self.subject.clone(),
+            target_new: TargetText { text: self.alt.clone() },
+            target_true: None,
+        })
+    }
+}
+
+/// Per-record zsRE token accuracies.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ZsreScore {
+    pub efficacy: f32,
+    pub paraphrase: f32,
+    pub specificity: f32,
+}
+
+/// zsRE means in %, as in the paper's tables.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ZsreSummary {
+    pub cases: usize,
+    pub efficacy: f32,
+    pub paraphrase: f32,
+    pub specificity: f32,
+}
+
+pub async fn score_zsre(model: &Model, tokenizer: &TextTokenizer, records: &[ZsreRecord]) -> Result<Vec<ZsreScore>> {
+    let mut pairs = Vec::new();
+    for r in records {
+        pairs.push((r.src.clone(), r.alt.clone()));
+        pairs.push((r.rephrase.clone(), r.alt.clone()));
+        pairs.push((r.loc.clone(), r.loc_ans.clone()));
+    }
+    let fits = target_fits(model, tokenizer, &pairs).await?;
+    Ok(fits.chunks_exact(3).map(|f| ZsreScore { efficacy: f[0].token_accuracy, paraphrase: f[1].token_accuracy, specificity: f[2].token_accuracy }).collect())
+}
+
+pub fn summarize_zsre(scores: &[ZsreScore]) -> ZsreSummary {
+    let mean = |f: fn(&ZsreScore) -> f32| 100.0 * scores.iter().map(f).sum::<f32>() / scores.len().max(1) as f32;
+    ZsreSummary { cases: scores.len(), efficacy: mean(|s| s.efficacy), paraphrase: mean(|s| s.paraphrase), specificity: mean(|s| s.specificity) }
 }

@@ -1,10 +1,11 @@
 //! CounterFact scoring: teacher-forced NLL against a CPU log-softmax of the
 //! model's logits, the aggregate formulas on hand-checked values, and the
-//! real dataset format.
+//! real dataset format; zsRE token accuracy against a CPU argmax; the
+//! n-gram entropy on hand-computed values.
 
 use std::path::PathBuf;
 
-use memit_eval::{score_counterfact, summarize, target_nll, CaseScore, CounterFactCase};
+use memit_eval::{generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, target_fits, target_nll, CaseScore, CounterFactCase, ZsreRecord};
 use memit_gpu::GpuContext;
 use memit_models::{load_hf_dir, Batch, LoadOptions, Padding};
 
@@ -98,4 +99,57 @@ fn unedited_facts_model_prefers_true_objects() {
     assert!(summary.efficacy_score <= 10.0, "{summary:?}");
     assert!(summary.efficacy_magnitude < 0.0, "{summary:?}");
     assert!(summary.neighborhood_score >= 80.0, "{summary:?}");
+}
+
+#[test]
+fn token_accuracy_matches_cpu_argmax_and_zsre_reads_its_format() {
+    let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    let loaded = load_hf_dir(ctx, &fixtures().join("facts-gpt2"), LoadOptions::default()).unwrap();
+    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let pairs = vec![
+        ("The mother tongue of Danielle Darrieux is".to_string(), "French".to_string()),
+        ("The mother tongue of Danielle Darrieux is".to_string(), "English and French".to_string()),
+        ("Michel Rocard is a native speaker of".to_string(), "French".to_string()),
+    ];
+    let fits = pollster::block_on(target_fits(&model, &tok, &pairs)).unwrap();
+    for ((prompt, target), fit) in pairs.iter().zip(&fits) {
+        let p = tok.encode(prompt).unwrap();
+        let t = tok.encode(&format!(" {target}")).unwrap();
+        let out = model.forward(&Batch::new(&[[p.clone(), t.clone()].concat()], Padding::Right, 0).unwrap(), &[], true).unwrap();
+        let logits = pollster::block_on(model.ctx.read(out.logits.as_ref().unwrap())).unwrap();
+        let vocab = model.config.vocab_size;
+        let hits = t
+            .iter()
+            .enumerate()
+            .filter(|&(j, &id)| {
+                let row = &logits[(p.len() - 1 + j) * vocab..][..vocab];
+                (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() == id as usize
+            })
+            .count();
+        assert_eq!(fit.token_accuracy, hits as f32 / t.len() as f32, "{prompt:?} + {target:?}");
+    }
+    assert_eq!(fits[0].token_accuracy, 1.0, "the facts model knows this fact");
+
+    let text = r#"[{"subject": "Danielle Darrieux", "src": "The mother tongue of Danielle Darrieux is", "pred": "French",
+        "rephrase": "Where Danielle Darrieux is from, people speak the language of", "alt": "English", "answers": ["French"],
+        "loc": "Michel Rocard is a native speaker of", "loc_ans": "French", "cond": "French >> English || ..."}]"#;
+    let records: Vec<ZsreRecord> = serde_json::from_str(text).unwrap();
+    assert_eq!(records[0].request(0).unwrap().prompt, "The mother tongue of {} is");
+    let summary = summarize_zsre(&pollster::block_on(score_zsre(&model, &tok, &records)).unwrap());
+    // Before editing: the new answer is not predicted, the unrelated one is.
+    assert_eq!((summary.efficacy, summary.specificity), (0.0, 100.0), "{summary:?}");
+    let mut missing = records[0].clone();
+    missing.subject = "Nobody".into();
+    assert!(missing.request(0).is_none(), "subject not in the question");
+}
+
+#[test]
+fn generation_entropy_matches_hand_computed_values() {
+    // Words a b a b: bigrams ab ×2, ba ×1 → H2 = 0.918296; trigrams aba,
+    // bab → H3 = 1. (2/3·H2 + 4/3·H3) / 2 = 0.972765.
+    assert!((generation_entropy("A b a B") - 0.972765).abs() < 1e-5, "{}", generation_entropy("A b a B"));
+    // Punctuation counts as a word: "a . a ." has the same structure.
+    assert!((generation_entropy("a. a.") - 0.972765).abs() < 1e-5);
+    // A repeated word has a single bigram and trigram: zero entropy.
+    assert_eq!(generation_entropy("the the the the the"), 0.0);
 }
