@@ -1,61 +1,275 @@
-//! The `memit-wgpu` binary end to end on the bundled facts model, and its
-//! errors on bad input.
+//! The `memit-wgpu` binary end to end on the bundled facts model: edit →
+//! edited folder + patch, apply / revert (bitwise), diff, generate with a
+//! patch, stats that pause, resume and are cached, eval reports and plots,
+//! and clear errors on bad input that leave no files behind.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn memit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_memit-wgpu"))
+fn facts_model() -> PathBuf {
+    fixtures().join("facts-gpt2")
+}
+
+/// A fresh scratch folder per test (also the statistics cache).
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memit-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn memit(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_memit-wgpu"));
+    c.env("MEMIT_CACHE", cache);
+    c
+}
+
+/// Statistics over the first 300 lines of the model's training text keep
+/// the tests quick.
+const STATS: [&str; 2] = ["--n-texts", "300"];
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn fails_with(out: Output, expected: &str) {
+    assert!(!out.status.success(), "should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Every tensor of a model folder's model.safetensors: name → raw bytes.
+fn tensors(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(name, view)| (name, view.data().to_vec())).collect()
+}
+
+fn top_token(prediction: &serde_json::Value) -> &str {
+    prediction[0]["token"].as_str().unwrap()
 }
 
 #[test]
-fn edit_rewrites_facts_in_the_bundled_model() {
-    let out = memit()
+fn edit_writes_a_model_and_a_patch_that_apply_and_revert_exactly() {
+    let dir = scratch("edit");
+    let edited = dir.join("edited");
+    let out = ok(memit(&dir)
         .args(["--json", "edit", "--templates", "plain", "--model"])
-        .arg(fixtures().join("facts-gpt2"))
+        .arg(facts_model())
         .arg("--requests")
-        .arg(fixtures().join("facts-gpt2/example-requests.json"))
+        .arg(facts_model().join("example-requests.json"))
+        .args(STATS)
+        .arg("--out")
+        .arg(&edited)
         .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        .unwrap());
+    let report = json(&out);
     for edit in report["edits"].as_array().unwrap() {
         let target = format!(" {}", edit["target_new"].as_str().unwrap());
-        assert_ne!(edit["before"][0][0].as_str().unwrap(), target, "{edit}");
-        assert_eq!(edit["after"][0][0].as_str().unwrap(), target, "{edit}");
+        assert_ne!(top_token(&edit["before"]), target, "{edit}");
+        assert_eq!(top_token(&edit["after"]), target, "{edit}");
     }
+    let patch = edited.join("memit-patch.safetensors");
+    assert_eq!(report["written"]["patch"].as_str().unwrap(), patch.display().to_string());
+
+    // Only the edited layers' W_out differ from the original.
+    let original = tensors(&facts_model());
+    let changed: Vec<&String> = original.keys().filter(|k| tensors(&edited)[*k] != original[*k]).collect();
+    assert_eq!(changed, ["transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.weight"]);
+
+    // The edited model folder predicts the new targets when loaded afresh.
+    let gen = ok(memit(&dir).args(["generate", "--prompt", "Danielle Darrieux", "--max-new-tokens", "1", "--model"]).arg(&edited).output().unwrap());
+    assert_eq!(String::from_utf8_lossy(&gen.stdout).trim(), "Danielle Darrieux English");
+    // So does the original with the patch applied in memory.
+    let gen = ok(memit(&dir).args(["generate", "--prompt", "Danielle Darrieux", "--max-new-tokens", "1", "--model"]).arg(facts_model()).arg("--patch").arg(&patch).output().unwrap());
+    assert_eq!(String::from_utf8_lossy(&gen.stdout).trim(), "Danielle Darrieux English");
+
+    // Revert: bitwise the original weights.
+    let reverted = dir.join("reverted");
+    ok(memit(&dir).args(["revert", "--model"]).arg(&edited).arg("--out").arg(&reverted).output().unwrap());
+    assert!(tensors(&reverted) == original, "revert restores every tensor bit for bit");
+    // Apply to the original: bitwise the edited weights.
+    let applied = dir.join("applied");
+    ok(memit(&dir).args(["apply", "--model"]).arg(facts_model()).arg("--patch").arg(&patch).arg("--out").arg(&applied).output().unwrap());
+    assert!(tensors(&applied) == tensors(&edited), "apply reproduces the edit bit for bit");
+    // In place, both ways.
+    ok(memit(&dir).args(["revert", "--in-place", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap());
+    assert!(tensors(&applied) == original);
+    fails_with(memit(&dir).args(["revert", "--in-place", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap(), "does not have this patch applied");
+    ok(memit(&dir).args(["apply", "--in-place", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap());
+    assert!(tensors(&applied) == tensors(&edited));
+    fails_with(memit(&dir).args(["apply", "--in-place", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap(), "already has this patch applied");
+
+    // diff: the four layers, their ‖ΔW‖, and the predictions either side.
+    let diff = json(&ok(memit(&dir).args(["--json", "diff", "--model"]).arg(&edited).output().unwrap()));
+    assert_eq!(diff["model_state"], "edited");
+    let layers = diff["layers"].as_array().unwrap();
+    assert_eq!(layers.iter().map(|l| l["layer"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert!(layers.iter().all(|l| l["delta_norm"].as_f64().unwrap() > 0.0 && l["rank_bound"] == 2));
+    for r in diff["requests"].as_array().unwrap() {
+        assert_eq!(top_token(&r["after"]), format!(" {}", r["target_new"].as_str().unwrap()));
+        assert_ne!(top_token(&r["before"]), top_token(&r["after"]));
+    }
+
+    // A patch never applies to another model, nor when tampered with.
+    fails_with(memit(&dir).args(["apply", "--model"]).arg(fixtures().join("facts-gpt2")).arg("--patch").arg(&patch).arg("--out").arg(&applied).output().unwrap(), "already exists");
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(facts_model().join(f), other.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(facts_model().join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut altered = st.tensor("transformer.h.2.mlp.c_proj.weight").unwrap().data().to_vec();
+    altered[0] ^= 1;
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = if name == "transformer.h.2.mlp.c_proj.weight" { altered.clone() } else { view.data().to_vec() };
+            (name, view.dtype(), view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<_> = views.iter().map(|(n, d, s, data)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), data).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &other.join("model.safetensors")).unwrap();
+    fails_with(memit(&dir).args(["apply", "--model"]).arg(&other).arg("--patch").arg(&patch).arg("--out").arg(dir.join("x")).output().unwrap(), "does not fit the model");
+    assert!(!dir.join("x").exists(), "nothing written on failure");
+
+    let tampered = dir.join("tampered.safetensors");
+    let mut bytes = std::fs::read(&patch).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&tampered, bytes).unwrap();
+    fails_with(memit(&dir).args(["diff", "--model"]).arg(facts_model()).arg("--patch").arg(&tampered).output().unwrap(), "corrupted");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
-fn generate_continues_a_prompt() {
-    let out = memit().args(["generate", "--prompt", "Danielle Darrieux", "--max-new-tokens", "2", "--model"]).arg(fixtures().join("facts-gpt2")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Danielle Darrieux French.");
+fn stats_pause_resume_and_are_cached_per_model() {
+    let dir = scratch("stats");
+    let cache = dir.join("facts.safetensors");
+    let stats = |extra: &[&str]| memit(&dir).args(["--json", "stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&cache).args(extra).output().unwrap();
+    let paused = json(&ok(stats(&["--stop-after-batches", "3"])));
+    assert_eq!(paused["status"], "paused");
+    assert_eq!(paused["texts_done"], 48);
+    assert!(!cache.exists() && dir.join("facts.safetensors.partial").exists());
+    let out = ok(stats(&[]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming statistics"), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = json(&out);
+    assert_eq!((done["status"].as_str(), done["from_cache"].as_bool()), (Some("complete"), Some(false)));
+    assert!(cache.exists() && !dir.join("facts.safetensors.partial").exists());
+    let again = json(&ok(stats(&[])));
+    assert_eq!(again["from_cache"], true);
+    assert_eq!(again["n_tokens"], done["n_tokens"]);
+
+    // The same statistics without a pause: bitwise the same covariances.
+    let straight = dir.join("straight.safetensors");
+    ok(memit(&dir).args(["stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&straight).output().unwrap());
+    let (a, b) = (std::fs::read(&cache).unwrap(), std::fs::read(&straight).unwrap());
+    let (a, b) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
+    for layer in 0..4 {
+        let name = format!("layer.{layer}.mom2");
+        assert!(a.tensor(&name).unwrap().data() == b.tensor(&name).unwrap().data(), "{name} differs after pause/resume");
+    }
+
+    // Another corpus (or model) is refused, and the cache is left intact.
+    let before = std::fs::read(&cache).unwrap();
+    fails_with(memit(&dir).args(["stats", "--n-texts", "100", "--model"]).arg(facts_model()).arg("--stats").arg(&cache).output().unwrap(), "belongs to another model or setup");
+    assert_eq!(std::fs::read(&cache).unwrap(), before);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
-fn bad_input_gets_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("memit-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn eval_reports_counterfact_and_zsre_scores() {
+    let dir = scratch("eval");
+    let report = dir.join("cf.json");
+    let plot = dir.join("cf.svg");
+    let out = ok(memit(&dir)
+        .args(["eval", "--dataset", "counterfact", "--templates", "plain", "--n", "6", "--sizes", "1,6", "--gen-tokens", "5", "--model"])
+        .arg(facts_model())
+        .args(STATS)
+        .arg("--data")
+        .arg(facts_model().join("counterfact.json"))
+        .arg("--report")
+        .arg(&report)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("6 edits"));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["unedited"]["efficacy_score"], 0.0, "the model knows the true objects");
+    let points = r["points"].as_array().unwrap();
+    assert_eq!(points.iter().map(|p| p["edits"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 6]);
+    for p in points {
+        let m = &p["metrics"];
+        assert!(m["efficacy_score"].as_f64().unwrap() >= 50.0, "{m}");
+        let (es, ps, ns) = (m["efficacy_score"].as_f64().unwrap(), m["paraphrase_score"].as_f64().unwrap(), m["neighborhood_score"].as_f64().unwrap());
+        let harmonic = if es * ps * ns > 0.0 { 3.0 / (1.0 / es + 1.0 / ps + 1.0 / ns) } else { 0.0 };
+        assert!((m["score"].as_f64().unwrap() - harmonic).abs() < 1e-3, "{m}");
+        assert!(m["generation_entropy"].as_f64().unwrap() > 0.0);
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 4, "{svg}");
+
+    // zsRE: the facts model knows none of these; editing layers 0-2 (the
+    // questions continue after the subject) still runs end to end.
+    let hp = dir.join("hp.json");
+    std::fs::write(&hp, r#"{"layers": [0, 1, 2]}"#).unwrap();
+    let zsre = dir.join("zsre.json");
+    ok(memit(&dir)
+        .args(["eval", "--dataset", "zsre", "--templates", "plain", "--n", "3", "--mode", "sequential", "--model"])
+        .arg(facts_model())
+        .args(STATS)
+        .arg("--hparams")
+        .arg(&hp)
+        .arg("--data")
+        .arg(fixtures().join("datasets/zsre-20.json"))
+        .arg("--report")
+        .arg(&zsre)
+        .output()
+        .unwrap());
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&zsre).unwrap()).unwrap();
+    assert_eq!(r["points"].as_array().unwrap().len(), 3, "one point per sequential step");
+    for key in ["efficacy", "paraphrase", "specificity"] {
+        let v = r["points"][2]["metrics"][key].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&v), "{key} = {v}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let dir = scratch("bad");
     let cases = [
         ("malformed.json", "[{\"prompt\": ", "is not a JSON list of MEMIT requests"),
-        ("no-braces.json", r#"[{"prompt": "Paris is in", "subject": "Paris", "target_new": {"str": "Rome"}}]"#, "exactly one {}"),
+        ("no-braces.json", r#"[{"prompt": "Paris is in", "subject": "Paris", "target_new": {"str": "Rome"}}]"#, "replace it with {}"),
         ("empty-target.json", r#"[{"prompt": "{}", "subject": "Paris", "target_new": {"str": " "}}]"#, "target_new.str is empty"),
+        ("top-layer.json", r#"[{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": {"str": "English"}}]"#, "is the model's last block"),
     ];
     for (name, body, expected) in cases {
         let path = dir.join(name);
         std::fs::write(&path, body).unwrap();
-        let out = memit().args(["edit", "--model"]).arg(fixtures().join("facts-gpt2")).arg("--requests").arg(&path).output().unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(expected), "{name}: {stderr}");
+        let out_dir = dir.join(format!("{name}.out"));
+        let out = memit(&dir).args(["edit", "--templates", "plain", "--model"]).arg(facts_model()).args(STATS).arg("--requests").arg(&path).arg("--out").arg(&out_dir).output().unwrap();
+        fails_with(out, expected);
+        assert!(!out_dir.exists(), "{name}: no output folder on failure");
     }
-    let out = memit().args(["generate", "--prompt", "x", "--model", "/no/such/model"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+    fails_with(memit(&dir).args(["generate", "--prompt", "x", "--model", "/no/such/model"]).output().unwrap(), "/no/such/model");
+    fails_with(memit(&dir).args(["diff", "--model"]).arg(facts_model()).arg("--patch").arg(facts_model().join("config.json")).output().unwrap(), "not a patch file");
+    let not_dataset = dir.join("x.json");
+    std::fs::write(&not_dataset, "{}").unwrap();
+    fails_with(memit(&dir).args(["eval", "--dataset", "zsre", "--model"]).arg(facts_model()).arg("--data").arg(&not_dataset).output().unwrap(), "is not a list of zsRE records");
     std::fs::remove_dir_all(&dir).ok();
 }

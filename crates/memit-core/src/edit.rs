@@ -118,7 +118,11 @@ pub async fn apply_memit(
     let mut targets = Vec::with_capacity(prepared.len());
     for (i, req) in prepared.iter().enumerate() {
         progress(Progress { stage: "target vectors", done: i, total: prepared.len() });
-        targets.push(compute_target(model, tokenizer, req, templates, hp).await?);
+        let target = compute_target(model, tokenizer, req, templates, hp).await.map_err(|e| match e {
+            MemitError::Request { detail, .. } => MemitError::Request { index: i, detail },
+            other => other,
+        })?;
+        targets.push(target);
     }
     progress(Progress { stage: "target vectors", done: prepared.len(), total: prepared.len() });
     let n = prepared.len();

@@ -39,7 +39,8 @@ impl EditRequest {
     pub fn prepare(&self, index: usize, tokenizer: &TextTokenizer) -> Result<PreparedRequest> {
         let fail = |detail: String| MemitError::Request { index, detail };
         if self.prompt.matches("{}").count() != 1 {
-            return Err(fail(format!("prompt {:?} must contain exactly one {{}} where the subject goes", self.prompt)));
+            let hint = if !self.subject.is_empty() && self.prompt.contains(&self.subject) { " (it contains the subject itself: replace it with {})" } else { "" };
+            return Err(fail(format!("prompt {:?} must contain exactly one {{}} where the subject goes{hint}", self.prompt)));
         }
         if self.subject.trim().is_empty() {
             return Err(fail("subject is empty".into()));

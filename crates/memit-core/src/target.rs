@@ -126,6 +126,20 @@ pub async fn compute_target(model: &Model, tokenizer: &TextTokenizer, req: &Prep
     let rows = batch.batch * batch.seq;
     let n_rewrite = templates.len();
     let kl_row = *prompts.lookup_rows.last().expect("KL prompt");
+    // Above the model's last block only the unembedding is left: δ at the
+    // subject can then change no prediction but the subject position's own.
+    if layer + 1 == model.config.n_layers {
+        if let Some(b) = (0..n_rewrite).find(|&b| !prompts.target_rows[b].contains(&prompts.lookup_rows[b])) {
+            return Err(MemitError::Request {
+                index: 0,
+                detail: format!(
+                    "the last edited layer {layer} is the model's last block, so nothing can carry the edit from the subject to the prediction of {:?} in {:?}; edit lower layers (hparams `layers`) or end the prompt with the subject",
+                    req.target_text,
+                    templates[b].replace("{}", &req.request.prompt)
+                ),
+            });
+        }
+    }
 
     let hidden = model.forward(batch, &[layer], false)?.hidden[layer].clone().expect("captured");
     let base = ctx.read(&hidden).await?;

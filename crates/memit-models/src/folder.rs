@@ -20,6 +20,8 @@ pub struct LoadedModel {
     pub model: Model,
     /// Present when the folder has a `tokenizer.json`.
     pub tokenizer: Option<TextTokenizer>,
+    /// The checkpoint the weights came from, for exact rewriting.
+    pub source: Box<dyn WeightSource>,
 }
 
 /// Loads `config.json`, the safetensors weights (memory-mapped) and, if
@@ -36,7 +38,7 @@ pub fn load_hf_dir(ctx: Arc<GpuContext>, dir: &Path, options: LoadOptions) -> Re
     let model = Model::load(ctx, config, &source, options)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(TextTokenizer::from_file(&tokenizer_path)?) } else { None };
-    Ok(LoadedModel { model, tokenizer })
+    Ok(LoadedModel { model, tokenizer, source: Box::new(source) })
 }
 
 /// Loads a `.gguf` file (with its embedded tokenizer) or a Hugging Face
@@ -45,7 +47,8 @@ pub fn load_model_path(ctx: Arc<GpuContext>, path: &Path, options: LoadOptions) 
     if path.extension().is_some_and(|e| e == "gguf") {
         let source = GgufSource::open(path)?;
         let tokenizer = Some(source.tokenizer()?);
-        Ok(LoadedModel { model: Model::load(ctx, source.config()?, &source, options)?, tokenizer })
+        let model = Model::load(ctx, source.config()?, &source, options)?;
+        Ok(LoadedModel { model, tokenizer, source: Box::new(source) })
     } else {
         load_hf_dir(ctx, path, options)
     }

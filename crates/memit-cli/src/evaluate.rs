@@ -1,0 +1,247 @@
+//! `eval`: edit a slice of CounterFact or zsRE and score it with the MEMIT
+//! paper's metrics, in batches of several sizes or sequentially, with a
+//! JSON report and an SVG plot of scores against the number of edits.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use memit_core::{apply_memit, context_templates, EditRequest};
+use memit_eval::{mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, CounterFactCase, ZsreRecord};
+use memit_models::{Model, TextTokenizer};
+use serde::Serialize;
+
+use crate::patching::Templates;
+use crate::plot::{line_chart, Series};
+use crate::session::{spinner, write_atomic, EditProgress, ModelArgs, Session, StatsArgs};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataset {
+    Counterfact,
+    Zsre,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Each size in --sizes edited at once, from the unedited model.
+    Batch,
+    /// --chunk edits at a time, one batch after another on the same model.
+    Sequential,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, value_enum)]
+    pub dataset: Dataset,
+    /// The dataset file (MEMIT's CounterFact records, or MEND's zsRE records).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Number of cases to edit and score.
+    #[arg(long, default_value_t = 10)]
+    pub n: usize,
+    /// Skip this many cases first.
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Batch)]
+    pub mode: Mode,
+    /// Batch mode: the numbers of edits to make at once (default: --n).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
+    /// Sequential mode: edits per step.
+    #[arg(long, default_value_t = 1)]
+    pub chunk: usize,
+    #[command(flatten)]
+    pub stats: StatsArgs,
+    /// A preset name or a JSON file overriding the model's preset.
+    #[arg(long)]
+    pub hparams: Option<String>,
+    #[arg(long, value_enum, default_value_t = Templates::Generated)]
+    pub templates: Templates,
+    /// Tokens generated per prompt for the generation entropy (CounterFact;
+    /// 0 skips it).
+    #[arg(long, default_value_t = 20)]
+    pub gen_tokens: usize,
+    /// JSON report path.
+    #[arg(long, default_value = "memit-eval.json")]
+    pub report: PathBuf,
+    /// SVG plot of the scores against the number of edits.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+enum Cases {
+    CounterFact(Vec<CounterFactCase>),
+    Zsre(Vec<ZsreRecord>),
+}
+
+impl Cases {
+    fn load(args: &EvalArgs) -> Result<(Cases, usize)> {
+        let text = std::fs::read_to_string(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+        let window = |len: usize| {
+            ensure!(args.offset < len, "--offset {} is past the {len} records of {}", args.offset, args.data.display());
+            Ok(args.offset..(args.offset + args.n).min(len))
+        };
+        Ok(match args.dataset {
+            Dataset::Counterfact => {
+                let all: Vec<CounterFactCase> = serde_json::from_str(&text).with_context(|| format!("{} is not a list of CounterFact records", args.data.display()))?;
+                (Cases::CounterFact(all[window(all.len())?].to_vec()), 0)
+            }
+            Dataset::Zsre => {
+                let all: Vec<ZsreRecord> = serde_json::from_str(&text).with_context(|| format!("{} is not a list of zsRE records", args.data.display()))?;
+                let picked = &all[window(all.len())?];
+                // MEMIT needs the subject inside the question to find its tokens.
+                let usable: Vec<ZsreRecord> = picked.iter().filter(|r| r.src.contains(&r.subject)).cloned().collect();
+                let skipped = picked.len() - usable.len();
+                (Cases::Zsre(usable), skipped)
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Cases::CounterFact(c) => c.len(),
+            Cases::Zsre(r) => r.len(),
+        }
+    }
+
+    fn requests(&self, offset: usize) -> Vec<EditRequest> {
+        match self {
+            Cases::CounterFact(c) => c.iter().map(CounterFactCase::request).collect(),
+            Cases::Zsre(r) => r.iter().enumerate().map(|(i, r)| r.request((offset + i) as u64).expect("filtered")).collect(),
+        }
+    }
+
+    /// Scores the first `k` cases; metric name → value (%, or bits for
+    /// entropy).
+    fn score(&self, model: &Model, tok: &TextTokenizer, k: usize, gen_tokens: usize) -> Result<Vec<(String, f64)>> {
+        let mut metrics = Vec::new();
+        match self {
+            Cases::CounterFact(c) => {
+                let s = summarize(&pollster::block_on(score_counterfact(model, tok, &c[..k]))?);
+                metrics.extend([
+                    ("efficacy_score", s.efficacy_score),
+                    ("efficacy_magnitude", s.efficacy_magnitude),
+                    ("paraphrase_score", s.paraphrase_score),
+                    ("neighborhood_score", s.neighborhood_score),
+                    ("score", s.score),
+                ]
+                .map(|(n, v)| (n.to_string(), v as f64)));
+                if gen_tokens > 0 {
+                    let prompts: Vec<String> = c[..k]
+                        .iter()
+                        .flat_map(|c| std::iter::once(c.requested_rewrite.prompt.replace("{}", &c.requested_rewrite.subject)).chain(c.paraphrase_prompts.iter().cloned()))
+                        .collect();
+                    metrics.push(("generation_entropy".into(), pollster::block_on(mean_generation_entropy(model, tok, &prompts, gen_tokens, 0))?));
+                }
+            }
+            Cases::Zsre(r) => {
+                let s = summarize_zsre(&pollster::block_on(score_zsre(model, tok, &r[..k]))?);
+                metrics.extend([("efficacy", s.efficacy), ("paraphrase", s.paraphrase), ("specificity", s.specificity)].map(|(n, v)| (n.to_string(), v as f64)));
+            }
+        }
+        Ok(metrics)
+    }
+}
+
+#[derive(Serialize)]
+struct Point {
+    edits: usize,
+    metrics: serde_json::Map<String, serde_json::Value>,
+    edit_seconds: f64,
+    score_seconds: f64,
+}
+
+fn as_map(metrics: Vec<(String, f64)>) -> serde_json::Map<String, serde_json::Value> {
+    metrics.into_iter().map(|(k, v)| (k, serde_json::json!(v))).collect()
+}
+
+pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
+    let (cases, skipped) = Cases::load(&args)?;
+    ensure!(cases.len() > 0, "no usable cases in {} at offset {} (n = {})", args.data.display(), args.offset, args.n);
+    if skipped > 0 {
+        eprintln!("skipped {skipped} zsRE record(s) whose question does not contain the subject");
+    }
+    let session = Session::open(&args.model)?;
+    let (model, tok) = (&session.model, &session.tokenizer);
+    let requests = cases.requests(args.offset);
+    for (i, r) in requests.iter().enumerate() {
+        r.prepare(i, tok).with_context(|| format!("case {} of {}", args.offset + i, args.data.display()))?;
+    }
+    let hp = session.hparams(args.hparams.as_deref())?;
+    let (covariances, stats_path) = session.covariances(&hp, &args.stats)?;
+    let templates = match args.templates {
+        Templates::Plain => vec!["{}".to_string()],
+        Templates::Generated => pollster::block_on(context_templates(model, tok, hp.context_template_length, 0))?,
+    };
+    let n = cases.len();
+    let steps: Vec<(usize, usize)> = match args.mode {
+        Mode::Batch => {
+            let mut sizes = if args.sizes.is_empty() { vec![n] } else { args.sizes.clone() };
+            sizes.iter_mut().for_each(|s| *s = (*s).clamp(1, n));
+            sizes.sort_unstable();
+            sizes.dedup();
+            sizes.into_iter().map(|s| (0, s)).collect()
+        }
+        Mode::Sequential => (0..n).step_by(args.chunk.max(1)).map(|from| (from, (from + args.chunk.max(1)).min(n))).collect(),
+    };
+
+    let s = spinner("scoring the unedited model");
+    let pre = cases.score(model, tok, n, args.gen_tokens)?;
+    s.finish_and_clear();
+    let mut points = Vec::new();
+    let mut current = model.clone();
+    for &(from, to) in &steps {
+        if args.mode == Mode::Batch {
+            current = model.clone();
+        }
+        eprintln!("editing cases {from}..{to} ({} mode)", if args.mode == Mode::Batch { "batch" } else { "sequential" });
+        let mut progress = EditProgress::new();
+        let start = Instant::now();
+        pollster::block_on(apply_memit(&mut current, tok, &requests[from..to], &hp, &templates, &covariances, &mut |p| progress.report(p)))?;
+        progress.finish();
+        let edit_seconds = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let s = spinner(&format!("scoring {to} edited case(s)"));
+        let metrics = cases.score(&current, tok, to, args.gen_tokens)?;
+        s.finish_and_clear();
+        points.push(Point { edits: to, metrics: as_map(metrics), edit_seconds, score_seconds: start.elapsed().as_secs_f64() });
+    }
+
+    let report = serde_json::json!({
+        "model": session.path, "model_fingerprint": session.fingerprint, "adapter": model.ctx.adapter_info().name,
+        "dataset": args.dataset, "data": args.data, "offset": args.offset, "cases": n, "skipped": skipped,
+        "mode": args.mode, "hparams": hp, "stats": stats_path, "n_stats_tokens": covariances[0].n_tokens,
+        "unedited": as_map(pre.clone()), "points": points,
+    });
+    write_atomic(&args.report, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    if let Some(plot) = &args.plot {
+        let names: Vec<String> = pre.iter().map(|(k, _)| k.clone()).filter(|k| k != "efficacy_magnitude" && k != "generation_entropy").collect();
+        let series: Vec<Series> = names
+            .iter()
+            .map(|name| Series {
+                name: name.clone(),
+                points: std::iter::once((0.0, pre.iter().find(|(k, _)| k == name).map_or(0.0, |m| m.1)))
+                    .chain(points.iter().map(|p| (p.edits as f64, p.metrics[name].as_f64().unwrap_or(0.0))))
+                    .collect(),
+            })
+            .collect();
+        let title = format!("MEMIT on {} — {} mode", session.path.display(), if args.mode == Mode::Batch { "batch" } else { "sequential" });
+        write_atomic(plot, line_chart(&title, "number of edits (0 = unedited)", "score (%)", &series).as_bytes())?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let row = |label: String, metrics: &[(String, f64)]| println!("{label:>10}  {}", metrics.iter().map(|(k, v)| format!("{k} {v:.1}")).collect::<Vec<_>>().join("  "));
+        row("unedited".into(), &pre);
+        for p in &points {
+            let metrics: Vec<(String, f64)> = p.metrics.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0))).collect();
+            row(format!("{} edits", p.edits), &metrics);
+        }
+        println!("report: {}{}", args.report.display(), args.plot.as_ref().map(|p| format!(", plot: {}", p.display())).unwrap_or_default());
+    }
+    Ok(())
+}

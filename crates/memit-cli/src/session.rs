@@ -1,0 +1,314 @@
+//! What every subcommand shares: opening the GPU and a model, resolving
+//! hyperparameters, the covariance statistics (cached, resumable), progress
+//! bars and crash-safe file writes.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use memit_core::{load_cache, Hparams, LayerCovariance, Progress, StatsAccumulator, StatsIdentity};
+use memit_gpu::{DType, GpuContext};
+use memit_models::{load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, StoredTensor, TextTokenizer, WeightSource};
+use sha2::{Digest, Sha256};
+
+/// `--model` and how to hold its weights.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder (config.json, tokenizer.json,
+    /// safetensors) or a llama-architecture .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Keep weight matrices in f16 on the GPU (half the memory; arithmetic
+    /// stays f32).
+    #[arg(long)]
+    pub f16: bool,
+}
+
+/// Where the covariance statistics come from.
+#[derive(clap::Args, Clone)]
+pub struct StatsArgs {
+    /// Statistics cache file. Made (and resumed) here when missing; default:
+    /// a file per model, corpus and layer set under --stats-dir.
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    /// Folder for statistics caches (default: $MEMIT_CACHE, else
+    /// $XDG_CACHE_HOME/memit-wgpu, else ~/.cache/memit-wgpu).
+    #[arg(long)]
+    pub stats_dir: Option<PathBuf>,
+    /// Text for the statistics: a file (one text per line) or a folder of
+    /// .txt files. Default: the model folder's train.txt.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Use at most this many texts (default: the hyperparameters'
+    /// mom2_n_samples).
+    #[arg(long)]
+    pub n_texts: Option<usize>,
+    /// Truncate each text to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// Texts per GPU batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Write a resumable checkpoint every this many batches.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+}
+
+pub struct Session {
+    pub path: PathBuf,
+    pub model: Model,
+    pub tokenizer: TextTokenizer,
+    pub source: Box<dyn WeightSource>,
+    /// SHA-256 of the weights.
+    pub fingerprint: String,
+}
+
+impl Session {
+    pub fn open(args: &ModelArgs) -> Result<Session> {
+        let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
+        let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 } };
+        let spinner = spinner(&format!("loading {}", args.model.display()));
+        let loaded = load_model_path(ctx, &args.model, options).with_context(|| format!("loading the model at {}", args.model.display()))?;
+        let tokenizer = loaded.tokenizer.with_context(|| format!("{} has no tokenizer.json", args.model.display()))?;
+        spinner.set_message("fingerprinting the weights");
+        let fingerprint = loaded.source.fingerprint();
+        spinner.finish_and_clear();
+        Ok(Session { path: args.model.clone(), model: loaded.model, tokenizer, source: loaded.source, fingerprint })
+    }
+
+    /// The model's preset, or `spec`: a preset name or a JSON file of
+    /// overrides.
+    pub fn hparams(&self, spec: Option<&str>) -> Result<Hparams> {
+        let base = Hparams::for_model(&self.model.config);
+        let hp = match spec {
+            None => base,
+            Some(s) if Path::new(s).is_file() => {
+                let text = std::fs::read_to_string(s).with_context(|| format!("reading {s}"))?;
+                let overrides: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{s} is not valid JSON"))?;
+                base.with_overrides(&overrides)?
+            }
+            Some(name) => Hparams::preset(name).with_context(|| format!("--hparams {name:?} is neither a file nor a preset name"))?,
+        };
+        hp.validate(&self.model.config)?;
+        Ok(hp)
+    }
+
+    /// W_out of `layer` exactly as stored in the checkpoint.
+    pub fn stored_mlp_out(&self, layer: usize) -> Result<StoredTensor> {
+        let want = mlp_out_name(self.model.config.arch, layer);
+        let name = resolve_name(self.source.as_ref(), &want)?.with_context(|| format!("the checkpoint has no `{want}`"))?;
+        self.source.stored(&name)?.with_context(|| format!("the checkpoint has no `{name}`"))
+    }
+
+    /// The covariance statistics for `hp.layers`: from the cache when it
+    /// exists and matches, else collected now (resuming an interrupted run)
+    /// and cached.
+    pub fn covariances(&self, hp: &Hparams, args: &StatsArgs) -> Result<(Vec<LayerCovariance>, PathBuf)> {
+        match self.collect_stats(hp, args, None)? {
+            StatsOutcome::Done { covariances, path, .. } => Ok((covariances, path)),
+            StatsOutcome::Paused { .. } => unreachable!("no batch limit"),
+        }
+    }
+
+    pub fn collect_stats(&self, hp: &Hparams, args: &StatsArgs, stop_after_batches: Option<usize>) -> Result<StatsOutcome> {
+        let n_texts = args.n_texts.unwrap_or(hp.mom2_n_samples);
+        let corpus = args.corpus.clone().unwrap_or_else(|| self.path.join("train.txt"));
+        let texts = read_corpus(&corpus, n_texts)?;
+        let identity = StatsIdentity { model_id: self.fingerprint.clone(), corpus_id: corpus_fingerprint(&texts), layers: hp.layers.clone(), max_len: args.max_len };
+        let path = match &args.stats {
+            Some(p) => p.clone(),
+            None => stats_dir(args)?.join(format!(
+                "stats-{}-{}-L{}-len{}.safetensors",
+                &identity.model_id[..16],
+                &identity.corpus_id[..16],
+                hp.layers.iter().map(usize::to_string).collect::<Vec<_>>().join("_"),
+                args.max_len
+            )),
+        };
+        let d_ff = self.model.config.d_ff;
+        if path.exists() {
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let covariances = load_cache(&bytes, &identity, d_ff).with_context(|| format!("statistics cache {}", path.display()))?;
+            return Ok(StatsOutcome::Done { n_tokens: covariances[0].n_tokens, covariances, path, seconds: 0.0, from_cache: true });
+        }
+        let partial = partial_path(&path);
+        let mut acc = if partial.exists() {
+            let bytes = std::fs::read(&partial).with_context(|| format!("reading {}", partial.display()))?;
+            let acc = StatsAccumulator::resume(&self.model, identity, &bytes).with_context(|| format!("resuming from {} (delete it to start over)", partial.display()))?;
+            eprintln!("resuming statistics from {} ({} texts, {} tokens done)", partial.display(), acc.texts_done, acc.n_tokens);
+            acc
+        } else {
+            StatsAccumulator::new(&self.model, identity)?
+        };
+        let bar = progress_bar(texts.len() as u64, "statistics", "texts");
+        bar.set_position(acc.texts_done);
+        let start = Instant::now();
+        let tokens_before = acc.n_tokens;
+        let mut batches = 0;
+        while (acc.texts_done as usize) < texts.len() {
+            let from = acc.texts_done as usize;
+            let batch = &texts[from..(from + args.batch_size.max(1)).min(texts.len())];
+            acc.add_texts(&self.model, &self.tokenizer, batch)?;
+            batches += 1;
+            bar.set_position(acc.texts_done);
+            bar.set_message(format!("{} tokens", acc.n_tokens));
+            let finished = acc.texts_done as usize >= texts.len();
+            let pause = stop_after_batches.is_some_and(|n| batches >= n);
+            if !finished && (pause || batches % args.checkpoint_every.max(1) == 0) {
+                write_atomic(&partial, &pollster::block_on(acc.checkpoint_bytes(&self.model))?)?;
+            }
+            if pause && !finished {
+                bar.abandon_with_message("paused");
+                return Ok(StatsOutcome::Paused { partial, texts_done: acc.texts_done, total: texts.len() as u64 });
+            }
+        }
+        bar.finish_and_clear();
+        let seconds = start.elapsed().as_secs_f64();
+        let new_tokens = acc.n_tokens - tokens_before;
+        eprintln!("statistics: {} tokens from {} texts in {seconds:.1} s ({:.0} tokens/s)", acc.n_tokens, texts.len(), new_tokens as f64 / seconds.max(1e-9));
+        write_atomic(&path, &pollster::block_on(acc.cache_bytes(&self.model))?)?;
+        if partial.exists() {
+            std::fs::remove_file(&partial).with_context(|| format!("removing {}", partial.display()))?;
+        }
+        let covariances = pollster::block_on(acc.covariances(&self.model))?;
+        Ok(StatsOutcome::Done { n_tokens: acc.n_tokens, covariances, path, seconds, from_cache: false })
+    }
+}
+
+pub enum StatsOutcome {
+    Done { covariances: Vec<LayerCovariance>, path: PathBuf, n_tokens: u64, seconds: f64, from_cache: bool },
+    Paused { partial: PathBuf, texts_done: u64, total: u64 },
+}
+
+fn stats_dir(args: &StatsArgs) -> Result<PathBuf> {
+    if let Some(dir) = &args.stats_dir {
+        return Ok(dir.clone());
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("MEMIT_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("memit-wgpu")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/memit-wgpu")))
+        .context("no cache folder: set --stats-dir or MEMIT_CACHE")
+}
+
+/// `cache.safetensors` → `cache.safetensors.partial`.
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Non-empty lines of a file, or of every .txt file in a folder (sorted by
+/// name), up to `limit`.
+pub fn read_corpus(path: &Path, limit: usize) -> Result<Vec<String>> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("the corpus folder {} has no .txt files", path.display());
+        }
+        files
+    } else if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        bail!("statistics corpus {} not found: pass a text file or folder with --corpus", path.display());
+    };
+    let mut texts = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {} (is it UTF-8 text?)", file.display()))?;
+        texts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+        if texts.len() >= limit {
+            break;
+        }
+    }
+    texts.truncate(limit);
+    if texts.is_empty() {
+        bail!("the statistics corpus {} holds no text", path.display());
+    }
+    Ok(texts)
+}
+
+fn corpus_fingerprint(texts: &[String]) -> String {
+    let mut h = Sha256::new();
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over
+/// `path`: readers see the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?.to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let written = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn progress_bar(len: u64, prefix: &str, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{{prefix:>14}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} (ETA {{eta}}) {{msg}}"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+pub fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// Turns `apply_memit`'s progress reports into a bar per stage, and
+/// remembers how long each stage took.
+pub struct EditProgress {
+    bar: Option<(ProgressBar, &'static str, Instant)>,
+    pub stage_seconds: Vec<(&'static str, f64)>,
+}
+
+impl EditProgress {
+    pub fn new() -> EditProgress {
+        EditProgress { bar: None, stage_seconds: Vec::new() }
+    }
+
+    pub fn report(&mut self, p: Progress) {
+        if self.bar.as_ref().is_none_or(|(_, stage, _)| *stage != p.stage) {
+            self.finish();
+            let unit = if p.stage == "layers" { "layers" } else { "requests" };
+            self.bar = Some((progress_bar(p.total as u64, p.stage, unit), p.stage, Instant::now()));
+        }
+        if let Some((bar, _, _)) = &self.bar {
+            bar.set_position(p.done as u64);
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some((bar, stage, start)) = self.bar.take() {
+            bar.finish_and_clear();
+            self.stage_seconds.push((stage, start.elapsed().as_secs_f64()));
+        }
+    }
+}
