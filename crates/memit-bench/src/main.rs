@@ -11,6 +11,7 @@ use serde::Serialize;
 
 mod counterfact;
 mod forward;
+mod memit;
 
 #[derive(Parser)]
 #[command(about = "Benchmark memit-wgpu kernels on the current adapter")]
@@ -51,6 +52,38 @@ enum Command {
         torch_python: Option<PathBuf>,
         #[arg(long, default_value = "target/bench/forward.json")]
         out: PathBuf,
+    },
+    /// Covariance statistics tokens/s and edits/s for batches of edits, by
+    /// phase with peak GPU memory, beside PyTorch when a Python with torch
+    /// is given.
+    Memit {
+        /// Model folder (GPT-2 style for the PyTorch reference) or .gguf.
+        #[arg(long, default_value = "tests/fixtures/facts-gpt2")]
+        model: PathBuf,
+        /// Text for the statistics, one text per line.
+        #[arg(long, default_value = "tests/fixtures/facts-gpt2/train.txt")]
+        corpus: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        texts: usize,
+        #[arg(long, default_value_t = 64)]
+        max_len: usize,
+        /// MEMIT-format CounterFact cases to edit (the first N).
+        #[arg(long, default_value = "tests/fixtures/facts-gpt2/counterfact.json")]
+        cases: PathBuf,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
+        sizes: Vec<usize>,
+        #[arg(long)]
+        torch_python: Option<PathBuf>,
+        #[arg(long, default_value = "target/bench/memit.json")]
+        out: PathBuf,
+    },
+    /// Everything on the defaults: kernels, forward and memit, one JSON each
+    /// under target/bench/ and their tables.
+    All {
+        #[arg(long)]
+        torch_python: Option<PathBuf>,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
     },
     /// Covariance statistics, N CounterFact edits in one batch and the
     /// paper's scores before/after, timed by phase.
@@ -109,6 +142,24 @@ fn main() -> Result<()> {
         Command::Kernels { sizes, seconds, out } => kernels(&sizes, Duration::from_secs_f64(seconds), &out),
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
+        }
+        Command::Memit { model, corpus, texts, max_len, cases, sizes, torch_python, out } => {
+            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, torch_python, out })
+        }
+        Command::All { torch_python, seconds } => {
+            let budget = Duration::from_secs_f64(seconds);
+            kernels(&[256, 512, 1024], budget, &PathBuf::from("target/bench/kernels.json"))?;
+            forward::run(Vec::new(), 4, 32, budget, torch_python.clone(), &PathBuf::from("target/bench/forward.json"))?;
+            memit::run(memit::Options {
+                model: "tests/fixtures/facts-gpt2".into(),
+                corpus: "tests/fixtures/facts-gpt2/train.txt".into(),
+                texts: 400,
+                max_len: 64,
+                cases: "tests/fixtures/facts-gpt2/counterfact.json".into(),
+                sizes: vec![1, 10, 100],
+                torch_python,
+                out: "target/bench/memit.json".into(),
+            })
         }
         Command::Counterfact { model, dataset, corpus, n_edits, stats_texts, max_len, out } => {
             counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, stats_texts, max_len, out })

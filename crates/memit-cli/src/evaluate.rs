@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use memit_core::{apply_memit, context_templates, EditRequest};
+use memit_core::{apply_memit, context_templates, EditRequest, Phases};
 use memit_eval::{mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, CounterFactCase, ZsreRecord};
 use memit_models::{Model, TextTokenizer};
 use serde::Serialize;
@@ -152,6 +152,7 @@ struct Point {
     edits: usize,
     metrics: serde_json::Map<String, serde_json::Value>,
     edit_seconds: f64,
+    phases: Phases,
     score_seconds: f64,
 }
 
@@ -201,14 +202,14 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
         eprintln!("editing cases {from}..{to} ({} mode)", if args.mode == Mode::Batch { "batch" } else { "sequential" });
         let mut progress = EditProgress::new();
         let start = Instant::now();
-        pollster::block_on(apply_memit(&mut current, tok, &requests[from..to], &hp, &templates, &covariances, &mut |p| progress.report(p)))?;
+        let outcome = pollster::block_on(apply_memit(&mut current, tok, &requests[from..to], &hp, &templates, &covariances, &mut |p| progress.report(p)))?;
         progress.finish();
         let edit_seconds = start.elapsed().as_secs_f64();
         let start = Instant::now();
         let s = spinner(&format!("scoring {to} edited case(s)"));
         let metrics = cases.score(&current, tok, to, args.gen_tokens)?;
         s.finish_and_clear();
-        points.push(Point { edits: to, metrics: as_map(metrics), edit_seconds, score_seconds: start.elapsed().as_secs_f64() });
+        points.push(Point { edits: to, metrics: as_map(metrics), edit_seconds, phases: outcome.phases, score_seconds: start.elapsed().as_secs_f64() });
     }
 
     let report = serde_json::json!({

@@ -9,7 +9,7 @@ use memit_core::{apply_memit, context_templates, EditRequest, Patch};
 use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor, TextTokenizer};
 use serde::Serialize;
 
-use crate::session::{spinner, write_atomic, EditProgress, ModelArgs, Session, StatsArgs};
+use crate::session::{describe_phases, spinner, write_atomic, EditProgress, ModelArgs, Session, StatsArgs};
 
 /// Context templates for target vectors.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -215,15 +215,14 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     if json {
         let report = serde_json::json!({
             "layers": hp.layers, "stats": stats_path, "edit_seconds": edit_seconds,
-            "stage_seconds": progress.stage_seconds.iter().map(|(s, t)| serde_json::json!({"stage": s, "seconds": t})).collect::<Vec<_>>(),
+            "phases": outcome.phases,
             "written": written, "edits": rows,
             "weak_targets": weak.iter().map(|&(i, p)| serde_json::json!({"request": i, "target_prob": p})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_requests(&rows);
-        let stages = progress.stage_seconds.iter().map(|(s, t)| format!("{s} {t:.1} s")).collect::<Vec<_>>().join(", ");
-        println!("edited layers {:?} with {} request(s) in {edit_seconds:.1} s ({stages})", hp.layers, requests.len());
+        println!("edited layers {:?} with {} request(s) in {edit_seconds:.1} s ({})", hp.layers, requests.len(), describe_phases(&outcome.phases));
         for (what, path) in &written {
             println!("wrote {what}: {}", path.as_str().unwrap_or_default());
         }

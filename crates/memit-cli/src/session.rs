@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use memit_core::{load_cache, Hparams, LayerCovariance, Progress, StatsAccumulator, StatsIdentity};
+use memit_core::{load_cache, Hparams, LayerCovariance, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
 use memit_models::{load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, StoredTensor, TextTokenizer, WeightSource};
 use sha2::{Digest, Sha256};
@@ -282,33 +282,39 @@ pub fn spinner(message: &str) -> ProgressBar {
     bar
 }
 
-/// Turns `apply_memit`'s progress reports into a bar per stage, and
-/// remembers how long each stage took.
+/// Turns `apply_memit`'s progress reports into a bar per stage.
 pub struct EditProgress {
-    bar: Option<(ProgressBar, &'static str, Instant)>,
-    pub stage_seconds: Vec<(&'static str, f64)>,
+    bar: Option<(ProgressBar, &'static str)>,
 }
 
 impl EditProgress {
     pub fn new() -> EditProgress {
-        EditProgress { bar: None, stage_seconds: Vec::new() }
+        EditProgress { bar: None }
     }
 
     pub fn report(&mut self, p: Progress) {
-        if self.bar.as_ref().is_none_or(|(_, stage, _)| *stage != p.stage) {
+        if self.bar.as_ref().is_none_or(|(_, stage)| *stage != p.stage) {
             self.finish();
             let unit = if p.stage == "layers" { "layers" } else { "requests" };
-            self.bar = Some((progress_bar(p.total as u64, p.stage, unit), p.stage, Instant::now()));
+            self.bar = Some((progress_bar(p.total as u64, p.stage, unit), p.stage));
         }
-        if let Some((bar, _, _)) = &self.bar {
+        if let Some((bar, _)) = &self.bar {
             bar.set_position(p.done as u64);
         }
     }
 
     pub fn finish(&mut self) {
-        if let Some((bar, stage, start)) = self.bar.take() {
+        if let Some((bar, _)) = self.bar.take() {
             bar.finish_and_clear();
-            self.stage_seconds.push((stage, start.elapsed().as_secs_f64()));
         }
     }
+}
+
+/// "target vectors 1.2 s (peak 3 MiB), keys …" for text output.
+pub fn describe_phases(p: &Phases) -> String {
+    [("target vectors", p.target_vectors), ("keys", p.keys), ("solve", p.solve), ("update", p.update)]
+        .iter()
+        .map(|(name, c)| format!("{name} {:.2} s, peak {:.1} MiB", c.seconds, c.peak_bytes as f64 / (1 << 20) as f64))
+        .collect::<Vec<_>>()
+        .join("; ")
 }

@@ -3,6 +3,8 @@
 //! the weight update — keys recomputed after each layer's update.
 
 use memit_gpu::{BinaryOp, DType, MatmulSpec};
+use serde::Serialize;
+use web_time::Instant;
 use memit_models::{Model, TextTokenizer, WeightLayout};
 
 use crate::error::{MemitError, Result};
@@ -42,6 +44,45 @@ pub struct LayerUpdate {
 pub struct EditOutcome {
     pub targets: Vec<TargetVector>,
     pub updates: Vec<LayerUpdate>,
+    pub phases: Phases,
+}
+
+/// Time and peak tensor memory of one phase, summed (time) and maxed
+/// (memory) over layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PhaseCost {
+    pub seconds: f64,
+    pub peak_bytes: u64,
+}
+
+/// Where an edit's time and memory went: target-vector optimisation, key
+/// computation, the solve, and the weight update.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Phases {
+    pub target_vectors: PhaseCost,
+    pub keys: PhaseCost,
+    pub solve: PhaseCost,
+    pub update: PhaseCost,
+}
+
+/// Measures one phase: wall time (work is complete when the phase's last
+/// readback or sync returns) and peak tensor memory.
+struct PhaseClock {
+    ctx: std::sync::Arc<memit_gpu::GpuContext>,
+    start: Instant,
+}
+
+impl PhaseClock {
+    fn start(ctx: &std::sync::Arc<memit_gpu::GpuContext>) -> PhaseClock {
+        let ctx = ctx.clone();
+        ctx.reset_peak_memory();
+        PhaseClock { ctx, start: Instant::now() }
+    }
+
+    fn stop(self, into: &mut PhaseCost) {
+        into.seconds += self.start.elapsed().as_secs_f64();
+        into.peak_bytes = into.peak_bytes.max(self.ctx.memory().peak_bytes);
+    }
 }
 
 /// Adds resid ᵀ·x to W_out of `update.layer`, respecting its storage layout
@@ -115,7 +156,9 @@ pub async fn apply_memit(
     }
     let (d, d_ff) = (model.config.d_model, model.config.d_ff);
     let last = hp.last_layer();
+    let mut phases = Phases::default();
     let mut targets = Vec::with_capacity(prepared.len());
+    let clock = PhaseClock::start(&model.ctx);
     for (i, req) in prepared.iter().enumerate() {
         progress(Progress { stage: "target vectors", done: i, total: prepared.len() });
         let target = compute_target(model, tokenizer, req, templates, hp).await.map_err(|e| match e {
@@ -124,6 +167,7 @@ pub async fn apply_memit(
         })?;
         targets.push(target);
     }
+    clock.stop(&mut phases.target_vectors);
     progress(Progress { stage: "target vectors", done: prepared.len(), total: prepared.len() });
     let n = prepared.len();
     let mut updates = Vec::with_capacity(hp.layers.len());
@@ -133,7 +177,9 @@ pub async fn apply_memit(
         if cov.matrix.len() != d_ff * d_ff {
             return Err(MemitError::Hparams(format!("covariance of layer {layer} is not {d_ff}x{d_ff}")));
         }
+        let clock = PhaseClock::start(&model.ctx);
         let ko = keys_and_outputs(model, tokenizer, &prepared, templates, layer, last).await?;
+        clock.stop(&mut phases.keys);
         let remaining = (hp.layers.len() - i) as f32;
         let mut resid = vec![0.0f32; n * d];
         for r in 0..n {
@@ -141,11 +187,16 @@ pub async fn apply_memit(
                 resid[r * d + j] = (targets[r].z[j] - ko.outputs[r * d + j]) / remaining;
             }
         }
+        let clock = PhaseClock::start(&model.ctx);
         let x = solve_for_keys(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
+        clock.stop(&mut phases.solve);
         let update = LayerUpdate { layer, resid, x };
+        let clock = PhaseClock::start(&model.ctx);
         apply_update(model, &update)?;
+        model.ctx.sync().await?;
+        clock.stop(&mut phases.update);
         updates.push(update);
     }
     progress(Progress { stage: "layers", done: hp.layers.len(), total: hp.layers.len() });
-    Ok(EditOutcome { targets, updates })
+    Ok(EditOutcome { targets, updates, phases })
 }

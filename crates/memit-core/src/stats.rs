@@ -158,17 +158,28 @@ impl StatsAccumulator {
 /// Loads a finished cache, refusing one made for another model, corpus,
 /// layer set or truncation.
 pub fn load_cache(bytes: &[u8], identity: &StatsIdentity, d_ff: usize) -> Result<Vec<LayerCovariance>> {
-    let (meta, st) = parse(bytes)?;
+    let (meta, _) = parse(bytes)?;
     check_identity(&meta, identity)?;
+    Ok(read_cache(bytes, d_ff)?.1)
+}
+
+/// Loads a finished cache with what it says it was made from (for callers
+/// that only know the model, such as the browser editor).
+pub fn read_cache(bytes: &[u8], d_ff: usize) -> Result<(StatsIdentity, Vec<LayerCovariance>)> {
+    let (meta, st) = parse(bytes)?;
     if meta.get("complete").map(String::as_str) != Some("true") {
         return Err(stats_error("this stats file is an unfinished checkpoint: resume the stats run to finish it"));
     }
+    let text = |key: &str| meta.get(key).cloned().ok_or_else(|| stats_error(format!("stats file has no `{key}`")));
+    let layers = text("layers")?.split(',').map(|l| l.parse().map_err(|_| stats_error("bad `layers`"))).collect::<Result<Vec<usize>>>()?;
+    let identity = StatsIdentity { model_id: text("model_id")?, corpus_id: text("corpus_id")?, layers, max_len: meta_u64(&meta, "max_len")? as usize };
     let n_tokens = meta_u64(&meta, "n_tokens")?;
-    identity
+    let covariances = identity
         .layers
         .iter()
         .map(|&layer| Ok(LayerCovariance { layer, matrix: tensor_f32(&st, &format!("layer.{layer}.mom2"), d_ff)?, n_tokens }))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((identity, covariances))
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {

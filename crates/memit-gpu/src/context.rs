@@ -8,6 +8,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{GpuError, Result};
 use crate::shader::{render, ShaderFamily};
+use crate::tensor::{MemoryMeter, MemoryUsage};
 
 /// How to pick and configure the adapter.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +50,7 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     pending: Mutex<Pending>,
     error: Arc<Mutex<Option<GpuError>>>,
+    meter: Arc<MemoryMeter>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -59,6 +61,7 @@ impl std::fmt::Debug for GpuContext {
 
 /// Lower is better: real GPUs first, then software rasterisers; GL last
 /// because its compute support is the weakest.
+#[cfg(not(target_arch = "wasm32"))]
 fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     let kind = match info.device_type {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -141,6 +144,7 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
             error,
+            meter: Arc::default(),
         }))
     }
 
@@ -193,6 +197,20 @@ impl GpuContext {
     /// Largest number of bytes one tensor chunk may hold.
     pub fn chunk_bytes(&self) -> u64 {
         self.chunk_bytes
+    }
+
+    /// Tensor memory now and at its peak (since the last reset).
+    pub fn memory(&self) -> MemoryUsage {
+        self.meter.usage()
+    }
+
+    /// Starts a new peak-memory measurement from what is live now.
+    pub fn reset_peak_memory(&self) {
+        self.meter.reset_peak();
+    }
+
+    pub(crate) fn meter(&self) -> &Arc<MemoryMeter> {
+        &self.meter
     }
 
     pub(crate) fn queue(&self) -> &wgpu::Queue {

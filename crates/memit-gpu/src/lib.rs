@@ -21,4 +21,4 @@ pub use ops::matmul::{MatmulSpec, MatrixView};
 pub use ops::reduce::ReduceOp;
 pub use ops::softmax::Causal;
 pub use shader::ShaderFamily;
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, MemoryUsage, Tensor};

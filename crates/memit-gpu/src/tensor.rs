@@ -5,6 +5,7 @@
 //! so views never need aligned binding offsets.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use half::f16;
@@ -29,10 +30,69 @@ impl DType {
     }
 }
 
+/// Bytes held by live tensors, for memory reports: `live` now, `peak` since
+/// the last `GpuContext::reset_peak_memory`.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryMeter {
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemoryMeter {
+    fn add(&self, bytes: u64) {
+        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+
+    pub fn usage(&self) -> MemoryUsage {
+        MemoryUsage { live_bytes: self.live.load(Ordering::Relaxed), peak_bytes: self.peak.load(Ordering::Relaxed) }
+    }
+
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// GPU memory held by tensors (buffers are counted from allocation until
+/// the last tensor using them is dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub live_bytes: u64,
+    pub peak_bytes: u64,
+}
+
+/// A tensor's buffer, counted by the context's meter until dropped.
+#[derive(Debug)]
+pub(crate) struct TensorBuffer {
+    buffer: wgpu::Buffer,
+    meter: Arc<MemoryMeter>,
+}
+
+impl TensorBuffer {
+    pub(crate) fn new(buffer: wgpu::Buffer, meter: Arc<MemoryMeter>) -> TensorBuffer {
+        meter.add(buffer.size());
+        TensorBuffer { buffer, meter }
+    }
+}
+
+impl std::ops::Deref for TensorBuffer {
+    type Target = wgpu::Buffer;
+
+    fn deref(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+impl Drop for TensorBuffer {
+    fn drop(&mut self) {
+        self.meter.live.fetch_sub(self.buffer.size(), Ordering::Relaxed);
+    }
+}
+
 /// A run of whole rows stored contiguously in one buffer.
 #[derive(Clone, Debug)]
 pub(crate) struct Segment {
-    pub buffer: Arc<wgpu::Buffer>,
+    pub buffer: Arc<TensorBuffer>,
     /// Element offset of the segment's first row in `buffer`.
     pub offset: usize,
     pub rows: usize,
@@ -140,7 +200,7 @@ pub(crate) struct Piece {
     pub row0: usize,
     pub rows: usize,
     /// Per tensor: its buffer and the element offset of row `row0`.
-    pub parts: Vec<(Arc<wgpu::Buffer>, usize)>,
+    pub parts: Vec<(Arc<TensorBuffer>, usize)>,
 }
 
 /// Cuts `0..len` at every chunk boundary (along the first dimension) of any
@@ -170,7 +230,7 @@ pub(crate) fn row_pieces(tensors: &[&Tensor]) -> Vec<Piece> {
 
 impl Tensor {
     /// Buffer and element offset of the start of row `row`.
-    pub(crate) fn locate(&self, row: usize) -> (Arc<wgpu::Buffer>, usize) {
+    pub(crate) fn locate(&self, row: usize) -> (Arc<TensorBuffer>, usize) {
         let mut start = 0;
         for seg in &self.segments {
             if row < start + seg.rows {
@@ -234,7 +294,7 @@ impl GpuContext {
         while done < rows || segments.is_empty() {
             let n = per_chunk.min(rows - done);
             let buffer = self.create_buffer(n as u64 * row_bytes, STORAGE, "tensor")?;
-            segments.push(Segment { buffer: Arc::new(buffer), offset: 0, rows: n });
+            segments.push(Segment { buffer: Arc::new(TensorBuffer::new(buffer, self.meter().clone())), offset: 0, rows: n });
             done += n;
         }
         Ok(Tensor { shape: shape.to_vec(), dtype, segments })

@@ -66,3 +66,22 @@ fn sync_waits_for_queued_work() {
     pollster::block_on(ctx.sync()).unwrap();
     assert!(read(&ctx, &t).iter().all(|&v| v == 3.0));
 }
+
+#[test]
+fn memory_meter_counts_live_and_peak_tensor_bytes() {
+    // Its own context: other tests' tensors must not move the counts.
+    let ctx = pollster::block_on(GpuContext::new(GpuOptions { max_chunk_bytes: Some(4096), ..Default::default() })).expect("a GPU adapter");
+    let start = ctx.memory();
+    ctx.reset_peak_memory();
+    let a = ctx.zeros(&[100, 30], DType::F32).unwrap(); // 12,000 bytes over 3 chunks (34 rows each: 4,080 + 4,080 + 3,840)
+    let b = ctx.zeros(&[10, 10], DType::F16).unwrap(); // 200 bytes
+    assert_eq!(ctx.memory().live_bytes - start.live_bytes, 12_000 + 200);
+    let view = a.slice_rows(10..20).unwrap(); // shares a's first chunk
+    drop(a);
+    assert_eq!(ctx.memory().live_bytes - start.live_bytes, 4_080 + 200, "a view keeps only the chunk it lies in alive");
+    drop(view);
+    drop(b);
+    let end = ctx.memory();
+    assert_eq!(end.live_bytes, start.live_bytes);
+    assert_eq!(end.peak_bytes - start.live_bytes, 12_200);
+}

@@ -20,7 +20,7 @@ pub use gguf::{GgufSource, GgufValue};
 pub use generate::{argmax, GenerateOptions, Sampling};
 pub use model::{mlp_out_name, resolve_name, rope_table, Block, Linear, LoadOptions, Model, Norm, QkvProjection, WeightLayout};
 pub use tokenizer::TextTokenizer;
-pub use weights::{FileBytes, HostData, HostTensor, SafetensorsSource, StoredDtype, StoredTensor, WeightSource};
+pub use weights::{decode_safetensors, upload_weight, FileBytes, HostData, HostTensor, SafetensorsSource, StoredDtype, StoredTensor, WeightSource};
 
 #[cfg(not(target_arch = "wasm32"))]
 mod folder;

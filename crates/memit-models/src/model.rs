@@ -6,7 +6,7 @@ use memit_gpu::{BinaryOp, DType, GpuContext, Tensor};
 
 use crate::config::{Arch, ModelConfig, Residual};
 use crate::error::{ModelError, Result};
-use crate::weights::{HostData, HostTensor, WeightSource};
+use crate::weights::{upload_weight, HostTensor, WeightSource};
 
 /// How a projection's weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,13 +129,10 @@ pub fn mlp_out_name(arch: Arch, layer: usize) -> String {
 /// `name` as the source spells it: as given, or without GPT-2's
 /// `transformer.` prefix.
 pub fn resolve_name(source: &dyn WeightSource, name: &str) -> Result<Option<String>> {
-    if source.tensor(name)?.is_some() {
+    if source.contains(name) {
         return Ok(Some(name.to_string()));
     }
-    match name.strip_prefix("transformer.") {
-        Some(short) if source.tensor(short)?.is_some() => Ok(Some(short.to_string())),
-        _ => Ok(None),
-    }
+    Ok(name.strip_prefix("transformer.").filter(|short| source.contains(short)).map(String::from))
 }
 
 fn names(arch: Arch) -> Names {
@@ -217,35 +214,38 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn find(&self, name: &str) -> Result<Option<HostTensor>> {
-        if let Some(t) = self.source.tensor(name)? {
-            return Ok(Some(t));
+    /// `name` as the source spells it (also without `transformer.`).
+    fn resolve(&self, name: &str) -> Option<String> {
+        if self.source.contains(name) {
+            return Some(name.to_string());
         }
-        match name.strip_prefix("transformer.") {
-            Some(short) => self.source.tensor(short),
-            None => Ok(None),
-        }
+        name.strip_prefix("transformer.").filter(|short| self.source.contains(short)).map(String::from)
     }
 
-    fn host(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.find(name)?.ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), source_desc: self.source.describe() })?;
-        if t.shape != shape {
-            return Err(ModelError::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.shape });
+    /// The tensor on the GPU, checked against `shape`.
+    fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let missing = || ModelError::MissingTensor { name: name.to_string(), source_desc: self.source.describe() };
+        let found = self.resolve(name).ok_or_else(missing)?;
+        let mismatch = |found: &[usize]| ModelError::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: found.to_vec() };
+        if let Some(t) = self.source.uploaded(&found) {
+            if t.shape() != shape {
+                return Err(mismatch(t.shape()));
+            }
+            return Ok(t);
         }
-        Ok(t)
+        let t = self.source.tensor(&found)?.ok_or_else(missing)?;
+        if t.shape != shape {
+            return Err(mismatch(&t.shape));
+        }
+        upload_weight(self.ctx, &t, dtype)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
-        let t = self.host(name, &[len])?;
-        Ok(self.ctx.upload(&[len], &t.to_f32(), DType::F32)?)
+        self.load(name, &[len], DType::F32)
     }
 
     fn matrix(&self, name: &str, shape: [usize; 2]) -> Result<Tensor> {
-        let t = self.host(name, &shape)?;
-        Ok(match (&t.data, self.options.matrix_dtype) {
-            (HostData::F16(bits), DType::F16) => self.ctx.upload_f16_bits(&shape, bits)?,
-            (_, dtype) => self.ctx.upload(&shape, &t.to_f32(), dtype)?,
-        })
+        self.load(name, &shape, self.options.matrix_dtype)
     }
 
     fn norm(&self, prefix: &str, len: usize, eps: f32, with_bias: bool) -> Result<Norm> {
@@ -266,8 +266,8 @@ impl Loader<'_> {
         Ok(Linear { weight: self.matrix(&format!("{prefix}.weight"), shape)?, bias, layout })
     }
 
-    fn has(&self, name: &str) -> Result<bool> {
-        Ok(self.find(name)?.is_some())
+    fn has(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
     }
 }
 
@@ -280,10 +280,7 @@ impl Model {
         if weights.shape != shape {
             return Err(ModelError::ShapeMismatch { name: format!("W_out of layer {layer}"), expected: shape, found: weights.shape.clone() });
         }
-        linear.weight = match (&weights.data, linear.weight.dtype()) {
-            (HostData::F16(bits), DType::F16) => self.ctx.upload_f16_bits(&shape, bits)?,
-            (_, dtype) => self.ctx.upload(&shape, &weights.to_f32(), dtype)?,
-        };
+        linear.weight = upload_weight(&self.ctx, weights, linear.weight.dtype())?;
         Ok(())
     }
 }
@@ -347,7 +344,7 @@ impl Model {
         }
         let embed = loader.matrix(&format!("{}.weight", n.embed), [c.vocab_size, d])?;
         let lm_head_name = format!("{}.weight", n.lm_head);
-        let lm_head = if c.tie_word_embeddings && !loader.has(&lm_head_name)? {
+        let lm_head = if c.tie_word_embeddings && !loader.has(&lm_head_name) {
             Linear { weight: embed.clone(), bias: None, layout: WeightLayout::OutIn }
         } else {
             let bias = c.arch == Arch::Gptj;

@@ -2,8 +2,11 @@
 //! sharded with an index), memory-mapped natively or given as bytes (web).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+#[cfg(not(target_arch = "wasm32"))]
+use std::path::Path;
 
+use memit_gpu::{DType, GpuContext, Tensor};
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
@@ -151,6 +154,24 @@ pub trait WeightSource {
     /// SHA-256 over every tensor's name, dtype, shape and bytes: which
     /// weights statistics and patches were made for.
     fn fingerprint(&self) -> String;
+    fn contains(&self, name: &str) -> bool {
+        self.tensor(name).ok().flatten().is_some()
+    }
+    /// The tensor already on the GPU, for sources that stream weights to
+    /// the GPU as they arrive (the browser) instead of holding them in memory.
+    fn uploaded(&self, _name: &str) -> Option<Tensor> {
+        None
+    }
+}
+
+/// Puts a checkpoint tensor on the GPU as the model keeps it: vectors in
+/// f32, matrices in `matrix_dtype` (f16 bits go up unconverted).
+pub fn upload_weight(ctx: &GpuContext, host: &HostTensor, matrix_dtype: DType) -> Result<Tensor> {
+    Ok(match (&host.data, host.shape.len(), matrix_dtype) {
+        (HostData::F16(bits), 2, DType::F16) => ctx.upload_f16_bits(&host.shape, bits)?,
+        (_, 2, dtype) => ctx.upload(&host.shape, &host.to_f32(), dtype)?,
+        _ => ctx.upload(&host.shape, &host.to_f32(), DType::F32)?,
+    })
 }
 
 /// The bytes of one checkpoint file.
@@ -248,10 +269,6 @@ impl SafetensorsSource {
         SafetensorsSource::from_files(opened)
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
     fn raw(&self, name: &str, entry: &Entry) -> Result<&[u8]> {
         self.files[entry.file].bytes().get(entry.range.clone()).ok_or_else(|| ModelError::Checkpoint {
             path: PathBuf::from(&self.names[entry.file]),
@@ -265,7 +282,8 @@ impl SafetensorsSource {
     }
 }
 
-fn decode(name: &str, dtype: Dtype, raw: &[u8]) -> Result<HostData> {
+/// Decodes one safetensors tensor's little-endian bytes.
+pub fn decode_safetensors(name: &str, dtype: Dtype, raw: &[u8]) -> Result<HostData> {
     Ok(match dtype {
         Dtype::F32 => HostData::F32(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
         Dtype::F16 => HostData::F16(raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
@@ -281,11 +299,15 @@ fn decode(name: &str, dtype: Dtype, raw: &[u8]) -> Result<HostData> {
 impl WeightSource for SafetensorsSource {
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(entry) = self.index.get(name) else { return Ok(None) };
-        Ok(Some(HostTensor { shape: entry.shape.clone(), data: decode(name, entry.dtype, self.raw(name, entry)?)? }))
+        Ok(Some(HostTensor { shape: entry.shape.clone(), data: decode_safetensors(name, entry.dtype, self.raw(name, entry)?)? }))
     }
 
     fn describe(&self) -> String {
         self.names.join(", ")
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
     }
 
     fn stored(&self, name: &str) -> Result<Option<StoredTensor>> {

@@ -74,7 +74,7 @@ impl GpuContext {
             let n = piece.rows * x.row_len();
             let (y_buf, y_off) = match y_single {
                 Some(b) => (b, y_single_off),
-                None => (&*piece.parts[2].0, piece.parts[2].1),
+                None => (&**piece.parts[2].0, piece.parts[2].1),
             };
             let params = Params {
                 n: u32_of(n, "binary")?,

@@ -7,7 +7,7 @@ use super::{require_f32, u32_of};
 use crate::context::{GpuContext, Kernel};
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
-use crate::tensor::{chunk_spans, DType, Tensor};
+use crate::tensor::{chunk_spans, DType, Tensor, TensorBuffer};
 
 const TILE: usize = 64;
 
@@ -354,7 +354,7 @@ impl GpuContext {
     }
 }
 
-fn shift((buf, off): (std::sync::Arc<wgpu::Buffer>, usize), by: usize) -> (std::sync::Arc<wgpu::Buffer>, usize) {
+fn shift((buf, off): (std::sync::Arc<TensorBuffer>, usize), by: usize) -> (std::sync::Arc<TensorBuffer>, usize) {
     (buf, off + by)
 }
 

@@ -86,7 +86,7 @@ impl GpuContext {
                 dy_off: u32_of(piece.parts.get(2).map_or(0, |p| p.1), entry)?,
                 ..Default::default()
             };
-            let mut bindings = vec![(1, &*piece.parts[0].0), (2, gain_buf), (4, &*piece.parts[1].0)];
+            let mut bindings: Vec<(u32, &wgpu::Buffer)> = vec![(1, &piece.parts[0].0), (2, gain_buf), (4, &piece.parts[1].0)];
             if let Some((b, _)) = bias_buf {
                 bindings.push((3, b));
             }

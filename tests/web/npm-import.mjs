@@ -1,0 +1,23 @@
+// Imports the wasm-pack-built package in Node as a consumer would and checks
+// its public surface and TypeScript types (running it needs WebGPU: that
+// happens in the browser test).
+//
+//   node tests/web/npm-import.mjs <wasm-pack pkg>
+import { readFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+
+const pkg = resolve(process.argv[2]);
+const manifest = JSON.parse(readFileSync(join(pkg, "package.json"), "utf8"));
+const fail = (m) => { console.error(`FAIL ${m}`); process.exit(1); };
+if (manifest.name !== "memit-wgpu") fail(`package name ${manifest.name}`);
+const types = readFileSync(join(pkg, manifest.types), "utf8");
+for (const name of ["class Editor", "static load(files: ModelFiles", "edit(requests: EditRequest[]", "interface EditResult", "revert(): boolean", "computeStats(corpus: string", "loadStats(bytes: Uint8Array)"]) {
+  if (!types.includes(name)) fail(`types lack ${JSON.stringify(name)}`);
+}
+const mod = await import(pathToFileURL(join(pkg, manifest.module || manifest.main)).href);
+if (typeof mod.default !== "function" || typeof mod.Editor !== "function" || typeof mod.Editor.load !== "function") fail("exports: default init() and Editor.load");
+for (const method of ["edit", "generate", "predict", "revert", "computeStats", "loadStats", "info"]) {
+  if (typeof mod.Editor.prototype[method] !== "function") fail(`Editor.prototype.${method}`);
+}
+console.log(`ok   npm package ${manifest.name}@${manifest.version} imports with Editor and its types`);
