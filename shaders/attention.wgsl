@@ -187,31 +187,44 @@ fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     }
 }
 
+// Gradients of key j's row, element d: (dk, dv) before dk's scale.
+fn key_grads(j: u32, kv: u32, b: u32, d: u32) -> vec2<f32> {
+    var acc = vec2<f32>(0.0, 0.0);
+    if (j < bounds[2u * b] || j >= bounds[2u * b + 1u]) {
+        return acc;
+    }
+    for (var g = 0u; g < ap.kv_group; g++) {
+        let h = kv * ap.kv_group + g;
+        // Every query t >= j sees key j (padding queries after the
+        // sequence's end attend to its real tokens too).
+        for (var t = j; t < ap.seq; t++) {
+            let srow = scratch_row(b, h, t);
+            let qrow = b * ap.seq + t;
+            acc.x += dscores_all[srow + j] * q[ap.q_off + qrow * ap.q_row + h * ap.q_head + d];
+            acc.y += probs_all[srow + j] * d_out[qrow * ap.out_row + h * ap.head_dim + d];
+        }
+    }
+    return acc;
+}
+
 @compute @workgroup_size(256)
 fn attend_backward_key(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let j = wid.x;
-    let kv = wid.y;
-    let b = wid.z;
-    let start = bounds[2u * b];
-    let end = bounds[2u * b + 1u];
-    let row = b * ap.seq + j;
+    let row = wid.z * ap.seq + wid.x;
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
-        var acc_k = 0.0;
-        var acc_v = 0.0;
-        if (j >= start && j < end) {
-            for (var g = 0u; g < ap.kv_group; g++) {
-                let h = kv * ap.kv_group + g;
-                // Every query t >= j sees key j (padding queries after the
-                // sequence's end attend to its real tokens too).
-                for (var t = j; t < ap.seq; t++) {
-                    let srow = scratch_row(b, h, t);
-                    let qrow = b * ap.seq + t;
-                    acc_k += dscores_all[srow + j] * q[ap.q_off + qrow * ap.q_row + h * ap.q_head + d];
-                    acc_v += probs_all[srow + j] * d_out[qrow * ap.out_row + h * ap.head_dim + d];
-                }
-            }
-        }
-        dk[ap.k_off + row * ap.k_row + kv * ap.k_head + d] = ap.scale * acc_k;
-        dv[ap.v_off + row * ap.v_row + kv * ap.v_head + d] = acc_v;
+        let g = key_grads(wid.x, wid.y, wid.z, d);
+        dk[ap.k_off + row * ap.k_row + wid.y * ap.k_head + d] = ap.scale * g.x;
+        dv[ap.v_off + row * ap.v_row + wid.y * ap.v_head + d] = g.y;
+    }
+}
+
+// The same when dk and dv are one fused buffer (WebGPU forbids binding it
+// writably twice): both go through `dk`.
+@compute @workgroup_size(256)
+fn attend_backward_key_fused(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = wid.z * ap.seq + wid.x;
+    for (var d = lid.x; d < ap.head_dim; d += 256u) {
+        let g = key_grads(wid.x, wid.y, wid.z, d);
+        dk[ap.k_off + row * ap.k_row + wid.y * ap.k_head + d] = ap.scale * g.x;
+        dk[ap.v_off + row * ap.v_row + wid.y * ap.v_head + d] = g.y;
     }
 }

@@ -43,6 +43,10 @@ fn workgroup_max(v: f32, lane: u32) -> f32 {
     return best;
 }
 
+// The bits of -inf, loaded at run time: WGSL rejects -inf as a constant
+// expression (Chrome's Tint enforces it; naga does not).
+var<private> neg_inf_bits: u32 = 0xff800000u;
+
 fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
+    return bitcast<f32>(neg_inf_bits);
 }

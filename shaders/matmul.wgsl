@@ -29,15 +29,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// read_write only when an operand shares C's buffer (blocked solves update
-// one region of a matrix from another); WebGPU forbids mixing the two.
-@group(0) @binding(1) var<storage, {{AB_ACCESS}}> a: array<u32>;
-@group(0) @binding(2) var<storage, {{AB_ACCESS}}> b: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 // Kahan compensation terms of C (syrk only).
 @group(0) @binding(4) var<storage, read_write> comp: array<f32>;
-// Source rows for the mirror step (may be the same buffer as c).
-@group(0) @binding(5) var<storage, read_write> mirror_src: array<f32>;
+// Source rows for the mirror step when they are in another buffer than c.
+@group(0) @binding(5) var<storage, read> mirror_src: array<f32>;
 
 var<workgroup> tile_a: array<vec4<f32>, 256>;  // [TILE_K][TILE_M / 4]
 var<workgroup> tile_b: array<vec4<f32>, 256>;  // [TILE_K][TILE_N / 4]
@@ -170,14 +168,34 @@ fn syrk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 // C[row, j] = C[j, row] wherever j < row.
 @compute @workgroup_size(16, 16, 1)
 fn mirror(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let at = mirror_indices(gid);
+    if (at.x != NOTHING) {
+        c[at.x] = mirror_src[at.y];
+    }
+}
+
+// The same when the source rows share C's buffer: WebGPU forbids binding a
+// buffer writably twice, so they are read through `c` itself (the reads
+// are above the diagonal, the writes below).
+@compute @workgroup_size(16, 16, 1)
+fn mirror_within(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let at = mirror_indices(gid);
+    if (at.x != NOTHING) {
+        c[at.x] = c[at.y];
+    }
+}
+
+const NOTHING: u32 = 0xffffffffu;
+
+// (destination in c, source) of this invocation's lower-triangle element,
+// or NOTHING outside the piece or on and above the diagonal.
+fn mirror_indices(gid: vec3<u32>) -> vec2<u32> {
     let r = gid.y;
     let j = gid.x;
-    if (r >= p.m || j >= p.n) {
-        return;
-    }
     let row = p.row_base + r;
     let col = p.k + j;
-    if (col < row) {
-        c[p.c_off + r * p.ldc + col] = mirror_src[p.a_off + j * p.ldc + row];
+    if (r >= p.m || j >= p.n || col >= row) {
+        return vec2<u32>(NOTHING, 0u);
     }
+    return vec2<u32>(p.c_off + r * p.ldc + col, p.a_off + j * p.ldc + row);
 }

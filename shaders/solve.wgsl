@@ -2,7 +2,10 @@
 // A X = B (MEMIT's (λC + K Kᵀ) X = K). The matrix lives in row panels whose
 // boundaries are multiples of the 64-wide block, so a diagonal block is
 // always inside one buffer; trailing updates between blocks are matmuls.
-// Only the lower triangle is ever read.
+// Only the lower triangle is ever read. WebGPU forbids binding a buffer
+// writably twice in one dispatch, so each factored diagonal block and
+// column panel is also written to a scratch buffer of its own, which the
+// next steps read instead of the matrix.
 
 const NB: u32 = 64u;
 
@@ -11,15 +14,20 @@ struct Params {
     diag_off: u32, ld: u32, kb: u32, rows: u32,
     // Rows to update (trsm) or right-hand sides (trsv): offset and leading dim.
     x_off: u32, x_ld: u32, nrhs: u32, global_k0: u32,
+    // Where trsm also writes its rows: offset and leading dim in `col`.
+    col_off: u32, col_ld: u32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> diag: array<f32>;
-// Rows of L right of the diagonal block (trsm) or right-hand sides (trsv);
-// may be the same buffer as diag.
+// Rows of L below the diagonal block (trsm) or right-hand sides (trsv).
 @group(0) @binding(2) var<storage, read_write> x: array<f32>;
 // First failing pivot (global index + 1), 0 while the matrix is SPD.
 @group(0) @binding(3) var<storage, read_write> status: array<u32>;
+// The factored diagonal block alone, kb x kb (potrf writes, trsm reads).
+@group(0) @binding(4) var<storage, read_write> factor: array<f32>;
+// A copy of the rows trsm produces, for the trailing update to read.
+@group(0) @binding(5) var<storage, read_write> col: array<f32>;
 
 var<workgroup> blk: array<f32, 4096>; // NB x NB
 
@@ -73,6 +81,7 @@ fn potrf_block(@builtin(local_invocation_id) lid: vec3<u32>) {
     if (t < p.kb) {
         for (var c = 0u; c <= t; c++) {
             diag[p.diag_off + t * p.ld + c] = blk[t * NB + c];
+            factor[t * p.kb + c] = blk[t * NB + c];
         }
     }
 }
@@ -81,18 +90,27 @@ fn potrf_block(@builtin(local_invocation_id) lid: vec3<u32>) {
 // per row; one invocation per row).
 @compute @workgroup_size(64)
 fn trsm_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    load_block(lid.x);
-    let row = wid.x * 64u + lid.x;
+    let t = lid.x;
+    for (var r = 0u; r < p.kb; r++) {
+        if (t <= r) {
+            blk[r * NB + t] = factor[r * p.kb + t];
+        }
+    }
+    workgroupBarrier();
+    let row = wid.x * 64u + t;
     if (row >= p.rows) {
         return;
     }
     let base = p.x_off + row * p.x_ld;
+    let copy = p.col_off + row * p.col_ld;
     for (var c = 0u; c < p.kb; c++) {
         var s = x[base + c];
         for (var q = 0u; q < c; q++) {
             s -= x[base + q] * blk[c * NB + q];
         }
-        x[base + c] = s / blk[c * NB + c];
+        s = s / blk[c * NB + c];
+        x[base + c] = s;
+        col[copy + c] = s;
     }
 }
 

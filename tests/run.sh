@@ -32,7 +32,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace "$@" -- --include-ignored 2>&1 | tee "$log" || status=$?
-# One closing line for the whole run (cargo prints one per test binary).
+# The browser: demo page and npm package in headless Chromium on WebGPU.
+bash tests/web/run.sh 2>&1 | tee -a "$log" || status=1
+# One closing line for the whole run (cargo prints one per test binary; the
+# browser tests print one "ok"/"FAIL" line per check).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /^ok   / { p++ } /^FAIL / { f++ }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

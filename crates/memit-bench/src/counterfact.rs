@@ -70,7 +70,7 @@ pub fn run(o: Options) -> Result<()> {
     let mut stats = StatsAccumulator::new(&model, identity)?;
     for (i, batch) in texts.chunks(8).enumerate() {
         stats.add_texts(&model, &tok, batch)?;
-        eprint!("\rstats: {}/{} texts, {} tokens", (i + 1) * 8, texts.len(), stats.n_tokens);
+        eprint!("\rstats: {}/{} texts, {} tokens", ((i + 1) * 8).min(texts.len()), texts.len(), stats.n_tokens);
     }
     let covs = pollster::block_on(stats.covariances(&model))?;
     phases.stats = t.elapsed().as_secs_f64();

@@ -17,13 +17,15 @@ struct ForwardCase {
     batch: usize,
     seq: usize,
     tokens_per_s: f64,
-    torch_cpu_tokens_per_s: Option<f64>,
+    torch_tokens_per_s: Option<f64>,
     ratio_to_torch: Option<f64>,
 }
 
 #[derive(Serialize)]
 struct ForwardReport {
     adapter: AdapterReport,
+    /// Where the PyTorch reference ran (its GPU when it sees one).
+    torch_device: Option<String>,
     cases: Vec<ForwardCase>,
 }
 
@@ -82,12 +84,12 @@ pub fn run(models: Vec<PathBuf>, batch: usize, seq: usize, budget: Duration, tor
             Ok(())
         })?;
         let rate = (batch * seq * runs) as f64 / secs;
-        let torch_rate = torch.as_ref().and_then(|t| t.get(path.to_string_lossy().as_ref())).and_then(|v| v.as_f64());
+        let torch_rate = torch.as_ref().and_then(|t| t["tokens_per_s"][path.to_string_lossy().as_ref()].as_f64());
         eprintln!(
             "{:<55} {:>10.1} tok/s{}",
             path.display(),
             rate,
-            torch_rate.map_or(String::new(), |t| format!("   torch cpu {t:>10.1} tok/s   ratio {:.3}", rate / t))
+            torch_rate.map_or(String::new(), |t| format!("   torch {t:>10.1} tok/s   ratio {:.3}", rate / t))
         );
         cases.push(ForwardCase {
             model: path.display().to_string(),
@@ -95,9 +97,10 @@ pub fn run(models: Vec<PathBuf>, batch: usize, seq: usize, budget: Duration, tor
             batch,
             seq,
             tokens_per_s: rate,
-            torch_cpu_tokens_per_s: torch_rate,
+            torch_tokens_per_s: torch_rate,
             ratio_to_torch: torch_rate.map(|t| rate / t),
         });
     }
-    write_report(out, &ForwardReport { adapter, cases })
+    let torch_device = torch.as_ref().and_then(|t| t["device"].as_str()).map(String::from);
+    write_report(out, &ForwardReport { adapter, torch_device, cases })
 }

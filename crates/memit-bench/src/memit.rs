@@ -59,6 +59,8 @@ struct Report {
     hparams: Hparams,
     stats: StatsResult,
     edits: Vec<EditResult>,
+    /// Where the PyTorch reference ran (its GPU when it sees one).
+    torch_device: Option<String>,
     torch_error: Option<String>,
 }
 
@@ -161,10 +163,11 @@ pub fn run(o: Options) -> Result<()> {
         edits.push(EditResult { edits: n, seconds, edits_per_s: n as f64 / seconds, phases: outcome.phases, torch: None, ratio_to_torch: None });
     }
 
-    let mut torch_error = None;
+    let (mut torch_error, mut torch_device) = (None, None);
     if let Some(python) = &o.torch_python {
         match torch_reference(python, &o, &hp, &texts_file) {
             Ok(t) => {
+                torch_device = t["device"].as_str().map(String::from);
                 if let Some(rate) = t["stats"]["tokens_per_s"].as_f64() {
                     stats.torch_tokens_per_s = Some(rate);
                     stats.ratio_to_torch = Some(stats.tokens_per_s / rate);
@@ -183,7 +186,7 @@ pub fn run(o: Options) -> Result<()> {
     }
     let _ = std::fs::remove_file(&texts_file);
     print_table(&stats, &edits);
-    let report = Report { adapter: adapter_report(&model.ctx), model: o.model.display().to_string(), hparams: hp, stats, edits, torch_error };
+    let report = Report { adapter: adapter_report(&model.ctx), model: o.model.display().to_string(), hparams: hp, stats, edits, torch_device, torch_error };
     write_report(&o.out, &report)
 }
 

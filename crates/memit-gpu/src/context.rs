@@ -34,6 +34,12 @@ struct PipelineKey {
     defines: Vec<(&'static str, String)>,
 }
 
+/// A compiled kernel and the bindings its source declares writable.
+struct CachedPipeline {
+    pipeline: wgpu::ComputePipeline,
+    writable: Vec<u32>,
+}
+
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
@@ -47,7 +53,7 @@ pub struct GpuContext {
     limits: wgpu::Limits,
     features: wgpu::Features,
     chunk_bytes: u64,
-    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     pending: Mutex<Pending>,
     error: Arc<Mutex<Option<GpuError>>>,
     meter: Arc<MemoryMeter>,
@@ -249,12 +255,13 @@ impl GpuContext {
         Ok(buffer)
     }
 
-    fn pipeline(&self, family: ShaderFamily, entry: &'static str, defines: &[(&'static str, String)]) -> Result<Arc<wgpu::ComputePipeline>> {
+    fn pipeline(&self, family: ShaderFamily, entry: &'static str, defines: &[(&'static str, String)]) -> Result<Arc<CachedPipeline>> {
         let key = PipelineKey { family, entry, defines: defines.to_vec() };
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
         let source = render(family, defines)?;
+        let writable = writable_bindings(&source);
         let label = format!("{}::{entry}", family.name());
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
@@ -269,7 +276,7 @@ impl GpuContext {
             cache: None,
         });
         self.take_error()?;
-        let pipeline = Arc::new(pipeline);
+        let pipeline = Arc::new(CachedPipeline { pipeline, writable });
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)
     }
@@ -291,6 +298,18 @@ impl GpuContext {
             return Err(GpuError::shape(kernel.family.name(), format!("{too_many} workgroups in one dimension (max {MAX_GROUPS_PER_DIM})")));
         }
         let pipeline = self.pipeline(kernel.family, kernel.entry, kernel.defines)?;
+        // WebGPU rejects a writable storage binding that overlaps another
+        // binding of the same dispatch; native wgpu does not check, so the
+        // rule is enforced here and native tests catch what browsers refuse.
+        for &(writable, buffer) in buffers.iter().filter(|(b, _)| pipeline.writable.contains(b)) {
+            if let Some(&(other, _)) = buffers.iter().find(|&&(b, other)| b != writable && other == buffer) {
+                return Err(GpuError::Validation(format!(
+                    "{}::{} binds one buffer to writable binding {writable} and to binding {other} (WebGPU forbids aliasing a writable binding)",
+                    kernel.family.name(),
+                    kernel.entry
+                )));
+            }
+        }
         let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
             contents: params,
@@ -304,7 +323,7 @@ impl GpuContext {
         );
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &pipeline.get_bind_group_layout(0),
+            layout: &pipeline.pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
         let mut pending = self.pending.lock().unwrap();
@@ -313,7 +332,7 @@ impl GpuContext {
             .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("memit") }));
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
@@ -396,4 +415,16 @@ pub(crate) fn grid_1d(groups: usize) -> [u32; 3] {
         let y = groups.div_ceil(max);
         [groups.div_ceil(y) as u32, y as u32, 1]
     }
+}
+
+/// Binding numbers that `source` declares `var<storage, read_write>`.
+fn writable_bindings(source: &str) -> Vec<u32> {
+    source
+        .lines()
+        .filter(|line| line.contains("var<storage, read_write>"))
+        .filter_map(|line| {
+            let rest = &line[line.find("@binding(")? + "@binding(".len()..];
+            rest[..rest.find(')')?].trim().parse().ok()
+        })
+        .collect()
 }

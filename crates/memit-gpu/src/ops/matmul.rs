@@ -61,13 +61,7 @@ impl MatmulSpec {
 }
 
 fn defines(spec: &MatmulSpec, a: DType, b: DType) -> Vec<(&'static str, String)> {
-    defines_aliased(spec, a, b, false)
-}
-
-/// `aliased`: A or B lives in C's buffer (disjoint regions).
-fn defines_aliased(spec: &MatmulSpec, a: DType, b: DType, aliased: bool) -> Vec<(&'static str, String)> {
     vec![
-        ("AB_ACCESS", if aliased { "read_write" } else { "read" }.to_string()),
         ("TRANS_A", flag(spec.trans_a)),
         ("TRANS_B", flag(spec.trans_b)),
         ("A_F16", flag(a == DType::F16)),
@@ -103,8 +97,8 @@ impl MatrixView<'_> {
 
 impl GpuContext {
     /// C = alpha·op(A)·op(B) + beta·C on sub-matrices of single-buffer
-    /// tensors (blocked factorisations work on such views). A or B may share
-    /// C's buffer if the regions are disjoint.
+    /// tensors (blocked factorisations work on such views). C's buffer must
+    /// not hold A or B: WebGPU forbids a buffer bound writably twice.
     pub fn matmul_views(&self, a: MatrixView<'_>, b: MatrixView<'_>, c: MatrixView<'_>, spec: MatmulSpec) -> Result<()> {
         require_f32("matmul_views", &[c.tensor])?;
         let (m, ka) = if spec.trans_a { (a.cols, a.rows) } else { (a.rows, a.cols) };
@@ -115,7 +109,7 @@ impl GpuContext {
         let (a_buf, a_off) = a.check("A")?;
         let (b_buf, b_off) = b.check("B")?;
         let (c_buf, c_off) = c.check("C")?;
-        let defines = defines_aliased(&spec, a.tensor.dtype(), b.tensor.dtype(), a_buf == c_buf || b_buf == c_buf);
+        let defines = defines(&spec, a.tensor.dtype(), b.tensor.dtype());
         let params = Params {
             m: u32_of(m, "matmul_views")?,
             n: u32_of(n, "matmul_views")?,
@@ -326,7 +320,6 @@ impl GpuContext {
             return Err(GpuError::shape("mirror_upper", format!("matrix is {d}x{d2}, not square")));
         }
         let defines = defines(&MatmulSpec::default(), DType::F32, DType::F32);
-        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "mirror", defines: &defines };
         let spans = chunk_spans(d, &[c]);
         for &(r0, rlen) in &spans {
             let (dst_buf, dst_off) = c.locate(r0);
@@ -342,10 +335,12 @@ impl GpuContext {
                     c_off: u32_of(dst_off, "mirror_upper")?,
                     ..Default::default()
                 };
+                let (entry, buffers): (_, &[(u32, &wgpu::Buffer)]) =
+                    if std::sync::Arc::ptr_eq(&src_buf, &dst_buf) { ("mirror_within", &[(3, &dst_buf)]) } else { ("mirror", &[(3, &dst_buf), (5, &src_buf)]) };
                 self.dispatch(
-                    kernel,
+                    Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
                     bytemuck::bytes_of(&params),
-                    &[(3, &dst_buf), (5, &src_buf)],
+                    buffers,
                     [slen.div_ceil(16) as u32, rlen.div_ceil(16) as u32, 1],
                 )?;
             }

@@ -25,6 +25,9 @@ struct Params {
     x_ld: u32,
     nrhs: u32,
     global_k0: u32,
+    col_off: u32,
+    col_ld: u32,
+    _pad: [u32; 2],
 }
 
 fn kernel(entry: &'static str) -> Kernel<'static> {
@@ -99,18 +102,26 @@ impl GpuContext {
         }
         let l = self.to_panels(a, panel_rows)?;
         let status = self.upload_u32(&[0], "solve status")?;
+        // Scratch copies of the current diagonal block and column panel, so
+        // no kernel reads the buffer it writes (WebGPU forbids that).
+        let block = NB.min(d);
+        let factor = self.zeros(&[block, block], DType::F32)?;
+        let columns = l.tensors.iter().map(|t| self.zeros(&[t.shape()[0], block], DType::F32)).collect::<Result<Vec<_>>>()?;
+        let columns = Panels { rows: panel_rows, width: block, tensors: columns };
+        let factor_buf = factor.single("solve")?.0;
         for k0 in (0..d).step_by(NB) {
             let kb = NB.min(d - k0);
             let (p, local) = l.panel_of(k0);
-            let diag_buf = &l.tensors[p].segments()[0].buffer;
             let base = Params {
                 diag_off: u32_of(local * d + k0, "solve")?,
                 ld: u32_of(d, "solve")?,
                 kb: kb as u32,
                 global_k0: u32_of(k0, "solve")?,
+                col_ld: block as u32,
                 ..Default::default()
             };
-            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, &status)], [1, 1, 1])?;
+            let diag_buf = &l.tensors[p].segments()[0].buffer;
+            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, &status), (4, factor_buf)], [1, 1, 1])?;
             let below = k0 + kb;
             if below >= d {
                 break;
@@ -122,11 +133,17 @@ impl GpuContext {
                 if first >= q1 {
                     continue;
                 }
-                let params = Params { rows: (q1 - first) as u32, x_off: u32_of((first - q0) * d + k0, "solve")?, x_ld: d as u32, ..base };
+                let params = Params {
+                    rows: (q1 - first) as u32,
+                    x_off: u32_of((first - q0) * d + k0, "solve")?,
+                    x_ld: d as u32,
+                    col_off: u32_of((first - q0) * block, "solve")?,
+                    ..base
+                };
                 self.dispatch(
                     kernel("trsm_rows"),
                     bytemuck::bytes_of(&params),
-                    &[(1, diag_buf), (2, &l.tensors[q].segments()[0].buffer)],
+                    &[(2, &l.tensors[q].segments()[0].buffer), (4, factor_buf), (5, &columns.tensors[q].segments()[0].buffer)],
                     [(q1 - first).div_ceil(64) as u32, 1, 1],
                 )?;
             }
@@ -144,8 +161,8 @@ impl GpuContext {
                     if rj >= j1 {
                         continue;
                     }
-                    let a_view = l.view(qi, ri - i0, k0, i1 - ri, kb);
-                    let b_view = l.view(qj, rj - j0, k0, j1 - rj, kb);
+                    let a_view = columns.view(qi, ri - i0, 0, i1 - ri, kb);
+                    let b_view = columns.view(qj, rj - j0, 0, j1 - rj, kb);
                     let c_view = l.view(qi, ri - i0, rj, i1 - ri, j1 - rj);
                     self.matmul_views(a_view, b_view, c_view, spec)?;
                 }
@@ -158,67 +175,70 @@ impl GpuContext {
         }
     }
 
-    /// Solves L Lᵀ X = B in place on `x` (panels of B).
+    /// Solves L Lᵀ X = B in place on `x` (panels of B). Each block of rows
+    /// is staged in a scratch tensor while it is solved, so no matmul reads
+    /// the buffer it writes.
     fn cholesky_substitute(&self, l: &Panels, x: &Panels, d: usize) -> Result<()> {
         let n = x.width;
+        let stage = self.zeros(&[NB.min(d), n], DType::F32)?;
+        let stage_buf = stage.single("solve")?.0;
+        let row_bytes = (n * 4) as u64;
         let groups = [n.div_ceil(64) as u32, 1, 1];
+        let solve_block = |entry: &'static str, k0: usize, updates: &mut dyn FnMut(MatrixView<'_>) -> Result<()>| -> Result<()> {
+            let kb = NB.min(d - k0);
+            let (p, local) = l.panel_of(k0);
+            let x_buf = &x.tensors[p].segments()[0].buffer;
+            self.copy(x_buf, local as u64 * row_bytes, stage_buf, 0, kb as u64 * row_bytes);
+            updates(MatrixView { tensor: &stage, offset: 0, rows: kb, cols: n, ld: n })?;
+            let params = Params {
+                diag_off: u32_of(local * l.width + k0, "solve")?,
+                ld: u32_of(l.width, "solve")?,
+                kb: kb as u32,
+                x_ld: u32_of(n, "solve")?,
+                nrhs: u32_of(n, "solve")?,
+                ..Default::default()
+            };
+            self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &[(1, &l.tensors[p].segments()[0].buffer), (2, stage_buf)], groups)?;
+            self.copy(stage_buf, 0, x_buf, local as u64 * row_bytes, kb as u64 * row_bytes);
+            Ok(())
+        };
         // Forward: L Y = B.
         for k0 in (0..d).step_by(NB) {
             let kb = NB.min(d - k0);
             let (p, local) = l.panel_of(k0);
             let spec = MatmulSpec { alpha: -1.0, beta: 1.0, ..Default::default() };
-            for q in 0..=p {
-                let (q0, q1) = l.range(q, d);
-                let cols_end = q1.min(k0);
-                if q0 >= cols_end {
-                    continue;
+            solve_block("trsv_lower", k0, &mut |block| {
+                for q in 0..=p {
+                    let (q0, q1) = l.range(q, d);
+                    let cols_end = q1.min(k0);
+                    if q0 < cols_end {
+                        let a_view = l.view(p, local, q0, kb, cols_end - q0);
+                        self.matmul_views(a_view, x.view(q, 0, 0, cols_end - q0, n), block, spec)?;
+                    }
                 }
-                let a_view = l.view(p, local, q0, kb, cols_end - q0);
-                let b_view = x.view(q, 0, 0, cols_end - q0, n);
-                self.matmul_views(a_view, b_view, x.view(p, local, 0, kb, n), spec)?;
-            }
-            self.triangular_block("trsv_lower", l, x, p, local, k0, kb, groups)?;
+                Ok(())
+            })?;
         }
         // Backward: Lᵀ X = Y.
         let last_block = (d - 1) / NB * NB;
         for k0 in (0..=last_block).rev().step_by(NB) {
             let kb = NB.min(d - k0);
-            let (p, local) = l.panel_of(k0);
             let below = k0 + kb;
+            let p = l.panel_of(k0).0;
             let spec = MatmulSpec { trans_a: true, alpha: -1.0, beta: 1.0, ..Default::default() };
-            for q in p..l.tensors.len() {
-                let (q0, q1) = l.range(q, d);
-                let first = below.max(q0);
-                if first >= q1 {
-                    continue;
+            solve_block("trsv_upper", k0, &mut |block| {
+                for q in p..l.tensors.len() {
+                    let (q0, q1) = l.range(q, d);
+                    let first = below.max(q0);
+                    if first < q1 {
+                        let a_view = l.view(q, first - q0, k0, q1 - first, kb);
+                        self.matmul_views(a_view, x.view(q, first - q0, 0, q1 - first, n), block, spec)?;
+                    }
                 }
-                let a_view = l.view(q, first - q0, k0, q1 - first, kb);
-                let b_view = x.view(q, first - q0, 0, q1 - first, n);
-                self.matmul_views(a_view, b_view, x.view(p, local, 0, kb, n), spec)?;
-            }
-            self.triangular_block("trsv_upper", l, x, p, local, k0, kb, groups)?;
+                Ok(())
+            })?;
         }
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn triangular_block(&self, entry: &'static str, l: &Panels, x: &Panels, p: usize, local: usize, k0: usize, kb: usize, groups: [u32; 3]) -> Result<()> {
-        let d_width = l.width;
-        let params = Params {
-            diag_off: u32_of(local * d_width + k0, "solve")?,
-            ld: u32_of(d_width, "solve")?,
-            kb: kb as u32,
-            x_off: u32_of(local * x.width, "solve")?,
-            x_ld: u32_of(x.width, "solve")?,
-            nrhs: u32_of(x.width, "solve")?,
-            ..Default::default()
-        };
-        self.dispatch(
-            kernel(entry),
-            bytemuck::bytes_of(&params),
-            &[(1, &l.tensors[p].segments()[0].buffer), (2, &x.tensors[p].segments()[0].buffer)],
-            groups,
-        )
     }
 
     /// X = A⁻¹B for symmetric positive definite `a` ([d, d], stored whole:

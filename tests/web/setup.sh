@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the browser tests need, skipping whatever is already there:
+# the wasm32 target, trunk 0.21 (0.22 needs a newer rustc), wasm-bindgen-cli
+# at exactly the wasm-bindgen version in Cargo.lock, wasm-pack, Debian's
+# Chromium, and playwright-core (which drives that Chromium; it never
+# downloads a browser).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+
+bindgen=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock)
+installed() { command -v "$1" >/dev/null 2>&1 && "$1" --version 2>/dev/null | grep -q "$2"; }
+installed trunk " 0.21." || cargo install --quiet --locked trunk --version "~0.21"
+installed wasm-bindgen " $bindgen" || cargo install --quiet wasm-bindgen-cli --version "$bindgen"
+installed wasm-pack " 0.15" || cargo install --quiet wasm-pack --version "~0.15"
+
+if [ ! -x /usr/bin/chromium ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium >/dev/null
+fi
+(cd tests/web && npm ci --no-audit --no-fund --loglevel=error)
