@@ -1,11 +1,13 @@
 //! `memit-bench counterfact`: statistics, a batch of CounterFact edits and
-//! the paper's scores before and after, with the time of each phase.
+//! the paper's scores before and after, with the time of each phase. The
+//! target vectors are computed once; the layer spread is repeated for each
+//! λ asked for, so one run compares covariance weights.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use memit_core::{apply_memit, context_templates, Hparams, StatsAccumulator, StatsIdentity};
+use memit_core::{compute_targets, context_templates, spread_over_layers, Hparams, StatsAccumulator, StatsIdentity};
 use memit_eval::{score_counterfact, summarize, CounterFactCase, CounterFactSummary};
 use memit_gpu::GpuContext;
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
@@ -18,6 +20,9 @@ pub struct Options {
     pub dataset: PathBuf,
     pub corpus: PathBuf,
     pub n_edits: usize,
+    pub offset: usize,
+    /// λ values to compare; empty: the model's preset.
+    pub lambdas: Vec<f32>,
     pub stats_texts: usize,
     pub max_len: usize,
     pub out: PathBuf,
@@ -27,11 +32,24 @@ pub struct Options {
 struct Report {
     adapter: AdapterReport,
     model: String,
+    /// The preset; `after` rows differ from it in λ only.
     hparams: Hparams,
+    cases: std::ops::Range<usize>,
     stats_tokens: u64,
+    /// Mean probability of the new target under z (the last optimisation
+    /// step), and how many z reached p > 0.5.
+    target_prob_mean: f32,
+    targets_reached: usize,
     seconds: Phases,
     before: CounterFactSummary,
-    after: CounterFactSummary,
+    after: Vec<AfterEdit>,
+}
+
+#[derive(Serialize)]
+struct AfterEdit {
+    mom2_update_weight: f32,
+    layer_updates_seconds: f64,
+    scores: CounterFactSummary,
 }
 
 #[derive(Serialize, Default)]
@@ -40,7 +58,6 @@ struct Phases {
     stats: f64,
     templates: f64,
     target_vectors: f64,
-    layer_updates: f64,
     evaluation: f64,
 }
 
@@ -54,7 +71,7 @@ pub fn run(o: Options) -> Result<()> {
     let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
     let mut phases = Phases::default();
     let t = Instant::now();
-    let (mut model, tok) = load(&ctx, &o.model).with_context(|| format!("loading {}", o.model.display()))?;
+    let (model, tok) = load(&ctx, &o.model).with_context(|| format!("loading {}", o.model.display()))?;
     phases.load = t.elapsed().as_secs_f64();
     let hp = Hparams::for_model(&model.config);
 
@@ -83,36 +100,44 @@ pub fn run(o: Options) -> Result<()> {
     let cases: Vec<CounterFactCase> = serde_json::from_str::<Vec<CounterFactCase>>(&std::fs::read_to_string(&o.dataset)?)
         .with_context(|| format!("parsing {}", o.dataset.display()))?
         .into_iter()
+        .skip(o.offset)
         .take(o.n_edits)
         .collect();
     let t = Instant::now();
     let before = summarize(&pollster::block_on(score_counterfact(&model, &tok, &cases))?);
-    let mut evaluation = t.elapsed().as_secs_f64();
+    phases.evaluation = t.elapsed().as_secs_f64();
 
     let requests: Vec<_> = cases.iter().map(CounterFactCase::request).collect();
-    let t = Instant::now();
-    let mut layers_started = None;
-    pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &templates, &covs, &mut |p| {
+    let (prepared, targets, cost) = pollster::block_on(compute_targets(&model, &tok, &requests, &hp, &templates, &mut |p| {
         eprint!("\r{}: {}/{}   ", p.stage, p.done, p.total);
-        if p.stage == "layers" && layers_started.is_none() {
-            layers_started = Some(Instant::now());
-        }
     }))?;
     eprintln!();
-    let layers_started = layers_started.unwrap_or_else(Instant::now);
-    phases.target_vectors = (layers_started - t).as_secs_f64();
-    phases.layer_updates = layers_started.elapsed().as_secs_f64();
+    phases.target_vectors = cost.seconds;
+    let final_probs: Vec<f32> = targets.iter().map(|t| t.losses.last().map_or(0.0, |l| l.target_prob)).collect();
+    eprintln!("before: {before:?}");
 
-    let t = Instant::now();
-    let after = summarize(&pollster::block_on(score_counterfact(&model, &tok, &cases))?);
-    evaluation += t.elapsed().as_secs_f64();
-    phases.evaluation = evaluation;
-    eprintln!("before: {before:?}\nafter:  {after:?}");
+    let lambdas = if o.lambdas.is_empty() { vec![hp.mom2_update_weight] } else { o.lambdas.clone() };
+    let mut after = Vec::new();
+    for lambda in lambdas {
+        let hp_lambda = Hparams { mom2_update_weight: lambda, ..hp.clone() };
+        let mut edited = model.clone();
+        let t = Instant::now();
+        pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &mut |_| {}))?;
+        let layer_updates_seconds = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let scores = summarize(&pollster::block_on(score_counterfact(&edited, &tok, &cases))?);
+        phases.evaluation += t.elapsed().as_secs_f64();
+        eprintln!("after, λ = {lambda}: {scores:?}");
+        after.push(AfterEdit { mom2_update_weight: lambda, layer_updates_seconds, scores });
+    }
     let report = Report {
         adapter: adapter_report(&ctx),
         model: o.model.display().to_string(),
         hparams: hp,
+        cases: o.offset..o.offset + cases.len(),
         stats_tokens: stats.n_tokens,
+        target_prob_mean: final_probs.iter().sum::<f32>() / final_probs.len() as f32,
+        targets_reached: final_probs.iter().filter(|&&p| p > 0.5).count(),
         seconds: phases,
         before,
         after,

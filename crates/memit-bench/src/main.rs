@@ -98,6 +98,13 @@ enum Command {
         corpus: PathBuf,
         #[arg(long, default_value_t = 10)]
         n_edits: usize,
+        /// Skip this many cases first.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// Covariance weights λ to compare (the target vectors are shared);
+        /// default: the model's preset.
+        #[arg(long, value_delimiter = ',')]
+        lambdas: Vec<f32>,
         #[arg(long, default_value_t = 200)]
         stats_texts: usize,
         #[arg(long, default_value_t = 128)]
@@ -124,6 +131,8 @@ struct MatmulCase {
     dtype_a: &'static str,
     dtype_b: &'static str,
     gpu_gflops: f64,
+    /// Share of the adapter's dense f32 (non-tensor-core) peak, where known.
+    percent_of_peak: Option<f64>,
     cpu_gflops: f64,
     gpu_over_cpu: f64,
     iterations: usize,
@@ -132,6 +141,8 @@ struct MatmulCase {
 #[derive(Serialize)]
 struct KernelReport {
     adapter: AdapterReport,
+    /// The vendor's dense f32 peak for this adapter, where known.
+    peak_f32_gflops: Option<f64>,
     cpu_reference: &'static str,
     cpu_threads: usize,
     matmul: Vec<MatmulCase>,
@@ -161,8 +172,8 @@ fn main() -> Result<()> {
                 out: "target/bench/memit.json".into(),
             })
         }
-        Command::Counterfact { model, dataset, corpus, n_edits, stats_texts, max_len, out } => {
-            counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, stats_texts, max_len, out })
+        Command::Counterfact { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, out } => {
+            counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, out })
         }
     }
 }
@@ -226,9 +237,29 @@ fn cpu_matmul_gflops(n: usize, budget: Duration) -> f64 {
     2.0 * (n * n * n) as f64 * iterations as f64 / secs / 1e9
 }
 
+/// Vendors' dense f32 peaks (boost clock, no tensor cores), GFLOP/s, by
+/// adapter-name substring; the first match wins, so longer names go first.
+const F32_PEAKS: [(&str, f64); 10] = [
+    ("H100 PCIe", 51_200.0),
+    ("H100", 66_900.0),
+    ("H200", 66_900.0),
+    ("A100", 19_500.0),
+    ("L40S", 91_600.0),
+    ("A40", 37_400.0),
+    ("RTX 4090", 82_600.0),
+    ("RTX 3090", 35_600.0),
+    ("A10", 31_200.0),
+    ("Apple M2 Max", 13_600.0),
+];
+
+fn peak_f32_gflops(adapter_name: &str) -> Option<f64> {
+    F32_PEAKS.iter().find(|(name, _)| adapter_name.contains(name)).map(|&(_, peak)| peak)
+}
+
 fn kernels(sizes: &[usize], budget: Duration, out: &PathBuf) -> Result<()> {
     let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
     let adapter = adapter_report(&ctx);
+    let peak = peak_f32_gflops(&adapter.name);
     eprintln!("adapter: {} ({}, {})", adapter.name, adapter.backend, adapter.device_type);
     let mut cases = Vec::new();
     for &n in sizes {
@@ -239,13 +270,16 @@ fn kernels(sizes: &[usize], budget: Duration, out: &PathBuf) -> Result<()> {
             ("A·Bᵀ", true, (DType::F32, DType::F16), ("f32", "f16")),
         ] {
             let (gpu, iterations) = gpu_matmul_gflops(&ctx, n, trans_b, dtypes, budget)?;
-            eprintln!("matmul {n:>5}^3 {layout:<5} {}x{}: {gpu:8.2} GFLOP/s  (cpu sgemm {cpu:8.2}, ratio {:.2})", names.0, names.1, gpu / cpu);
+            let percent_of_peak = peak.map(|p| 100.0 * gpu / p);
+            let of_peak = percent_of_peak.map_or(String::new(), |p| format!(", {p:.1}% of peak"));
+            eprintln!("matmul {n:>5}^3 {layout:<5} {}x{}: {gpu:8.2} GFLOP/s{of_peak}  (cpu sgemm {cpu:8.2}, ratio {:.2})", names.0, names.1, gpu / cpu);
             cases.push(MatmulCase {
                 size: n,
                 layout,
                 dtype_a: names.0,
                 dtype_b: names.1,
                 gpu_gflops: gpu,
+                percent_of_peak,
                 cpu_gflops: cpu,
                 gpu_over_cpu: gpu / cpu,
                 iterations,
@@ -254,6 +288,7 @@ fn kernels(sizes: &[usize], budget: Duration, out: &PathBuf) -> Result<()> {
     }
     let report = KernelReport {
         adapter,
+        peak_f32_gflops: peak,
         cpu_reference: "matrixmultiply::sgemm (threading feature)",
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         matmul: cases,

@@ -149,14 +149,28 @@ pub async fn apply_memit(
     covariances: &[LayerCovariance],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<EditOutcome> {
+    let (prepared, targets, target_cost) = compute_targets(model, tokenizer, requests, hp, templates, progress).await?;
+    let (updates, mut phases) = spread_over_layers(model, tokenizer, &prepared, &targets, hp, templates, covariances, progress).await?;
+    phases.target_vectors = target_cost;
+    Ok(EditOutcome { targets, updates, phases })
+}
+
+/// Step 2 for every request: its target vector z at the last edited layer.
+/// Returns the prepared requests, their targets, and the phase's cost.
+pub async fn compute_targets(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    requests: &[EditRequest],
+    hp: &Hparams,
+    templates: &[String],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Vec<PreparedRequest>, Vec<TargetVector>, PhaseCost)> {
     hp.validate(&model.config)?;
     let prepared: Vec<PreparedRequest> = requests.iter().enumerate().map(|(i, r)| r.prepare(i, tokenizer)).collect::<Result<_>>()?;
     if prepared.is_empty() {
         return Err(MemitError::Request { index: 0, detail: "no requests".into() });
     }
-    let (d, d_ff) = (model.config.d_model, model.config.d_ff);
-    let last = hp.last_layer();
-    let mut phases = Phases::default();
+    let mut cost = PhaseCost::default();
     let mut targets = Vec::with_capacity(prepared.len());
     let clock = PhaseClock::start(&model.ctx);
     for (i, req) in prepared.iter().enumerate() {
@@ -167,9 +181,33 @@ pub async fn apply_memit(
         })?;
         targets.push(target);
     }
-    clock.stop(&mut phases.target_vectors);
+    clock.stop(&mut cost);
     progress(Progress { stage: "target vectors", done: prepared.len(), total: prepared.len() });
+    Ok((prepared, targets, cost))
+}
+
+/// Step 3: spreads z − h over the layers of `hp.layers`, solving and
+/// updating one layer at a time (keys recomputed after each update).
+/// `targets` come from [`compute_targets`] with the same `hp.layers`;
+/// the returned phases leave `target_vectors` empty.
+#[allow(clippy::too_many_arguments)]
+pub async fn spread_over_layers(
+    model: &mut Model,
+    tokenizer: &TextTokenizer,
+    prepared: &[PreparedRequest],
+    targets: &[TargetVector],
+    hp: &Hparams,
+    templates: &[String],
+    covariances: &[LayerCovariance],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Vec<LayerUpdate>, Phases)> {
+    let (d, d_ff) = (model.config.d_model, model.config.d_ff);
+    let last = hp.last_layer();
     let n = prepared.len();
+    if targets.len() != n {
+        return Err(MemitError::Hparams(format!("{} target vectors for {n} requests", targets.len())));
+    }
+    let mut phases = Phases::default();
     let mut updates = Vec::with_capacity(hp.layers.len());
     for (i, &layer) in hp.layers.iter().enumerate() {
         progress(Progress { stage: "layers", done: i, total: hp.layers.len() });
@@ -178,7 +216,7 @@ pub async fn apply_memit(
             return Err(MemitError::Hparams(format!("covariance of layer {layer} is not {d_ff}x{d_ff}")));
         }
         let clock = PhaseClock::start(&model.ctx);
-        let ko = keys_and_outputs(model, tokenizer, &prepared, templates, layer, last).await?;
+        let ko = keys_and_outputs(model, tokenizer, prepared, templates, layer, last).await?;
         clock.stop(&mut phases.keys);
         let remaining = (hp.layers.len() - i) as f32;
         let mut resid = vec![0.0f32; n * d];
@@ -198,5 +236,5 @@ pub async fn apply_memit(
         updates.push(update);
     }
     progress(Progress { stage: "layers", done: hp.layers.len(), total: hp.layers.len() });
-    Ok(EditOutcome { targets, updates, phases })
+    Ok((updates, phases))
 }

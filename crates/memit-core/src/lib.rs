@@ -12,7 +12,7 @@ mod stats;
 mod target;
 mod templates;
 
-pub use edit::{apply_memit, apply_update, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, Phases, Progress};
+pub use edit::{apply_memit, apply_update, compute_targets, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, Phases, Progress};
 pub use error::{MemitError, Result};
 pub use hparams::Hparams;
 pub use patch::{LayerChange, Patch, PatchLayer};
