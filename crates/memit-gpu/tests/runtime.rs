@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{DType, GpuContext, GpuError, GpuOptions};
+use memit_gpu::{DType, GpuContext, GpuError, GpuOptions, MatmulSpec, MatrixView};
 
 #[test]
 fn opens_an_adapter_with_its_real_limits() {
@@ -84,4 +84,20 @@ fn memory_meter_counts_live_and_peak_tensor_bytes() {
     let end = ctx.memory();
     assert_eq!(end.live_bytes, start.live_bytes);
     assert_eq!(end.peak_bytes - start.live_bytes, 12_200);
+}
+
+#[test]
+fn a_buffer_bound_writably_twice_is_refused_as_webgpu_would() {
+    let ctx = ctx();
+    let t = ctx.upload(&[4, 8], &[1.0; 32], DType::F32).unwrap();
+    let view = |offset| MatrixView { tensor: &t, offset, rows: 2, cols: 2, ld: 8 };
+    // Disjoint regions, but one buffer as an input and as the output.
+    let err = ctx.matmul_views(view(0), view(2), view(20), MatmulSpec::default()).unwrap_err();
+    assert!(matches!(err, GpuError::Validation(_)), "{err}");
+    assert!(err.to_string().contains("writable binding 3"), "{err}");
+    // Inputs may share a buffer with each other.
+    let out = ctx.zeros(&[2, 2], DType::F32).unwrap();
+    let c = MatrixView { tensor: &out, offset: 0, rows: 2, cols: 2, ld: 2 };
+    ctx.matmul_views(view(0), view(2), c, MatmulSpec::default()).unwrap();
+    assert_eq!(pollster::block_on(ctx.read(&out)).unwrap(), vec![2.0; 4]);
 }
