@@ -207,11 +207,17 @@ pub fn generation_entropy(text: &str) -> f64 {
 
 /// Mean generation entropy of top-k (k = 5, seeded) continuations of
 /// `prompts`, `max_new_tokens` each; the prompt is part of the text scored,
-/// as in the paper.
+/// as in the paper. A prompt too long for the model's context is continued
+/// from its last tokens (the whole prompt is still scored).
 pub async fn mean_generation_entropy(model: &Model, tokenizer: &TextTokenizer, prompts: &[String], max_new_tokens: usize, seed: u64) -> Result<f64> {
+    let context = model.config.max_positions;
+    let max_new_tokens = max_new_tokens.min(context / 2);
     let mut total = 0.0;
     for chunk in prompts.chunks(16) {
-        let ids = chunk.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+        let ids = chunk
+            .iter()
+            .map(|p| tokenizer.encode(p).map(|ids| ids[ids.len().saturating_sub(context - max_new_tokens)..].to_vec()))
+            .collect::<Result<Vec<_>>>()?;
         let options = GenerateOptions { max_new_tokens, sampling: Sampling::TopK { k: 5, temperature: 1.0, seed }, stop_at_eos: false };
         for (prompt, new) in chunk.iter().zip(model.generate(&ids, options).await?) {
             total += generation_entropy(&format!("{prompt}{}", tokenizer.decode(&new)?));

@@ -5,9 +5,9 @@
 
 use std::path::PathBuf;
 
-use memit_eval::{generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, target_fits, target_nll, CaseScore, CounterFactCase, ZsreRecord};
+use memit_eval::{generation_entropy, mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, target_fits, target_nll, CaseScore, CounterFactCase, ZsreRecord};
 use memit_gpu::GpuContext;
-use memit_models::{load_hf_dir, Batch, LoadOptions, Padding};
+use memit_models::{load_hf_dir, Batch, GenerateOptions, LoadOptions, Padding, Sampling};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -152,4 +152,24 @@ fn generation_entropy_matches_hand_computed_values() {
     assert!((generation_entropy("a. a.") - 0.972765).abs() < 1e-5);
     // A repeated word has a single bigram and trigram: zero entropy.
     assert_eq!(generation_entropy("the the the the the"), 0.0);
+}
+
+#[test]
+fn generation_entropy_of_a_prompt_longer_than_the_context_continues_its_tail() {
+    let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    let loaded = load_hf_dir(ctx, &fixtures().join("facts-gpt2"), LoadOptions::default()).unwrap();
+    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let context = model.config.max_positions;
+    let prompt = "The mother tongue of Danielle Darrieux is French. ".repeat(8);
+    let ids = tok.encode(&prompt).unwrap();
+    assert!(ids.len() > context, "the prompt must overflow the {context}-token context");
+    let new_tokens = 20;
+    let got = pollster::block_on(mean_generation_entropy(&model, &tok, &[prompt.clone()], new_tokens, 7)).unwrap();
+    // Independently: continue the last context − 20 tokens, score the whole prompt plus the continuation.
+    let tail = ids[ids.len() - (context - new_tokens)..].to_vec();
+    let options = GenerateOptions { max_new_tokens: new_tokens, sampling: Sampling::TopK { k: 5, temperature: 1.0, seed: 7 }, stop_at_eos: false };
+    let new = pollster::block_on(model.generate(&[tail], options)).unwrap().remove(0);
+    assert_eq!(new.len(), new_tokens);
+    let want = generation_entropy(&format!("{prompt}{}", tok.decode(&new).unwrap()));
+    assert!((got - want).abs() < 1e-12, "{got} vs {want}");
 }
