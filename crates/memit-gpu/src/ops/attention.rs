@@ -197,11 +197,15 @@ impl GpuContext {
             &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, &bounds_buf), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
             [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
         )?;
-        let key_bindings = [(1, bufs[0].0), (4, &bounds_buf), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf), (12, bufs[2].1)];
+        let mut key_bindings = vec![(1, bufs[0].0), (4, &bounds_buf), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf)];
         // A fused dk/dv buffer is bound once (WebGPU forbids a buffer bound writably twice).
-        let (entry, key_bindings) =
-            if bufs[1].1 == bufs[2].1 { ("attend_backward_key_fused", &key_bindings[..6]) } else { ("attend_backward_key", &key_bindings[..]) };
-        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), key_bindings, [seq as u32, k.1.n_heads as u32, bounds.len() as u32])
+        let entry = if bufs[1].1 == bufs[2].1 {
+            "attend_backward_key_fused"
+        } else {
+            key_bindings.push((12, bufs[2].1));
+            "attend_backward_key"
+        };
+        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &key_bindings, [seq as u32, k.1.n_heads as u32, bounds.len() as u32])
     }
 
     #[allow(clippy::too_many_arguments)]
