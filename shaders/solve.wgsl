@@ -15,7 +15,9 @@ struct Params {
     // Rows to update (trsm) or right-hand sides (trsv): offset and leading dim.
     x_off: u32, x_ld: u32, nrhs: u32, global_k0: u32,
     // Where trsm also writes its rows: offset and leading dim in `col`.
-    col_off: u32, col_ld: u32, _pad0: u32, _pad1: u32,
+    col_off: u32, col_ld: u32,
+    // Added to every diagonal element as potrf meets it: factors A + shift·I.
+    shift: f32, _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,6 +54,7 @@ fn potrf_block(@builtin(local_invocation_id) lid: vec3<u32>) {
         for (var c = 0u; c <= t; c++) {
             blk[t * NB + c] = diag[p.diag_off + t * p.ld + c];
         }
+        blk[t * NB + t] += p.shift;
     }
     workgroupBarrier();
     for (var j = 0u; j < p.kb; j++) {

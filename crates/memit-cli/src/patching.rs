@@ -183,6 +183,12 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             requests[i].subject, requests[i].target_new.text
         );
     }
+    for u in outcome.updates.iter().filter(|u| u.solve_shift > 0.0) {
+        eprintln!(
+            "note: layer {}: λC + KKᵀ was numerically singular in f32 (statistics from little or repetitive text); solved with a diagonal shift of {:e} of its mean diagonal",
+            u.layer, u.solve_shift
+        );
+    }
     let after = prompts.iter().map(|p| top_predictions(&edited_model, tok, p, 3)).collect::<Result<Vec<_>>>()?;
     let rows: Vec<RequestReport> = prompts
         .into_iter()
@@ -216,6 +222,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         let report = serde_json::json!({
             "layers": hp.layers, "stats": stats_path, "edit_seconds": edit_seconds,
             "phases": outcome.phases,
+            "solve_shifts": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift})).collect::<Vec<_>>(),
             "written": written, "edits": rows,
             "weak_targets": weak.iter().map(|&(i, p)| serde_json::json!({"request": i, "target_prob": p})).collect::<Vec<_>>(),
         });

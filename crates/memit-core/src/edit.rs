@@ -39,6 +39,10 @@ pub struct LayerUpdate {
     pub resid: Vec<f32>,
     /// [n, d_ff]
     pub x: Vec<f32>,
+    /// Diagonal shift the solve needed, relative to the mean diagonal of
+    /// λC + KKᵀ: 0 unless f32 rounding left that matrix with a
+    /// non-positive pivot (statistics spanning fewer directions than d_ff).
+    pub solve_shift: f32,
 }
 
 pub struct EditOutcome {
@@ -105,9 +109,14 @@ pub fn apply_update(model: &mut Model, update: &LayerUpdate) -> Result<()> {
     Ok(())
 }
 
+/// Diagonal shifts tried, relative to the mean diagonal, when λC + KKᵀ is
+/// numerically indefinite in f32; beyond the last the statistics are too
+/// degenerate to trust.
+const SOLVE_SHIFTS: [f32; 5] = [0.0, 1e-6, 1e-5, 1e-4, 1e-3];
+
 /// X = (λC + KᵀK)⁻¹Kᵀ on the GPU, returned transposed: [n, d_ff], one row
-/// per request.
-async fn solve_for_keys(model: &Model, cov: &LayerCovariance, keys: &[f32], n: usize, lambda: f32) -> Result<Vec<f32>> {
+/// per request, with the relative diagonal shift it needed.
+async fn solve_for_keys(model: &Model, cov: &LayerCovariance, keys: &[f32], n: usize, lambda: f32) -> Result<(Vec<f32>, f32)> {
     let ctx = &model.ctx;
     let d_ff = model.config.d_ff;
     let c = ctx.upload(&[d_ff, d_ff], &cov.matrix, DType::F32)?;
@@ -121,20 +130,34 @@ async fn solve_for_keys(model: &Model, cov: &LayerCovariance, keys: &[f32], n: u
         }
     }
     let b = ctx.upload(&[d_ff, n], &k_t, DType::F32)?;
-    let x = ctx.read(&ctx.solve_spd(&a, &b).await.map_err(|e| match e {
-        memit_gpu::GpuError::NotPositiveDefinite { pivot } => MemitError::Stats(format!(
-            "λC + KKᵀ of layer {} is not positive definite (pivot {pivot}): collect statistics over more text or raise mom2_update_weight",
-            cov.layer
-        )),
-        other => other.into(),
-    })?).await?;
-    let mut out = vec![0.0f32; n * d_ff];
-    for i in 0..d_ff {
-        for r in 0..n {
-            out[r * d_ff + i] = x[i * n + r];
+    let trace = (0..d_ff).map(|i| lambda as f64 * cov.matrix[i * d_ff + i] as f64).sum::<f64>()
+        + keys.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+    let mean_diagonal = (trace / d_ff as f64) as f32;
+    let mut first_failure = None;
+    for relative in SOLVE_SHIFTS {
+        match ctx.solve_spd_shifted(&a, &b, relative * mean_diagonal).await {
+            Ok(x) => {
+                let x = ctx.read(&x).await?;
+                let mut out = vec![0.0f32; n * d_ff];
+                for i in 0..d_ff {
+                    for r in 0..n {
+                        out[r * d_ff + i] = x[i * n + r];
+                    }
+                }
+                return Ok((out, relative));
+            }
+            Err(memit_gpu::GpuError::NotPositiveDefinite { pivot }) => {
+                first_failure.get_or_insert(pivot);
+            }
+            Err(other) => return Err(other.into()),
         }
     }
-    Ok(out)
+    Err(MemitError::Stats(format!(
+        "λC + KKᵀ of layer {} is not positive definite (pivot {}, still with a diagonal shift of {:e} of its mean diagonal): collect statistics over more text or raise mom2_update_weight",
+        cov.layer,
+        first_failure.unwrap_or_default(),
+        SOLVE_SHIFTS[SOLVE_SHIFTS.len() - 1]
+    )))
 }
 
 /// Edits `model` in place with MEMIT and returns the per-layer factors.
@@ -226,9 +249,9 @@ pub async fn spread_over_layers(
             }
         }
         let clock = PhaseClock::start(&model.ctx);
-        let x = solve_for_keys(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
+        let (x, solve_shift) = solve_for_keys(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
         clock.stop(&mut phases.solve);
-        let update = LayerUpdate { layer, resid, x };
+        let update = LayerUpdate { layer, resid, x, solve_shift };
         let clock = PhaseClock::start(&model.ctx);
         apply_update(model, &update)?;
         model.ctx.sync().await?;

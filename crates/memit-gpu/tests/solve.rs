@@ -91,3 +91,40 @@ fn indefinite_matrix_is_reported() {
     let err = pollster::block_on(ctx.solve_spd(&ga, &gb)).unwrap_err();
     assert_eq!(err, GpuError::NotPositiveDefinite { pivot: 66 });
 }
+
+/// A = MᵀM/m + KᵀK with m + 3 < d: semi-definite, so f32 rounding leaves
+/// non-positive pivots (MEMIT's statistics from too little varied text).
+/// With B = Kᵀ in A's range, a tiny shift still gives K·X of the exact
+/// least-squares solution, which is all the weight update uses.
+#[test]
+fn shifted_solve_handles_a_semidefinite_matrix() {
+    let ctx = panel_ctx();
+    let (d, m, n) = (130, 60, 3);
+    let mut rng = Rng::new(7);
+    let mm: Vec<f32> = rng.vec(m * d, 1.0);
+    let k: Vec<f32> = rng.vec(n * d, 1.0);
+    let mut a = vec![0.0f64; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            let c: f64 = (0..m).map(|r| mm[r * d + i] as f64 * mm[r * d + j] as f64).sum::<f64>() / m as f64;
+            a[i * d + j] = c + (0..n).map(|r| k[r * d + i] as f64 * k[r * d + j] as f64).sum::<f64>();
+        }
+    }
+    let k_t: Vec<f32> = (0..d * n).map(|e| k[(e % n) * d + e / n]).collect();
+    let ga = ctx.upload(&[d, d], &a.iter().map(|&v| v as f32).collect::<Vec<_>>(), DType::F32).unwrap();
+    let gb = ctx.upload(&[d, n], &k_t, DType::F32).unwrap();
+    let unshifted = pollster::block_on(ctx.solve_spd(&ga, &gb));
+    assert!(matches!(unshifted, Err(GpuError::NotPositiveDefinite { .. })), "the unshifted factorisation should meet a non-positive pivot");
+    let mean_diagonal = (0..d).map(|i| a[i * d + i]).sum::<f64>() / d as f64;
+    let x = read(&ctx, &pollster::block_on(ctx.solve_spd_shifted(&ga, &gb, (1e-5 * mean_diagonal) as f32)).unwrap());
+    // Reference: float64 solve of A + 1e-12·I (definite in f64), projected on K.
+    let mut a_reg = a.clone();
+    for i in 0..d {
+        a_reg[i * d + i] += 1e-12 * mean_diagonal;
+    }
+    let want = cpu_solve(&a_reg, &k_t.iter().map(|&v| v as f64).collect::<Vec<_>>(), d, n);
+    let project = |x: &dyn Fn(usize) -> f64| -> Vec<f64> { (0..n * n).map(|e| (0..d).map(|i| k[(e / n) * d + i] as f64 * x(i * n + e % n)).sum()).collect() };
+    let got = project(&|i| x[i] as f64);
+    let want = project(&|i| want[i]);
+    assert_close(&got.iter().map(|&v| v as f32).collect::<Vec<_>>(), &want, 1e-3, 1e-4, "K·X of the shifted solve");
+}

@@ -27,7 +27,8 @@ struct Params {
     global_k0: u32,
     col_off: u32,
     col_ld: u32,
-    _pad: [u32; 2],
+    shift: f32,
+    _pad: u32,
 }
 
 fn kernel(entry: &'static str) -> Kernel<'static> {
@@ -92,8 +93,9 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// Lower Cholesky factor of `a` in panels (upper parts hold garbage).
-    async fn cholesky(&self, a: &Tensor) -> Result<Panels> {
+    /// Lower Cholesky factor of `a` + `shift`·I in panels (upper parts hold
+    /// garbage).
+    async fn cholesky(&self, a: &Tensor, shift: f32) -> Result<Panels> {
         let (d, _) = a.dims2("solve")?;
         let row_bytes = (d * 4) as u64;
         let panel_rows = ((self.chunk_bytes() / row_bytes) as usize / NB) * NB;
@@ -118,6 +120,7 @@ impl GpuContext {
                 kb: kb as u32,
                 global_k0: u32_of(k0, "solve")?,
                 col_ld: block as u32,
+                shift,
                 ..Default::default()
             };
             let diag_buf = &l.tensors[p].segments()[0].buffer;
@@ -246,13 +249,22 @@ impl GpuContext {
     /// and `b` ([d, n]), in f32 with one step of iterative refinement. Fails
     /// with `NotPositiveDefinite` naming the first bad pivot.
     pub async fn solve_spd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.solve_spd_shifted(a, b, 0.0).await
+    }
+
+    /// As `solve_spd`, but factors A + `shift`·I and refines against A
+    /// itself: for a positive semi-definite A that f32 rounding leaves with
+    /// a non-positive pivot (a second moment of keys spanning fewer
+    /// directions than d), where B lies in A's range, a shift far below A's
+    /// scale changes the solution only along directions B barely touches.
+    pub async fn solve_spd_shifted(&self, a: &Tensor, b: &Tensor, shift: f32) -> Result<Tensor> {
         require_f32("solve_spd", &[a, b])?;
         let (d, d2) = a.dims2("solve_spd")?;
         let (rows, _) = b.dims2("solve_spd")?;
         if d != d2 || rows != d {
             return Err(GpuError::shape("solve_spd", format!("A is {:?}, B is {:?}", a.shape(), b.shape())));
         }
-        let l = self.cholesky(a).await?;
+        let l = self.cholesky(a, shift).await?;
         let x = self.to_panels(b, l.rows)?;
         self.cholesky_substitute(&l, &x, d)?;
         let solution = self.from_panels(&x, d)?;
