@@ -221,6 +221,18 @@ impl World {
         self.facts["relations"][relation]["objects"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect()
     }
 
+    /// Each of `people`'s facts in the relations `keep` accepts, as its
+    /// relation's first template and the expected word.
+    fn facts_of(&self, people: &[serde_json::Value], keep: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        people
+            .iter()
+            .flat_map(|p| {
+                let subject = p["subject"].as_str().unwrap();
+                self.relations().into_iter().filter(|&rel| keep(rel)).map(move |rel| (self.templates(rel)[0].replace("{}", subject), p[rel].as_str().unwrap().to_string()))
+            })
+            .collect()
+    }
+
     /// The 50 edits: the first 50 people move to another city, each stated
     /// through the first city template.
     fn requests(&self) -> Vec<EditRequest> {
@@ -272,15 +284,9 @@ fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
         .flat_map(|r| world.templates("city")[1..].iter().map(|t| (t.replace("{}", &r.subject), r.target_new.text.clone())).collect::<Vec<_>>())
         .collect();
     // Unrelated: every fact of the 250 people not edited.
-    let unrelated: Vec<(String, String)> = world.people()[50..]
-        .iter()
-        .flat_map(|p| world.relations().into_iter().map(|rel| (world.templates(rel)[0].replace("{}", p["subject"].as_str().unwrap()), p[rel].as_str().unwrap().to_string())))
-        .collect();
+    let unrelated = world.facts_of(&world.people()[50..], |_| true);
     // Reported, not asserted: the edited people's other attributes.
-    let same_people: Vec<(String, String)> = world.people()[..50]
-        .iter()
-        .flat_map(|p| world.relations().into_iter().filter(|&rel| rel != "city").map(|rel| (world.templates(rel)[0].replace("{}", p["subject"].as_str().unwrap()), p[rel].as_str().unwrap().to_string())))
-        .collect();
+    let same_people = world.facts_of(&world.people()[..50], |rel| rel != "city");
     let known_before = agreeing(&model, &tok, &unrelated);
     assert!(known_before as f64 >= 0.99 * unrelated.len() as f64, "the world model recalls only {known_before}/{} facts", unrelated.len());
     assert_eq!(agreeing(&model, &tok, &efficacy), 0, "a new city was already the prediction");
