@@ -1,7 +1,8 @@
 // Embedding gather: out[i, :] = table[ids[ids_off + i], :] for the ids that fall in
 // this table chunk (rows row0 .. row0 + rows); other ids are left alone and
 // filled by the dispatch for their own chunk. Grid: x over 256-wide column
-// blocks, y over ids.
+// blocks, y over ids. `scatter` is the reverse for f32 rows: dest[ids[i], :]
+// = src[i, :] for the ids in this destination chunk.
 
 const TABLE_F16: bool = {{TABLE_F16}};
 
@@ -34,4 +35,20 @@ fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) 
         return;
     }
     out[p.out_off + i * p.dim + col] = load_table(p.table_off + (id - p.row0) * p.dim + col);
+}
+
+@group(0) @binding(4) var<storage, read> src: array<f32>;
+
+@compute @workgroup_size(256)
+fn scatter(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let col = gid.x;
+    let i = wid.y;
+    if (col >= p.dim || i >= p.n_ids) {
+        return;
+    }
+    let id = ids[p.ids_off + i];
+    if (id < p.row0 || id >= p.row0 + p.rows) {
+        return;
+    }
+    out[p.table_off + (id - p.row0) * p.dim + col] = src[p.out_off + i * p.dim + col];
 }

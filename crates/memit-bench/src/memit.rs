@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use memit_core::{apply_memit, EditRequest, Hparams, Phases, StatsAccumulator, StatsIdentity, TargetText};
-use memit_gpu::GpuContext;
+use memit_gpu::{CostCounters, GpuContext};
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
 use serde::Serialize;
 
@@ -38,6 +38,7 @@ struct StatsResult {
     /// tokens/s × layers: how fast one layer's C grows.
     layer_tokens_per_s: f64,
     peak_mib: f64,
+    counters: CostCounters,
     torch_tokens_per_s: Option<f64>,
     ratio_to_torch: Option<f64>,
 }
@@ -132,6 +133,7 @@ pub fn run(o: Options) -> Result<()> {
     drop(warm);
     model.ctx.reset_peak_memory();
     let start = Instant::now();
+    let counters_before = model.ctx.counters();
     let mut acc = StatsAccumulator::new(&model, identity)?;
     for batch in texts.chunks(8) {
         acc.add_texts(&model, &tok, batch)?;
@@ -148,6 +150,7 @@ pub fn run(o: Options) -> Result<()> {
         tokens_per_s,
         layer_tokens_per_s: tokens_per_s * hp.layers.len() as f64,
         peak_mib: model.ctx.memory().peak_bytes as f64 / (1 << 20) as f64,
+        counters: model.ctx.counters().since(&counters_before),
         torch_tokens_per_s: None,
         ratio_to_torch: None,
     };
@@ -209,5 +212,17 @@ fn print_table(stats: &StatsResult, edits: &[EditResult]) {
         let p = &e.phases;
         let cell = |c: memit_core::PhaseCost| format!("{:.2} ({:.1})", c.seconds, c.peak_bytes as f64 / (1 << 20) as f64);
         println!("| {} | {} | {} | {} | {} |", e.edits, cell(p.target_vectors), cell(p.keys), cell(p.solve), cell(p.update));
+    }
+    println!("\n| work | dispatches | submits | host waits | bytes to GPU | bytes from GPU | buffers created | steps |\n|---|---|---|---|---|---|---|---|");
+    let row = |what: String, c: &CostCounters, steps: Option<u64>| {
+        let steps = steps.map_or("-".into(), |s| s.to_string());
+        println!("| {what} | {} | {} | {} | {} | {} | {} | {steps} |", c.dispatches, c.submits, c.host_waits, c.bytes_to_device, c.bytes_from_device, c.buffers_created);
+    };
+    row("statistics".into(), &stats.counters, None);
+    for e in edits {
+        let p = &e.phases;
+        for (name, phase) in [("target vectors", p.target_vectors), ("keys", p.keys), ("solve", p.solve), ("update", p.update)] {
+            row(format!("{} edit(s): {name}", e.edits), &phase.counters.gpu, Some(phase.counters.steps));
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! by layer, keys, residuals spread over the remaining layers, the solve and
 //! the weight update — keys recomputed after each layer's update.
 
-use memit_gpu::{BinaryOp, DType, MatmulSpec};
+use memit_gpu::{BinaryOp, CostCounters, DType, MatmulSpec};
 use serde::Serialize;
 use web_time::Instant;
 use memit_models::{Model, TextTokenizer, WeightLayout};
@@ -11,7 +11,7 @@ use crate::error::{MemitError, Result};
 use crate::hparams::Hparams;
 use crate::keys::keys_and_outputs;
 use crate::request::{EditRequest, PreparedRequest};
-use crate::target::{compute_target, TargetVector};
+use crate::target::{compute_target_vectors, TargetOptions, TargetVector};
 
 /// Where a long job is; `done` of `total` units of `stage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,12 +51,22 @@ pub struct EditOutcome {
     pub phases: Phases,
 }
 
-/// Time and peak tensor memory of one phase, summed (time) and maxed
-/// (memory) over layers.
+/// Time, peak tensor memory and GPU cost counters of one phase, summed
+/// (time, counters) and maxed (memory) over layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PhaseCost {
     pub seconds: f64,
     pub peak_bytes: u64,
+    pub counters: PhaseCounters,
+}
+
+/// The machine-independent cost of a phase: what it asked of the GPU, and
+/// how many optimisation steps it ran (target vectors only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PhaseCounters {
+    #[serde(flatten)]
+    pub gpu: CostCounters,
+    pub steps: u64,
 }
 
 /// Where an edit's time and memory went: target-vector optimisation, key
@@ -71,21 +81,23 @@ pub struct Phases {
 
 /// Measures one phase: wall time (work is complete when the phase's last
 /// readback or sync returns) and peak tensor memory.
-struct PhaseClock {
+pub(crate) struct PhaseClock {
     ctx: std::sync::Arc<memit_gpu::GpuContext>,
     start: Instant,
+    counters: CostCounters,
 }
 
 impl PhaseClock {
-    fn start(ctx: &std::sync::Arc<memit_gpu::GpuContext>) -> PhaseClock {
+    pub(crate) fn start(ctx: &std::sync::Arc<memit_gpu::GpuContext>) -> PhaseClock {
         let ctx = ctx.clone();
         ctx.reset_peak_memory();
-        PhaseClock { ctx, start: Instant::now() }
+        PhaseClock { start: Instant::now(), counters: ctx.counters(), ctx }
     }
 
-    fn stop(self, into: &mut PhaseCost) {
+    pub(crate) fn stop(self, into: &mut PhaseCost) {
         into.seconds += self.start.elapsed().as_secs_f64();
         into.peak_bytes = into.peak_bytes.max(self.ctx.memory().peak_bytes);
+        into.counters.gpu.add(&self.ctx.counters().since(&self.counters));
     }
 }
 
@@ -194,18 +206,13 @@ pub async fn compute_targets(
         return Err(MemitError::Request { index: 0, detail: "no requests".into() });
     }
     let mut cost = PhaseCost::default();
-    let mut targets = Vec::with_capacity(prepared.len());
     let clock = PhaseClock::start(&model.ctx);
-    for (i, req) in prepared.iter().enumerate() {
-        progress(Progress { stage: "target vectors", done: i, total: prepared.len() });
-        let target = compute_target(model, tokenizer, req, templates, hp).await.map_err(|e| match e {
-            MemitError::Request { detail, .. } => MemitError::Request { index: i, detail },
-            other => other,
-        })?;
-        targets.push(target);
-    }
+    let total = prepared.len();
+    progress(Progress { stage: "target vectors", done: 0, total });
+    let (targets, steps) =
+        compute_target_vectors(model, tokenizer, &prepared, templates, hp, &TargetOptions::default(), &mut |done| progress(Progress { stage: "target vectors", done, total })).await?;
     clock.stop(&mut cost);
-    progress(Progress { stage: "target vectors", done: prepared.len(), total: prepared.len() });
+    cost.counters.steps = steps;
     Ok((prepared, targets, cost))
 }
 

@@ -12,12 +12,12 @@ mod stats;
 mod target;
 mod templates;
 
-pub use edit::{apply_memit, apply_update, compute_targets, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, Phases, Progress};
+pub use edit::{apply_memit, apply_update, compute_targets, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, PhaseCounters, Phases, Progress};
 pub use error::{MemitError, Result};
 pub use hparams::Hparams;
 pub use patch::{LayerChange, Patch, PatchLayer};
 pub use keys::{keys_and_outputs, KeysAndOutputs};
 pub use request::{subject_last_index, EditRequest, PreparedRequest, TargetText};
 pub use stats::{load_cache, read_cache, StatsAccumulator, StatsIdentity};
-pub use target::{compute_target, StepLoss, TargetVector};
+pub use target::{compute_target_vectors, StepLoss, TargetOptions, TargetVector};
 pub use templates::context_templates;

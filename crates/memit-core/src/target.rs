@@ -1,10 +1,12 @@
-//! Step 2 of MEMIT: the target vector z for one request — the residual
+//! Step 2 of MEMIT: the target vector z of each request — the residual
 //! stream value at the last edited layer, at the subject's last token, that
-//! makes the model predict the new object. δ is optimised with Adam on
-//! NLL + KL + weight decay, with gradients from the WGSL backward pass
-//! through every later block.
+//! makes the model predict the new object. Every request keeps its own δ,
+//! Adam moments, norm clamp, KL reference and stopping point, but all
+//! requests of a batch share one forward and one backward pass per step,
+//! and the whole optimisation stays on the GPU: the host only checks every
+//! few steps whether every request has stopped.
 
-use memit_gpu::{DType, Tensor};
+use memit_gpu::{DType, LossRow, TargetHyper, Tensor};
 use memit_models::{Batch, Model, Padding, TextTokenizer};
 
 use crate::error::{MemitError, Result};
@@ -33,21 +35,40 @@ pub struct TargetVector {
     pub z: Vec<f32>,
     /// The block output at the subject's last token before editing.
     pub target_init: Vec<f32>,
+    /// The loss at every step this request ran (the last one took no step).
     pub losses: Vec<StepLoss>,
 }
 
-/// Tokenised prompts of one request: rewriting prompts (one per context
-/// template, the prompt followed by all but the last target token) then the
-/// KL prompt "{subject} is a".
-struct Prompts {
-    batch: Batch,
-    /// Activation row of the subject's last token, per prompt.
-    lookup_rows: Vec<usize>,
-    /// Per rewriting prompt: the rows whose logits predict each target token.
-    target_rows: Vec<Vec<usize>>,
+/// How target vectors are batched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TargetOptions {
+    /// Estimated GPU bytes one batch of requests may use for activations,
+    /// logits and their gradients.
+    pub batch_bytes: u64,
+    /// Most requests per batch (1 gives the one-at-a-time optimisation).
+    pub max_requests: usize,
+    /// Steps between the host's checks whether every request has stopped.
+    pub check_every: usize,
 }
 
-fn build_prompts(req: &PreparedRequest, templates: &[String], tokenizer: &TextTokenizer) -> Result<Prompts> {
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions { batch_bytes: 1 << 30, max_requests: usize::MAX, check_every: 5 }
+    }
+}
+
+/// One request's prompts: rewriting prompts (one per context template, the
+/// prompt followed by all but the last target token) then the KL prompt
+/// "{subject} is a", with the token index of the subject's last token in
+/// each.
+struct RequestPrompts {
+    sequences: Vec<Vec<u32>>,
+    lookups: Vec<usize>,
+    /// Rows whose logits the loss reads.
+    loss_rows: usize,
+}
+
+fn request_prompts(index: usize, req: &PreparedRequest, templates: &[String], tokenizer: &TextTokenizer) -> Result<RequestPrompts> {
     let subject = &req.request.subject;
     let target_prefix = tokenizer.decode(&req.target_ids[..req.target_ids.len() - 1])?;
     let mut sequences = Vec::new();
@@ -64,168 +85,199 @@ fn build_prompts(req: &PreparedRequest, templates: &[String], tokenizer: &TextTo
     for (i, (seq, &lookup)) in sequences.iter().zip(&lookups).enumerate() {
         if lookup >= seq.len() || (i < templates.len() && seq.len() < n_target) {
             return Err(MemitError::Request {
-                index: 0,
+                index,
                 detail: format!("subject {subject:?} was not found where expected in prompt {:?}", tokenizer.decode(seq)?),
             });
         }
     }
-    let batch = Batch::new(&sequences, Padding::Right, 0)?;
-    let lookup_rows = lookups.iter().enumerate().map(|(b, &t)| batch.row(b, t)).collect();
-    let target_rows = (0..templates.len())
-        .map(|b| {
-            let len = sequences[b].len();
-            (len - n_target..len).map(|t| batch.row(b, t)).collect()
-        })
-        .collect();
-    Ok(Prompts { batch, lookup_rows, target_rows })
+    Ok(RequestPrompts { sequences, lookups, loss_rows: templates.len() * n_target + 1 })
 }
 
-/// Adam with PyTorch's defaults (β = 0.9, 0.999; ε = 1e-8).
-struct Adam {
-    lr: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    t: i32,
+/// Rough GPU bytes per batch row of the target-vector step at `layer`: the
+/// trace of every block above it plus its gradients, and per loss row the
+/// logits, log-probabilities and their gradient.
+fn bytes_per_row(model: &Model, layer: usize) -> (u64, u64) {
+    let c = &model.config;
+    let above = (c.n_layers - layer - 1) as u64;
+    let width = (12 * c.d_model + 4 * c.d_ff) as u64;
+    (4 * (above * width + 4 * c.d_model as u64), 4 * 4 * c.vocab_size as u64)
 }
 
-impl Adam {
-    fn new(lr: f32, n: usize) -> Adam {
-        Adam { lr, m: vec![0.0; n], v: vec![0.0; n], t: 0 }
-    }
-
-    fn step(&mut self, params: &mut [f32], grad: &[f32]) {
-        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-        self.t += 1;
-        let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
-        for i in 0..params.len() {
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * grad[i];
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * grad[i] * grad[i];
-            params[i] -= self.lr * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + eps);
+/// Splits requests into batches within `options`' memory budget and the
+/// single-binding limit of the tensors the step binds whole.
+fn plan_batches(model: &Model, prompts: &[RequestPrompts], layer: usize, options: &TargetOptions) -> Vec<std::ops::Range<usize>> {
+    let c = &model.config;
+    let (per_row, per_loss_row) = bytes_per_row(model, layer);
+    let binding = model.ctx.chunk_bytes();
+    let widest_row = (4 * c.d_model.max(c.d_ff).max((c.n_heads + 2 * c.n_kv_heads) * c.head_dim)) as u64;
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < prompts.len() {
+        let (mut seqs, mut seq_len, mut loss_rows, mut end) = (0usize, 0usize, 0usize, start);
+        while end < prompts.len() && end - start < options.max_requests {
+            let p = &prompts[end];
+            let n_seqs = seqs + p.sequences.len();
+            let longest = seq_len.max(p.sequences.iter().map(Vec::len).max().unwrap_or(0));
+            let rows = (n_seqs * longest) as u64;
+            let n_loss = loss_rows + p.loss_rows;
+            let scores = (n_seqs * c.n_heads * longest * longest * 4) as u64;
+            let fits = rows * per_row + n_loss as u64 * per_loss_row <= options.batch_bytes
+                && rows * widest_row <= binding
+                && n_loss as u64 * c.vocab_size as u64 * 4 <= binding
+                && scores <= binding;
+            if !fits && end > start {
+                break;
+            }
+            (seqs, seq_len, loss_rows, end) = (n_seqs, longest, n_loss, end + 1);
         }
+        batches.push(start..end);
+        start = end;
     }
+    batches
 }
 
-fn norm(v: &[f32]) -> f32 {
-    v.iter().map(|x| x * x).sum::<f32>().sqrt()
-}
-
-/// Reads rows `rows` of a [n, width] tensor.
-async fn read_rows(model: &Model, t: &Tensor, rows: &[usize]) -> Result<Vec<f32>> {
-    let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-    Ok(model.ctx.read(&model.ctx.embedding(t, &ids)?).await?)
-}
-
-/// Optimises z for one request at layer `hp.last_layer()`.
-pub async fn compute_target(model: &Model, tokenizer: &TextTokenizer, req: &PreparedRequest, templates: &[String], hp: &Hparams) -> Result<TargetVector> {
-    let ctx = &model.ctx;
+/// Optimises z at layer `hp.last_layer()` for every request.
+pub async fn compute_target_vectors(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    requests: &[PreparedRequest],
+    templates: &[String],
+    hp: &Hparams,
+    options: &TargetOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<TargetVector>, u64)> {
     let layer = hp.last_layer();
-    let d = model.config.d_model;
-    let vocab = model.config.vocab_size;
-    let prompts = build_prompts(req, templates, tokenizer)?;
-    let batch = &prompts.batch;
-    let rows = batch.batch * batch.seq;
-    let n_rewrite = templates.len();
-    let kl_row = *prompts.lookup_rows.last().expect("KL prompt");
+    let prompts = requests.iter().enumerate().map(|(i, r)| request_prompts(i, r, templates, tokenizer)).collect::<Result<Vec<_>>>()?;
     // Above the model's last block only the unembedding is left: δ at the
     // subject can then change no prediction but the subject position's own.
     if layer + 1 == model.config.n_layers {
-        if let Some(b) = (0..n_rewrite).find(|&b| !prompts.target_rows[b].contains(&prompts.lookup_rows[b])) {
-            return Err(MemitError::Request {
-                index: 0,
-                detail: format!(
-                    "the last edited layer {layer} is the model's last block, so nothing can carry the edit from the subject to the prediction of {:?} in {:?}; edit lower layers (hparams `layers`) or end the prompt with the subject",
-                    req.target_text,
-                    templates[b].replace("{}", &req.request.prompt)
-                ),
-            });
-        }
-    }
-
-    let hidden = model.forward(batch, &[layer], false)?.hidden[layer].clone().expect("captured");
-    let base = ctx.read(&hidden).await?;
-    let target_init = base[prompts.lookup_rows[0] * d..][..d].to_vec();
-    let init_norm_sq = target_init.iter().map(|x| x * x).sum::<f32>().max(1e-12);
-    let max_norm = hp.clamp_norm_factor * init_norm_sq.sqrt();
-
-    // Rows whose log-probabilities the loss reads: target rows, then the KL row.
-    let mut loss_rows: Vec<usize> = prompts.target_rows.iter().flatten().copied().collect();
-    loss_rows.push(kl_row);
-    let n_target = req.target_ids.len();
-
-    let mut delta = vec![0.0f32; d];
-    let mut adam = Adam::new(hp.v_lr, d);
-    let mut kl_init: Option<Vec<f32>> = None;
-    let mut losses = Vec::new();
-    for step in 0..hp.v_num_grad_steps.max(1) {
-        let mut shifted = base.clone();
-        for &r in &prompts.lookup_rows {
-            for (x, dx) in shifted[r * d..][..d].iter_mut().zip(&delta) {
-                *x += dx;
+        for (index, (req, p)) in requests.iter().zip(&prompts).enumerate() {
+            let n_target = req.target_ids.len();
+            if let Some(b) = (0..templates.len()).find(|&b| p.lookups[b] + n_target < p.sequences[b].len()) {
+                return Err(MemitError::Request {
+                    index,
+                    detail: format!(
+                        "the last edited layer {layer} is the model's last block, so nothing can carry the edit from the subject to the prediction of {:?} in {:?}; edit lower layers (hparams `layers`) or end the prompt with the subject",
+                        req.target_text,
+                        templates[b].replace("{}", &req.request.prompt)
+                    ),
+                });
             }
         }
-        let h = ctx.upload(&[rows, d], &shifted, DType::F32)?;
-        let (logits, trace) = model.forward_traced(layer + 1, &h, batch)?;
-        let log_probs = ctx.softmax(&logits, true, None)?;
-        let lp = read_rows(model, &log_probs, &loss_rows).await?;
+    }
+    let mut targets = Vec::with_capacity(requests.len());
+    let mut steps = 0;
+    for range in plan_batches(model, &prompts, layer, options) {
+        let (batch_targets, batch_steps) = optimise_batch(model, &requests[range.clone()], &prompts[range.clone()], hp, options, &mut |done| progress(range.start + done)).await?;
+        targets.extend(batch_targets);
+        steps += batch_steps;
+    }
+    progress(requests.len());
+    Ok((targets, steps))
+}
 
-        // NLL of the new target, averaged over its tokens and the prompts.
-        let mut nll = 0.0f32;
-        let mut prob = 0.0f32;
-        for (i, &token) in req.target_ids.iter().cycle().take(n_rewrite * n_target).enumerate() {
-            let value = lp[i * vocab + token as usize];
-            nll -= value / (n_target * n_rewrite) as f32;
-            prob += value.exp() / (n_target * n_rewrite) as f32;
-        }
-        let kl_lp = &lp[n_rewrite * n_target * vocab..];
-        let init = kl_init.get_or_insert_with(|| kl_lp.to_vec());
-        let kl = hp.kl_factor * init.iter().zip(kl_lp).map(|(&a, &b)| a.exp() * (a - b)).sum::<f32>();
-        let wd = hp.v_weight_decay * norm(&delta) / init_norm_sq;
-        let loss = StepLoss { nll, kl, weight_decay: wd, target_prob: prob };
-        losses.push(loss);
-        if loss.total() < hp.v_loss_threshold || step + 1 == hp.v_num_grad_steps {
-            break;
-        }
+/// One batch: one padded batch of every request's prompts, one forward and
+/// backward pass per step for all of them.
+async fn optimise_batch(
+    model: &Model,
+    requests: &[PreparedRequest],
+    prompts: &[RequestPrompts],
+    hp: &Hparams,
+    options: &TargetOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<TargetVector>, u64)> {
+    let ctx = &model.ctx;
+    let layer = hp.last_layer();
+    let (d, vocab) = (model.config.d_model, model.config.vocab_size);
+    let n = requests.len();
+    let sequences: Vec<Vec<u32>> = prompts.iter().flat_map(|p| p.sequences.iter().cloned()).collect();
+    let batch = Batch::new(&sequences, Padding::Right, 0)?;
 
-        // dL/dlogits: softmax − one-hot for the NLL rows, p − p_init for KL.
-        let mut d_logits = vec![0.0f32; rows * vocab];
-        for (i, &row) in loss_rows.iter().enumerate() {
-            let src = &lp[i * vocab..][..vocab];
-            let dst = &mut d_logits[row * vocab..][..vocab];
-            if i < n_rewrite * n_target {
-                let scale = 1.0 / (n_target * n_rewrite) as f32;
-                for (g, &l) in dst.iter_mut().zip(src) {
-                    *g += scale * l.exp();
+    // Loss rows: each rewriting prompt's rows that predict the target
+    // tokens, then the KL prompt's subject row; subject rows per request.
+    let mut loss = Vec::new();
+    let mut logit_rows = Vec::new();
+    let mut lookups = Vec::with_capacity(n);
+    let mut first_lookup = Vec::with_capacity(n);
+    let mut b = 0;
+    for (j, (req, p)) in requests.iter().zip(prompts).enumerate() {
+        let n_target = req.target_ids.len();
+        let n_rewrite = p.sequences.len() - 1;
+        let weight = 1.0 / (n_target * n_rewrite) as f32;
+        let mut rows_of_j = Vec::new();
+        for (k, (seq, &lookup)) in p.sequences.iter().zip(&p.lookups).enumerate() {
+            rows_of_j.push(batch.row(b + k, lookup) as u32);
+            if k < n_rewrite {
+                for (t, &token) in req.target_ids.iter().enumerate() {
+                    logit_rows.push(batch.row(b + k, seq.len() - n_target + t) as u32);
+                    loss.push(LossRow { request: j as u32, token: Some(token), weight });
                 }
-                dst[req.target_ids[i % n_target] as usize] -= scale;
             } else {
-                for ((g, &l), &l0) in dst.iter_mut().zip(src).zip(init.iter()) {
-                    *g += hp.kl_factor * (l.exp() - l0.exp());
-                }
+                logit_rows.push(batch.row(b + k, lookup) as u32);
+                loss.push(LossRow { request: j as u32, token: None, weight: 0.0 });
             }
         }
-        let d_logits = ctx.upload(&[rows, vocab], &d_logits, DType::F32)?;
-        let d_hidden = model.backward(&trace, &d_logits, batch)?;
-        let g_rows = read_rows(model, &d_hidden, &prompts.lookup_rows).await?;
-        let mut grad = vec![0.0f32; d];
-        for row in g_rows.chunks(d) {
-            for (g, x) in grad.iter_mut().zip(row) {
-                *g += x;
-            }
-        }
-        let n = norm(&delta);
-        if n > 0.0 {
-            for (g, x) in grad.iter_mut().zip(&delta) {
-                *g += hp.v_weight_decay * x / (n * init_norm_sq);
-            }
-        }
-        adam.step(&mut delta, &grad);
-        let n = norm(&delta);
-        if n > max_norm {
-            for x in delta.iter_mut() {
-                *x *= max_norm / n;
+        first_lookup.push(rows_of_j[0]);
+        lookups.push(rows_of_j);
+        b += p.sequences.len();
+    }
+    let rows = batch.batch * batch.seq;
+    let plan = ctx.target_plan(d, vocab, rows, &loss, &lookups)?;
+    let logit_rows = ctx.indices(&logit_rows)?;
+
+    let base = model.forward(&batch, &[layer], false)?.hidden[layer].clone().expect("captured");
+    let target_init = ctx.gather_rows(&base, &ctx.indices(&first_lookup)?)?;
+    let state = ctx.zeros(&[n, 3, d], DType::F32)?;
+    let kl_init = ctx.empty(&[n, vocab], DType::F32)?;
+    let max_steps = hp.v_num_grad_steps.max(1);
+    let record = ctx.zeros(&[n + max_steps * n * 4], DType::F32)?;
+    let hyper = TargetHyper {
+        kl_factor: hp.kl_factor,
+        loss_threshold: hp.v_loss_threshold,
+        weight_decay: hp.v_weight_decay,
+        lr: hp.v_lr,
+        clamp: hp.clamp_norm_factor,
+    };
+    let mut steps = 0;
+    for step in 0..max_steps {
+        let last = step + 1 == max_steps;
+        let hidden = ctx.target_add_delta(&plan, &base, &state)?;
+        let (logits, trace) = model.forward_traced(layer + 1, &hidden, &batch, Some(&logit_rows))?;
+        let log_probs = ctx.softmax(&logits, true, None)?;
+        let (d_logits, row_loss) = ctx.target_loss(&plan, &log_probs, &kl_init, hp.kl_factor, step == 0)?;
+        let d_hidden = if last { None } else { Some(model.backward(&trace, &d_logits, &batch)?) };
+        ctx.target_step(&plan, &hyper, step, last, &state, &record, &row_loss, d_hidden.as_ref(), &target_init)?;
+        steps += 1;
+        if !last && (step + 1) % options.check_every.max(1) == 0 {
+            let stopped = read_stops(model, &record, n).await?;
+            let done = stopped.iter().filter(|&&s| s > 0.0).count();
+            progress(done);
+            if done == n {
+                break;
             }
         }
     }
-    let z = target_init.iter().zip(&delta).map(|(a, b)| a + b).collect();
-    Ok(TargetVector { z, target_init, losses })
+
+    let record = ctx.read(&record).await?;
+    let delta = ctx.read(&state).await?;
+    let init = ctx.read(&target_init).await?;
+    let mut targets = Vec::with_capacity(n);
+    for j in 0..n {
+        let ran = record[j] as usize;
+        let losses = (0..ran)
+            .map(|s| {
+                let at = n + (s * n + j) * 4;
+                StepLoss { nll: record[at], kl: record[at + 1], weight_decay: record[at + 2], target_prob: record[at + 3] }
+            })
+            .collect();
+        let target_init = init[j * d..][..d].to_vec();
+        let z = target_init.iter().zip(&delta[j * 3 * d..][..d]).map(|(a, b)| a + b).collect();
+        targets.push(TargetVector { z, target_init, losses });
+    }
+    Ok((targets, steps))
+}
+
+/// The stop markers of the first `n` requests (0 while optimising).
+async fn read_stops(model: &Model, record: &Tensor, n: usize) -> Result<Vec<f32>> {
+    Ok(model.ctx.read(&record.slice_rows(0..n)?).await?)
 }

@@ -2,13 +2,13 @@
 //! error capture, a pipeline cache and batched command submission.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{GpuError, Result};
+use crate::runtime::{size_class, CostCounters, Counters, Recorder, Runtime, PARAMS_SLOT};
 use crate::shader::{render, ShaderFamily};
-use crate::tensor::{MemoryMeter, MemoryUsage};
+use crate::tensor::{MemoryUsage, PooledBuffer};
 
 /// How to pick and configure the adapter.
 #[derive(Debug, Clone, Default)]
@@ -19,13 +19,17 @@ pub struct GpuOptions {
     /// Upper bound on the bytes of one tensor chunk, below the adapter's
     /// storage-binding limit. Tests set it tiny to exercise tiling on small shapes.
     pub max_chunk_bytes: Option<u64>,
+    /// Most bytes of released buffers kept for reuse (default 1 GiB).
+    pub pool_bytes: Option<u64>,
 }
 
 /// Workgroup-count limit per dimension that every WebGPU adapter guarantees.
 const MAX_GROUPS_PER_DIM: u32 = 65_535;
-/// Dispatches recorded before the pending encoder is submitted, bounding the
-/// memory held by per-dispatch uniform buffers.
-const DISPATCHES_PER_SUBMIT: usize = 128;
+/// Dispatches recorded before the pending encoder is submitted: the size of
+/// the parameter ring, and how much work the GPU may wait for while the
+/// host records.
+const DISPATCHES_PER_SUBMIT: usize = 256;
+const DEFAULT_POOL_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PipelineKey {
@@ -34,15 +38,12 @@ struct PipelineKey {
     defines: Vec<(&'static str, String)>,
 }
 
-/// A compiled kernel and the bindings its source declares writable.
+/// A compiled kernel, its bind group layout and the bindings its source
+/// declares writable.
 struct CachedPipeline {
     pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
     writable: Vec<u32>,
-}
-
-struct Pending {
-    encoder: Option<wgpu::CommandEncoder>,
-    dispatches: usize,
 }
 
 /// One opened GPU device plus everything needed to run kernels on it.
@@ -54,9 +55,11 @@ pub struct GpuContext {
     features: wgpu::Features,
     chunk_bytes: u64,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
-    pending: Mutex<Pending>,
+    runtime: Arc<Runtime>,
+    /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
+    /// before each submit.
+    params_ring: wgpu::Buffer,
     error: Arc<Mutex<Option<GpuError>>>,
-    meter: Arc<MemoryMeter>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -140,6 +143,14 @@ impl GpuContext {
 
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let chunk_bytes = options.max_chunk_bytes.map_or(binding, |cap| cap.min(binding)) & !15;
+        let runtime = Arc::new(Runtime::new(options.pool_bytes.unwrap_or(DEFAULT_POOL_BYTES)));
+        let params_ring = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params ring"),
+            size: DISPATCHES_PER_SUBMIT as u64 * PARAMS_SLOT,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Counters::bump(&runtime.counters.buffers_created, 1);
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -148,9 +159,9 @@ impl GpuContext {
             features,
             chunk_bytes,
             pipelines: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
+            runtime,
+            params_ring,
             error,
-            meter: Arc::default(),
         }))
     }
 
@@ -205,22 +216,44 @@ impl GpuContext {
         self.chunk_bytes
     }
 
-    /// Tensor memory now and at its peak (since the last reset).
+    /// Tensor memory now and at its peak (since the last reset), and what
+    /// the buffer pool holds for reuse.
     pub fn memory(&self) -> MemoryUsage {
-        self.meter.usage()
+        let mut usage = self.runtime.meter.usage();
+        usage.pooled_bytes = self.runtime.pool.lock().unwrap().idle_bytes();
+        usage
     }
 
     /// Starts a new peak-memory measurement from what is live now.
     pub fn reset_peak_memory(&self) {
-        self.meter.reset_peak();
+        self.runtime.meter.reset_peak();
     }
 
-    pub(crate) fn meter(&self) -> &Arc<MemoryMeter> {
-        &self.meter
+    /// Frees every buffer the pool keeps for reuse (after a phase whose
+    /// shapes will not come back).
+    pub fn release_pooled_buffers(&self) {
+        self.runtime.pool.lock().unwrap().clear();
     }
 
-    pub(crate) fn queue(&self) -> &wgpu::Queue {
-        &self.queue
+    /// The cost counters so far; subtract an earlier snapshot with
+    /// [`CostCounters::since`] to measure a phase.
+    pub fn counters(&self) -> CostCounters {
+        self.runtime.counters.snapshot()
+    }
+
+    /// Writes host bytes into `buffer` at `offset`. Work recorded earlier
+    /// runs first: pending commands are submitted before the write when
+    /// `after_pending` (the buffer may be read by them), since a queue write
+    /// would otherwise land before them.
+    pub(crate) fn write_bytes(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8], after_pending: bool) {
+        if bytes.is_empty() {
+            return;
+        }
+        if after_pending {
+            self.flush();
+        }
+        self.queue.write_buffer(buffer, offset, bytes);
+        Counters::bump(&self.runtime.counters.bytes_to_device, bytes.len() as u64);
     }
 
     /// Returns (and clears) the first GPU error recorded since the last check.
@@ -239,20 +272,35 @@ impl GpuContext {
         })
     }
 
-    pub(crate) fn create_buffer(&self, bytes: u64, usage: wgpu::BufferUsages, label: &str) -> Result<wgpu::Buffer> {
-        if bytes > self.limits.max_buffer_size {
-            return Err(GpuError::OutOfMemory {
-                context: format!("allocating {label}: {bytes} bytes exceed the adapter's max buffer size {}", self.limits.max_buffer_size),
-            });
+    /// A buffer of at least `bytes` from the pool, or a new one. `metered`
+    /// buffers count as tensor memory while alive. With `host_write` the
+    /// buffer is one no unsubmitted command uses (pending work is
+    /// submitted if needed), so a queue write cannot overtake earlier
+    /// commands. Returns the buffer and whether it is new (zero-filled).
+    pub(crate) fn alloc(&self, bytes: u64, usage: wgpu::BufferUsages, label: &str, metered: bool, host_write: bool) -> Result<(PooledBuffer, bool)> {
+        let max = self.limits.max_buffer_size;
+        if bytes > max {
+            return Err(GpuError::OutOfMemory { context: format!("allocating {label}: {bytes} bytes exceed the adapter's max buffer size {max}") });
         }
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
-            usage,
-            mapped_at_creation: false,
-        });
-        self.check(|| format!("allocating {label} ({bytes} bytes)"))?;
-        Ok(buffer)
+        let cap = if usage.contains(wgpu::BufferUsages::STORAGE) { self.limits.max_storage_buffer_binding_size.min(max) } else { max };
+        let size = size_class(bytes, cap);
+        let metered_bytes = if metered { bytes.max(4).next_multiple_of(4) } else { 0 };
+        let submits = self.runtime.submits_done();
+        let reused = self.runtime.pool.lock().unwrap().take(size, usage, submits, host_write);
+        if let Some((buffer, cold)) = reused {
+            if host_write && !cold {
+                self.flush();
+            }
+            return Ok((PooledBuffer::new(buffer, usage, metered_bytes, self.runtime.clone()), false));
+        }
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false });
+        Counters::bump(&self.runtime.counters.buffers_created, 1);
+        if let Err(e) = self.check(|| format!("allocating {label} ({bytes} bytes)")) {
+            // A failed allocation may have been caused by idle buffers: free them for the caller's retry.
+            self.release_pooled_buffers();
+            return Err(e);
+        }
+        Ok((PooledBuffer::new(buffer, usage, metered_bytes, self.runtime.clone()), true))
     }
 
     fn pipeline(&self, family: ShaderFamily, entry: &'static str, defines: &[(&'static str, String)]) -> Result<Arc<CachedPipeline>> {
@@ -276,7 +324,8 @@ impl GpuContext {
             cache: None,
         });
         self.take_error()?;
-        let pipeline = Arc::new(CachedPipeline { pipeline, writable });
+        let layout = pipeline.get_bind_group_layout(0);
+        let pipeline = Arc::new(CachedPipeline { pipeline, layout, writable });
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)
     }
@@ -310,73 +359,77 @@ impl GpuContext {
                 )));
             }
         }
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: params,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        entries.extend(
-            buffers
-                .iter()
-                .map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }),
-        );
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let mut pending = self.pending.lock().unwrap();
-        let encoder = pending
-            .encoder
-            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("memit") }));
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            pass.set_pipeline(&pipeline.pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        if params.len() as u64 > PARAMS_SLOT {
+            return Err(GpuError::Internal(format!("{}::{} parameters exceed {PARAMS_SLOT} bytes", kernel.family.name(), kernel.entry)));
         }
-        pending.dispatches += 1;
-        if pending.dispatches >= DISPATCHES_PER_SUBMIT {
-            self.submit_locked(&mut pending);
+        let mut recorder = self.runtime.recorder.lock().unwrap();
+        let offset = recorder.params.len() as u64;
+        recorder.params.extend_from_slice(params);
+        recorder.params.resize((offset + PARAMS_SLOT) as usize, 0);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &self.params_ring, offset, size: NonZeroU64::new(PARAMS_SLOT) }),
+        }];
+        entries.extend(buffers.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }));
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.layout, entries: &entries });
+        let pass = recorder.pass(&self.device);
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        recorder.dispatches += 1;
+        Counters::bump(&self.runtime.counters.dispatches, 1);
+        if recorder.dispatches >= DISPATCHES_PER_SUBMIT {
+            self.submit_locked(&mut recorder);
         }
-        drop(pending);
+        drop(recorder);
         self.check(|| format!("running {}::{}", kernel.family.name(), kernel.entry))
     }
 
-    fn submit_locked(&self, pending: &mut Pending) {
-        if let Some(encoder) = pending.encoder.take() {
+    /// Ends the open pass, writes the recorded dispatches' parameters into
+    /// the ring and submits.
+    fn submit_locked(&self, recorder: &mut Recorder) {
+        recorder.pass = None;
+        if let Some(encoder) = recorder.encoder.take() {
+            if !recorder.params.is_empty() {
+                self.queue.write_buffer(&self.params_ring, 0, &recorder.params);
+                Counters::bump(&self.runtime.counters.bytes_to_device, recorder.params.len() as u64);
+            }
             self.queue.submit([encoder.finish()]);
+            Counters::bump(&self.runtime.counters.submits, 1);
         }
-        pending.dispatches = 0;
+        recorder.params.clear();
+        recorder.dispatches = 0;
     }
 
     /// Submits all recorded work to the GPU without waiting for it.
     pub fn flush(&self) {
-        self.submit_locked(&mut self.pending.lock().unwrap());
+        let mut recorder = self.runtime.recorder.lock().unwrap();
+        if !recorder.is_empty() {
+            self.submit_locked(&mut recorder);
+        }
     }
 
     /// Records a buffer-to-buffer copy in order with the recorded kernels.
     pub(crate) fn copy(&self, src: &wgpu::Buffer, src_offset: u64, dst: &wgpu::Buffer, dst_offset: u64, bytes: u64) {
-        let mut pending = self.pending.lock().unwrap();
-        let encoder = pending
-            .encoder
-            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("memit") }));
-        encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, Some(bytes));
+        let mut recorder = self.runtime.recorder.lock().unwrap();
+        recorder.encoder(&self.device).copy_buffer_to_buffer(src, src_offset, dst, dst_offset, Some(bytes));
     }
 
     /// Waits until the GPU has finished everything recorded so far and reports
     /// any error it raised. Native blocks in `poll`; on the web it awaits the
     /// browser through a tiny readback.
     pub async fn sync(&self) -> Result<()> {
-        let probe = self.create_buffer(4, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, "sync probe")?;
-        self.map_read(&probe).await?;
+        let (probe, _) = self.alloc(4, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, "sync probe", false, false)?;
+        self.map_read(&probe, 0).await?;
         Ok(())
     }
 
-    /// Submits pending work, maps `staging` for reading and returns its bytes.
-    pub(crate) async fn map_read(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+    /// Submits pending work, waits for it, maps `staging` for reading and
+    /// returns its first `len` bytes.
+    pub(crate) async fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
         self.flush();
+        Counters::bump(&self.runtime.counters.host_waits, 1);
+        Counters::bump(&self.runtime.counters.bytes_from_device, len);
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -390,7 +443,7 @@ impl GpuContext {
         mapped.map_err(|e| GpuError::Readback(e.to_string()))?;
         let bytes = {
             let view = staging.slice(..).get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
-            view.to_vec()
+            view[..len as usize].to_vec()
         };
         staging.unmap();
         Ok(bytes)

@@ -9,6 +9,7 @@
 mod context;
 mod error;
 mod ops;
+mod runtime;
 mod shader;
 mod tensor;
 
@@ -20,5 +21,7 @@ pub use ops::elementwise::BinaryOp;
 pub use ops::matmul::{MatmulSpec, MatrixView};
 pub use ops::reduce::ReduceOp;
 pub use ops::softmax::Causal;
+pub use ops::target::{LossRow, TargetHyper, TargetPlan};
 pub use shader::ShaderFamily;
-pub use tensor::{DType, MemoryUsage, Tensor};
+pub use runtime::CostCounters;
+pub use tensor::{DType, Indices, MemoryUsage, Tensor};

@@ -18,6 +18,7 @@ pub enum ShaderFamily {
     Embedding,
     Attention,
     Solve,
+    Target,
 }
 
 impl ShaderFamily {
@@ -32,6 +33,7 @@ impl ShaderFamily {
             ShaderFamily::Embedding => "embedding",
             ShaderFamily::Attention => "attention",
             ShaderFamily::Solve => "solve",
+            ShaderFamily::Target => "target",
         }
     }
 
@@ -46,6 +48,7 @@ impl ShaderFamily {
             ShaderFamily::Embedding => include_str!("../../../shaders/embedding.wgsl"),
             ShaderFamily::Attention => include_str!("../../../shaders/attention.wgsl"),
             ShaderFamily::Solve => include_str!("../../../shaders/solve.wgsl"),
+            ShaderFamily::Target => include_str!("../../../shaders/target.wgsl"),
         }
     }
 }

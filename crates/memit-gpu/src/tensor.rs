@@ -5,13 +5,14 @@
 //! so views never need aligned binding offsets.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use half::f16;
 
 use crate::context::GpuContext;
 use crate::error::{GpuError, Result};
+pub use crate::runtime::MemoryUsage;
+use crate::runtime::Runtime;
 
 /// Element storage type. Arithmetic is always f32; f16 halves the memory of
 /// weights and is read in shaders with `unpack2x16float`.
@@ -30,52 +31,24 @@ impl DType {
     }
 }
 
-/// Bytes held by live tensors, for memory reports: `live` now, `peak` since
-/// the last `GpuContext::reset_peak_memory`.
-#[derive(Debug, Default)]
-pub(crate) struct MemoryMeter {
-    live: AtomicU64,
-    peak: AtomicU64,
-}
-
-impl MemoryMeter {
-    fn add(&self, bytes: u64) {
-        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(live, Ordering::Relaxed);
-    }
-
-    pub fn usage(&self) -> MemoryUsage {
-        MemoryUsage { live_bytes: self.live.load(Ordering::Relaxed), peak_bytes: self.peak.load(Ordering::Relaxed) }
-    }
-
-    pub fn reset_peak(&self) {
-        self.peak.store(self.live.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-}
-
-/// GPU memory held by tensors (buffers are counted from allocation until
-/// the last tensor using them is dropped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryUsage {
-    pub live_bytes: u64,
-    pub peak_bytes: u64,
-}
-
-/// A tensor's buffer, counted by the context's meter until dropped.
+/// A buffer from the device's pool, returned to it when the last user
+/// drops it. Tensor buffers are counted by the memory meter while alive.
 #[derive(Debug)]
-pub(crate) struct TensorBuffer {
+pub(crate) struct PooledBuffer {
     buffer: wgpu::Buffer,
-    meter: Arc<MemoryMeter>,
+    usage: wgpu::BufferUsages,
+    metered_bytes: u64,
+    runtime: Arc<Runtime>,
 }
 
-impl TensorBuffer {
-    pub(crate) fn new(buffer: wgpu::Buffer, meter: Arc<MemoryMeter>) -> TensorBuffer {
-        meter.add(buffer.size());
-        TensorBuffer { buffer, meter }
+impl PooledBuffer {
+    pub(crate) fn new(buffer: wgpu::Buffer, usage: wgpu::BufferUsages, metered_bytes: u64, runtime: Arc<Runtime>) -> PooledBuffer {
+        runtime.meter.add(metered_bytes);
+        PooledBuffer { buffer, usage, metered_bytes, runtime }
     }
 }
 
-impl std::ops::Deref for TensorBuffer {
+impl std::ops::Deref for PooledBuffer {
     type Target = wgpu::Buffer;
 
     fn deref(&self) -> &wgpu::Buffer {
@@ -83,16 +56,24 @@ impl std::ops::Deref for TensorBuffer {
     }
 }
 
-impl Drop for TensorBuffer {
+impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        self.meter.live.fetch_sub(self.buffer.size(), Ordering::Relaxed);
+        self.runtime.meter.sub(self.metered_bytes);
+        let submits = self.runtime.submits_done();
+        self.runtime.pool.lock().unwrap().give(self.buffer.clone(), self.usage, submits, self.runtime.pool_cap);
+    }
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Runtime")
     }
 }
 
 /// A run of whole rows stored contiguously in one buffer.
 #[derive(Clone, Debug)]
 pub(crate) struct Segment {
-    pub buffer: Arc<TensorBuffer>,
+    pub buffer: Arc<PooledBuffer>,
     /// Element offset of the segment's first row in `buffer`.
     pub offset: usize,
     pub rows: usize,
@@ -200,7 +181,7 @@ pub(crate) struct Piece {
     pub row0: usize,
     pub rows: usize,
     /// Per tensor: its buffer and the element offset of row `row0`.
-    pub parts: Vec<(Arc<TensorBuffer>, usize)>,
+    pub parts: Vec<(Arc<PooledBuffer>, usize)>,
 }
 
 /// Cuts `0..len` at every chunk boundary (along the first dimension) of any
@@ -230,7 +211,7 @@ pub(crate) fn row_pieces(tensors: &[&Tensor]) -> Vec<Piece> {
 
 impl Tensor {
     /// Buffer and element offset of the start of row `row`.
-    pub(crate) fn locate(&self, row: usize) -> (Arc<TensorBuffer>, usize) {
+    pub(crate) fn locate(&self, row: usize) -> (Arc<PooledBuffer>, usize) {
         let mut start = 0;
         for seg in &self.segments {
             if row < start + seg.rows {
@@ -280,8 +261,19 @@ impl GpuContext {
         Ok((self.chunk_bytes() / row_bytes.max(1)) as usize)
     }
 
-    /// A zero-filled tensor (wgpu zero-initialises new buffers).
+    /// A zero-filled tensor (new buffers come zeroed; reused ones are
+    /// cleared by a fill dispatch recorded in order with other work).
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.tensor(shape, dtype, Fill::Zero)
+    }
+
+    /// A tensor whose contents are unspecified, for outputs a kernel
+    /// overwrites whole.
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.tensor(shape, dtype, Fill::Any)
+    }
+
+    fn tensor(&self, shape: &[usize], dtype: DType, fill: Fill) -> Result<Tensor> {
         if shape.is_empty() {
             return Err(GpuError::shape("zeros", "a tensor needs at least one dimension"));
         }
@@ -293,8 +285,12 @@ impl GpuContext {
         let mut done = 0;
         while done < rows || segments.is_empty() {
             let n = per_chunk.min(rows - done);
-            let buffer = self.create_buffer(n as u64 * row_bytes, STORAGE, "tensor")?;
-            segments.push(Segment { buffer: Arc::new(TensorBuffer::new(buffer, self.meter().clone())), offset: 0, rows: n });
+            let bytes = n as u64 * row_bytes;
+            let (buffer, fresh) = self.alloc(bytes, STORAGE, "tensor", true, fill == Fill::HostWrite)?;
+            if fill == Fill::Zero && !fresh {
+                self.zero_words(&buffer, bytes.div_ceil(4))?;
+            }
+            segments.push(Segment { buffer: Arc::new(buffer), offset: 0, rows: n });
             done += n;
         }
         Ok(Tensor { shape: shape.to_vec(), dtype, segments })
@@ -306,12 +302,12 @@ impl GpuContext {
         if data.len() != numel {
             return Err(GpuError::shape("upload", format!("{} values for shape {shape:?}", data.len())));
         }
-        let tensor = self.zeros(shape, dtype)?;
+        let tensor = self.tensor(shape, dtype, Fill::HostWrite)?;
         let row_len = tensor.row_len();
         let mut row = 0;
         for seg in &tensor.segments {
             let values = &data[row * row_len..(row + seg.rows) * row_len];
-            self.write_values(&seg.buffer, values, dtype);
+            self.write_bytes(&seg.buffer, 0, &encode(values, dtype), false);
             row += seg.rows;
         }
         Ok(tensor)
@@ -323,40 +319,39 @@ impl GpuContext {
         if bits.len() != numel {
             return Err(GpuError::shape("upload_f16_bits", format!("{} values for shape {shape:?}", bits.len())));
         }
-        let tensor = self.zeros(shape, DType::F16)?;
+        let tensor = self.tensor(shape, DType::F16, Fill::HostWrite)?;
         let row_len = tensor.row_len();
         let mut row = 0;
         for seg in &tensor.segments {
             let mut bytes: Vec<u8> = bytemuck::cast_slice(&bits[row * row_len..(row + seg.rows) * row_len]).to_vec();
             bytes.resize(bytes.len().next_multiple_of(4), 0);
-            self.queue().write_buffer(&seg.buffer, 0, &bytes);
+            self.write_bytes(&seg.buffer, 0, &bytes, false);
             row += seg.rows;
         }
         Ok(tensor)
     }
 
-    fn write_values(&self, buffer: &wgpu::Buffer, values: &[f32], dtype: DType) {
-        let bytes = encode(values, dtype);
-        if !bytes.is_empty() {
-            self.queue().write_buffer(buffer, 0, &bytes);
-        }
+    /// u32 values (token ids, positions, row indices) uploaded once, to be
+    /// bound by any number of dispatches.
+    pub fn indices(&self, values: &[u32]) -> Result<Indices> {
+        let (buffer, _) = self.alloc((values.len() * 4) as u64, STORAGE, "indices", true, true)?;
+        self.write_bytes(&buffer, 0, bytemuck::cast_slice(values), false);
+        Ok(Indices { buffer: Arc::new(buffer), values: values.into() })
     }
 
-    /// Uploads u32 values (token ids) into one buffer.
-    pub(crate) fn upload_u32(&self, values: &[u32], label: &str) -> Result<wgpu::Buffer> {
-        let buffer = self.create_buffer((values.len() * 4) as u64, STORAGE, label)?;
-        if !values.is_empty() {
-            self.queue().write_buffer(&buffer, 0, bytemuck::cast_slice(values));
-        }
-        Ok(buffer)
+    /// A u32 buffer of `len` zeros that kernels write (flags, counters).
+    pub(crate) fn zero_u32(&self, len: usize) -> Result<Indices> {
+        self.indices(&vec![0; len])
     }
 
-    /// Waits for queued work and returns the contents of a u32 buffer.
-    pub(crate) async fn read_u32(&self, buffer: &wgpu::Buffer) -> Result<Vec<u32>> {
-        let staging = self.create_buffer(buffer.size(), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, "readback")?;
-        self.copy(buffer, 0, &staging, 0, buffer.size());
-        let bytes = self.map_read(&staging).await?;
-        Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    /// Waits for queued work and returns the current contents of a u32
+    /// buffer that kernels may have written.
+    pub(crate) async fn read_u32(&self, indices: &Indices) -> Result<Vec<u32>> {
+        let bytes = (indices.values.len() * 4) as u64;
+        let (staging, _) = self.alloc(bytes, READBACK, "readback", false, false)?;
+        self.copy(&indices.buffer, 0, &staging, 0, bytes);
+        let raw = self.map_read(&staging, bytes).await?;
+        Ok(raw.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// Waits for all queued work and returns the tensor's values as f32.
@@ -375,13 +370,13 @@ impl GpuContext {
             layout.push((aligned_start, aligned_end - aligned_start, staging_len, start - aligned_start));
             staging_len += aligned_end - aligned_start;
         }
-        let staging = self.create_buffer(staging_len, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, "readback")?;
+        let (staging, _) = self.alloc(staging_len, READBACK, "readback", false, false)?;
         for (seg, &(src, len, dst, _)) in tensor.segments.iter().zip(&layout) {
             if len > 0 {
                 self.copy(&seg.buffer, src, &staging, dst, len);
             }
         }
-        let bytes = self.map_read(&staging).await?;
+        let bytes = self.map_read(&staging, staging_len).await?;
         let mut out = Vec::with_capacity(tensor.numel());
         for (seg, &(_, _, dst, skip)) in tensor.segments.iter().zip(&layout) {
             let start = (dst + skip) as usize;
@@ -395,6 +390,40 @@ impl GpuContext {
     }
 }
 
+/// How a new tensor's buffers start out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Zero,
+    /// Overwritten by a kernel before anything reads it.
+    Any,
+    /// Written from the host right away.
+    HostWrite,
+}
+
+const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::COPY_DST.union(wgpu::BufferUsages::MAP_READ);
+
+/// u32 values resident on the GPU, with the host copy they were made from
+/// (for validation and shapes).
+#[derive(Clone, Debug)]
+pub struct Indices {
+    pub(crate) buffer: Arc<PooledBuffer>,
+    values: Arc<[u32]>,
+}
+
+impl Indices {
+    pub fn values(&self) -> &[u32] {
+        &self.values
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
 impl GpuContext {
     /// Overwrites a whole tensor with f32 host values (converted to its dtype).
     pub fn write(&self, tensor: &Tensor, data: &[f32]) -> Result<()> {
@@ -404,7 +433,7 @@ impl GpuContext {
         let row_len = tensor.row_len();
         let clobbers_neighbour = |s: &Segment| {
             let end = s.offset + s.rows * row_len;
-            s.offset % 2 != 0 || (end % 2 != 0 && (end as u64 + 1) * 2 <= s.buffer.size() && end + 1 < s.buffer.size() as usize / 2)
+            s.offset % 2 != 0 || (end % 2 != 0 && end + 1 < (s.buffer.metered_bytes / 2) as usize)
         };
         if tensor.dtype == DType::F16 && tensor.segments.iter().any(clobbers_neighbour) {
             return Err(GpuError::shape("write", "an f16 view must start and end on whole 32-bit words"));
@@ -413,7 +442,7 @@ impl GpuContext {
         for seg in &tensor.segments {
             let values = &data[row * row_len..(row + seg.rows) * row_len];
             let bytes = encode(values, tensor.dtype);
-            self.queue().write_buffer(&seg.buffer, (seg.offset * tensor.dtype.size()) as u64, &bytes);
+            self.write_bytes(&seg.buffer, (seg.offset * tensor.dtype.size()) as u64, &bytes, true);
             row += seg.rows;
         }
         Ok(())

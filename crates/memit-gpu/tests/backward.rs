@@ -116,9 +116,9 @@ fn rotary_inverse_undoes_rotary() {
     let x = Rng::new(2).vec(rows * width, 1.0);
     for style in [RotaryStyle::Half, RotaryStyle::Interleaved] {
         let gx = ctx.upload(&[rows, width], &x, DType::F32).unwrap();
-        ctx.rotary(&gx, layout, 8, style, &gtable, &[0, 3, 1, 7, 2]).unwrap();
+        ctx.rotary(&gx, layout, 8, style, &gtable, &ctx.indices(&[0, 3, 1, 7, 2]).unwrap()).unwrap();
         assert_ne!(read(&ctx, &gx), x);
-        ctx.rotary_inverse(&gx, layout, 8, style, &gtable, &[0, 3, 1, 7, 2]).unwrap();
+        ctx.rotary_inverse(&gx, layout, 8, style, &gtable, &ctx.indices(&[0, 3, 1, 7, 2]).unwrap()).unwrap();
         assert_close(&read(&ctx, &gx), &x.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-6, 1e-6, "round trip");
     }
 }
@@ -140,7 +140,7 @@ fn attention_backward_matches_numeric_gradient() {
     let q = HeadLayout { offset: 0, head_stride: hd, n_heads: heads };
     let k = HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
     let v = HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
-    ctx.attention_backward((&gx, q), (&gx, k), (&gx, v), &gd, (&grad, &grad, &grad), hd, seq, &bounds, scale).unwrap();
+    ctx.attention_backward((&gx, q), (&gx, k), (&gx, v), &gd, (&grad, &grad, &grad), hd, seq, &key_bounds(&ctx, &bounds), scale).unwrap();
     let want = numeric_grad(&x, |xs| dot(&cpu_attention(xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64), &d_out));
     assert_grad_close(&read(&ctx, &grad), &want, 1e-4, "attention backward (dq, dk, dv)");
 }

@@ -460,7 +460,7 @@ fn rotary_both_styles_on_strided_heads() {
         let mut rng = Rng::new(5);
         let x = rng.vec(rows * width, 1.0);
         let gx = ctx.upload(&[rows, width], &x, DType::F32).unwrap();
-        ctx.rotary(&gx, layout, rot, style, &gtable, &positions).unwrap();
+        ctx.rotary(&gx, layout, rot, style, &gtable, &ctx.indices(&positions).unwrap()).unwrap();
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         for r in 0..rows {
             for h in 0..heads {
@@ -499,7 +499,7 @@ fn attention_causal_padded_grouped() {
     let k = memit_gpu::HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
     let v = memit_gpu::HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
     let scale = 1.0 / (hd as f32).sqrt();
-    let out = read(&ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &bounds, scale).unwrap());
+    let out = read(&ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &key_bounds(&ctx, &bounds), scale).unwrap());
     let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let want = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
     assert_close(&out, &want, 1e-5, 1e-6, "attention");

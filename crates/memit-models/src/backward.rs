@@ -2,7 +2,7 @@
 //! layer, the final norm and the unembedding: what MEMIT's target-vector
 //! optimisation needs to move the residual stream at one layer.
 
-use memit_gpu::{BinaryOp, MatmulSpec, Tensor};
+use memit_gpu::{BinaryOp, Indices, MatmulSpec, Tensor};
 
 use crate::config::Residual;
 use crate::error::Result;
@@ -13,8 +13,10 @@ use crate::model::{Linear, Model, Norm, QkvProjection, WeightLayout};
 pub struct Trace {
     first_layer: usize,
     blocks: Vec<BlockTrace>,
-    /// Input of the final norm.
+    /// Input of the final norm (of the logit rows only, when chosen).
     last_hidden: Tensor,
+    /// The rows logits were computed for, and the row count they came from.
+    logit_rows: Option<(Indices, usize)>,
 }
 
 impl Linear {
@@ -42,8 +44,10 @@ impl Norm {
 impl Model {
     /// Runs blocks `first_layer..` on `hidden` (the residual stream entering
     /// block `first_layer`) and returns the logits and the trace for
-    /// [`Model::backward`].
-    pub fn forward_traced(&self, first_layer: usize, hidden: &Tensor, batch: &Batch) -> Result<(Tensor, Trace)> {
+    /// [`Model::backward`]. With `logit_rows`, logits are computed for those
+    /// rows only ([ids, vocab]): the unembedding of rows nobody reads is
+    /// often most of the work.
+    pub fn forward_traced(&self, first_layer: usize, hidden: &Tensor, batch: &Batch, logit_rows: Option<&Indices>) -> Result<(Tensor, Trace)> {
         let mut x = hidden.clone();
         let mut blocks = Vec::new();
         for layer in first_layer..self.config.n_layers {
@@ -51,8 +55,12 @@ impl Model {
             x = trace.out.clone();
             blocks.push(trace);
         }
+        if let Some(ids) = logit_rows {
+            x = self.ctx.gather_rows(&x, ids)?;
+        }
         let logits = self.logits(&x)?;
-        Ok((logits, Trace { first_layer, blocks, last_hidden: x }))
+        let logit_rows = logit_rows.map(|ids| (ids.clone(), hidden.rows()));
+        Ok((logits, Trace { first_layer, blocks, last_hidden: x, logit_rows }))
     }
 
     /// dL/d(hidden) for the `hidden` given to `forward_traced`, from dL/dlogits.
@@ -60,6 +68,9 @@ impl Model {
         let ctx = &self.ctx;
         let d_normed = self.lm_head.backward(ctx, d_logits)?;
         let mut d = self.final_norm.backward(ctx, &trace.last_hidden, &d_normed)?;
+        if let Some((ids, rows)) = &trace.logit_rows {
+            d = ctx.scatter_rows(&d, ids, *rows)?;
+        }
         for (i, block_trace) in trace.blocks.iter().enumerate().rev() {
             d = self.block_backward(trace.first_layer + i, block_trace, &d, batch)?;
         }
@@ -126,10 +137,11 @@ impl Model {
             }
             QkvProjection::Separate { .. } => (zeros_like(&q.0)?, zeros_like(&k.0)?, zeros_like(&v.0)?),
         };
-        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&dq, &dk, &dv), c.head_dim, batch.seq, &batch.bounds, self.attention_scale())?;
+        let indices = batch.indices(ctx)?;
+        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&dq, &dk, &dv), c.head_dim, batch.seq, &indices.bounds, self.attention_scale())?;
         if let Some(table) = &self.rope_table {
-            ctx.rotary_inverse(&dq, q.1, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
-            ctx.rotary_inverse(&dk, k.1, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
+            ctx.rotary_inverse(&dq, q.1, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
+            ctx.rotary_inverse(&dk, k.1, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
         }
         match &block.qkv {
             QkvProjection::Fused { proj, .. } => proj.backward(ctx, &dq),

@@ -2,7 +2,9 @@
 //! Each block is also callable on its own so MEMIT can read keys and add
 //! vectors to the residual stream between blocks.
 
-use memit_gpu::{BinaryOp, HeadLayout, Tensor};
+use std::sync::{Arc, OnceLock};
+
+use memit_gpu::{BinaryOp, GpuContext, HeadLayout, Indices, Tensor};
 
 use crate::config::Residual;
 use crate::error::{ModelError, Result};
@@ -17,7 +19,7 @@ pub enum Padding {
 
 /// Token sequences padded to a common length. Row `b·seq + t` of every
 /// activation tensor is token `t` of sequence `b`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Batch {
     pub ids: Vec<u32>,
     pub batch: usize,
@@ -26,6 +28,24 @@ pub struct Batch {
     pub bounds: Vec<(u32, u32)>,
     /// Position of each row (0 at a sequence's first real token).
     pub positions: Vec<u32>,
+    /// The ids, positions and bounds on the GPU, uploaded on first use and
+    /// shared by every kernel of every pass over this batch.
+    device: Arc<OnceLock<BatchIndices>>,
+}
+
+/// A batch's index arrays on the GPU.
+#[derive(Debug)]
+pub struct BatchIndices {
+    pub ids: Indices,
+    pub positions: Indices,
+    /// (start, end) per sequence, flattened.
+    pub bounds: Indices,
+}
+
+impl PartialEq for Batch {
+    fn eq(&self, other: &Batch) -> bool {
+        (&self.ids, self.batch, self.seq, &self.bounds, &self.positions) == (&other.ids, other.batch, other.seq, &other.bounds, &other.positions)
+    }
 }
 
 impl Batch {
@@ -47,7 +67,17 @@ impl Batch {
                 positions.push(if real { (t - start) as u32 } else { 0 });
             }
         }
-        Ok(Batch { ids, batch: sequences.len(), seq, bounds, positions })
+        Ok(Batch { ids, batch: sequences.len(), seq, bounds, positions, device: Arc::default() })
+    }
+
+    /// The batch's index arrays on `ctx`'s device, uploaded once.
+    pub fn indices(&self, ctx: &GpuContext) -> Result<&BatchIndices> {
+        if let Some(uploaded) = self.device.get() {
+            return Ok(uploaded);
+        }
+        let flat_bounds: Vec<u32> = self.bounds.iter().flat_map(|&(s, e)| [s, e]).collect();
+        let uploaded = BatchIndices { ids: ctx.indices(&self.ids)?, positions: ctx.indices(&self.positions)?, bounds: ctx.indices(&flat_bounds)? };
+        Ok(self.device.get_or_init(|| uploaded))
     }
 
     /// Activation row of token `t` (counting real tokens from 0) of sequence `b`.
@@ -124,9 +154,10 @@ impl Model {
         if batch.seq > self.config.max_positions {
             return Err(ModelError::Input(format!("sequence of {} tokens exceeds the model's {} positions", batch.seq, self.config.max_positions)));
         }
-        let x = ctx.embedding(&self.embed, &batch.ids)?;
+        let indices = batch.indices(ctx)?;
+        let x = ctx.gather_rows(&self.embed, &indices.ids)?;
         Ok(match &self.pos_embed {
-            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.embedding(wpe, &batch.positions)?)?,
+            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.gather_rows(wpe, &indices.positions)?)?,
             None => x,
         })
     }
@@ -195,11 +226,12 @@ impl Model {
                 (ql, kl, vl) = (heads(0, hd, c.n_heads), heads(0, hd, c.n_kv_heads), heads(0, hd, c.n_kv_heads));
             }
         }
+        let indices = batch.indices(ctx)?;
         if let Some(table) = &self.rope_table {
-            ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
-            ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, &batch.positions)?;
+            ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
+            ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
         }
-        let mixed = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, batch.seq, &batch.bounds, self.attention_scale())?;
+        let mixed = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, batch.seq, &indices.bounds, self.attention_scale())?;
         let projected = block.attn_out.forward(ctx, &mixed)?;
         Ok(AttentionTrace { q: (q, ql), k: (k, kl), v: (v, vl), projected })
     }

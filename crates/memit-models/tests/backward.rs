@@ -55,7 +55,7 @@ fn case(name: &str) -> Case {
 
 /// d(Σ W·logits)/dh for h = output of block 0, by the WGSL backward pass.
 fn gpu_grad(c: &Case, h: &memit_gpu::Tensor) -> Vec<f32> {
-    let (_, trace) = c.model.forward_traced(1, h, &c.batch).unwrap();
+    let (_, trace) = c.model.forward_traced(1, h, &c.batch, None).unwrap();
     let vocab = c.model.config.vocab_size;
     let d_logits = c.model.ctx.upload(&[c.weights.len() / vocab, vocab], &c.weights, DType::F32).unwrap();
     let d_h = c.model.backward(&trace, &d_logits, &c.batch).unwrap();
@@ -108,7 +108,7 @@ fn gradient_matches_finite_differences_of_the_gpu_forward() {
     let grad = gpu_grad(&c, &h);
     let loss = |values: &[f32]| -> f64 {
         let shifted = c.model.ctx.upload(h.shape(), values, DType::F32).unwrap();
-        let (logits, _) = c.model.forward_traced(1, &shifted, &c.batch).unwrap();
+        let (logits, _) = c.model.forward_traced(1, &shifted, &c.batch, None).unwrap();
         let logits = pollster::block_on(c.model.ctx.read(&logits)).unwrap();
         logits.iter().zip(&c.weights).map(|(&l, &w)| l as f64 * w as f64).sum()
     };
@@ -125,4 +125,35 @@ fn gradient_matches_finite_differences_of_the_gpu_forward() {
     let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
     let analytic: f64 = (0..d).map(|i| grad[row * d + i] as f64 * direction[i] as f64).sum();
     assert!((numeric - analytic).abs() <= 2e-3 * analytic.abs().max(1.0), "numeric {numeric} vs analytic {analytic}");
+}
+
+#[test]
+fn logits_of_chosen_rows_give_the_same_logits_and_gradient() {
+    // Unembedding only the rows a loss reads must change nothing for them.
+    let c = case("gpt2");
+    let ctx = &c.model.ctx;
+    let vocab = c.model.config.vocab_size;
+    let h = block0(&c);
+    let chosen: Vec<u32> = [c.real[1], c.real[4], *c.real.last().unwrap()].iter().map(|&r| r as u32).collect();
+    let ids = ctx.indices(&chosen).unwrap();
+    let (all_logits, full_trace) = c.model.forward_traced(1, &h, &c.batch, None).unwrap();
+    let (some_logits, trace) = c.model.forward_traced(1, &h, &c.batch, Some(&ids)).unwrap();
+    let all_logits = pollster::block_on(ctx.read(&all_logits)).unwrap();
+    let some_logits = pollster::block_on(ctx.read(&some_logits)).unwrap();
+    let mut masked = vec![0.0f32; c.weights.len()];
+    let mut gathered = Vec::new();
+    for (i, &r) in chosen.iter().enumerate() {
+        let row = &c.weights[r as usize * vocab..][..vocab];
+        masked[r as usize * vocab..][..vocab].copy_from_slice(row);
+        gathered.extend_from_slice(row);
+        assert_eq!(&some_logits[i * vocab..][..vocab], &all_logits[r as usize * vocab..][..vocab], "logits of row {r}");
+    }
+    let full = c.model.backward(&full_trace, &ctx.upload(&[c.weights.len() / vocab, vocab], &masked, DType::F32).unwrap(), &c.batch).unwrap();
+    let some = c.model.backward(&trace, &ctx.upload(&[chosen.len(), vocab], &gathered, DType::F32).unwrap(), &c.batch).unwrap();
+    let (full, some) = (pollster::block_on(ctx.read(&full)).unwrap(), pollster::block_on(ctx.read(&some)).unwrap());
+    let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    for (i, (a, b)) in full.iter().zip(&some).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * scale, "element {i}: {a} vs {b}");
+    }
 }

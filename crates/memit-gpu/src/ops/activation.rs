@@ -46,7 +46,7 @@ impl GpuContext {
     /// act(x) into a new tensor.
     pub fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         require_f32("activation", &[x])?;
-        let out = self.zeros(x.shape(), DType::F32)?;
+        let out = self.empty(x.shape(), DType::F32)?;
         let defines = [("ACT", act.wgsl_fn().to_string())];
         for piece in row_pieces(&[x, &out]) {
             let n = piece.rows * x.row_len();
@@ -70,7 +70,7 @@ impl GpuContext {
     pub fn gated_activation(&self, gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
         require_f32("gated_activation", &[gate, up])?;
         same_shape("gated_activation", gate, up)?;
-        let out = self.zeros(gate.shape(), DType::F32)?;
+        let out = self.empty(gate.shape(), DType::F32)?;
         let defines = [("ACT", act.wgsl_fn().to_string())];
         for piece in row_pieces(&[gate, up, &out]) {
             let n = piece.rows * gate.row_len();
@@ -95,7 +95,7 @@ impl GpuContext {
     pub fn activation_backward(&self, x: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
         require_f32("activation_backward", &[x, dy])?;
         same_shape("activation_backward", x, dy)?;
-        let out = self.zeros(x.shape(), DType::F32)?;
+        let out = self.empty(x.shape(), DType::F32)?;
         let defines = [("ACT", act.wgsl_fn().to_string())];
         for piece in row_pieces(&[x, dy, &out]) {
             let n = piece.rows * x.row_len();
@@ -121,8 +121,8 @@ impl GpuContext {
         require_f32("gated_activation_backward", &[gate, up, dy])?;
         same_shape("gated_activation_backward", gate, up)?;
         same_shape("gated_activation_backward", gate, dy)?;
-        let d_gate = self.zeros(gate.shape(), DType::F32)?;
-        let d_up = self.zeros(gate.shape(), DType::F32)?;
+        let d_gate = self.empty(gate.shape(), DType::F32)?;
+        let d_up = self.empty(gate.shape(), DType::F32)?;
         let defines = [("ACT", act.wgsl_fn().to_string())];
         for piece in row_pieces(&[gate, up, dy, &d_gate, &d_up]) {
             if piece.parts[3].1 != piece.parts[4].1 {

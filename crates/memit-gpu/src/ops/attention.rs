@@ -7,7 +7,7 @@ use super::{require_f32, u32_of};
 use crate::context::{grid_1d, GpuContext, Kernel};
 use crate::error::{GpuError, Result};
 use crate::shader::ShaderFamily;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Indices, Tensor};
 
 const MAX_KEYS: usize = 2048;
 const MAX_HEAD_DIM: usize = 256;
@@ -72,18 +72,18 @@ impl GpuContext {
     /// Rotates the first `rot_dim` dimensions of every head of `x` in place.
     /// `table` is [positions, rot_dim/2, 2] of (cos, sin); `positions` gives
     /// each row's position.
-    pub fn rotary(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32]) -> Result<()> {
+    pub fn rotary(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &Indices) -> Result<()> {
         self.rotary_pass(x, layout, rot_dim, style, table, positions, false)
     }
 
     /// Undoes [`GpuContext::rotary`]: rotation by the opposite angle, which
     /// is also the backward pass of a rotation (its transpose).
-    pub fn rotary_inverse(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32]) -> Result<()> {
+    pub fn rotary_inverse(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &Indices) -> Result<()> {
         self.rotary_pass(x, layout, rot_dim, style, table, positions, true)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rotary_pass(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &[u32], inverse: bool) -> Result<()> {
+    fn rotary_pass(&self, x: &Tensor, layout: HeadLayout, rot_dim: usize, style: RotaryStyle, table: &Tensor, positions: &Indices, inverse: bool) -> Result<()> {
         require_f32("rotary", &[x, table])?;
         let (rows, width) = x.dims2("rotary")?;
         if positions.len() != rows {
@@ -94,7 +94,7 @@ impl GpuContext {
         }
         let rot_half = rot_dim / 2;
         let max_pos = table.numel() / (2 * rot_half);
-        if let Some(p) = positions.iter().find(|&&p| p as usize >= max_pos) {
+        if let Some(p) = positions.values().iter().find(|&&p| p as usize >= max_pos) {
             return Err(GpuError::shape("rotary", format!("position {p} beyond the {max_pos} positions of the rotary table")));
         }
         if layout.offset + (layout.n_heads - 1) * layout.head_stride + rot_dim > width {
@@ -102,7 +102,6 @@ impl GpuContext {
         }
         let (buf, off) = x.single("rotary")?;
         let (table_buf, _) = table.single("rotary")?;
-        let positions_buf = self.upload_u32(positions, "positions")?;
         let params = RotaryParams {
             rows: u32_of(rows, "rotary")?,
             n_heads: u32_of(layout.n_heads, "rotary")?,
@@ -117,14 +116,15 @@ impl GpuContext {
         self.dispatch(
             kernel("rotary"),
             bytemuck::bytes_of(&params),
-            &[(6, buf), (7, table_buf), (8, &positions_buf)],
+            &[(6, buf), (7, table_buf), (8, &positions.buffer)],
             grid_1d(work.div_ceil(256)),
         )
     }
 
-    /// Causal softmax(q·kᵀ·scale)·v for `bounds.len()` sequences of `seq`
-    /// tokens each (rows b·seq .. b·seq+seq of q, k, v). Sequence b sees only
-    /// keys in `bounds[b].0 .. bounds[b].1` (its real, unpadded tokens).
+    /// Causal softmax(q·kᵀ·scale)·v for `bounds.len() / 2` sequences of
+    /// `seq` tokens each (rows b·seq .. b·seq+seq of q, k, v). Sequence b
+    /// sees only keys in `bounds[2b] .. bounds[2b + 1]` (its real, unpadded
+    /// tokens).
     /// Query heads share key/value heads in groups (GQA). Returns
     /// [rows, n_heads·head_dim].
     #[allow(clippy::too_many_arguments)]
@@ -135,20 +135,21 @@ impl GpuContext {
         v: (&Tensor, HeadLayout),
         head_dim: usize,
         seq: usize,
-        bounds: &[(u32, u32)],
+        bounds: &Indices,
         scale: f32,
     ) -> Result<Tensor> {
-        let (params, bounds_buf) = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
+        let params = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
+        let n_seqs = bounds.len() / 2;
         let (q_buf, _) = q.0.single("attention")?;
         let (k_buf, _) = k.0.single("attention")?;
         let (v_buf, _) = v.0.single("attention")?;
-        let out = self.zeros(&[bounds.len() * seq, q.1.n_heads * head_dim], DType::F32)?;
+        let out = self.empty(&[n_seqs * seq, q.1.n_heads * head_dim], DType::F32)?;
         let (out_buf, _) = out.single("attention")?;
         self.dispatch(
             kernel("attend"),
             bytemuck::bytes_of(&params),
-            &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds_buf), (5, out_buf)],
-            [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
+            &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds.buffer), (5, out_buf)],
+            [seq as u32, q.1.n_heads as u32, n_seqs as u32],
         )?;
         Ok(out)
     }
@@ -167,11 +168,12 @@ impl GpuContext {
         grads: (&Tensor, &Tensor, &Tensor),
         head_dim: usize,
         seq: usize,
-        bounds: &[(u32, u32)],
+        bounds: &Indices,
         scale: f32,
     ) -> Result<()> {
-        let (params, bounds_buf) = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
-        let rows = bounds.len() * seq;
+        let params = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
+        let n_seqs = bounds.len() / 2;
+        let rows = n_seqs * seq;
         if d_out.shape() != [rows, q.1.n_heads * head_dim] {
             return Err(GpuError::shape("attention_backward", format!("output gradient has shape {:?}", d_out.shape())));
         }
@@ -186,18 +188,18 @@ impl GpuContext {
             bufs.push((buf, gbuf));
         }
         let (d_out_buf, _) = d_out.single("attention_backward")?;
-        let scratch = bounds.len() * q.1.n_heads * seq * seq;
-        let probs = self.zeros(&[scratch.max(1)], DType::F32)?;
-        let dscores = self.zeros(&[scratch.max(1)], DType::F32)?;
+        let scratch = n_seqs * q.1.n_heads * seq * seq;
+        let probs = self.empty(&[scratch.max(1)], DType::F32)?;
+        let dscores = self.empty(&[scratch.max(1)], DType::F32)?;
         let (probs_buf, _) = probs.single("attention_backward (scores scratch too large: use smaller batches)")?;
         let (dscores_buf, _) = dscores.single("attention_backward (scores scratch too large: use smaller batches)")?;
         self.dispatch(
             kernel("attend_backward_query"),
             bytemuck::bytes_of(&params),
-            &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, &bounds_buf), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
-            [seq as u32, q.1.n_heads as u32, bounds.len() as u32],
+            &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, &bounds.buffer), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
+            [seq as u32, q.1.n_heads as u32, n_seqs as u32],
         )?;
-        let mut key_bindings = vec![(1, bufs[0].0), (4, &bounds_buf), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf)];
+        let mut key_bindings = vec![(1, bufs[0].0), (4, &*bounds.buffer), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf)];
         // A fused dk/dv buffer is bound once (WebGPU forbids a buffer bound writably twice).
         let entry = if bufs[1].1 == bufs[2].1 {
             "attend_backward_key_fused"
@@ -205,7 +207,7 @@ impl GpuContext {
             key_bindings.push((12, bufs[2].1));
             "attend_backward_key"
         };
-        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &key_bindings, [seq as u32, k.1.n_heads as u32, bounds.len() as u32])
+        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &key_bindings, [seq as u32, k.1.n_heads as u32, n_seqs as u32])
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -216,11 +218,14 @@ impl GpuContext {
         v: (&Tensor, HeadLayout),
         head_dim: usize,
         seq: usize,
-        bounds: &[(u32, u32)],
+        bounds: &Indices,
         scale: f32,
-    ) -> Result<(AttendParams, wgpu::Buffer)> {
+    ) -> Result<AttendParams> {
         require_f32("attention", &[q.0, k.0, v.0])?;
-        let rows = bounds.len() * seq;
+        if bounds.len() % 2 != 0 {
+            return Err(GpuError::shape("attention", "key bounds come in (start, end) pairs"));
+        }
+        let rows = bounds.len() / 2 * seq;
         for (t, name) in [(q.0, "q"), (k.0, "k"), (v.0, "v")] {
             if t.rows() != rows {
                 return Err(GpuError::shape("attention", format!("{name} has {} rows, expected {rows}", t.rows())));
@@ -232,15 +237,13 @@ impl GpuContext {
         if k.1.n_heads != v.1.n_heads || k.1.n_heads == 0 || q.1.n_heads % k.1.n_heads != 0 {
             return Err(GpuError::shape("attention", format!("{} query heads cannot share {} key/value heads", q.1.n_heads, k.1.n_heads)));
         }
-        if let Some((s, e)) = bounds.iter().find(|(s, e)| s > e || *e as usize > seq) {
+        if let Some((s, e)) = bounds.values().chunks_exact(2).map(|b| (b[0], b[1])).find(|(s, e)| s > e || *e as usize > seq) {
             return Err(GpuError::shape("attention", format!("key bounds {s}..{e} outside 0..{seq}")));
         }
         let (_, q_off) = q.0.single("attention")?;
         let (_, k_off) = k.0.single("attention")?;
         let (_, v_off) = v.0.single("attention")?;
         let out_row = q.1.n_heads * head_dim;
-        let flat_bounds: Vec<u32> = bounds.iter().flat_map(|&(s, e)| [s, e]).collect();
-        let bounds_buf = self.upload_u32(&flat_bounds, "key bounds")?;
         let params = AttendParams {
             seq: u32_of(seq, "attention")?,
             n_heads: u32_of(q.1.n_heads, "attention")?,
@@ -259,6 +262,6 @@ impl GpuContext {
             scale,
             _pad0: 0,
         };
-        Ok((params, bounds_buf))
+        Ok(params)
     }
 }

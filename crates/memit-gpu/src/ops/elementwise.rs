@@ -54,7 +54,7 @@ impl GpuContext {
     /// dimensions (repeated over the leading ones), or a single element.
     pub fn binary(&self, op: BinaryOp, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         require_f32("binary", &[x, y])?;
-        let out = self.zeros(x.shape(), DType::F32)?;
+        let out = self.empty(x.shape(), DType::F32)?;
         let broadcast = if x.shape() == y.shape() {
             0
         } else if y.numel() == 1 {
@@ -104,7 +104,7 @@ impl GpuContext {
     /// alpha·x + beta into a new tensor.
     pub fn affine(&self, x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
         require_f32("affine", &[x])?;
-        let out = self.zeros(x.shape(), DType::F32)?;
+        let out = self.empty(x.shape(), DType::F32)?;
         self.unary_pass("affine", x, &out, alpha, beta)?;
         Ok(out)
     }
@@ -113,6 +113,14 @@ impl GpuContext {
     pub fn fill(&self, t: &Tensor, value: f32) -> Result<()> {
         require_f32("fill", &[t])?;
         self.unary_pass("fill", t, t, value, 0.0)
+    }
+
+    /// Zeroes the first `words` 32-bit words of a reused buffer, in order
+    /// with the recorded work (any dtype: zero bits are zero).
+    pub(crate) fn zero_words(&self, buffer: &wgpu::Buffer, words: u64) -> Result<()> {
+        let defines = plain_defines();
+        let params = Params { n: u32_of(words as usize, "zeros")?, ..Default::default() };
+        self.dispatch(kernel("fill", &defines), bytemuck::bytes_of(&params), &[(3, buffer)], grid_1d((words as usize).div_ceil(256)))
     }
 
     /// Runs an x → out entry point of the elementwise family piecewise.
@@ -140,7 +148,7 @@ impl GpuContext {
 
     /// A copy of `x` stored as `dtype` (f32 → f16 rounds to nearest).
     pub fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let out = self.zeros(x.shape(), dtype)?;
+        let out = self.empty(x.shape(), dtype)?;
         let defines = plain_defines();
         for piece in row_pieces(&[x, &out]) {
             let n = piece.rows * x.row_len();

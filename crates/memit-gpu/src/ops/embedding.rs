@@ -6,7 +6,7 @@ use super::u32_of;
 use crate::context::{GpuContext, Kernel};
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
-use crate::tensor::{chunk_spans, DType, Tensor};
+use crate::tensor::{chunk_spans, DType, Indices, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -27,15 +27,21 @@ const IDS_PER_DISPATCH: usize = 65_535;
 impl GpuContext {
     /// Rows `ids` of `table` [vocab, dim] as a new f32 tensor [ids.len(), dim].
     pub fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        self.gather_rows(table, &self.indices(ids)?)
+    }
+
+    /// Rows `ids` (already on the GPU) of `table` [vocab, dim] as a new f32
+    /// tensor [ids.len(), dim].
+    pub fn gather_rows(&self, table: &Tensor, ids: &Indices) -> Result<Tensor> {
         let (vocab, dim) = table.dims2("embedding")?;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        if let Some(bad) = ids.values().iter().find(|&&id| id as usize >= vocab) {
             return Err(GpuError::shape("embedding", format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
         if ids.is_empty() {
             return Err(GpuError::shape("embedding", "no token ids"));
         }
-        let out = self.zeros(&[ids.len(), dim], DType::F32)?;
-        let ids_buf = self.upload_u32(ids, "token ids")?;
+        let out = self.empty(&[ids.len(), dim], DType::F32)?;
+        let ids_buf = &ids.buffer;
         let defines = [("TABLE_F16", flag(table.dtype() == DType::F16))];
         let kernel = Kernel { family: ShaderFamily::Embedding, entry: "gather", defines: &defines };
         let table_spans = chunk_spans(vocab, &[table]);
@@ -57,9 +63,45 @@ impl GpuContext {
                     self.dispatch(
                         kernel,
                         bytemuck::bytes_of(&params),
-                        &[(1, &ids_buf), (2, &table_buf), (3, &out_buf)],
+                        &[(1, ids_buf), (2, &table_buf), (3, &out_buf)],
                         [dim.div_ceil(256) as u32, slen as u32, 1],
                     )?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [rows, dim] zeros except row `ids[i]` = row i of `src` [ids.len(),
+    /// dim] (ids distinct): the gradient of [`GpuContext::gather_rows`].
+    pub fn scatter_rows(&self, src: &Tensor, ids: &Indices, rows: usize) -> Result<Tensor> {
+        let (n, dim) = src.dims2("scatter_rows")?;
+        if ids.len() != n {
+            return Err(GpuError::shape("scatter_rows", format!("{} ids for {n} rows", ids.len())));
+        }
+        if let Some(bad) = ids.values().iter().find(|&&id| id as usize >= rows) {
+            return Err(GpuError::shape("scatter_rows", format!("row {bad} is outside the {rows} destination rows")));
+        }
+        let out = self.zeros(&[rows, dim], DType::F32)?;
+        let defines = [("TABLE_F16", flag(false))];
+        let kernel = Kernel { family: ShaderFamily::Embedding, entry: "scatter", defines: &defines };
+        let out_spans = chunk_spans(rows, &[&out]);
+        for (s0, slen) in chunk_spans(n, &[src]) {
+            let (src_buf, src_off) = src.locate(s0);
+            for (sub0, sublen) in (0..slen).step_by(IDS_PER_DISPATCH).map(|s| (s0 + s, (slen - s).min(IDS_PER_DISPATCH))) {
+                for &(row0, rows_here) in &out_spans {
+                    let (out_buf, out_off) = out.locate(row0);
+                    let params = Params {
+                        n_ids: u32_of(sublen, "scatter_rows")?,
+                        dim: u32_of(dim, "scatter_rows")?,
+                        row0: u32_of(row0, "scatter_rows")?,
+                        rows: u32_of(rows_here, "scatter_rows")?,
+                        table_off: u32_of(out_off, "scatter_rows")?,
+                        out_off: u32_of(src_off + (sub0 - s0) * dim, "scatter_rows")?,
+                        ids_off: u32_of(sub0, "scatter_rows")?,
+                        _pad: 0,
+                    };
+                    self.dispatch(kernel, bytemuck::bytes_of(&params), &[(1, &ids.buffer), (3, &out_buf), (4, &src_buf)], [dim.div_ceil(256) as u32, sublen as u32, 1])?;
                 }
             }
         }

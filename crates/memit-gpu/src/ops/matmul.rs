@@ -7,7 +7,7 @@ use super::{require_f32, u32_of};
 use crate::context::{GpuContext, Kernel};
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
-use crate::tensor::{chunk_spans, DType, Tensor, TensorBuffer};
+use crate::tensor::{chunk_spans, DType, Tensor, PooledBuffer};
 
 const TILE: usize = 64;
 
@@ -138,12 +138,13 @@ impl GpuContext {
     /// applies B to every batch item.
     pub fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
         let spec = MatmulSpec::new(trans_a, trans_b);
-        let (m, _, n) = product_dims(a, b, &spec)?;
+        let (m, k, n) = product_dims(a, b, &spec)?;
         let shape = match a.shape().len() {
             3 => vec![a.shape()[0], m, n],
             _ => vec![m, n],
         };
-        let c = self.zeros(&shape, DType::F32)?;
+        // An empty inner dimension launches nothing: C must start at zero.
+        let c = if k == 0 { self.zeros(&shape, DType::F32)? } else { self.empty(&shape, DType::F32)? };
         self.matmul_into(a, b, &c, spec)?;
         Ok(c)
     }
@@ -349,7 +350,7 @@ impl GpuContext {
     }
 }
 
-fn shift((buf, off): (std::sync::Arc<TensorBuffer>, usize), by: usize) -> (std::sync::Arc<TensorBuffer>, usize) {
+fn shift((buf, off): (std::sync::Arc<PooledBuffer>, usize), by: usize) -> (std::sync::Arc<PooledBuffer>, usize) {
     (buf, off + by)
 }
 

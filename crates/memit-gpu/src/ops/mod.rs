@@ -10,6 +10,7 @@ pub mod norm;
 pub mod reduce;
 pub mod softmax;
 pub mod solve;
+pub mod target;
 
 use crate::error::{GpuError, Result};
 use crate::tensor::{DType, Tensor};

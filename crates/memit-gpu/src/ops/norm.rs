@@ -73,7 +73,7 @@ impl GpuContext {
         let shape = x.shape().to_vec();
         let x = as_rows(x)?;
         let dy = dy.map(as_rows).transpose()?;
-        let out = self.zeros(x.shape(), DType::F32)?;
+        let out = self.empty(x.shape(), DType::F32)?;
         let operands: Vec<&Tensor> = [&x, &out].into_iter().chain(dy.as_ref()).collect();
         for piece in row_pieces(&operands) {
             let rows = piece.rows * per_row;

@@ -34,7 +34,7 @@ impl GpuContext {
         let (len, per_row) = last_dim_rows(x);
         let x = as_rows(x)?;
         let out_shape: Vec<usize> = x.shape()[..x.shape().len() - 1].to_vec();
-        let out = self.zeros(&out_shape, DType::F32)?;
+        let out = self.empty(&out_shape, DType::F32)?;
         let code = match op {
             ReduceOp::Sum => "0",
             ReduceOp::Max => "1",

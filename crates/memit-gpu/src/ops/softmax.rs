@@ -37,7 +37,7 @@ impl GpuContext {
         let (len, per_row) = last_dim_rows(x);
         let shape = x.shape().to_vec();
         let x = as_rows(x)?;
-        let out = self.zeros(x.shape(), DType::F32)?;
+        let out = self.empty(x.shape(), DType::F32)?;
         if let Some(c) = causal {
             if c.queries == 0 {
                 return Err(GpuError::shape("softmax", "causal mask with zero queries per block"));

@@ -103,7 +103,7 @@ impl GpuContext {
             return Err(GpuError::RowTooLarge { row_bytes: row_bytes * NB as u64, max_binding: self.chunk_bytes() });
         }
         let l = self.to_panels(a, panel_rows)?;
-        let status = self.upload_u32(&[0], "solve status")?;
+        let status = self.zero_u32(1)?;
         // Scratch copies of the current diagonal block and column panel, so
         // no kernel reads the buffer it writes (WebGPU forbids that).
         let block = NB.min(d);
@@ -124,7 +124,7 @@ impl GpuContext {
                 ..Default::default()
             };
             let diag_buf = &l.tensors[p].segments()[0].buffer;
-            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, &status), (4, factor_buf)], [1, 1, 1])?;
+            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, &status.buffer), (4, factor_buf)], [1, 1, 1])?;
             let below = k0 + kb;
             if below >= d {
                 break;

@@ -29,6 +29,11 @@ pub fn tiny_chunk_ctx() -> Arc<GpuContext> {
     .clone()
 }
 
+/// Per-sequence (start, end) key bounds as the flat GPU array attention reads.
+pub fn key_bounds(ctx: &GpuContext, bounds: &[(u32, u32)]) -> memit_gpu::Indices {
+    ctx.indices(&bounds.iter().flat_map(|&(s, e)| [s, e]).collect::<Vec<_>>()).unwrap()
+}
+
 pub fn read(ctx: &GpuContext, t: &Tensor) -> Vec<f32> {
     pollster::block_on(ctx.read(t)).expect("readback")
 }
