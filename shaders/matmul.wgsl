@@ -24,8 +24,12 @@ struct Params {
     m: u32, n: u32, k: u32, batch: u32,
     lda: u32, ldb: u32, ldc: u32, row_base: u32,
     a_off: u32, b_off: u32, c_off: u32, opaque_zero: u32,
-    a_bstride: u32, b_bstride: u32, c_bstride: u32, _pad1: u32,
-    alpha: f32, beta: f32, _pad2: u32, _pad3: u32,
+    a_bstride: u32, b_bstride: u32, c_bstride: u32,
+    // Non-zero: C is part of a lower triangle whose element (r, c) sits at
+    // (row_base + r, col_base + c) of the full matrix; tiles wholly above
+    // its diagonal are skipped.
+    lower_only: u32,
+    alpha: f32, beta: f32, col_base: u32, _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -33,7 +37,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> b: array<u32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 // Kahan compensation terms of C (syrk only).
-@group(0) @binding(4) var<storage, read_write> comp: array<f32>;
+@group(0) @binding(4) var<storage, read_write> comp_c: array<f32>;
 // Source rows for the mirror step when they are in another buffer than c.
 @group(0) @binding(5) var<storage, read> mirror_src: array<f32>;
 
@@ -79,12 +83,19 @@ fn b_at(b_base: u32, k: u32, n: u32) -> f32 {
 // Accumulates this invocation's 8x8 block of op(A)[row0.., :] * op(B)[:, col0..]:
 // element (i, 4*h + j) of the block is acc[2*i + h][j].
 fn accumulate_tile(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32, lid: vec3<u32>) -> array<vec4<f32>, 16> {
+    return accumulate_tile_range(row0, col0, a_base, b_base, li, lid, 0u, p.k);
+}
+
+// The same over k in [k_begin, k_end) (k_begin a multiple of TILE_K).
+fn accumulate_tile_range(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32, lid: vec3<u32>, k_begin: u32, k_end: u32) -> array<vec4<f32>, 16> {
     var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+    for (var k0 = k_begin; k0 < k_end; k0 += TILE_K) {
         // Invocation li stages vec4s li, li + 64, li + 128, li + 192 of each
         // slice: 4 consecutive rows of A / columns of B at one k.
         for (var r = 0u; r < 4u; r++) {
             let v = li + 64u * r;
+            // Rows past k_end read as zeros (a_at/b_at treat k >= p.k so;
+            // a slab ends on a TILE_K boundary or at p.k).
             let k = k0 + v / 16u;
             let m = row0 + 4u * (v % 16u);
             tile_a[v] = vec4<f32>(a_at(a_base, m, k), a_at(a_base, m + 1u, k), a_at(a_base, m + 2u, k), a_at(a_base, m + 3u, k));
@@ -114,6 +125,9 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
           @builtin(local_invocation_index) li: u32) {
     let row0 = wid.y * TILE_M;
     let col0 = wid.x * TILE_N;
+    if (p.lower_only != 0u && p.col_base + col0 >= p.row_base + row0 + TILE_M) {
+        return;
+    }
     let acc = accumulate_tile(row0, col0, p.a_off + wid.z * p.a_bstride, p.b_off + wid.z * p.b_bstride, li, lid);
     let c_base = p.c_off + wid.z * p.c_bstride;
     for (var i = 0u; i < 8u; i++) {
@@ -132,9 +146,22 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
+// Tokens per slab of the syrk: each slab's partial sums are added to the
+// running sums with Kahan compensation, so f32 rounding stays at the level
+// of a 64-term sum however many tokens one call covers.
+const SYRK_SLAB: u32 = 64u;
+
+// a − b where the compiler cannot see through it: drivers may simplify
+// (s + y) − s to y, which erases a compensation; xor with a uniform zero
+// hides that identity.
+fn opaque_sub(a: f32, b: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(a) ^ p.opaque_zero) - b;
+}
+
 // C[rows of this piece, :] += alpha * K[:, piece cols]^T K with Kahan
-// summation across calls, so long corpus runs keep f32 sums accurate.
-// Tiles entirely below the diagonal are skipped; `mirror` fills them later.
+// summation across slabs and across calls, so long corpus runs keep f32
+// sums accurate. Tiles entirely below the diagonal are skipped; `mirror`
+// fills them later.
 @compute @workgroup_size(8, 8, 1)
 fn syrk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
@@ -143,20 +170,28 @@ fn syrk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     if (col0 + TILE_N <= p.row_base + row0) {
         return;
     }
-    let acc = accumulate_tile(row0, col0, p.a_off, p.b_off, li, lid);
+    var sum: array<vec4<f32>, 16>;
+    var comp: array<vec4<f32>, 16>;
+    for (var k0 = 0u; k0 < p.k; k0 += SYRK_SLAB) {
+        let acc = accumulate_tile_range(row0, col0, p.a_off, p.b_off, li, lid, k0, min(k0 + SYRK_SLAB, p.k));
+        for (var i = 0u; i < 16u; i++) {
+            let y = acc[i] - comp[i];
+            let t = sum[i] + y;
+            comp[i] = vec4<f32>(opaque_sub(t.x, sum[i].x), opaque_sub(t.y, sum[i].y), opaque_sub(t.z, sum[i].z), opaque_sub(t.w, sum[i].w)) - y;
+            sum[i] = t;
+        }
+    }
     for (var i = 0u; i < 8u; i++) {
         let gm = row0 + 8u * lid.y + i;
         for (var j = 0u; j < 8u; j++) {
             let gn = col0 + 8u * lid.x + j;
             if (gm < p.m && gn < p.n) {
                 let idx = p.c_off + gm * p.ldc + gn;
-                let y = p.alpha * acc[2u * i + j / 4u][j % 4u] - comp[idx];
+                let at = 2u * i + j / 4u;
+                let y = p.alpha * (sum[at][j % 4u] - comp[at][j % 4u]) - comp_c[idx];
                 let s = c[idx];
                 let t = s + y;
-                // Drivers may simplify (s + y) - s to y, which erases the
-                // compensation; xor with a uniform zero hides that identity.
-                let t_opaque = bitcast<f32>(bitcast<u32>(t) ^ p.opaque_zero);
-                comp[idx] = (t_opaque - s) - y;
+                comp_c[idx] = opaque_sub(t, s) - y;
                 c[idx] = t;
             }
         }

@@ -133,9 +133,9 @@ fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, st
     let session = Session::open(&model)?;
     let hp = session.hparams(hparams.as_deref())?;
     match session.collect_stats(&hp, &stats, stop_after_batches)? {
-        StatsOutcome::Done { path, n_tokens, seconds, from_cache, .. } => {
+        StatsOutcome::Done { path, n_tokens, seconds, from_cache, counters, .. } => {
             if json {
-                println!("{}", serde_json::json!({"status": "complete", "path": path, "layers": hp.layers, "n_tokens": n_tokens, "seconds": seconds, "from_cache": from_cache}));
+                println!("{}", serde_json::json!({"status": "complete", "path": path, "layers": hp.layers, "n_tokens": n_tokens, "seconds": seconds, "from_cache": from_cache, "counters": counters}));
             } else if from_cache {
                 println!("statistics for layers {:?} already cached: {} ({n_tokens} tokens)", hp.layers, path.display());
             } else {

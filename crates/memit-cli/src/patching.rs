@@ -222,7 +222,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         let report = serde_json::json!({
             "layers": hp.layers, "stats": stats_path, "edit_seconds": edit_seconds,
             "phases": outcome.phases,
+            "counters": outcome.phases.counters(),
             "solve_shifts": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift})).collect::<Vec<_>>(),
+            "solves": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift, "refinements": u.solve_refinements, "last_correction": u.solve_correction})).collect::<Vec<_>>(),
             "written": written, "edits": rows,
             "weak_targets": weak.iter().map(|&(i, p)| serde_json::json!({"request": i, "target_prob": p})).collect::<Vec<_>>(),
         });

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use memit_core::{load_cache, Hparams, LayerCovariance, Phases, Progress, StatsAccumulator, StatsIdentity};
+use memit_core::{load_cache, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
 use memit_models::{load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, StoredTensor, TextTokenizer, WeightSource};
 use sha2::{Digest, Sha256};
@@ -47,7 +47,9 @@ pub struct StatsArgs {
     /// Truncate each text to this many tokens.
     #[arg(long, default_value_t = 128)]
     pub max_len: usize,
-    /// Texts per GPU batch.
+    /// Texts read per step (the unit of progress, checkpoints and
+    /// --stop-after-batches); the GPU runs them in passes of about 4,096
+    /// tokens of similar length whatever this is.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Write a resumable checkpoint every this many batches.
@@ -130,7 +132,7 @@ impl Session {
         if path.exists() {
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let covariances = load_cache(&bytes, &identity, d_ff).with_context(|| format!("statistics cache {}", path.display()))?;
-            return Ok(StatsOutcome::Done { n_tokens: covariances[0].n_tokens, covariances, path, seconds: 0.0, from_cache: true });
+            return Ok(StatsOutcome::Done { n_tokens: covariances[0].n_tokens, covariances, path, seconds: 0.0, from_cache: true, counters: PhaseCounters::default() });
         }
         let partial = partial_path(&path);
         let mut acc = if partial.exists() {
@@ -144,6 +146,8 @@ impl Session {
         let bar = progress_bar(texts.len() as u64, "statistics", "texts");
         bar.set_position(acc.texts_done);
         let start = Instant::now();
+        let counters_before = self.model.ctx.counters();
+        let passes_before = acc.passes;
         let tokens_before = acc.n_tokens;
         let mut batches = 0;
         while (acc.texts_done as usize) < texts.len() {
@@ -172,12 +176,14 @@ impl Session {
             std::fs::remove_file(&partial).with_context(|| format!("removing {}", partial.display()))?;
         }
         let covariances = pollster::block_on(acc.covariances(&self.model))?;
-        Ok(StatsOutcome::Done { n_tokens: acc.n_tokens, covariances, path, seconds, from_cache: false })
+        let counters = PhaseCounters { gpu: self.model.ctx.counters().since(&counters_before), steps: acc.passes - passes_before };
+        Ok(StatsOutcome::Done { n_tokens: acc.n_tokens, covariances, path, seconds, from_cache: false, counters })
     }
 }
 
 pub enum StatsOutcome {
-    Done { covariances: Vec<LayerCovariance>, path: PathBuf, n_tokens: u64, seconds: f64, from_cache: bool },
+    /// `counters.steps` counts the forward passes over the corpus.
+    Done { covariances: Vec<LayerCovariance>, path: PathBuf, n_tokens: u64, seconds: f64, from_cache: bool, counters: PhaseCounters },
     Paused { partial: PathBuf, texts_done: u64, total: u64 },
 }
 

@@ -83,6 +83,16 @@ fn edit_writes_a_model_and_a_patch_that_apply_and_revert_exactly() {
     }
     let patch = edited.join("memit-patch.safetensors");
     assert_eq!(report["written"]["patch"].as_str().unwrap(), patch.display().to_string());
+    // The cost counters of every phase: target vectors ran their steps on
+    // the GPU, reading back far less than a logits row per step.
+    let counters = &report["counters"];
+    for phase in ["target_vectors", "keys", "solve", "update"] {
+        for field in ["dispatches", "submits", "host_waits", "bytes_to_device", "bytes_from_device", "buffers_created", "steps"] {
+            assert!(counters[phase][field].is_u64(), "counters.{phase}.{field} in {counters}");
+        }
+    }
+    let steps = counters["target_vectors"]["steps"].as_u64().unwrap();
+    assert!(steps >= 1 && counters["target_vectors"]["host_waits"].as_u64().unwrap() <= steps, "{counters}");
 
     // Only the edited layers' W_out differ from the original.
     let original = tensors(&facts_model());
@@ -168,6 +178,7 @@ fn stats_pause_resume_and_are_cached_per_model() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming statistics"), "{}", String::from_utf8_lossy(&out.stderr));
     let done = json(&out);
     assert_eq!((done["status"].as_str(), done["from_cache"].as_bool()), (Some("complete"), Some(false)));
+    assert!(done["counters"]["steps"].as_u64().unwrap() >= 1 && done["counters"]["dispatches"].as_u64().unwrap() > 0, "{done}");
     assert!(cache.exists() && !dir.join("facts.safetensors.partial").exists());
     let again = json(&ok(stats(&[])));
     assert_eq!(again["from_cache"], true);

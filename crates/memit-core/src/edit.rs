@@ -2,7 +2,7 @@
 //! by layer, keys, residuals spread over the remaining layers, the solve and
 //! the weight update — keys recomputed after each layer's update.
 
-use memit_gpu::{BinaryOp, CostCounters, DType, MatmulSpec};
+use memit_gpu::{BinaryOp, CostCounters, DType};
 use serde::Serialize;
 use web_time::Instant;
 use memit_models::{Model, TextTokenizer, WeightLayout};
@@ -11,6 +11,7 @@ use crate::error::{MemitError, Result};
 use crate::hparams::Hparams;
 use crate::keys::keys_and_outputs;
 use crate::request::{EditRequest, PreparedRequest};
+use crate::solve::solve_layer;
 use crate::target::{compute_target_vectors, TargetOptions, TargetVector};
 
 /// Where a long job is; `done` of `total` units of `stage`.
@@ -43,6 +44,10 @@ pub struct LayerUpdate {
     /// λC + KKᵀ: 0 unless f32 rounding left that matrix with a
     /// non-positive pivot (statistics spanning fewer directions than d_ff).
     pub solve_shift: f32,
+    /// Float64 refinement steps of the solve, and the relative size of the
+    /// last correction (an estimate of x's remaining error).
+    pub solve_refinements: usize,
+    pub solve_correction: f64,
 }
 
 pub struct EditOutcome {
@@ -77,6 +82,13 @@ pub struct Phases {
     pub keys: PhaseCost,
     pub solve: PhaseCost,
     pub update: PhaseCost,
+}
+
+impl Phases {
+    /// Each phase's machine-independent counters, by phase name.
+    pub fn counters(&self) -> std::collections::BTreeMap<&'static str, PhaseCounters> {
+        [("target_vectors", self.target_vectors), ("keys", self.keys), ("solve", self.solve), ("update", self.update)].into_iter().map(|(name, cost)| (name, cost.counters)).collect()
+    }
 }
 
 /// Measures one phase: wall time (work is complete when the phase's last
@@ -119,57 +131,6 @@ pub fn apply_update(model: &mut Model, update: &LayerUpdate) -> Result<()> {
     let updated = ctx.binary(BinaryOp::Add, &current, &delta)?;
     linear.weight = if dtype == DType::F32 { updated } else { ctx.cast(&updated, dtype)? };
     Ok(())
-}
-
-/// Diagonal shifts tried, relative to the mean diagonal, when λC + KKᵀ is
-/// numerically indefinite in f32; beyond the last the statistics are too
-/// degenerate to trust.
-const SOLVE_SHIFTS: [f32; 5] = [0.0, 1e-6, 1e-5, 1e-4, 1e-3];
-
-/// X = (λC + KᵀK)⁻¹Kᵀ on the GPU, returned transposed: [n, d_ff], one row
-/// per request, with the relative diagonal shift it needed.
-async fn solve_for_keys(model: &Model, cov: &LayerCovariance, keys: &[f32], n: usize, lambda: f32) -> Result<(Vec<f32>, f32)> {
-    let ctx = &model.ctx;
-    let d_ff = model.config.d_ff;
-    let c = ctx.upload(&[d_ff, d_ff], &cov.matrix, DType::F32)?;
-    let k = ctx.upload(&[n, d_ff], keys, DType::F32)?;
-    let a = ctx.affine(&c, lambda, 0.0)?;
-    ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
-    let mut k_t = vec![0.0f32; d_ff * n];
-    for r in 0..n {
-        for i in 0..d_ff {
-            k_t[i * n + r] = keys[r * d_ff + i];
-        }
-    }
-    let b = ctx.upload(&[d_ff, n], &k_t, DType::F32)?;
-    let trace = (0..d_ff).map(|i| lambda as f64 * cov.matrix[i * d_ff + i] as f64).sum::<f64>()
-        + keys.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-    let mean_diagonal = (trace / d_ff as f64) as f32;
-    let mut first_failure = None;
-    for relative in SOLVE_SHIFTS {
-        match ctx.solve_spd_shifted(&a, &b, relative * mean_diagonal).await {
-            Ok(x) => {
-                let x = ctx.read(&x).await?;
-                let mut out = vec![0.0f32; n * d_ff];
-                for i in 0..d_ff {
-                    for r in 0..n {
-                        out[r * d_ff + i] = x[i * n + r];
-                    }
-                }
-                return Ok((out, relative));
-            }
-            Err(memit_gpu::GpuError::NotPositiveDefinite { pivot }) => {
-                first_failure.get_or_insert(pivot);
-            }
-            Err(other) => return Err(other.into()),
-        }
-    }
-    Err(MemitError::Stats(format!(
-        "λC + KKᵀ of layer {} is not positive definite (pivot {}, still with a diagonal shift of {:e} of its mean diagonal): collect statistics over more text or raise mom2_update_weight",
-        cov.layer,
-        first_failure.unwrap_or_default(),
-        SOLVE_SHIFTS[SOLVE_SHIFTS.len() - 1]
-    )))
 }
 
 /// Edits `model` in place with MEMIT and returns the per-layer factors.
@@ -256,9 +217,11 @@ pub async fn spread_over_layers(
             }
         }
         let clock = PhaseClock::start(&model.ctx);
-        let (x, solve_shift) = solve_for_keys(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
+        let c = model.ctx.upload(&[d_ff, d_ff], &cov.matrix, DType::F32)?;
+        let solved = solve_layer(model, cov, &c, &ko.keys, n, hp.mom2_update_weight).await?;
+        drop(c);
         clock.stop(&mut phases.solve);
-        let update = LayerUpdate { layer, resid, x, solve_shift };
+        let update = LayerUpdate { layer, resid, x: solved.x, solve_shift: solved.shift, solve_refinements: solved.refinements, solve_correction: solved.last_correction };
         let clock = PhaseClock::start(&model.ctx);
         apply_update(model, &update)?;
         model.ctx.sync().await?;

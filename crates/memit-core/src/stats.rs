@@ -27,16 +27,28 @@ pub struct StatsIdentity {
     pub max_len: usize,
 }
 
-/// Running sums for every layer, on the GPU.
+/// Running sums for every layer, on the GPU. Texts are tokenised as they
+/// come and run through the model in passes of about `TOKENS_PER_PASS`
+/// tokens of similar length, whatever batch sizes the caller uses.
 pub struct StatsAccumulator {
     identity: StatsIdentity,
     d_ff: usize,
     /// Per layer: (Σ k kᵀ upper triangle, Kahan compensation).
     sums: Vec<(Tensor, Tensor)>,
+    /// Tokens added (counted when added; in the sums once flushed).
     pub n_tokens: u64,
     /// Texts consumed so far, to resume where a run stopped.
     pub texts_done: u64,
+    /// Forward passes run so far (this session).
+    pub passes: u64,
+    /// Tokenised texts not yet run through the model.
+    pending: Vec<Vec<u32>>,
+    pending_tokens: usize,
 }
+
+/// Padded tokens per forward pass: large enough that per-pass costs
+/// vanish, small enough to stay a few MiB of activations on small models.
+const TOKENS_PER_PASS: usize = 4096;
 
 fn stats_error(detail: impl Into<String>) -> MemitError {
     MemitError::Stats(detail.into())
@@ -53,7 +65,7 @@ impl StatsAccumulator {
             .iter()
             .map(|_| Ok((model.ctx.zeros(&[d_ff, d_ff], DType::F32)?, model.ctx.zeros(&[d_ff, d_ff], DType::F32)?)))
             .collect::<Result<_>>()?;
-        Ok(StatsAccumulator { identity, d_ff, sums, n_tokens: 0, texts_done: 0 })
+        Ok(StatsAccumulator { identity, d_ff, sums, n_tokens: 0, texts_done: 0, passes: 0, pending: Vec::new(), pending_tokens: 0 })
     }
 
     pub fn identity(&self) -> &StatsIdentity {
@@ -61,34 +73,67 @@ impl StatsAccumulator {
     }
 
     /// Adds the keys of every token of `texts` (each truncated to
-    /// `max_len` tokens; empty texts are skipped).
+    /// `max_len` tokens; empty texts are skipped). The forward passes run
+    /// once enough tokens are pending, and before any result is read.
     pub fn add_texts(&mut self, model: &Model, tokenizer: &TextTokenizer, texts: &[String]) -> Result<()> {
-        let mut sequences = Vec::new();
         for text in texts {
             let mut ids = tokenizer.encode(text)?;
             ids.truncate(self.identity.max_len.min(model.config.max_positions));
             if !ids.is_empty() {
-                sequences.push(ids);
+                self.n_tokens += ids.len() as u64;
+                self.pending_tokens += ids.len();
+                self.pending.push(ids);
             }
         }
         self.texts_done += texts.len() as u64;
-        if sequences.is_empty() {
-            return Ok(());
+        if self.pending_tokens >= self.tokens_per_pass(model) {
+            self.flush(model)?;
         }
-        let batch = Batch::new(&sequences, Padding::Right, 0)?;
+        Ok(())
+    }
+
+    /// Padded tokens one pass may hold: `TOKENS_PER_PASS`, fewer when the
+    /// widest activation row would not fit one storage binding.
+    fn tokens_per_pass(&self, model: &Model) -> usize {
+        let c = &model.config;
+        let widest = 4 * c.d_ff.max((c.n_heads + 2 * c.n_kv_heads) * c.head_dim).max(c.d_model) as u64;
+        let fit = (model.ctx.chunk_bytes() / widest) as usize;
+        TOKENS_PER_PASS.min(fit).max(self.identity.max_len.min(c.max_positions))
+    }
+
+    /// Runs every pending text through the model: longest first, packed
+    /// into passes of similar lengths so little padding is computed.
+    fn flush(&mut self, model: &Model) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        self.pending_tokens = 0;
+        pending.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let budget = self.tokens_per_pass(model);
+        let mut start = 0;
+        while start < pending.len() {
+            let longest = pending[start].len();
+            let count = (budget / longest).max(1).min(pending.len() - start);
+            self.run_pass(model, &pending[start..start + count])?;
+            start += count;
+        }
+        Ok(())
+    }
+
+    fn run_pass(&mut self, model: &Model, sequences: &[Vec<u32>]) -> Result<()> {
+        self.passes += 1;
+        let batch = Batch::new(sequences, Padding::Right, 0)?;
         let out = model.forward(&batch, &self.identity.layers, false)?;
-        let rows = batch.real_rows();
+        let rows = model.ctx.indices(&batch.real_rows())?;
         for (&layer, (sum, comp)) in self.identity.layers.iter().zip(&self.sums) {
             let keys = out.mlp_keys[layer].as_ref().expect("captured");
-            let real = model.ctx.embedding(keys, &rows)?;
+            let real = model.ctx.gather_rows(keys, &rows)?;
             model.ctx.syrk_accumulate(sum, comp, &real, 1.0)?;
         }
-        self.n_tokens += rows.len() as u64;
         Ok(())
     }
 
     /// C for each layer: the mirrored sums divided by the token count.
-    pub async fn covariances(&self, model: &Model) -> Result<Vec<LayerCovariance>> {
+    pub async fn covariances(&mut self, model: &Model) -> Result<Vec<LayerCovariance>> {
+        self.flush(model)?;
         if self.n_tokens == 0 {
             return Err(stats_error("no tokens were collected: the corpus is empty"));
         }
@@ -117,20 +162,29 @@ impl StatsAccumulator {
     }
 
     /// The running sums and compensations (to resume later) as safetensors.
+    /// Texts already tokenised but not yet run are saved as they are, so a
+    /// resumed run forms the same passes and ends with bitwise the same sums.
     pub async fn checkpoint_bytes(&self, model: &Model) -> Result<Vec<u8>> {
-        let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
+        let square = vec![self.d_ff, self.d_ff];
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (&layer, (sum, comp)) in self.identity.layers.iter().zip(&self.sums) {
-            tensors.push((format!("layer.{layer}.sum"), f32_bytes(&model.ctx.read(sum).await?)));
-            tensors.push((format!("layer.{layer}.comp"), f32_bytes(&model.ctx.read(comp).await?)));
+            tensors.push((format!("layer.{layer}.sum"), Dtype::F32, square.clone(), f32_bytes(&model.ctx.read(sum).await?)));
+            tensors.push((format!("layer.{layer}.comp"), Dtype::F32, square.clone(), f32_bytes(&model.ctx.read(comp).await?)));
         }
-        serialize(&tensors, self.d_ff, self.metadata(false))
+        let ids: Vec<u8> = self.pending.iter().flatten().flat_map(|id| id.to_le_bytes()).collect();
+        if !ids.is_empty() {
+            tensors.push(("pending.ids".into(), Dtype::U32, vec![ids.len() / 4], ids));
+        }
+        let mut metadata = self.metadata(false);
+        metadata.insert("pending_lengths".into(), self.pending.iter().map(|p| p.len().to_string()).collect::<Vec<_>>().join(","));
+        serialize(&tensors, metadata)
     }
 
     /// A finished cache: C per layer (`layer.{l}.mom2`) plus provenance.
-    pub async fn cache_bytes(&self, model: &Model) -> Result<Vec<u8>> {
+    pub async fn cache_bytes(&mut self, model: &Model) -> Result<Vec<u8>> {
         let covs = self.covariances(model).await?;
-        let tensors: Vec<(String, Vec<u8>)> = covs.iter().map(|c| (format!("layer.{}.mom2", c.layer), f32_bytes(&c.matrix))).collect();
-        serialize(&tensors, self.d_ff, self.metadata(true))
+        let tensors: Vec<_> = covs.iter().map(|c| (format!("layer.{}.mom2", c.layer), Dtype::F32, vec![self.d_ff, self.d_ff], f32_bytes(&c.matrix))).collect();
+        serialize(&tensors, self.metadata(true))
     }
 
     /// Continues from a checkpoint made by `checkpoint_bytes` for the same
@@ -149,6 +203,23 @@ impl StatsAccumulator {
             for (name, t) in [("sum", sum), ("comp", comp)] {
                 let values = tensor_f32(&st, &format!("layer.{layer}.{name}"), d_ff)?;
                 model.ctx.write(t, &values)?;
+            }
+        }
+        let lengths: Vec<usize> = match meta.get("pending_lengths").map(String::as_str) {
+            None | Some("") => Vec::new(),
+            Some(list) => list.split(',').map(|l| l.parse().map_err(|_| stats_error("bad `pending_lengths`"))).collect::<Result<_>>()?,
+        };
+        if !lengths.is_empty() {
+            let t = st.tensor("pending.ids").map_err(|_| stats_error("checkpoint lacks `pending.ids`"))?;
+            let ids: Vec<u32> = t.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            if t.dtype() != Dtype::U32 || ids.len() != lengths.iter().sum::<usize>() {
+                return Err(stats_error("checkpoint's pending texts do not match their lengths"));
+            }
+            let mut at = 0;
+            for len in lengths {
+                acc.pending.push(ids[at..at + len].to_vec());
+                acc.pending_tokens += len;
+                at += len;
             }
         }
         Ok(acc)
@@ -186,10 +257,10 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn serialize(tensors: &[(String, Vec<u8>)], d_ff: usize, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+fn serialize(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
-        .map(|(name, data)| Ok((name.clone(), safetensors::tensor::TensorView::new(Dtype::F32, vec![d_ff, d_ff], data).map_err(|e| stats_error(e.to_string()))?)))
+        .map(|(name, dtype, shape, data)| Ok((name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(|e| stats_error(e.to_string()))?)))
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, Some(metadata)).map_err(|e| stats_error(e.to_string()))
 }

@@ -273,14 +273,31 @@ impl GpuContext {
         self.tensor(shape, dtype, Fill::Any)
     }
 
+    /// A zero-filled f32 tensor whose storage chunks hold a multiple of
+    /// `row_multiple` rows each, so blocks of that many rows never straddle
+    /// two buffers (blocked factorisations work on such blocks in place).
+    pub fn zeros_in_row_blocks(&self, shape: &[usize], row_multiple: usize) -> Result<Tensor> {
+        let row_bytes = (shape[1..].iter().product::<usize>() * 4) as u64;
+        let per_chunk = self.rows_per_chunk(row_bytes)? / row_multiple.max(1) * row_multiple.max(1);
+        if per_chunk == 0 {
+            return Err(GpuError::RowTooLarge { row_bytes: row_bytes * row_multiple as u64, max_binding: self.chunk_bytes() });
+        }
+        self.tensor_chunked(shape, DType::F32, Fill::Zero, per_chunk)
+    }
+
     fn tensor(&self, shape: &[usize], dtype: DType, fill: Fill) -> Result<Tensor> {
+        let row_len: usize = shape.get(1..).unwrap_or_default().iter().product();
+        let per_chunk = self.rows_per_chunk((row_len * dtype.size()) as u64)?;
+        self.tensor_chunked(shape, dtype, fill, per_chunk)
+    }
+
+    fn tensor_chunked(&self, shape: &[usize], dtype: DType, fill: Fill, per_chunk: usize) -> Result<Tensor> {
         if shape.is_empty() {
             return Err(GpuError::shape("zeros", "a tensor needs at least one dimension"));
         }
         let rows = shape[0];
         let row_len: usize = shape[1..].iter().product();
         let row_bytes = (row_len * dtype.size()) as u64;
-        let per_chunk = self.rows_per_chunk(row_bytes)?;
         let mut segments = Vec::new();
         let mut done = 0;
         while done < rows || segments.is_empty() {
@@ -339,52 +356,51 @@ impl GpuContext {
         Ok(Indices { buffer: Arc::new(buffer), values: values.into() })
     }
 
-    /// A u32 buffer of `len` zeros that kernels write (flags, counters).
-    pub(crate) fn zero_u32(&self, len: usize) -> Result<Indices> {
-        self.indices(&vec![0; len])
-    }
-
-    /// Waits for queued work and returns the current contents of a u32
-    /// buffer that kernels may have written.
-    pub(crate) async fn read_u32(&self, indices: &Indices) -> Result<Vec<u32>> {
-        let bytes = (indices.values.len() * 4) as u64;
-        let (staging, _) = self.alloc(bytes, READBACK, "readback", false, false)?;
-        self.copy(&indices.buffer, 0, &staging, 0, bytes);
-        let raw = self.map_read(&staging, bytes).await?;
-        Ok(raw.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-    }
-
     /// Waits for all queued work and returns the tensor's values as f32.
     pub async fn read(&self, tensor: &Tensor) -> Result<Vec<f32>> {
-        let esize = tensor.dtype.size();
-        let row_len = tensor.row_len();
+        Ok(self.read_all(&[tensor]).await?.remove(0))
+    }
+
+    /// Several tensors' values with a single wait for the GPU.
+    pub async fn read_all(&self, tensors: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
         // Copies must start and end on 4-byte boundaries: copy the aligned
         // superset of each segment and remember where its values start.
-        let mut layout = Vec::with_capacity(tensor.segments.len());
+        let mut layout = Vec::new();
         let mut staging_len = 0u64;
-        for seg in &tensor.segments {
-            let start = (seg.offset * esize) as u64;
-            let end = start + (seg.rows * row_len * esize) as u64;
-            let aligned_start = start & !3;
-            let aligned_end = end.next_multiple_of(4);
-            layout.push((aligned_start, aligned_end - aligned_start, staging_len, start - aligned_start));
-            staging_len += aligned_end - aligned_start;
+        for tensor in tensors {
+            let esize = tensor.dtype.size();
+            for seg in &tensor.segments {
+                let start = (seg.offset * esize) as u64;
+                let end = start + (seg.rows * tensor.row_len() * esize) as u64;
+                let aligned_start = start & !3;
+                let aligned_end = end.next_multiple_of(4);
+                layout.push((aligned_start, aligned_end - aligned_start, staging_len, start - aligned_start));
+                staging_len += aligned_end - aligned_start;
+            }
         }
         let (staging, _) = self.alloc(staging_len, READBACK, "readback", false, false)?;
-        for (seg, &(src, len, dst, _)) in tensor.segments.iter().zip(&layout) {
+        let segments = tensors.iter().flat_map(|t| t.segments.iter());
+        for (seg, &(src, len, dst, _)) in segments.zip(&layout) {
             if len > 0 {
                 self.copy(&seg.buffer, src, &staging, dst, len);
             }
         }
         let bytes = self.map_read(&staging, staging_len).await?;
-        let mut out = Vec::with_capacity(tensor.numel());
-        for (seg, &(_, _, dst, skip)) in tensor.segments.iter().zip(&layout) {
-            let start = (dst + skip) as usize;
-            let raw = &bytes[start..start + seg.rows * row_len * esize];
-            match tensor.dtype {
-                DType::F32 => out.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-                DType::F16 => out.extend(raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+        let mut at = layout.iter();
+        let mut out = Vec::with_capacity(tensors.len());
+        for tensor in tensors {
+            let esize = tensor.dtype.size();
+            let mut values = Vec::with_capacity(tensor.numel());
+            for seg in &tensor.segments {
+                let &(_, _, dst, skip) = at.next().expect("one layout entry per segment");
+                let start = (dst + skip) as usize;
+                let raw = &bytes[start..start + seg.rows * tensor.row_len() * esize];
+                match tensor.dtype {
+                    DType::F32 => values.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                    DType::F16 => values.extend(raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+                }
             }
+            out.push(values);
         }
         Ok(out)
     }

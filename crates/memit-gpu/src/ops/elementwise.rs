@@ -103,10 +103,17 @@ impl GpuContext {
 
     /// alpha·x + beta into a new tensor.
     pub fn affine(&self, x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
-        require_f32("affine", &[x])?;
         let out = self.empty(x.shape(), DType::F32)?;
-        self.unary_pass("affine", x, &out, alpha, beta)?;
+        self.affine_into(x, alpha, beta, &out)?;
         Ok(out)
+    }
+
+    /// out ← alpha·x + beta, into an existing tensor of x's shape (whose
+    /// storage may be chunked differently).
+    pub fn affine_into(&self, x: &Tensor, alpha: f32, beta: f32, out: &Tensor) -> Result<()> {
+        require_f32("affine", &[x, out])?;
+        same_shape("affine", x, out)?;
+        self.unary_pass("affine", x, out, alpha, beta)
     }
 
     /// Sets every element of `t` to `value`.

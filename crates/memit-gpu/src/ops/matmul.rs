@@ -30,10 +30,11 @@ struct Params {
     a_bstride: u32,
     b_bstride: u32,
     c_bstride: u32,
-    _pad1: u32,
+    lower_only: u32,
     alpha: f32,
     beta: f32,
-    _pad2: [u32; 2],
+    col_base: u32,
+    _pad2: u32,
 }
 
 /// How to combine A and B into C.
@@ -100,6 +101,18 @@ impl GpuContext {
     /// tensors (blocked factorisations work on such views). C's buffer must
     /// not hold A or B: WebGPU forbids a buffer bound writably twice.
     pub fn matmul_views(&self, a: MatrixView<'_>, b: MatrixView<'_>, c: MatrixView<'_>, spec: MatmulSpec) -> Result<()> {
+        self.matmul_views_in(a, b, c, spec, None)
+    }
+
+    /// As `matmul_views` for a C that is the block at (`row`, `col`) of a
+    /// matrix whose lower triangle alone matters: tiles wholly above its
+    /// diagonal are skipped (about half the work of a square trailing
+    /// update).
+    pub(crate) fn matmul_views_lower(&self, a: MatrixView<'_>, b: MatrixView<'_>, c: MatrixView<'_>, spec: MatmulSpec, row: usize, col: usize) -> Result<()> {
+        self.matmul_views_in(a, b, c, spec, Some((row, col)))
+    }
+
+    fn matmul_views_in(&self, a: MatrixView<'_>, b: MatrixView<'_>, c: MatrixView<'_>, spec: MatmulSpec, lower: Option<(usize, usize)>) -> Result<()> {
         require_f32("matmul_views", &[c.tensor])?;
         let (m, ka) = if spec.trans_a { (a.cols, a.rows) } else { (a.rows, a.cols) };
         let (kb, n) = if spec.trans_b { (b.cols, b.rows) } else { (b.rows, b.cols) };
@@ -121,6 +134,9 @@ impl GpuContext {
             a_off: u32_of(a_off, "matmul_views")?,
             b_off: u32_of(b_off, "matmul_views")?,
             c_off: u32_of(c_off, "matmul_views")?,
+            lower_only: lower.is_some() as u32,
+            row_base: u32_of(lower.map_or(0, |l| l.0), "matmul_views")?,
+            col_base: u32_of(lower.map_or(0, |l| l.1), "matmul_views")?,
             alpha: spec.alpha,
             beta: spec.beta,
             ..Default::default()

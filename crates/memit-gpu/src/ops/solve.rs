@@ -1,7 +1,8 @@
-//! X = A⁻¹B for symmetric positive definite A of any size: blocked
-//! right-looking Cholesky in f32 on row panels (each within one storage
-//! binding, boundaries on the 64-wide block grid), blocked triangular
-//! solves, and one step of iterative refinement against the original A.
+//! SPD systems A X = B of any size on the GPU: a blocked right-looking
+//! Cholesky factorisation in place in A's lower triangle (row panels within
+//! one storage binding each, boundaries on the 64-wide block grid, trailing
+//! updates over the lower triangle only), which also inverts every diagonal
+//! block, so the triangular solves are right-looking sequences of matmuls.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -12,7 +13,9 @@ use crate::ops::matmul::{MatmulSpec, MatrixView};
 use crate::shader::ShaderFamily;
 use crate::tensor::{DType, Tensor};
 
-const NB: usize = 64;
+/// Block size of the factorisation (the kernels' workgroup width).
+pub const SOLVE_BLOCK: usize = 64;
+const NB: usize = SOLVE_BLOCK;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -23,7 +26,7 @@ struct Params {
     rows: u32,
     x_off: u32,
     x_ld: u32,
-    nrhs: u32,
+    inv_off: u32,
     global_k0: u32,
     col_off: u32,
     col_ld: u32,
@@ -35,8 +38,9 @@ fn kernel(entry: &'static str) -> Kernel<'static> {
     Kernel { family: ShaderFamily::Solve, entry, defines: &[] }
 }
 
-/// Rows of a [d, width] matrix split into single-buffer panels of `rows`
-/// rows (the last may be shorter).
+/// A [d, width] matrix stored as single-buffer panels of `rows` rows (the
+/// last may be shorter): the chunks of a tensor made by
+/// `zeros_in_row_blocks`, viewed without copying.
 struct Panels {
     rows: usize,
     width: usize,
@@ -44,6 +48,20 @@ struct Panels {
 }
 
 impl Panels {
+    /// The panels of `t`, when its storage chunks all hold the same
+    /// multiple of the block size (but the last).
+    fn of(t: &Tensor) -> Option<Panels> {
+        let (d, width) = t.dims2("solve").ok()?;
+        let chunk_rows: Vec<usize> = t.segments().iter().map(|s| s.rows).collect();
+        let rows = chunk_rows[0];
+        let aligned = rows % NB == 0 || chunk_rows.len() == 1;
+        if !aligned || chunk_rows[..chunk_rows.len() - 1].iter().any(|&r| r != rows) {
+            return None;
+        }
+        let tensors = (0..chunk_rows.len()).map(|p| t.slice_rows(p * rows..((p + 1) * rows).min(d))).collect::<Result<_>>().ok()?;
+        Some(Panels { rows: rows.max(1), width, tensors })
+    }
+
     fn panel_of(&self, row: usize) -> (usize, usize) {
         (row / self.rows, row % self.rows)
     }
@@ -57,74 +75,93 @@ impl Panels {
     }
 }
 
+/// L with L·Lᵀ = A + shift·I, factored in place in A's storage, with the
+/// inverses of its diagonal blocks. Made by [`GpuContext::factor_spd`];
+/// check [`SpdFactor::status`] before trusting solves with it.
+pub struct SpdFactor {
+    d: usize,
+    l: Panels,
+    /// Keeps A's storage (which `l` views) alive.
+    _storage: Tensor,
+    /// [blocks·NB, NB]: block k's inverse in rows k·NB ..
+    diag_inv: Tensor,
+    status: Tensor,
+}
+
+impl SpdFactor {
+    /// One f32: 0 if every pivot was positive, else the first bad pivot's
+    /// index + 1. Read it (with the solution, in one `read_all`) and pass
+    /// it to [`SpdFactor::check`].
+    pub fn status(&self) -> &Tensor {
+        &self.status
+    }
+
+    /// Turns a read status into `NotPositiveDefinite`.
+    pub fn check(status: f32) -> Result<()> {
+        if status == 0.0 {
+            Ok(())
+        } else {
+            Err(GpuError::NotPositiveDefinite { pivot: status as usize - 1 })
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+}
+
 impl GpuContext {
-    /// Copies `src` ([d, width], any chunking) into panels.
-    fn to_panels(&self, src: &Tensor, panel_rows: usize) -> Result<Panels> {
-        let (d, width) = src.dims2("solve")?;
-        let mut tensors = Vec::new();
-        for start in (0..d).step_by(panel_rows) {
-            let rows = panel_rows.min(d - start);
-            let panel = self.zeros(&[rows, width], DType::F32)?;
-            let view = src.slice_rows(start..start + rows)?;
-            let mut at = 0;
-            for seg in view.segments() {
-                let bytes = (seg.rows * width * 4) as u64;
-                self.copy(&seg.buffer, (seg.offset * 4) as u64, &panel.segments()[0].buffer, (at * width * 4) as u64, bytes);
-                at += seg.rows;
-            }
-            tensors.push(panel);
-        }
-        Ok(Panels { rows: panel_rows, width, tensors })
+    /// A zeroed [d, width] matrix laid out for the solver: storage chunks
+    /// of whole 64-row blocks.
+    pub fn solver_matrix(&self, d: usize, width: usize) -> Result<Tensor> {
+        self.zeros_in_row_blocks(&[d, width], NB)
     }
 
-    /// The panels joined back into one (chunked) [d, width] tensor.
-    fn from_panels(&self, panels: &Panels, d: usize) -> Result<Tensor> {
-        let out = self.zeros(&[d, panels.width], DType::F32)?;
-        for (p, panel) in panels.tensors.iter().enumerate() {
-            let (start, end) = panels.range(p, d);
-            let dst = out.slice_rows(start..end)?;
-            let mut at = 0;
-            for seg in dst.segments() {
-                let bytes = (seg.rows * panels.width * 4) as u64;
-                self.copy(&panel.segments()[0].buffer, (at * panels.width * 4) as u64, &seg.buffer, (seg.offset * 4) as u64, bytes);
-                at += seg.rows;
+    /// Factors `a` ([d, d]; only its lower triangle is read) in place:
+    /// A + `shift`·I = L·Lᵀ. `a` should come from [`GpuContext::solver_matrix`];
+    /// any other layout is first copied into one. No readback happens here.
+    pub fn factor_spd(&self, a: Tensor, shift: f32) -> Result<SpdFactor> {
+        require_f32("factor_spd", &[&a])?;
+        let (d, d2) = a.dims2("factor_spd")?;
+        if d != d2 {
+            return Err(GpuError::shape("factor_spd", format!("A is {:?}, not square", a.shape())));
+        }
+        let a = match Panels::of(&a) {
+            Some(_) => a,
+            None => {
+                let aligned = self.solver_matrix(d, d)?;
+                self.affine_into(&a, 1.0, 0.0, &aligned)?;
+                aligned
             }
-        }
-        Ok(out)
-    }
-
-    /// Lower Cholesky factor of `a` + `shift`·I in panels (upper parts hold
-    /// garbage).
-    async fn cholesky(&self, a: &Tensor, shift: f32) -> Result<Panels> {
-        let (d, _) = a.dims2("solve")?;
-        let row_bytes = (d * 4) as u64;
-        let panel_rows = ((self.chunk_bytes() / row_bytes) as usize / NB) * NB;
-        if panel_rows == 0 {
-            return Err(GpuError::RowTooLarge { row_bytes: row_bytes * NB as u64, max_binding: self.chunk_bytes() });
-        }
-        let l = self.to_panels(a, panel_rows)?;
-        let status = self.zero_u32(1)?;
+        };
+        let l = Panels::of(&a).expect("solver layout");
+        let n_blocks = d.div_ceil(NB);
+        let diag_inv = self.empty(&[n_blocks * NB, NB], DType::F32)?;
+        let status = self.zeros(&[1], DType::F32)?;
         // Scratch copies of the current diagonal block and column panel, so
         // no kernel reads the buffer it writes (WebGPU forbids that).
         let block = NB.min(d);
-        let factor = self.zeros(&[block, block], DType::F32)?;
-        let columns = l.tensors.iter().map(|t| self.zeros(&[t.shape()[0], block], DType::F32)).collect::<Result<Vec<_>>>()?;
-        let columns = Panels { rows: panel_rows, width: block, tensors: columns };
-        let factor_buf = factor.single("solve")?.0;
+        let factor = self.empty(&[block, block], DType::F32)?;
+        let columns = l.tensors.iter().map(|t| self.empty(&[t.shape()[0], block], DType::F32)).collect::<Result<Vec<_>>>()?;
+        let columns = Panels { rows: l.rows, width: block, tensors: columns };
+        let factor_buf = factor.single("factor_spd")?.0;
+        let (inv_buf, _) = diag_inv.single("factor_spd (diagonal inverses exceed one binding)")?;
+        let (status_buf, _) = status.single("factor_spd")?;
         for k0 in (0..d).step_by(NB) {
             let kb = NB.min(d - k0);
             let (p, local) = l.panel_of(k0);
+            let (diag_buf, diag_base) = l.tensors[p].single("factor_spd")?;
             let base = Params {
-                diag_off: u32_of(local * d + k0, "solve")?,
-                ld: u32_of(d, "solve")?,
+                diag_off: u32_of(diag_base + local * d + k0, "factor_spd")?,
+                ld: u32_of(d, "factor_spd")?,
                 kb: kb as u32,
-                global_k0: u32_of(k0, "solve")?,
+                inv_off: u32_of(k0 * NB, "factor_spd")?,
+                global_k0: u32_of(k0, "factor_spd")?,
                 col_ld: block as u32,
                 shift,
                 ..Default::default()
             };
-            let diag_buf = &l.tensors[p].segments()[0].buffer;
-            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, &status.buffer), (4, factor_buf)], [1, 1, 1])?;
+            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, status_buf), (4, factor_buf), (6, inv_buf)], [1, 1, 1])?;
             let below = k0 + kb;
             if below >= d {
                 break;
@@ -136,21 +173,22 @@ impl GpuContext {
                 if first >= q1 {
                     continue;
                 }
+                let (x_buf, x_base) = l.tensors[q].single("factor_spd")?;
                 let params = Params {
                     rows: (q1 - first) as u32,
-                    x_off: u32_of((first - q0) * d + k0, "solve")?,
+                    x_off: u32_of(x_base + (first - q0) * d + k0, "factor_spd")?,
                     x_ld: d as u32,
-                    col_off: u32_of((first - q0) * block, "solve")?,
+                    col_off: u32_of((first - q0) * block, "factor_spd")?,
                     ..base
                 };
                 self.dispatch(
                     kernel("trsm_rows"),
                     bytemuck::bytes_of(&params),
-                    &[(2, &l.tensors[q].segments()[0].buffer), (4, factor_buf), (5, &columns.tensors[q].segments()[0].buffer)],
+                    &[(2, x_buf), (4, factor_buf), (5, columns.tensors[q].single("factor_spd")?.0)],
                     [(q1 - first).div_ceil(64) as u32, 1, 1],
                 )?;
             }
-            // Trailing update of the lower part: A[i, j] −= L[i, block]·L[j, block]ᵀ.
+            // Trailing update of the lower triangle: A[i, j] −= L[i, block]·L[j, block]ᵀ, i ≥ j.
             let spec = MatmulSpec { trans_a: false, trans_b: true, alpha: -1.0, beta: 1.0 };
             for qi in p..l.tensors.len() {
                 let (i0, i1) = l.range(qi, d);
@@ -161,87 +199,67 @@ impl GpuContext {
                 for qj in p..=qi {
                     let (j0, j1) = l.range(qj, d);
                     let rj = below.max(j0);
-                    if rj >= j1 {
+                    let cols_end = j1.min(i1);
+                    if rj >= cols_end {
                         continue;
                     }
                     let a_view = columns.view(qi, ri - i0, 0, i1 - ri, kb);
-                    let b_view = columns.view(qj, rj - j0, 0, j1 - rj, kb);
-                    let c_view = l.view(qi, ri - i0, rj, i1 - ri, j1 - rj);
-                    self.matmul_views(a_view, b_view, c_view, spec)?;
+                    let b_view = columns.view(qj, rj - j0, 0, cols_end - rj, kb);
+                    let c_view = l.view(qi, ri - i0, rj, i1 - ri, cols_end - rj);
+                    self.matmul_views_lower(a_view, b_view, c_view, spec, ri, rj)?;
                 }
             }
         }
-        match self.read_u32(&status).await?.first().copied() {
-            Some(0) => Ok(l),
-            Some(pivot) => Err(GpuError::NotPositiveDefinite { pivot: pivot as usize - 1 }),
-            None => Err(GpuError::Readback("empty status".into())),
-        }
+        Ok(SpdFactor { d, l, _storage: a, diag_inv, status })
     }
 
-    /// Solves L Lᵀ X = B in place on `x` (panels of B). Each block of rows
-    /// is staged in a scratch tensor while it is solved, so no matmul reads
-    /// the buffer it writes.
-    fn cholesky_substitute(&self, l: &Panels, x: &Panels, d: usize) -> Result<()> {
-        let n = x.width;
-        let stage = self.zeros(&[NB.min(d), n], DType::F32)?;
-        let stage_buf = stage.single("solve")?.0;
-        let row_bytes = (n * 4) as u64;
-        let groups = [n.div_ceil(64) as u32, 1, 1];
-        let solve_block = |entry: &'static str, k0: usize, updates: &mut dyn FnMut(MatrixView<'_>) -> Result<()>| -> Result<()> {
-            let kb = NB.min(d - k0);
-            let (p, local) = l.panel_of(k0);
-            let x_buf = &x.tensors[p].segments()[0].buffer;
-            self.copy(x_buf, local as u64 * row_bytes, stage_buf, 0, kb as u64 * row_bytes);
-            updates(MatrixView { tensor: &stage, offset: 0, rows: kb, cols: n, ld: n })?;
-            let params = Params {
-                diag_off: u32_of(local * l.width + k0, "solve")?,
-                ld: u32_of(l.width, "solve")?,
-                kb: kb as u32,
-                x_ld: u32_of(n, "solve")?,
-                nrhs: u32_of(n, "solve")?,
-                ..Default::default()
-            };
-            self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &[(1, &l.tensors[p].segments()[0].buffer), (2, stage_buf)], groups)?;
-            self.copy(stage_buf, 0, x_buf, local as u64 * row_bytes, kb as u64 * row_bytes);
-            Ok(())
-        };
+    /// X = (L·Lᵀ)⁻¹ B for B [d, n], into a new tensor; B is left as it was.
+    /// Forward then backward substitution, each a right-looking sequence of
+    /// matmuls: a block's solution is its right-hand side times the block's
+    /// inverse, then the rows not yet solved are updated with it.
+    pub fn solve_factored(&self, f: &SpdFactor, b: &Tensor) -> Result<Tensor> {
+        require_f32("solve_factored", &[b])?;
+        let (d, n) = b.dims2("solve_factored")?;
+        if d != f.d {
+            return Err(GpuError::shape("solve_factored", format!("B has {d} rows for a {}x{} system", f.d, f.d)));
+        }
+        let l = &f.l;
+        let layout = |t: Tensor| Panels { rows: l.rows, width: n, tensors: (0..l.tensors.len()).map(|p| t.slice_rows(l.range(p, d).0..l.range(p, d).1)).collect::<Result<_>>().expect("same row split") };
+        let rhs = self.zeros_in_row_blocks(&[d, n], l.rows)?;
+        self.affine_into(b, 1.0, 0.0, &rhs)?;
+        let (rhs_t, y_t, x_t) = (rhs.clone(), self.zeros_in_row_blocks(&[d, n], l.rows)?, self.zeros_in_row_blocks(&[d, n], l.rows)?);
+        let (rhs, y, x) = (layout(rhs_t), layout(y_t), layout(x_t.clone()));
+        let inv = |k0: usize, kb: usize| MatrixView { tensor: &f.diag_inv, offset: k0 * NB, rows: kb, cols: kb, ld: NB };
+        let update = MatmulSpec { alpha: -1.0, beta: 1.0, ..Default::default() };
         // Forward: L Y = B.
         for k0 in (0..d).step_by(NB) {
             let kb = NB.min(d - k0);
             let (p, local) = l.panel_of(k0);
-            let spec = MatmulSpec { alpha: -1.0, beta: 1.0, ..Default::default() };
-            solve_block("trsv_lower", k0, &mut |block| {
-                for q in 0..=p {
-                    let (q0, q1) = l.range(q, d);
-                    let cols_end = q1.min(k0);
-                    if q0 < cols_end {
-                        let a_view = l.view(p, local, q0, kb, cols_end - q0);
-                        self.matmul_views(a_view, x.view(q, 0, 0, cols_end - q0, n), block, spec)?;
-                    }
+            self.matmul_views(inv(k0, kb), rhs.view(p, local, 0, kb, n), y.view(p, local, 0, kb, n), MatmulSpec::default())?;
+            for q in p..l.tensors.len() {
+                let (q0, q1) = l.range(q, d);
+                let first = (k0 + kb).max(q0);
+                if first < q1 {
+                    self.matmul_views(l.view(q, first - q0, k0, q1 - first, kb), y.view(p, local, 0, kb, n), rhs.view(q, first - q0, 0, q1 - first, n), update)?;
                 }
-                Ok(())
-            })?;
+            }
         }
         // Backward: Lᵀ X = Y.
         let last_block = (d - 1) / NB * NB;
         for k0 in (0..=last_block).rev().step_by(NB) {
             let kb = NB.min(d - k0);
-            let below = k0 + kb;
-            let p = l.panel_of(k0).0;
-            let spec = MatmulSpec { trans_a: true, alpha: -1.0, beta: 1.0, ..Default::default() };
-            solve_block("trsv_upper", k0, &mut |block| {
-                for q in p..l.tensors.len() {
-                    let (q0, q1) = l.range(q, d);
-                    let first = below.max(q0);
-                    if first < q1 {
-                        let a_view = l.view(q, first - q0, k0, q1 - first, kb);
-                        self.matmul_views(a_view, x.view(q, first - q0, 0, q1 - first, n), block, spec)?;
-                    }
+            let (p, local) = l.panel_of(k0);
+            self.matmul_views(inv(k0, kb), y.view(p, local, 0, kb, n), x.view(p, local, 0, kb, n), MatmulSpec { trans_a: true, ..Default::default() })?;
+            for q in 0..=p {
+                let (q0, q1) = l.range(q, d);
+                let end = q1.min(k0);
+                if q0 < end {
+                    let a_view = l.view(p, local, q0, kb, end - q0);
+                    self.matmul_views(a_view, x.view(p, local, 0, kb, n), y.view(q, 0, 0, end - q0, n), MatmulSpec { trans_a: true, ..update })?;
                 }
-                Ok(())
-            })?;
+            }
         }
-        Ok(())
+        Ok(x_t)
     }
 
     /// X = A⁻¹B for symmetric positive definite `a` ([d, d], stored whole:
@@ -264,17 +282,16 @@ impl GpuContext {
         if d != d2 || rows != d {
             return Err(GpuError::shape("solve_spd", format!("A is {:?}, B is {:?}", a.shape(), b.shape())));
         }
-        let l = self.cholesky(a, shift).await?;
-        let x = self.to_panels(b, l.rows)?;
-        self.cholesky_substitute(&l, &x, d)?;
-        let solution = self.from_panels(&x, d)?;
+        let copy = self.solver_matrix(d, d)?;
+        self.affine_into(a, 1.0, 0.0, &copy)?;
+        let factor = self.factor_spd(copy, shift)?;
+        let solution = self.solve_factored(&factor, b)?;
         // Refinement: r = B − A·X, solve A·e = r, X += e.
         let residual = self.affine(b, 1.0, 0.0)?;
         self.matmul_into(a, &solution, &residual, MatmulSpec { alpha: -1.0, beta: 1.0, ..Default::default() })?;
-        let correction = self.to_panels(&residual, l.rows)?;
-        self.cholesky_substitute(&l, &correction, d)?;
-        let correction = self.from_panels(&correction, d)?;
+        let correction = self.solve_factored(&factor, &residual)?;
         self.axpby(1.0, &correction, 1.0, &solution)?;
+        SpdFactor::check(self.read(factor.status()).await?[0])?;
         Ok(solution)
     }
 }
