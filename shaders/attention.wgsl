@@ -82,6 +82,48 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
+// The same attention with one invocation per (query, head, sequence) and
+// no workgroup memory or barriers (online softmax over the keys): for CPU
+// adapters, where each invocation and barrier is expensive.
+@compute @workgroup_size(64)
+fn attend_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.x;
+    let h = gid.y;
+    let b = gid.z;
+    if (t >= ap.seq) {
+        return;
+    }
+    let start = bounds[2u * b];
+    let end = min(bounds[2u * b + 1u], t + 1u);
+    let row = b * ap.seq + t;
+    let kv = h / ap.kv_group;
+    let q_base = ap.q_off + row * ap.q_row + h * ap.q_head;
+    var acc: array<f32, 256>;
+    var running_max = neg_inf();
+    var total = 0.0;
+    for (var j = start; j < end; j++) {
+        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
+        var s = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            s += q[q_base + d] * k[k_base + d];
+        }
+        s *= ap.scale;
+        let new_max = max(running_max, s);
+        let rescale = exp(running_max - new_max);
+        let weight = exp(s - new_max);
+        total = total * rescale + weight;
+        let v_base = ap.v_off + (b * ap.seq + j) * ap.v_row + kv * ap.v_head;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            acc[d] = acc[d] * rescale + weight * v[v_base + d];
+        }
+        running_max = new_max;
+    }
+    for (var d = 0u; d < ap.head_dim; d++) {
+        // A padding query before its sequence starts sees no keys: output 0.
+        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc[d] / total, end > start);
+    }
+}
+
 struct RotaryParams {
     rows: u32, n_heads: u32, rot_half: u32, interleaved: u32,
     off: u32, row_stride: u32, head_stride: u32, inverse: u32,

@@ -7,8 +7,6 @@ use memit_models::{Batch, Model, Padding, TextTokenizer};
 use crate::error::Result;
 use crate::request::{subject_last_index, PreparedRequest};
 
-/// Prompts per forward pass when reading keys.
-const PROMPTS_PER_BATCH: usize = 48;
 
 /// Keys at `key_layer` ([n, d_ff] row-major) and block outputs at
 /// `out_layer` of the plain prompts ([n, d]).
@@ -40,15 +38,19 @@ pub async fn keys_and_outputs(
     }
     let mut key_rows = Vec::with_capacity(texts.len() * d_ff);
     let mut out_rows = Vec::with_capacity(texts.len() * d);
-    for chunk in texts.chunks(PROMPTS_PER_BATCH) {
+    let longest = texts.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1).max(1);
+    for chunk in texts.chunks((model.tokens_per_pass() / longest).max(1)) {
         let sequences: Vec<Vec<u32>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
         let batch = Batch::new(&sequences, Padding::Right, 0)?;
         let rows: Vec<u32> = chunk.iter().enumerate().map(|(b, (_, t))| batch.row(b, *t) as u32).collect();
         let out = model.forward(&batch, &[key_layer, out_layer], false)?;
         let keys = out.mlp_keys[key_layer].as_ref().expect("captured");
         let hidden = out.hidden[out_layer].as_ref().expect("captured");
-        key_rows.extend(model.ctx.read(&model.ctx.embedding(keys, &rows)?).await?);
-        out_rows.extend(model.ctx.read(&model.ctx.embedding(hidden, &rows)?).await?);
+        let rows = model.ctx.indices(&rows)?;
+        let (k, h) = (model.ctx.gather_rows(keys, &rows)?, model.ctx.gather_rows(hidden, &rows)?);
+        let mut read = model.ctx.read_all(&[&k, &h]).await?;
+        out_rows.extend(read.pop().expect("two tensors"));
+        key_rows.extend(read.pop().expect("two tensors"));
     }
     let per_request = templates.len();
     let mut keys = vec![0.0f32; requests.len() * d_ff];

@@ -28,7 +28,7 @@ pub struct StatsIdentity {
 }
 
 /// Running sums for every layer, on the GPU. Texts are tokenised as they
-/// come and run through the model in passes of about `TOKENS_PER_PASS`
+/// come and run through the model in passes of `Model::tokens_per_pass`
 /// tokens of similar length, whatever batch sizes the caller uses.
 pub struct StatsAccumulator {
     identity: StatsIdentity,
@@ -46,9 +46,6 @@ pub struct StatsAccumulator {
     pending_tokens: usize,
 }
 
-/// Padded tokens per forward pass: large enough that per-pass costs
-/// vanish, small enough to stay a few MiB of activations on small models.
-const TOKENS_PER_PASS: usize = 4096;
 
 fn stats_error(detail: impl Into<String>) -> MemitError {
     MemitError::Stats(detail.into())
@@ -92,13 +89,9 @@ impl StatsAccumulator {
         Ok(())
     }
 
-    /// Padded tokens one pass may hold: `TOKENS_PER_PASS`, fewer when the
-    /// widest activation row would not fit one storage binding.
+    /// Padded tokens one pass may hold (at least one whole text).
     fn tokens_per_pass(&self, model: &Model) -> usize {
-        let c = &model.config;
-        let widest = 4 * c.d_ff.max((c.n_heads + 2 * c.n_kv_heads) * c.head_dim).max(c.d_model) as u64;
-        let fit = (model.ctx.chunk_bytes() / widest) as usize;
-        TOKENS_PER_PASS.min(fit).max(self.identity.max_len.min(c.max_positions))
+        model.tokens_per_pass().max(self.identity.max_len.min(model.config.max_positions))
     }
 
     /// Runs every pending text through the model: longest first, packed

@@ -21,6 +21,10 @@ pub struct GpuOptions {
     pub max_chunk_bytes: Option<u64>,
     /// Most bytes of released buffers kept for reuse (default 1 GiB).
     pub pool_bytes: Option<u64>,
+    /// Force the kernel variants made for CPU adapters (`Some(true)`) or
+    /// for GPUs (`Some(false)`); by default the adapter type decides.
+    /// Tests use it to check both variants on one adapter.
+    pub cpu_kernels: Option<bool>,
 }
 
 /// Workgroup-count limit per dimension that every WebGPU adapter guarantees.
@@ -54,6 +58,7 @@ pub struct GpuContext {
     limits: wgpu::Limits,
     features: wgpu::Features,
     chunk_bytes: u64,
+    cpu_kernels: bool,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -151,6 +156,7 @@ impl GpuContext {
             mapped_at_creation: false,
         });
         Counters::bump(&runtime.counters.buffers_created, 1);
+        let cpu_kernels = options.cpu_kernels.unwrap_or(info.device_type == wgpu::DeviceType::Cpu || info.name.to_lowercase().contains("swiftshader"));
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -158,6 +164,7 @@ impl GpuContext {
             limits,
             features,
             chunk_bytes,
+            cpu_kernels,
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -209,6 +216,20 @@ impl GpuContext {
     /// f16 storage is read through `unpack2x16float`, which every adapter has.
     pub fn has_shader_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Whether kernels take their variants made for CPU adapters
+    /// (lavapipe, SwiftShader, WARP), where every invocation and barrier
+    /// costs far more than on a GPU: row kernels then give each invocation
+    /// a whole row, attention a whole query.
+    pub fn cpu_kernels(&self) -> bool {
+        self.cpu_kernels
+    }
+
+    /// Invocations that cooperate on one row in row-wise kernels (norms,
+    /// softmax): the whole 256-wide workgroup on a GPU, one on a CPU.
+    pub(crate) fn row_lanes(&self) -> usize {
+        if self.cpu_kernels { 1 } else { 256 }
     }
 
     /// Largest number of bytes one tensor chunk may hold.
@@ -311,10 +332,16 @@ impl GpuContext {
         let source = render(family, defines)?;
         let writable = writable_bindings(&source);
         let label = format!("{}::{entry}", family.name());
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) };
+        let module = if family.audited() {
+            // SAFETY: `ShaderFamily::audited` lists the families whose every
+            // buffer index is bounded by parameters the host validates and
+            // whose every loop has a parameter bound; browsers keep their
+            // own checks regardless.
+            unsafe { self.device.create_shader_module_trusted(descriptor, wgpu::ShaderRuntimeChecks::unchecked()) }
+        } else {
+            self.device.create_shader_module(descriptor)
+        };
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: None,
@@ -382,6 +409,16 @@ impl GpuContext {
             self.submit_locked(&mut recorder);
         }
         drop(recorder);
+        if std::env::var_os("MEMIT_HOST_PROFILE").is_some() {
+            let t = std::time::Instant::now();
+            self.flush();
+            self.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+            let key = format!("{}::{} {:?}", kernel.family.name(), kernel.entry, kernel.defines);
+            let mut map = PROFILE.lock().unwrap();
+            let e = map.entry(key).or_insert((0usize, 0.0f64));
+            e.0 += 1;
+            e.1 += t.elapsed().as_secs_f64();
+        }
         self.check(|| format!("running {}::{}", kernel.family.name(), kernel.entry))
     }
 
@@ -448,6 +485,15 @@ impl GpuContext {
         staging.unmap();
         Ok(bytes)
     }
+}
+
+pub static PROFILE: Mutex<std::collections::BTreeMap<String, (usize, f64)>> = Mutex::new(std::collections::BTreeMap::new());
+pub fn print_profile() {
+    let mut map = PROFILE.lock().unwrap();
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    for (k, (n, t)) in v.iter().take(25) { eprintln!("{t:8.3} s {n:6} {k}"); }
+    map.clear();
 }
 
 /// Which compiled kernel to launch.

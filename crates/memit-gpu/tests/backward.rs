@@ -35,7 +35,12 @@ fn dot(a: &[f64], b: &[f32]) -> f64 {
 
 #[test]
 fn norm_backward_matches_numeric_gradient() {
-    let ctx = ctx();
+    for ctx in [ctx(), other_kernels_ctx()] {
+        check_norm_backward(&ctx);
+    }
+}
+
+fn check_norm_backward(ctx: &std::sync::Arc<memit_gpu::GpuContext>) {
     let (rows, len, eps) = (5, 37, 1e-5);
     let mut rng = Rng::new(3);
     let x: Vec<f32> = rng.vec(rows * len, 2.0).iter().map(|v| v + 0.5).collect();

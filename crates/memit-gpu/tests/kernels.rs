@@ -369,8 +369,8 @@ fn causal_softmax_masks_future_keys() {
 
 #[test]
 fn layer_norm_and_rms_norm() {
-    for ctx in [ctx(), tiny_chunk_ctx()] {
-        for (rows, len) in [(1, 1), (9, 64), (17, 257), (3, 1600)] {
+    for ctx in [ctx(), tiny_chunk_ctx(), other_kernels_ctx()] {
+        for (rows, len) in [(1, 1), (9, 64), (17, 257), (3, 1600), (300, 24)] {
             if (len * 4) as u64 > ctx.chunk_bytes() {
                 continue;
             }
@@ -484,7 +484,12 @@ fn rotary_both_styles_on_strided_heads() {
 
 #[test]
 fn attention_causal_padded_grouped() {
-    let ctx = ctx();
+    for ctx in [ctx(), other_kernels_ctx()] {
+        check_attention(&ctx);
+    }
+}
+
+fn check_attention(ctx: &std::sync::Arc<memit_gpu::GpuContext>) {
     // 2 sequences of 7 slots: the first left-padded (starts at 2), the
     // second right-padded (ends at 5). 4 query heads share 2 kv heads.
     let (seq, heads, kv_heads, hd) = (7, 4, 2, 8);
@@ -499,8 +504,8 @@ fn attention_causal_padded_grouped() {
     let k = memit_gpu::HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
     let v = memit_gpu::HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
     let scale = 1.0 / (hd as f32).sqrt();
-    let out = read(&ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &key_bounds(&ctx, &bounds), scale).unwrap());
+    let out = read(ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &key_bounds(ctx, &bounds), scale).unwrap());
     let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let want = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
-    assert_close(&out, &want, 1e-5, 1e-6, "attention");
+    assert_close(&out, &want, 1e-5, 1e-6, &format!("attention (CPU-style kernels: {})", ctx.cpu_kernels()));
 }

@@ -145,6 +145,15 @@ pub struct ForwardOutput {
 }
 
 impl Model {
+    /// Padded tokens one forward pass should hold: large enough that
+    /// per-pass costs vanish (4,096), fewer when the widest activation row
+    /// (q|k|v, the MLP's hidden layer) would not fit one storage binding.
+    pub fn tokens_per_pass(&self) -> usize {
+        let c = &self.config;
+        let widest = 4 * c.d_ff.max((c.n_heads + 2 * c.n_kv_heads) * c.head_dim).max(c.d_model) as u64;
+        ((self.ctx.chunk_bytes() / widest) as usize).clamp(1, 4096)
+    }
+
     /// Token (and, for GPT-2, position) embeddings of a batch: [rows, d].
     pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
         let ctx = &self.ctx;

@@ -145,12 +145,12 @@ impl GpuContext {
         let (v_buf, _) = v.0.single("attention")?;
         let out = self.empty(&[n_seqs * seq, q.1.n_heads * head_dim], DType::F32)?;
         let (out_buf, _) = out.single("attention")?;
-        self.dispatch(
-            kernel("attend"),
-            bytemuck::bytes_of(&params),
-            &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds.buffer), (5, out_buf)],
-            [seq as u32, q.1.n_heads as u32, n_seqs as u32],
-        )?;
+        let (entry, groups) = if self.cpu_kernels() {
+            ("attend_rows", [seq.div_ceil(64) as u32, q.1.n_heads as u32, n_seqs as u32])
+        } else {
+            ("attend", [seq as u32, q.1.n_heads as u32, n_seqs as u32])
+        };
+        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds.buffer), (5, out_buf)], groups)?;
         Ok(out)
     }
 

@@ -93,11 +93,12 @@ impl GpuContext {
             if let Some(part) = piece.parts.get(2) {
                 bindings.push((5, &*part.0));
             }
+            let lanes = self.row_lanes();
             self.dispatch(
-                Kernel { family: ShaderFamily::Norm, entry, defines: &[] },
+                Kernel { family: ShaderFamily::Norm, entry, defines: &[("LANES", lanes.to_string())] },
                 bytemuck::bytes_of(&params),
                 &bindings,
-                grid_1d(rows),
+                grid_1d(rows.div_ceil(256 / lanes)),
             )?;
         }
         out.reshape(&shape)

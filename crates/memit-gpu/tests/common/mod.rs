@@ -29,6 +29,17 @@ pub fn tiny_chunk_ctx() -> Arc<GpuContext> {
     .clone()
 }
 
+/// Same adapter with the other kernel variants (GPU-style on a CPU
+/// adapter, CPU-style on a GPU), so both are tested on any machine.
+pub fn other_kernels_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let cpu_kernels = Some(!ctx().cpu_kernels());
+        pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels, ..Default::default() })).expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+    .clone()
+}
+
 /// Per-sequence (start, end) key bounds as the flat GPU array attention reads.
 pub fn key_bounds(ctx: &GpuContext, bounds: &[(u32, u32)]) -> memit_gpu::Indices {
     ctx.indices(&bounds.iter().flat_map(|&(s, e)| [s, e]).collect::<Vec<_>>()).unwrap()
