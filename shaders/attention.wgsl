@@ -12,29 +12,41 @@
 const MAX_KEYS: u32 = 2048u;
 const MAX_HEAD_DIM: u32 = 256u;
 
+// Queries and keys may come in different row layouts: sequence b's queries
+// are rows b·q_seq + i of q (and of the output), its keys rows b·kv_seq + j
+// of k and v. Query i sits at position bounds[4b + 2] + i of the key
+// layout: 0 for a whole batch; the first changed row when only the rows
+// from there on are recomputed and the earlier keys come from a cache.
 struct AttendParams {
-    seq: u32, n_heads: u32, kv_group: u32, head_dim: u32,
+    q_seq: u32, n_heads: u32, kv_group: u32, head_dim: u32,
     q_off: u32, q_row: u32, q_head: u32, k_off: u32,
     k_row: u32, k_head: u32, v_off: u32, v_row: u32,
-    v_head: u32, out_row: u32, scale: f32, _pad0: u32,
+    v_head: u32, out_row: u32, scale: f32, kv_seq: u32,
 }
 
 @group(0) @binding(0) var<uniform> ap: AttendParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
-// Per sequence: first real token, one past the last real token.
+// Per sequence: first real key, one past the last real key, the key
+// position of query 0, and a pad word.
 @group(0) @binding(4) var<storage, read> bounds: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 var<workgroup> probs: array<f32, 2048>;
 var<workgroup> q_cache: array<f32, 256>;
 
-// Fills probs[start..end] with exp(score - max) for query t of head h of
+// The keys query i of sequence b sees: [start, end).
+fn key_range(b: u32, i: u32) -> vec2<u32> {
+    let start = bounds[4u * b];
+    return vec2<u32>(start, min(bounds[4u * b + 1u], bounds[4u * b + 2u] + i + 1u));
+}
+
+// Fills probs[start..end] with exp(score - max) for query i of head h of
 // sequence b (q is cached, pre-scaled, in q_cache) and returns their sum.
 // The barriers inside publish probs to the whole workgroup.
-fn unnormalised_probs(b: u32, h: u32, t: u32, start: u32, end: u32, lane: u32) -> f32 {
-    let row = b * ap.seq + t;
+fn unnormalised_probs(b: u32, h: u32, i: u32, start: u32, end: u32, lane: u32) -> f32 {
+    let row = b * ap.q_seq + i;
     let kv = h / ap.kv_group;
     for (var d = lane; d < ap.head_dim; d += 256u) {
         q_cache[d] = q[ap.q_off + row * ap.q_row + h * ap.q_head + d] * ap.scale;
@@ -42,7 +54,7 @@ fn unnormalised_probs(b: u32, h: u32, t: u32, start: u32, end: u32, lane: u32) -
     workgroupBarrier();
     var local_max = neg_inf();
     for (var j = start + lane; j < end; j += 256u) {
-        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
+        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
         var s = 0.0;
         for (var d = 0u; d < ap.head_dim; d++) {
             s += q_cache[d] * k[k_base + d];
@@ -60,25 +72,24 @@ fn unnormalised_probs(b: u32, h: u32, t: u32, start: u32, end: u32, lane: u32) -
     return workgroup_sum(local_sum, lane);
 }
 
-// One workgroup per (query position, head, sequence).
+// One workgroup per (query, head, sequence).
 @compute @workgroup_size(256)
 fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = wid.x;
+    let i = wid.x;
     let h = wid.y;
     let b = wid.z;
-    let start = bounds[2u * b];
-    let end = min(bounds[2u * b + 1u], t + 1u);
-    let row = b * ap.seq + t;
+    let range = key_range(b, i);
+    let row = b * ap.q_seq + i;
     let kv = h / ap.kv_group;
-    let total = unnormalised_probs(b, h, t, start, end, lid.x);
+    let total = unnormalised_probs(b, h, i, range.x, range.y, lid.x);
 
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
         var acc = 0.0;
-        for (var j = start; j < end; j++) {
-            acc += probs[j] * v[ap.v_off + (b * ap.seq + j) * ap.v_row + kv * ap.v_head + d];
+        for (var j = range.x; j < range.y; j++) {
+            acc += probs[j] * v[ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head + d];
         }
         // A padding query before its sequence starts sees no keys: output 0.
-        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc / total, end > start);
+        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc / total, range.y > range.x);
     }
 }
 
@@ -87,22 +98,21 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
 // adapters, where each invocation and barrier is expensive.
 @compute @workgroup_size(64)
 fn attend_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let t = gid.x;
+    let i = gid.x;
     let h = gid.y;
     let b = gid.z;
-    if (t >= ap.seq) {
+    if (i >= ap.q_seq) {
         return;
     }
-    let start = bounds[2u * b];
-    let end = min(bounds[2u * b + 1u], t + 1u);
-    let row = b * ap.seq + t;
+    let range = key_range(b, i);
+    let row = b * ap.q_seq + i;
     let kv = h / ap.kv_group;
     let q_base = ap.q_off + row * ap.q_row + h * ap.q_head;
     var acc: array<f32, 256>;
     var running_max = neg_inf();
     var total = 0.0;
-    for (var j = start; j < end; j++) {
-        let k_base = ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head;
+    for (var j = range.x; j < range.y; j++) {
+        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
         var s = 0.0;
         for (var d = 0u; d < ap.head_dim; d++) {
             s += q[q_base + d] * k[k_base + d];
@@ -112,7 +122,7 @@ fn attend_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
         let rescale = exp(running_max - new_max);
         let weight = exp(s - new_max);
         total = total * rescale + weight;
-        let v_base = ap.v_off + (b * ap.seq + j) * ap.v_row + kv * ap.v_head;
+        let v_base = ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head;
         for (var d = 0u; d < ap.head_dim; d++) {
             acc[d] = acc[d] * rescale + weight * v[v_base + d];
         }
@@ -120,7 +130,7 @@ fn attend_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     for (var d = 0u; d < ap.head_dim; d++) {
         // A padding query before its sequence starts sees no keys: output 0.
-        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc[d] / total, end > start);
+        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc[d] / total, range.y > range.x);
     }
 }
 
@@ -170,7 +180,9 @@ fn rotary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 // `attend_backward_query` (one workgroup per query, head, sequence) writes
 // dq and stores P and dS in [sequence][head][query][key] scratch buffers;
 // `attend_backward_key` (one workgroup per key, kv head, sequence) sums
-// over queries and over the query heads sharing the kv head.
+// over queries and over the query heads sharing the kv head. Gradients are
+// for the keys that have queries' rows (key i' at position
+// bounds[4b + 2] + i'): with a key cache, the cached keys are constants.
 @group(0) @binding(9) var<storage, read> d_out: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dq: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dk: array<f32>;
@@ -180,31 +192,32 @@ fn rotary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 
 var<workgroup> dout_cache: array<f32, 256>;
 
-// Offset of (sequence b, head h, query t, key 0) in the scratch buffers.
-fn scratch_row(b: u32, h: u32, t: u32) -> u32 {
-    return ((b * ap.n_heads + h) * ap.seq + t) * ap.seq;
+// Offset of (sequence b, head h, query i, key 0) in the scratch buffers.
+fn scratch_row(b: u32, h: u32, i: u32) -> u32 {
+    return ((b * ap.n_heads + h) * ap.q_seq + i) * ap.kv_seq;
 }
 
 @compute @workgroup_size(256)
 fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = wid.x;
+    let i = wid.x;
     let h = wid.y;
     let b = wid.z;
-    let start = bounds[2u * b];
-    let end = min(bounds[2u * b + 1u], t + 1u);
-    let row = b * ap.seq + t;
+    let range = key_range(b, i);
+    let start = range.x;
+    let end = range.y;
+    let row = b * ap.q_seq + i;
     let kv = h / ap.kv_group;
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
         dout_cache[d] = d_out[row * ap.out_row + h * ap.head_dim + d];
     }
-    let total = unnormalised_probs(b, h, t, start, end, lid.x);
+    let total = unnormalised_probs(b, h, i, start, end, lid.x);
 
     // P and dP; rowsum(P * dP).
-    let srow = scratch_row(b, h, t);
+    let srow = scratch_row(b, h, i);
     var local_dot = 0.0;
     for (var j = start + lid.x; j < end; j += 256u) {
         let pj = probs[j] / total;
-        let v_base = ap.v_off + (b * ap.seq + j) * ap.v_row + kv * ap.v_head;
+        let v_base = ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head;
         var dp = 0.0;
         for (var d = 0u; d < ap.head_dim; d++) {
             dp += dout_cache[d] * v[v_base + d];
@@ -223,25 +236,27 @@ fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
         var acc = 0.0;
         for (var j = start; j < end; j++) {
-            acc += probs[j] * k[ap.k_off + (b * ap.seq + j) * ap.k_row + kv * ap.k_head + d];
+            acc += probs[j] * k[ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head + d];
         }
         dq[ap.q_off + row * ap.q_row + h * ap.q_head + d] = ap.scale * acc;
     }
 }
 
-// Gradients of key j's row, element d: (dk, dv) before dk's scale.
-fn key_grads(j: u32, kv: u32, b: u32, d: u32) -> vec2<f32> {
+// Gradients of the key with query row i2 (position j), element d: (dk, dv)
+// before dk's scale.
+fn key_grads(i2: u32, kv: u32, b: u32, d: u32) -> vec2<f32> {
     var acc = vec2<f32>(0.0, 0.0);
-    if (j < bounds[2u * b] || j >= bounds[2u * b + 1u]) {
+    let j = bounds[4u * b + 2u] + i2;
+    if (j < bounds[4u * b] || j >= bounds[4u * b + 1u]) {
         return acc;
     }
     for (var g = 0u; g < ap.kv_group; g++) {
         let h = kv * ap.kv_group + g;
-        // Every query t >= j sees key j (padding queries after the
+        // Every query at or after the key sees it (padding queries after the
         // sequence's end attend to its real tokens too).
-        for (var t = j; t < ap.seq; t++) {
-            let srow = scratch_row(b, h, t);
-            let qrow = b * ap.seq + t;
+        for (var i = i2; i < ap.q_seq; i++) {
+            let srow = scratch_row(b, h, i);
+            let qrow = b * ap.q_seq + i;
             acc.x += dscores_all[srow + j] * q[ap.q_off + qrow * ap.q_row + h * ap.q_head + d];
             acc.y += probs_all[srow + j] * d_out[qrow * ap.out_row + h * ap.head_dim + d];
         }
@@ -249,9 +264,10 @@ fn key_grads(j: u32, kv: u32, b: u32, d: u32) -> vec2<f32> {
     return acc;
 }
 
+// dk and dv are laid out like k and v within a row, with the queries' rows.
 @compute @workgroup_size(256)
 fn attend_backward_key(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = wid.z * ap.seq + wid.x;
+    let row = wid.z * ap.q_seq + wid.x;
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
         let g = key_grads(wid.x, wid.y, wid.z, d);
         dk[ap.k_off + row * ap.k_row + wid.y * ap.k_head + d] = ap.scale * g.x;
@@ -263,7 +279,7 @@ fn attend_backward_key(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 // writably twice): both go through `dk`.
 @compute @workgroup_size(256)
 fn attend_backward_key_fused(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = wid.z * ap.seq + wid.x;
+    let row = wid.z * ap.q_seq + wid.x;
     for (var d = lid.x; d < ap.head_dim; d += 256u) {
         let g = key_grads(wid.x, wid.y, wid.z, d);
         dk[ap.k_off + row * ap.k_row + wid.y * ap.k_head + d] = ap.scale * g.x;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use memit_core::{compute_targets, context_templates, spread_over_layers, Hparams, StatsAccumulator, StatsIdentity};
+use memit_core::{compute_targets_with, context_templates, spread_over_layers, Hparams, PhaseCounters, StatsAccumulator, StatsIdentity, TargetOptions};
 use memit_eval::{score_counterfact, summarize, CounterFactCase, CounterFactSummary};
 use memit_gpu::GpuContext;
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
@@ -25,6 +25,8 @@ pub struct Options {
     pub lambdas: Vec<f32>,
     pub stats_texts: usize,
     pub max_len: usize,
+    /// Run every prompt row in every target-vector step.
+    pub no_prefix_cache: bool,
     pub out: PathBuf,
 }
 
@@ -41,6 +43,9 @@ struct Report {
     target_prob_mean: f32,
     targets_reached: usize,
     seconds: Phases,
+    /// Whether target-vector steps ran only the rows from each subject on.
+    prefix_cache: bool,
+    target_vector_counters: PhaseCounters,
     before: CounterFactSummary,
     after: Vec<AfterEdit>,
 }
@@ -49,6 +54,8 @@ struct Report {
 struct AfterEdit {
     mom2_update_weight: f32,
     layer_updates_seconds: f64,
+    /// Keys, solve and update, by phase.
+    counters: std::collections::BTreeMap<&'static str, PhaseCounters>,
     scores: CounterFactSummary,
 }
 
@@ -108,11 +115,13 @@ pub fn run(o: Options) -> Result<()> {
     phases.evaluation = t.elapsed().as_secs_f64();
 
     let requests: Vec<_> = cases.iter().map(CounterFactCase::request).collect();
-    let (prepared, targets, cost) = pollster::block_on(compute_targets(&model, &tok, &requests, &hp, &templates, &mut |p| {
+    let options = TargetOptions { prefix_cache: !o.no_prefix_cache, ..Default::default() };
+    let (prepared, targets, cost) = pollster::block_on(compute_targets_with(&model, &tok, &requests, &hp, &templates, &options, &mut |p| {
         eprint!("\r{}: {}/{}   ", p.stage, p.done, p.total);
     }))?;
     eprintln!();
     phases.target_vectors = cost.seconds;
+    let target_counters = cost.counters;
     let final_probs: Vec<f32> = targets.iter().map(|t| t.losses.last().map_or(0.0, |l| l.target_prob)).collect();
     eprintln!("before: {before:?}");
 
@@ -122,13 +131,13 @@ pub fn run(o: Options) -> Result<()> {
         let hp_lambda = Hparams { mom2_update_weight: lambda, ..hp.clone() };
         let mut edited = model.clone();
         let t = Instant::now();
-        pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &mut |_| {}))?;
+        let (_, layer_phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &mut |_| {}))?;
         let layer_updates_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let scores = summarize(&pollster::block_on(score_counterfact(&edited, &tok, &cases))?);
         phases.evaluation += t.elapsed().as_secs_f64();
         eprintln!("after, λ = {lambda}: {scores:?}");
-        after.push(AfterEdit { mom2_update_weight: lambda, layer_updates_seconds, scores });
+        after.push(AfterEdit { mom2_update_weight: lambda, layer_updates_seconds, counters: layer_phases.counters(), scores });
     }
     let report = Report {
         adapter: adapter_report(&ctx),
@@ -139,6 +148,8 @@ pub fn run(o: Options) -> Result<()> {
         target_prob_mean: final_probs.iter().sum::<f32>() / final_probs.len() as f32,
         targets_reached: final_probs.iter().filter(|&&p| p > 0.5).count(),
         seconds: phases,
+        prefix_cache: options.prefix_cache,
+        target_vector_counters: target_counters,
         before,
         after,
     };

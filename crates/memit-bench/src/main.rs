@@ -72,6 +72,10 @@ enum Command {
         cases: PathBuf,
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
         sizes: Vec<usize>,
+        /// Run every prompt row in every target-vector step (to measure
+        /// what caching the rows before each subject saves).
+        #[arg(long)]
+        no_prefix_cache: bool,
         #[arg(long)]
         torch_python: Option<PathBuf>,
         #[arg(long, default_value = "target/bench/memit.json")]
@@ -109,6 +113,10 @@ enum Command {
         stats_texts: usize,
         #[arg(long, default_value_t = 128)]
         max_len: usize,
+        /// Run every prompt row in every target-vector step (to measure
+        /// what caching the rows before each subject saves).
+        #[arg(long)]
+        no_prefix_cache: bool,
         #[arg(long, default_value = "target/bench/counterfact.json")]
         out: PathBuf,
     },
@@ -154,8 +162,8 @@ fn main() -> Result<()> {
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
         }
-        Command::Memit { model, corpus, texts, max_len, cases, sizes, torch_python, out } => {
-            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, torch_python, out })
+        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, torch_python, out } => {
+            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, torch_python, out })
         }
         Command::All { torch_python, seconds } => {
             let budget = Duration::from_secs_f64(seconds);
@@ -168,12 +176,13 @@ fn main() -> Result<()> {
                 max_len: 64,
                 cases: "tests/fixtures/facts-gpt2/counterfact.json".into(),
                 sizes: vec![1, 10, 100],
+                no_prefix_cache: false,
                 torch_python,
                 out: "target/bench/memit.json".into(),
             })
         }
-        Command::Counterfact { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, out } => {
-            counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, out })
+        Command::Counterfact { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, no_prefix_cache, out } => {
+            counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, no_prefix_cache, out })
         }
     }
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{apply_memit, EditRequest, Hparams, Phases, StatsAccumulator, StatsIdentity, TargetText};
+use memit_core::{compute_targets_with, spread_over_layers, EditRequest, Hparams, Phases, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
 use memit_gpu::{CostCounters, GpuContext};
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
 use serde::Serialize;
@@ -24,6 +24,8 @@ pub struct Options {
     /// Edit requests: a MEMIT-format CounterFact file.
     pub cases: PathBuf,
     pub sizes: Vec<usize>,
+    /// Run every prompt row in every target-vector step.
+    pub no_prefix_cache: bool,
     pub torch_python: Option<PathBuf>,
     pub out: PathBuf,
 }
@@ -161,11 +163,15 @@ pub fn run(o: Options) -> Result<()> {
     for &n in &o.sizes {
         let mut edited = model.clone();
         let start = Instant::now();
-        let outcome = pollster::block_on(apply_memit(&mut edited, &tok, &all[..n], &hp, &["{}".to_string()], &covariances, &mut |_| {}))?;
+        let templates = ["{}".to_string()];
+        let options = TargetOptions { prefix_cache: !o.no_prefix_cache, ..Default::default() };
+        let (prepared, targets, target_cost) = pollster::block_on(compute_targets_with(&edited, &tok, &all[..n], &hp, &templates, &options, &mut |_| {}))?;
+        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &mut |_| {}))?;
+        phases.target_vectors = target_cost;
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("edits: {n:>4} in {seconds:8.2} s = {:8.3} edits/s", n as f64 / seconds);
         memit_gpu::print_profile();
-        edits.push(EditResult { edits: n, seconds, edits_per_s: n as f64 / seconds, phases: outcome.phases, torch: None, ratio_to_torch: None });
+        edits.push(EditResult { edits: n, seconds, edits_per_s: n as f64 / seconds, phases, torch: None, ratio_to_torch: None });
     }
 
     let (mut torch_error, mut torch_device) = (None, None);

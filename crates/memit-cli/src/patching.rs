@@ -185,8 +185,8 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     }
     for u in outcome.updates.iter().filter(|u| u.solve_shift > 0.0) {
         eprintln!(
-            "note: layer {}: λC + KKᵀ was numerically singular in f32 (statistics from little or repetitive text); solved with a diagonal shift of {:e} of its mean diagonal",
-            u.layer, u.solve_shift
+            "note: layer {}: λC + KKᵀ was numerically singular in f32 (statistics from little or repetitive text); factored with a diagonal shift of {:e} of its mean diagonal and refined in float64 against λC + KKᵀ + 1e-7·(mean diagonal)·I ({} steps)",
+            u.layer, u.solve_shift, u.solve_refinements
         );
     }
     let after = prompts.iter().map(|p| top_predictions(&edited_model, tok, p, 3)).collect::<Result<Vec<_>>>()?;

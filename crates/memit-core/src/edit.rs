@@ -161,6 +161,19 @@ pub async fn compute_targets(
     templates: &[String],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Vec<PreparedRequest>, Vec<TargetVector>, PhaseCost)> {
+    compute_targets_with(model, tokenizer, requests, hp, templates, &TargetOptions::default(), progress).await
+}
+
+/// As [`compute_targets`], batched as `options` says.
+pub async fn compute_targets_with(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    requests: &[EditRequest],
+    hp: &Hparams,
+    templates: &[String],
+    options: &TargetOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Vec<PreparedRequest>, Vec<TargetVector>, PhaseCost)> {
     hp.validate(&model.config)?;
     let prepared: Vec<PreparedRequest> = requests.iter().enumerate().map(|(i, r)| r.prepare(i, tokenizer)).collect::<Result<_>>()?;
     if prepared.is_empty() {
@@ -170,10 +183,10 @@ pub async fn compute_targets(
     let clock = PhaseClock::start(&model.ctx);
     let total = prepared.len();
     progress(Progress { stage: "target vectors", done: 0, total });
-    let (targets, steps) =
-        compute_target_vectors(model, tokenizer, &prepared, templates, hp, &TargetOptions::default(), &mut |done| progress(Progress { stage: "target vectors", done, total })).await?;
+    let (targets, target_cost) =
+        compute_target_vectors(model, tokenizer, &prepared, templates, hp, options, &mut |done| progress(Progress { stage: "target vectors", done, total })).await?;
     clock.stop(&mut cost);
-    cost.counters.steps = steps;
+    cost.counters.steps = target_cost.steps;
     Ok((prepared, targets, cost))
 }
 

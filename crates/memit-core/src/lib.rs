@@ -13,7 +13,7 @@ mod stats;
 mod target;
 mod templates;
 
-pub use edit::{apply_memit, apply_update, compute_targets, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, PhaseCounters, Phases, Progress};
+pub use edit::{apply_memit, apply_update, compute_targets, compute_targets_with, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, PhaseCounters, Phases, Progress};
 pub use error::{MemitError, Result};
 pub use hparams::Hparams;
 pub use patch::{LayerChange, Patch, PatchLayer};
@@ -21,5 +21,5 @@ pub use keys::{keys_and_outputs, KeysAndOutputs};
 pub use solve::{solve_layer, LayerSolve};
 pub use request::{subject_last_index, EditRequest, PreparedRequest, TargetText};
 pub use stats::{load_cache, read_cache, StatsAccumulator, StatsIdentity};
-pub use target::{compute_target_vectors, StepLoss, TargetOptions, TargetVector};
+pub use target::{compute_target_vectors, StepLoss, TargetCost, TargetOptions, TargetVector};
 pub use templates::context_templates;

@@ -6,7 +6,7 @@
 //! and the whole optimisation stays on the GPU: the host only checks every
 //! few steps whether every request has stopped.
 
-use memit_gpu::{DType, LossRow, TargetHyper, Tensor};
+use memit_gpu::{CostCounters, DType, LossRow, TargetHyper, Tensor};
 use memit_models::{Batch, Model, Padding, TextTokenizer};
 
 use crate::error::{MemitError, Result};
@@ -39,6 +39,17 @@ pub struct TargetVector {
     pub losses: Vec<StepLoss>,
 }
 
+/// What the optimisation cost, beyond its wall time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetCost {
+    /// Optimisation steps run (each one forward and backward pass over a
+    /// batch of requests).
+    pub steps: u64,
+    /// The GPU's cost counters over the steps after each batch's first:
+    /// what a steady-state step costs.
+    pub after_first_step: CostCounters,
+}
+
 /// How target vectors are batched.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TargetOptions {
@@ -49,11 +60,15 @@ pub struct TargetOptions {
     pub max_requests: usize,
     /// Steps between the host's checks whether every request has stopped.
     pub check_every: usize,
+    /// Run each step over the prompts' rows from the subject on only, with
+    /// the keys and values of the rows before computed once (they do not
+    /// depend on δ). Off: every step runs every row.
+    pub prefix_cache: bool,
 }
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { batch_bytes: 1 << 30, max_requests: usize::MAX, check_every: 5 }
+        TargetOptions { batch_bytes: 1 << 30, max_requests: usize::MAX, check_every: 5, prefix_cache: true }
     }
 }
 
@@ -93,42 +108,57 @@ fn request_prompts(index: usize, req: &PreparedRequest, templates: &[String], to
     Ok(RequestPrompts { sequences, lookups, loss_rows: templates.len() * n_target + 1 })
 }
 
-/// Rough GPU bytes per batch row of the target-vector step at `layer`: the
-/// trace of every block above it plus its gradients, and per loss row the
-/// logits, log-probabilities and their gradient.
-fn bytes_per_row(model: &Model, layer: usize) -> (u64, u64) {
+/// Rough GPU bytes of the target-vector step at `layer`: per row a step
+/// runs, the trace of every block above it plus its gradients; per row of
+/// the batch, its residual stream and (with the prefix cache) each block's
+/// cached keys and values; per loss row, the logits, log-probabilities and
+/// their gradient.
+struct RowCosts {
+    step_row: u64,
+    batch_row: u64,
+    loss_row: u64,
+}
+
+fn row_costs(model: &Model, layer: usize, prefix_cache: bool) -> RowCosts {
     let c = &model.config;
     let above = (c.n_layers - layer - 1) as u64;
     let width = (12 * c.d_model + 4 * c.d_ff) as u64;
-    (4 * (above * width + 4 * c.d_model as u64), 4 * 4 * c.vocab_size as u64)
+    let kv = ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim) as u64;
+    RowCosts {
+        step_row: 4 * (above * width + 4 * c.d_model as u64),
+        batch_row: 4 * (c.d_model as u64 + if prefix_cache { above * kv } else { 0 }),
+        loss_row: 4 * 4 * c.vocab_size as u64,
+    }
 }
 
 /// Splits requests into batches within `options`' memory budget and the
 /// single-binding limit of the tensors the step binds whole.
 fn plan_batches(model: &Model, prompts: &[RequestPrompts], layer: usize, options: &TargetOptions) -> Vec<std::ops::Range<usize>> {
     let c = &model.config;
-    let (per_row, per_loss_row) = bytes_per_row(model, layer);
+    let costs = row_costs(model, layer, options.prefix_cache);
     let binding = model.ctx.chunk_bytes();
     let widest_row = (4 * c.d_model.max(c.d_ff).max((c.n_heads + 2 * c.n_kv_heads) * c.head_dim)) as u64;
     let mut batches = Vec::new();
     let mut start = 0;
     while start < prompts.len() {
-        let (mut seqs, mut seq_len, mut loss_rows, mut end) = (0usize, 0usize, 0usize, start);
+        let (mut seqs, mut seq_len, mut suffix_len, mut loss_rows, mut end) = (0usize, 0usize, 0usize, 0usize, start);
         while end < prompts.len() && end - start < options.max_requests {
             let p = &prompts[end];
             let n_seqs = seqs + p.sequences.len();
             let longest = seq_len.max(p.sequences.iter().map(Vec::len).max().unwrap_or(0));
+            let longest_suffix = suffix_len.max(p.sequences.iter().zip(&p.lookups).map(|(s, &l)| s.len() - l).max().unwrap_or(0));
             let rows = (n_seqs * longest) as u64;
+            let step_rows = if options.prefix_cache { (n_seqs * longest_suffix) as u64 } else { rows };
             let n_loss = loss_rows + p.loss_rows;
             let scores = (n_seqs * c.n_heads * longest * longest * 4) as u64;
-            let fits = rows * per_row + n_loss as u64 * per_loss_row <= options.batch_bytes
+            let fits = rows * costs.batch_row + step_rows * costs.step_row + n_loss as u64 * costs.loss_row <= options.batch_bytes
                 && rows * widest_row <= binding
                 && n_loss as u64 * c.vocab_size as u64 * 4 <= binding
                 && scores <= binding;
             if !fits && end > start {
                 break;
             }
-            (seqs, seq_len, loss_rows, end) = (n_seqs, longest, n_loss, end + 1);
+            (seqs, seq_len, suffix_len, loss_rows, end) = (n_seqs, longest, longest_suffix, n_loss, end + 1);
         }
         batches.push(start..end);
         start = end;
@@ -145,7 +175,7 @@ pub async fn compute_target_vectors(
     hp: &Hparams,
     options: &TargetOptions,
     progress: &mut dyn FnMut(usize),
-) -> Result<(Vec<TargetVector>, u64)> {
+) -> Result<(Vec<TargetVector>, TargetCost)> {
     let layer = hp.last_layer();
     let prompts = requests.iter().enumerate().map(|(i, r)| request_prompts(i, r, templates, tokenizer)).collect::<Result<Vec<_>>>()?;
     // Above the model's last block only the unembedding is left: δ at the
@@ -166,14 +196,15 @@ pub async fn compute_target_vectors(
         }
     }
     let mut targets = Vec::with_capacity(requests.len());
-    let mut steps = 0;
+    let mut cost = TargetCost::default();
     for range in plan_batches(model, &prompts, layer, options) {
-        let (batch_targets, batch_steps) = optimise_batch(model, &requests[range.clone()], &prompts[range.clone()], hp, options, &mut |done| progress(range.start + done)).await?;
+        let (batch_targets, batch_cost) = optimise_batch(model, &requests[range.clone()], &prompts[range.clone()], hp, options, &mut |done| progress(range.start + done)).await?;
         targets.extend(batch_targets);
-        steps += batch_steps;
+        cost.steps += batch_cost.steps;
+        cost.after_first_step.add(&batch_cost.after_first_step);
     }
     progress(requests.len());
-    Ok((targets, steps))
+    Ok((targets, cost))
 }
 
 /// One batch: one padded batch of every request's prompts, one forward and
@@ -185,13 +216,23 @@ async fn optimise_batch(
     hp: &Hparams,
     options: &TargetOptions,
     progress: &mut dyn FnMut(usize),
-) -> Result<(Vec<TargetVector>, u64)> {
+) -> Result<(Vec<TargetVector>, TargetCost)> {
     let ctx = &model.ctx;
     let layer = hp.last_layer();
     let (d, vocab) = (model.config.d_model, model.config.vocab_size);
     let n = requests.len();
     let sequences: Vec<Vec<u32>> = prompts.iter().flat_map(|p| p.sequences.iter().cloned()).collect();
     let batch = Batch::new(&sequences, Padding::Right, 0)?;
+    let base = model.forward(&batch, &[layer], false)?.hidden[layer].clone().expect("captured");
+    // Rows δ can change: each prompt's from its subject's last token on,
+    // which is where every row the loss reads lies.
+    let starts: Vec<usize> = prompts.iter().flat_map(|p| p.lookups.iter().copied()).collect();
+    let reads_before_start = requests.iter().zip(prompts).any(|(req, p)| p.sequences[..p.sequences.len() - 1].iter().zip(&p.lookups).any(|(seq, &l)| seq.len() - req.target_ids.len() < l));
+    let suffix = if options.prefix_cache && !reads_before_start { Some(model.suffix_pass(layer + 1, &base, &batch, &starts)?) } else { None };
+    let row_of = |b: usize, t: usize| match &suffix {
+        Some(pass) => pass.row(b, t, starts[b]),
+        None => batch.row(b, t),
+    };
 
     // Loss rows: each rewriting prompt's rows that predict the target
     // tokens, then the KL prompt's subject row; subject rows per request.
@@ -206,27 +247,28 @@ async fn optimise_batch(
         let weight = 1.0 / (n_target * n_rewrite) as f32;
         let mut rows_of_j = Vec::new();
         for (k, (seq, &lookup)) in p.sequences.iter().zip(&p.lookups).enumerate() {
-            rows_of_j.push(batch.row(b + k, lookup) as u32);
+            rows_of_j.push(row_of(b + k, lookup) as u32);
             if k < n_rewrite {
                 for (t, &token) in req.target_ids.iter().enumerate() {
-                    logit_rows.push(batch.row(b + k, seq.len() - n_target + t) as u32);
+                    logit_rows.push(row_of(b + k, seq.len() - n_target + t) as u32);
                     loss.push(LossRow { request: j as u32, token: Some(token), weight });
                 }
             } else {
-                logit_rows.push(batch.row(b + k, lookup) as u32);
+                logit_rows.push(row_of(b + k, lookup) as u32);
                 loss.push(LossRow { request: j as u32, token: None, weight: 0.0 });
             }
         }
-        first_lookup.push(rows_of_j[0]);
+        first_lookup.push(batch.row(b, p.lookups[0]) as u32);
         lookups.push(rows_of_j);
         b += p.sequences.len();
     }
-    let rows = batch.batch * batch.seq;
+    let target_init = ctx.gather_rows(&base, &ctx.indices(&first_lookup)?)?;
+    let (base, rows) = match &suffix {
+        Some(pass) => (pass.gather(ctx, &base)?, pass.rows()),
+        None => (base, batch.batch * batch.seq),
+    };
     let plan = ctx.target_plan(d, vocab, rows, &loss, &lookups)?;
     let logit_rows = ctx.indices(&logit_rows)?;
-
-    let base = model.forward(&batch, &[layer], false)?.hidden[layer].clone().expect("captured");
-    let target_init = ctx.gather_rows(&base, &ctx.indices(&first_lookup)?)?;
     let state = ctx.zeros(&[n, 3, d], DType::F32)?;
     let kl_init = ctx.empty(&[n, vocab], DType::F32)?;
     let max_steps = hp.v_num_grad_steps.max(1);
@@ -239,16 +281,20 @@ async fn optimise_batch(
         clamp: hp.clamp_norm_factor,
     };
     let mut steps = 0;
+    let mut first_step_done = None;
     for step in 0..max_steps {
         let last = step + 1 == max_steps;
         let hidden = ctx.target_add_delta(&plan, &base, &state)?;
-        let (logits, trace) = model.forward_traced(layer + 1, &hidden, &batch, Some(&logit_rows))?;
+        let (logits, trace) = match &suffix {
+            Some(pass) => model.forward_traced_suffix(pass, &hidden, Some(&logit_rows))?,
+            None => model.forward_traced(layer + 1, &hidden, &batch, Some(&logit_rows))?,
+        };
         let log_probs = ctx.softmax(&logits, true, None)?;
         let (d_logits, row_loss) = ctx.target_loss(&plan, &log_probs, &kl_init, hp.kl_factor, step == 0)?;
         let d_hidden = if last { None } else { Some(model.backward(&trace, &d_logits, &batch)?) };
         ctx.target_step(&plan, &hyper, step, last, &state, &record, &row_loss, d_hidden.as_ref(), &target_init)?;
         steps += 1;
-        if !last && (step + 1) % options.check_every.max(1) == 0 {
+        if !last && step % options.check_every.max(1) == 0 {
             let stopped = read_stops(model, &record, n).await?;
             let done = stopped.iter().filter(|&&s| s > 0.0).count();
             progress(done);
@@ -256,11 +302,13 @@ async fn optimise_batch(
                 break;
             }
         }
+        first_step_done.get_or_insert_with(|| ctx.counters());
     }
 
-    let record = ctx.read(&record).await?;
-    let delta = ctx.read(&state).await?;
-    let init = ctx.read(&target_init).await?;
+    // (A batch whose every request stopped at its first step has no steady state.)
+    let after_first_step = first_step_done.map(|c| ctx.counters().since(&c)).unwrap_or_default();
+    let mut read = ctx.read_all(&[&record, &state, &target_init]).await?;
+    let (init, delta, record) = (read.pop().expect("three"), read.pop().expect("three"), read.pop().expect("three"));
     let mut targets = Vec::with_capacity(n);
     for j in 0..n {
         let ran = record[j] as usize;
@@ -274,7 +322,7 @@ async fn optimise_batch(
         let z = target_init.iter().zip(&delta[j * 3 * d..][..d]).map(|(a, b)| a + b).collect();
         targets.push(TargetVector { z, target_init, losses });
     }
-    Ok((targets, steps))
+    Ok((targets, TargetCost { steps, after_first_step }))
 }
 
 /// The stop markers of the first `n` requests (0 while optimising).

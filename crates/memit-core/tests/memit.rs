@@ -179,6 +179,12 @@ fn batched_target_vectors_equal_one_request_at_a_time() {
     let templates = vec!["{}".to_string(), "Everyone knows that {}".to_string()];
     let together = target_vectors(&model, &tok, &requests, &templates, &hp, TargetOptions::default());
     let alone = target_vectors(&model, &tok, &requests, &templates, &hp, TargetOptions { max_requests: 1, ..Default::default() });
+    // Every row every step (no cached prefix keys): the same optimisation.
+    let uncached = target_vectors(&model, &tok, &requests, &templates, &hp, TargetOptions { prefix_cache: false, ..Default::default() });
+    for (i, (a, b)) in together.iter().zip(&uncached).enumerate() {
+        assert_eq!(a.losses.len(), b.losses.len(), "request {i} stops at the same step without the prefix cache");
+        assert_close(&a.z, &b.z, 1e-4, &format!("z of request {i} without the prefix cache"));
+    }
     let stops: std::collections::BTreeSet<usize> = together.iter().map(|t| t.losses.len()).collect();
     assert!(stops.len() >= 3, "requests should stop at different steps: {stops:?}");
     eprintln!("steps run per request: {:?}", together.iter().map(|t| t.losses.len()).collect::<Vec<_>>());
@@ -359,4 +365,35 @@ fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
     assert_eq!(took, 50, "only {took}/50 edits made the new city the prediction");
     assert!(generalised as f64 >= 0.9 * paraphrases.len() as f64, "only {generalised}/{} paraphrases follow the edits", paraphrases.len());
     assert!(kept as f64 >= 0.98 * known_before as f64, "only {kept}/{known_before} unrelated facts kept");
+}
+
+#[test]
+fn target_steps_allocate_nothing_and_wait_rarely() {
+    // The machine-independent costs of a batched optimisation step: after
+    // a batch's first step no buffer is created, the host waits for the GPU
+    // at most once per step, reads back no vocabulary-sized rows, and the
+    // dispatches of a step do not grow with the number of requests. Its own
+    // context, so no other test's work is counted.
+    let world = World::open();
+    let ctx = pollster::block_on(GpuContext::from_env()).unwrap();
+    let loaded = load_hf_dir(ctx, &world.dir, LoadOptions::default()).unwrap();
+    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let templates = vec!["{}".to_string(), "Everyone knows that {}".to_string()];
+    let steps = 13;
+    let overrides = serde_json::json!({"layers": [1, 2], "v_num_grad_steps": steps, "v_loss_threshold": 0.0});
+    let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
+    let cost = |n: usize| {
+        let prepared: Vec<_> = world.requests()[..n].iter().enumerate().map(|(i, r)| r.prepare(i, &tok).unwrap()).collect();
+        let (targets, cost) = pollster::block_on(compute_target_vectors(&model, &tok, &prepared, &templates, &hp, &TargetOptions::default(), &mut |_| {})).unwrap();
+        assert!(targets.iter().all(|t| t.losses.len() == steps) && cost.steps == steps as u64);
+        cost.after_first_step
+    };
+    let (one, eight) = (cost(1), cost(8));
+    eprintln!("12 steps after the first, 1 request: {one:?}\n12 steps after the first, 8 requests: {eight:?}");
+    for c in [one, eight] {
+        assert_eq!(c.buffers_created, 0, "steps after the first created buffers: {c:?}");
+        assert!(c.host_waits <= steps as u64 - 1, "{c:?}");
+        assert!(c.bytes_from_device < 4 * model.config.vocab_size as u64, "{c:?}");
+    }
+    assert_eq!(one.dispatches, eight.dispatches, "dispatches grow with the number of requests");
 }

@@ -16,7 +16,7 @@ mod tensor;
 pub use context::{print_profile, GpuContext, GpuOptions};
 pub use error::{GpuError, Result};
 pub use ops::activation::Activation;
-pub use ops::attention::{HeadLayout, RotaryStyle};
+pub use ops::attention::{AttentionRows, HeadLayout, RotaryStyle};
 pub use ops::elementwise::BinaryOp;
 pub use ops::matmul::{MatmulSpec, MatrixView};
 pub use ops::reduce::ReduceOp;

@@ -126,6 +126,13 @@ impl Tensor {
         }
     }
 
+    /// Whether both tensors are views of the same storage from the same
+    /// element (fused projections hand out q, k and v this way).
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        self.segments.len() == other.segments.len()
+            && self.segments.iter().zip(&other.segments).all(|(a, b)| Arc::ptr_eq(&a.buffer, &b.buffer) && a.offset == b.offset)
+    }
+
     /// A view of rows `range` of the first dimension (no copy).
     pub fn slice_rows(&self, range: Range<usize>) -> Result<Tensor> {
         if range.start > range.end || range.end > self.rows() {

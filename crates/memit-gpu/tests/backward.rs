@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, DType, HeadLayout, RotaryStyle};
+use memit_gpu::{Activation, AttentionRows, DType, HeadLayout, RotaryStyle};
 
 /// Central-difference gradient of a scalar function of `x`, in f64.
 fn numeric_grad(x: &[f32], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
@@ -145,7 +145,7 @@ fn attention_backward_matches_numeric_gradient() {
     let q = HeadLayout { offset: 0, head_stride: hd, n_heads: heads };
     let k = HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
     let v = HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
-    ctx.attention_backward((&gx, q), (&gx, k), (&gx, v), &gd, (&grad, &grad, &grad), hd, seq, &key_bounds(&ctx, &bounds), scale).unwrap();
+    ctx.attention_backward((&gx, q), (&gx, k), (&gx, v), &gd, (&grad, &grad, &grad), hd, AttentionRows { q_seq: seq, kv_seq: seq, bounds: &key_bounds(&ctx, &bounds) }, scale).unwrap();
     let want = numeric_grad(&x, |xs| dot(&cpu_attention(xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64), &d_out));
     assert_grad_close(&read(&ctx, &grad), &want, 1e-4, "attention backward (dq, dk, dv)");
 }

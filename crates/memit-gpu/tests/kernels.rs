@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, BinaryOp, Causal, DType, GpuContext, GpuError, MatmulSpec, ReduceOp};
+use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, GpuContext, GpuError, MatmulSpec, ReduceOp};
 
 const SHAPES: [(usize, usize, usize); 7] =
     [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129)];
@@ -489,6 +489,45 @@ fn attention_causal_padded_grouped() {
     }
 }
 
+#[test]
+fn attention_of_later_queries_against_all_keys() {
+    // Queries from position 2 (sequence 0) and 1 (sequence 1) on, in their
+    // own rows, against every key: the rows of the whole-batch result.
+    for ctx in [ctx(), other_kernels_ctx()] {
+        let (seq, heads, kv_heads, hd) = (7, 4, 2, 8);
+        let bounds = [(0u32, 7u32), (0u32, 5u32)];
+        let starts = [2usize, 1];
+        let q_seq = 6;
+        let width = (heads + 2 * kv_heads) * hd;
+        let mut rng = Rng::new(11);
+        let x = rng.vec(2 * seq * width, 1.0);
+        let mut q_rows = vec![0.0f32; 2 * q_seq * width];
+        for b in 0..2 {
+            for i in 0..q_seq.min(seq - starts[b]) {
+                let from = (b * seq + starts[b] + i) * width;
+                q_rows[(b * q_seq + i) * width..][..width].copy_from_slice(&x[from..from + width]);
+            }
+        }
+        let gx = ctx.upload(&[2 * seq, width], &x, DType::F32).unwrap();
+        let gq = ctx.upload(&[2 * q_seq, width], &q_rows, DType::F32).unwrap();
+        let layout = |offset, n_heads| memit_gpu::HeadLayout { offset, head_stride: hd, n_heads };
+        let flat: Vec<u32> = (0..2).flat_map(|b| [bounds[b].0, bounds[b].1, starts[b] as u32, 0]).collect();
+        let rows = AttentionRows { q_seq, kv_seq: seq, bounds: &ctx.indices(&flat).unwrap() };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = read(&ctx, &ctx.attention((&gq, layout(0, heads)), (&gx, layout(heads * hd, kv_heads)), (&gx, layout((heads + kv_heads) * hd, kv_heads)), hd, rows, scale).unwrap());
+        let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let full = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
+        let out_width = heads * hd;
+        for b in 0..2 {
+            for i in 0..q_seq.min(bounds[b].1 as usize - starts[b]) {
+                let got = &out[(b * q_seq + i) * out_width..][..out_width];
+                let want = &full[(b * seq + starts[b] + i) * out_width..][..out_width];
+                assert_close(got, want, 1e-5, 1e-6, &format!("query {i} of sequence {b} (CPU-style kernels: {})", ctx.cpu_kernels()));
+            }
+        }
+    }
+}
+
 fn check_attention(ctx: &std::sync::Arc<memit_gpu::GpuContext>) {
     // 2 sequences of 7 slots: the first left-padded (starts at 2), the
     // second right-padded (ends at 5). 4 query heads share 2 kv heads.
@@ -504,7 +543,7 @@ fn check_attention(ctx: &std::sync::Arc<memit_gpu::GpuContext>) {
     let k = memit_gpu::HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
     let v = memit_gpu::HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
     let scale = 1.0 / (hd as f32).sqrt();
-    let out = read(ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, seq, &key_bounds(ctx, &bounds), scale).unwrap());
+    let out = read(ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, AttentionRows { q_seq: seq, kv_seq: seq, bounds: &key_bounds(ctx, &bounds) }, scale).unwrap());
     let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let want = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
     assert_close(&out, &want, 1e-5, 1e-6, &format!("attention (CPU-style kernels: {})", ctx.cpu_kernels()));

@@ -6,7 +6,7 @@ use memit_gpu::{BinaryOp, Indices, MatmulSpec, Tensor};
 
 use crate::config::Residual;
 use crate::error::Result;
-use crate::forward::{Batch, BlockTrace};
+use crate::forward::{Batch, BlockTrace, Rows, SuffixPass};
 use crate::model::{Linear, Model, Norm, QkvProjection, WeightLayout};
 
 /// Activations recorded by [`Model::forward_traced`].
@@ -17,6 +17,17 @@ pub struct Trace {
     last_hidden: Tensor,
     /// The rows logits were computed for, and the row count they came from.
     logit_rows: Option<(Indices, usize)>,
+    /// Set when the blocks ran over a suffix of the batch.
+    suffix: Option<SuffixPass>,
+}
+
+impl Trace {
+    fn rows<'a>(&'a self, batch: &'a Batch) -> Rows<'a> {
+        match &self.suffix {
+            Some(pass) => Rows::Suffix(pass),
+            None => Rows::Full(batch),
+        }
+    }
 }
 
 impl Linear {
@@ -48,10 +59,21 @@ impl Model {
     /// rows only ([ids, vocab]): the unembedding of rows nobody reads is
     /// often most of the work.
     pub fn forward_traced(&self, first_layer: usize, hidden: &Tensor, batch: &Batch, logit_rows: Option<&Indices>) -> Result<(Tensor, Trace)> {
+        self.trace_blocks(first_layer, hidden, Rows::Full(batch), logit_rows, None)
+    }
+
+    /// As `forward_traced` over the suffix rows of `pass` only: `hidden` is
+    /// [pass.rows(), d], `logit_rows` index suffix rows, and the gradient
+    /// `backward` returns is w.r.t. the suffix rows of the residual stream.
+    pub fn forward_traced_suffix(&self, pass: &SuffixPass, hidden: &Tensor, logit_rows: Option<&Indices>) -> Result<(Tensor, Trace)> {
+        self.trace_blocks(pass.first_layer(), hidden, Rows::Suffix(pass), logit_rows, Some(pass.clone()))
+    }
+
+    fn trace_blocks(&self, first_layer: usize, hidden: &Tensor, rows: Rows<'_>, logit_rows: Option<&Indices>, suffix: Option<SuffixPass>) -> Result<(Tensor, Trace)> {
         let mut x = hidden.clone();
         let mut blocks = Vec::new();
         for layer in first_layer..self.config.n_layers {
-            let trace = self.block_trace(layer, &x, batch)?;
+            let trace = self.block_trace(layer, &x, rows)?;
             x = trace.out.clone();
             blocks.push(trace);
         }
@@ -60,7 +82,7 @@ impl Model {
         }
         let logits = self.logits(&x)?;
         let logit_rows = logit_rows.map(|ids| (ids.clone(), hidden.rows()));
-        Ok((logits, Trace { first_layer, blocks, last_hidden: x, logit_rows }))
+        Ok((logits, Trace { first_layer, blocks, last_hidden: x, logit_rows, suffix }))
     }
 
     /// dL/d(hidden) for the `hidden` given to `forward_traced`, from dL/dlogits.
@@ -71,13 +93,14 @@ impl Model {
         if let Some((ids, rows)) = &trace.logit_rows {
             d = ctx.scatter_rows(&d, ids, *rows)?;
         }
+        let rows = trace.rows(batch);
         for (i, block_trace) in trace.blocks.iter().enumerate().rev() {
-            d = self.block_backward(trace.first_layer + i, block_trace, &d, batch)?;
+            d = self.block_backward(trace.first_layer + i, block_trace, &d, rows)?;
         }
         Ok(d)
     }
 
-    fn block_backward(&self, layer: usize, t: &BlockTrace, d_out: &Tensor, batch: &Batch) -> Result<Tensor> {
+    fn block_backward(&self, layer: usize, t: &BlockTrace, d_out: &Tensor, rows: Rows<'_>) -> Result<Tensor> {
         let ctx = &self.ctx;
         let block = &self.blocks[layer];
         let add = |p: &Tensor, q: &Tensor| -> Result<Tensor> { Ok(ctx.binary(BinaryOp::Add, p, q)?) };
@@ -86,16 +109,16 @@ impl Model {
                 let ln2 = block.ln2.as_ref().expect("sequential blocks have ln2");
                 let x1 = t.x1.as_ref().expect("sequential trace keeps x1");
                 let d_x1 = add(d_out, &ln2.backward(ctx, x1, &self.mlp_backward(layer, t, d_out)?)?)?;
-                let d_a = self.attention_backward(layer, t, &d_x1, batch)?;
+                let d_a = self.attention_backward(layer, t, &d_x1, rows)?;
                 add(&d_x1, &block.ln1.backward(ctx, &t.x, &d_a)?)
             }
             Residual::ParallelSharedNorm => {
-                let d_a = add(&self.attention_backward(layer, t, d_out, batch)?, &self.mlp_backward(layer, t, d_out)?)?;
+                let d_a = add(&self.attention_backward(layer, t, d_out, rows)?, &self.mlp_backward(layer, t, d_out)?)?;
                 add(d_out, &block.ln1.backward(ctx, &t.x, &d_a)?)
             }
             Residual::Parallel => {
                 let ln2 = block.ln2.as_ref().expect("parallel blocks have ln2");
-                let d_a = self.attention_backward(layer, t, d_out, batch)?;
+                let d_a = self.attention_backward(layer, t, d_out, rows)?;
                 let d_m = self.mlp_backward(layer, t, d_out)?;
                 add(&add(d_out, &block.ln1.backward(ctx, &t.x, &d_a)?)?, &ln2.backward(ctx, &t.x, &d_m)?)
             }
@@ -123,25 +146,27 @@ impl Model {
 
     /// Gradient w.r.t. the attention input `a` given the gradient of the
     /// attention output (after its projection).
-    fn attention_backward(&self, layer: usize, t: &BlockTrace, d_proj: &Tensor, batch: &Batch) -> Result<Tensor> {
+    fn attention_backward(&self, layer: usize, t: &BlockTrace, d_proj: &Tensor, rows: Rows<'_>) -> Result<Tensor> {
         let ctx = &self.ctx;
         let c = &self.config;
         let block = &self.blocks[layer];
         let d_mixed = block.attn_out.backward(ctx, d_proj)?;
         let (q, k, v) = (&t.attn.q, &t.attn.k, &t.attn.v);
-        let zeros_like = |x: &Tensor| ctx.zeros(x.shape(), memit_gpu::DType::F32);
+        // Gradients have the queries' rows (a suffix pass's keys before the
+        // suffix are constants) and q, k, v's row layouts.
+        let grad_like = |x: &Tensor| ctx.zeros(&[q.0.rows(), x.row_len()], memit_gpu::DType::F32);
         let (dq, dk, dv) = match &block.qkv {
             QkvProjection::Fused { .. } => {
-                let g = zeros_like(&q.0)?;
+                let g = grad_like(&q.0)?;
                 (g.clone(), g.clone(), g)
             }
-            QkvProjection::Separate { .. } => (zeros_like(&q.0)?, zeros_like(&k.0)?, zeros_like(&v.0)?),
+            QkvProjection::Separate { .. } => (grad_like(&q.0)?, grad_like(&k.0)?, grad_like(&v.0)?),
         };
-        let indices = batch.indices(ctx)?;
-        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&dq, &dk, &dv), c.head_dim, batch.seq, &indices.bounds, self.attention_scale())?;
+        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&dq, &dk, &dv), c.head_dim, rows.attention(ctx)?, self.attention_scale())?;
         if let Some(table) = &self.rope_table {
-            ctx.rotary_inverse(&dq, q.1, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
-            ctx.rotary_inverse(&dk, k.1, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
+            let positions = rows.positions(ctx)?;
+            ctx.rotary_inverse(&dq, q.1, c.rotary_dim, c.rotary_style, table, positions)?;
+            ctx.rotary_inverse(&dk, k.1, c.rotary_dim, c.rotary_style, table, positions)?;
         }
         match &block.qkv {
             QkvProjection::Fused { proj, .. } => proj.backward(ctx, &dq),

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use memit_gpu::{BinaryOp, GpuContext, HeadLayout, Indices, Tensor};
+use memit_gpu::{AttentionRows, BinaryOp, GpuContext, HeadLayout, Indices, Tensor};
 
 use crate::config::Residual;
 use crate::error::{ModelError, Result};
@@ -38,7 +38,8 @@ pub struct Batch {
 pub struct BatchIndices {
     pub ids: Indices,
     pub positions: Indices,
-    /// (start, end) per sequence, flattened.
+    /// (start, end, 0, 0) per sequence, flattened: attention's key bounds
+    /// with queries from position 0.
     pub bounds: Indices,
 }
 
@@ -75,7 +76,7 @@ impl Batch {
         if let Some(uploaded) = self.device.get() {
             return Ok(uploaded);
         }
-        let flat_bounds: Vec<u32> = self.bounds.iter().flat_map(|&(s, e)| [s, e]).collect();
+        let flat_bounds: Vec<u32> = self.bounds.iter().flat_map(|&(s, e)| [s, e, 0, 0]).collect();
         let uploaded = BatchIndices { ids: ctx.indices(&self.ids)?, positions: ctx.indices(&self.positions)?, bounds: ctx.indices(&flat_bounds)? };
         Ok(self.device.get_or_init(|| uploaded))
     }
@@ -95,6 +96,138 @@ impl Batch {
         (0..self.batch)
             .flat_map(|b| (self.bounds[b].0..self.bounds[b].1).map(move |t| (b * self.seq) as u32 + t))
             .collect()
+    }
+}
+
+/// The rows a block pass computes.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    /// Every row of a batch.
+    Full(&'a Batch),
+    /// Each sequence's rows from its first changed one on, against cached
+    /// keys and values of the rows before.
+    Suffix(&'a SuffixPass),
+}
+
+impl Rows<'_> {
+    pub(crate) fn positions(&self, ctx: &GpuContext) -> Result<&Indices> {
+        Ok(match self {
+            Rows::Full(batch) => &batch.indices(ctx)?.positions,
+            Rows::Suffix(pass) => &pass.positions,
+        })
+    }
+
+    pub(crate) fn attention(&self, ctx: &GpuContext) -> Result<AttentionRows<'_>> {
+        Ok(match self {
+            Rows::Full(batch) => AttentionRows { q_seq: batch.seq, kv_seq: batch.seq, bounds: &batch.indices(ctx)?.bounds },
+            Rows::Suffix(pass) => AttentionRows { q_seq: pass.len, kv_seq: pass.kv_seq, bounds: &pass.bounds },
+        })
+    }
+}
+
+/// A batch seen from each sequence's first changed row on (MEMIT's
+/// subject token, where δ is added): rows before it come out the same in
+/// every later pass, so their keys and values in the blocks above are
+/// computed once, and each pass runs only the rows from there on. Row
+/// b·`len` + i of a suffix tensor is token `starts[b]` + i of sequence b.
+#[derive(Clone)]
+pub struct SuffixPass {
+    first_layer: usize,
+    /// Rows per sequence in suffix tensors (the longest suffix).
+    pub len: usize,
+    n_seqs: usize,
+    kv_seq: usize,
+    /// Full row of each suffix row; padding rows point at their
+    /// sequence's last real row (for gathers) ...
+    gather_rows: Indices,
+    /// ... or nowhere (u32::MAX, for writes).
+    scatter_rows: Indices,
+    positions: Indices,
+    bounds: Indices,
+    /// Per block from `first_layer`: its keys and values of every row
+    /// (fused q|k|v rows, or k and v), rewritten at the suffix rows by
+    /// every pass.
+    cache: Vec<(Tensor, Tensor)>,
+}
+
+impl SuffixPass {
+    /// Rows of a full-batch tensor [batch rows, ..] in the suffix layout.
+    pub fn gather(&self, ctx: &GpuContext, full: &Tensor) -> Result<Tensor> {
+        Ok(ctx.gather_rows(full, &self.gather_rows)?)
+    }
+
+    /// Suffix row of token `t` (a real-token index at or after the start)
+    /// of sequence `b`.
+    pub fn row(&self, b: usize, t: usize, start: usize) -> usize {
+        b * self.len + t - start
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n_seqs * self.len
+    }
+
+    pub fn first_layer(&self) -> usize {
+        self.first_layer
+    }
+
+    /// Writes this pass's keys and values of block `layer` over the cache
+    /// and returns the cache tensors attention should read.
+    fn store_keys(&self, ctx: &GpuContext, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k_cache, v_cache) = &self.cache[layer - self.first_layer];
+        ctx.scatter_rows_into(k, &self.scatter_rows, k_cache)?;
+        if !k.same_storage(v) {
+            ctx.scatter_rows_into(v, &self.scatter_rows, v_cache)?;
+        }
+        Ok((k_cache.clone(), v_cache.clone()))
+    }
+}
+
+impl Model {
+    /// Prepares passes over `batch` from `starts[b]` (a real-token index)
+    /// of each sequence on, through blocks `first_layer..`: runs those
+    /// blocks once over every row of `hidden` (the residual stream entering
+    /// `first_layer`, unchanged) to cache their keys and values.
+    pub fn suffix_pass(&self, first_layer: usize, hidden: &Tensor, batch: &Batch, starts: &[usize]) -> Result<SuffixPass> {
+        let ctx = &self.ctx;
+        if starts.len() != batch.batch {
+            return Err(ModelError::Input(format!("{} suffix starts for {} sequences", starts.len(), batch.batch)));
+        }
+        let lengths: Vec<usize> = (0..batch.batch).map(|b| (batch.bounds[b].1 - batch.bounds[b].0) as usize).collect();
+        if let Some(b) = (0..batch.batch).find(|&b| starts[b] >= lengths[b]) {
+            return Err(ModelError::Input(format!("suffix of sequence {b} starts at {} past its {} tokens", starts[b], lengths[b])));
+        }
+        let len = (0..batch.batch).map(|b| lengths[b] - starts[b]).max().unwrap_or(1);
+        let (mut gather_rows, mut scatter_rows, mut positions, mut bounds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for b in 0..batch.batch {
+            let first = batch.row(b, starts[b]);
+            for i in 0..len {
+                let real = starts[b] + i < lengths[b];
+                let row = if real { first + i } else { batch.last_row(b) };
+                gather_rows.push(row as u32);
+                scatter_rows.push(if real { row as u32 } else { u32::MAX });
+                positions.push(batch.positions[row]);
+            }
+            let (start, end) = batch.bounds[b];
+            bounds.extend([start, end, (first - b * batch.seq) as u32, 0]);
+        }
+        let mut cache = Vec::new();
+        let mut x = hidden.clone();
+        for layer in first_layer..self.config.n_layers {
+            let trace = self.block_trace(layer, &x, Rows::Full(batch))?;
+            cache.push((trace.attn.k.0.clone(), trace.attn.v.0.clone()));
+            x = trace.out;
+        }
+        Ok(SuffixPass {
+            first_layer,
+            len,
+            n_seqs: batch.batch,
+            kv_seq: batch.seq,
+            gather_rows: ctx.indices(&gather_rows)?,
+            scatter_rows: ctx.indices(&scatter_rows)?,
+            positions: ctx.indices(&positions)?,
+            bounds: ctx.indices(&bounds)?,
+            cache,
+        })
     }
 }
 
@@ -173,16 +306,17 @@ impl Model {
 
     /// Runs block `layer` on `x` ([rows, d]).
     pub fn block(&self, layer: usize, x: &Tensor, batch: &Batch, want_key: bool) -> Result<BlockOutput> {
-        let trace = self.block_trace(layer, x, batch)?;
+        let trace = self.block_trace(layer, x, Rows::Full(batch))?;
         Ok(BlockOutput { hidden: trace.out, mlp_key: want_key.then_some(trace.key) })
     }
 
-    /// Runs block `layer`, keeping every intermediate the backward pass needs.
-    pub(crate) fn block_trace(&self, layer: usize, x: &Tensor, batch: &Batch) -> Result<BlockTrace> {
+    /// Runs block `layer` on `rows`, keeping every intermediate the backward
+    /// pass needs.
+    pub(crate) fn block_trace(&self, layer: usize, x: &Tensor, rows: Rows<'_>) -> Result<BlockTrace> {
         let ctx = &self.ctx;
         let block = &self.blocks[layer];
         let a = block.ln1.forward(ctx, x)?;
-        let attn = self.attention(block, &a, batch)?;
+        let attn = self.attention(layer, &a, rows)?;
         let add = |p: &Tensor, q: &Tensor| ctx.binary(BinaryOp::Add, p, q);
         let (x1, m) = match self.config.residual {
             Residual::Sequential => {
@@ -212,9 +346,10 @@ impl Model {
         Ok(MlpTrace { out: block.mlp_out.forward(ctx, &key)?, up, gate, key })
     }
 
-    fn attention(&self, block: &Block, a: &Tensor, batch: &Batch) -> Result<AttentionTrace> {
+    fn attention(&self, layer: usize, a: &Tensor, rows: Rows<'_>) -> Result<AttentionTrace> {
         let ctx = &self.ctx;
         let c = &self.config;
+        let block = &self.blocks[layer];
         let hd = c.head_dim;
         let heads = |offset, head_stride, n_heads| HeadLayout { offset, head_stride, n_heads };
         let (q, k, v);
@@ -235,12 +370,18 @@ impl Model {
                 (ql, kl, vl) = (heads(0, hd, c.n_heads), heads(0, hd, c.n_kv_heads), heads(0, hd, c.n_kv_heads));
             }
         }
-        let indices = batch.indices(ctx)?;
         if let Some(table) = &self.rope_table {
-            ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
-            ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, &indices.positions)?;
+            let positions = rows.positions(ctx)?;
+            ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, positions)?;
+            ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, positions)?;
         }
-        let mixed = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, batch.seq, &indices.bounds, self.attention_scale())?;
+        // A suffix pass writes its keys and values over its rows of the
+        // cache and attends to the whole cache.
+        let (k, v) = match rows {
+            Rows::Full(_) => (k, v),
+            Rows::Suffix(pass) => pass.store_keys(ctx, layer, &k, &v)?,
+        };
+        let mixed = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, rows.attention(ctx)?, self.attention_scale())?;
         let projected = block.attn_out.forward(ctx, &mixed)?;
         Ok(AttentionTrace { q: (q, ql), k: (k, kl), v: (v, vl), projected })
     }

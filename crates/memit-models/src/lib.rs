@@ -15,7 +15,7 @@ mod weights;
 pub use backward::Trace;
 pub use config::{Arch, ModelConfig, Residual};
 pub use error::{ModelError, Result};
-pub use forward::{Batch, BatchIndices, BlockOutput, ForwardOutput, Padding};
+pub use forward::{Batch, BatchIndices, BlockOutput, ForwardOutput, Padding, SuffixPass};
 pub use gguf::{GgufSource, GgufValue};
 pub use generate::{argmax, GenerateOptions, Sampling};
 pub use model::{mlp_out_name, resolve_name, rope_table, Block, Linear, LoadOptions, Model, Norm, QkvProjection, WeightLayout};

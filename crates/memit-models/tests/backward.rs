@@ -157,3 +157,51 @@ fn logits_of_chosen_rows_give_the_same_logits_and_gradient() {
         assert!((a - b).abs() <= 1e-5 * scale, "element {i}: {a} vs {b}");
     }
 }
+
+/// A pass over each sequence's rows from a start on, against cached keys
+/// and values of the earlier rows, gives the full pass's logits and
+/// gradients at those rows.
+fn check_suffix_pass(name: &str) {
+    let c = case(name);
+    let ctx = &c.model.ctx;
+    let vocab = c.model.config.vocab_size;
+    let h = block0(&c);
+    let starts = [2usize, 1];
+    let lengths: Vec<usize> = c.batch.bounds.iter().map(|&(s, e)| (e - s) as usize).collect();
+    let pass = c.model.suffix_pass(1, &h, &c.batch, &starts).unwrap();
+    // Every suffix row's logits, in both layouts.
+    let (mut full_rows, mut suffix_rows) = (Vec::new(), Vec::new());
+    for b in 0..2 {
+        for t in starts[b]..lengths[b] {
+            full_rows.push(c.batch.row(b, t) as u32);
+            suffix_rows.push(pass.row(b, t, starts[b]) as u32);
+        }
+    }
+    let (full_logits, full_trace) = c.model.forward_traced(1, &h, &c.batch, Some(&ctx.indices(&full_rows).unwrap())).unwrap();
+    let hs = pass.gather(ctx, &h).unwrap();
+    let (suffix_logits, suffix_trace) = c.model.forward_traced_suffix(&pass, &hs, Some(&ctx.indices(&suffix_rows).unwrap())).unwrap();
+    let (a, b) = (pollster::block_on(ctx.read(&full_logits)).unwrap(), pollster::block_on(ctx.read(&suffix_logits)).unwrap());
+    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale), "{name}: suffix logits differ");
+
+    let weights: Vec<f32> = full_rows.iter().flat_map(|&r| c.weights[r as usize * vocab..][..vocab].to_vec()).collect();
+    let d_logits = ctx.upload(&[full_rows.len(), vocab], &weights, DType::F32).unwrap();
+    let full = pollster::block_on(ctx.read(&c.model.backward(&full_trace, &d_logits, &c.batch).unwrap())).unwrap();
+    let suffix = pollster::block_on(ctx.read(&c.model.backward(&suffix_trace, &d_logits, &c.batch).unwrap())).unwrap();
+    let d = c.model.config.d_model;
+    let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    for (&fr, &sr) in full_rows.iter().zip(&suffix_rows) {
+        for i in 0..d {
+            let (x, y) = (full[fr as usize * d + i], suffix[sr as usize * d + i]);
+            assert!((x - y).abs() <= 1e-5 * scale, "{name}: gradient at row {fr} element {i}: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn suffix_passes_match_full_passes() {
+    for name in ["gpt2", "gptj", "gpt-neox", "gpt-neox-sequential", "llama"] {
+        check_suffix_pass(name);
+    }
+}

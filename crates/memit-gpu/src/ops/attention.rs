@@ -15,7 +15,7 @@ const MAX_HEAD_DIM: usize = 256;
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
 struct AttendParams {
-    seq: u32,
+    q_seq: u32,
     n_heads: u32,
     kv_group: u32,
     head_dim: u32,
@@ -30,7 +30,7 @@ struct AttendParams {
     v_head: u32,
     out_row: u32,
     scale: f32,
-    _pad0: u32,
+    kv_seq: u32,
 }
 
 #[repr(C)]
@@ -121,43 +121,34 @@ impl GpuContext {
         )
     }
 
-    /// Causal softmax(q·kᵀ·scale)·v for `bounds.len() / 2` sequences of
-    /// `seq` tokens each (rows b·seq .. b·seq+seq of q, k, v). Sequence b
-    /// sees only keys in `bounds[2b] .. bounds[2b + 1]` (its real, unpadded
-    /// tokens).
-    /// Query heads share key/value heads in groups (GQA). Returns
-    /// [rows, n_heads·head_dim].
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention(
-        &self,
-        q: (&Tensor, HeadLayout),
-        k: (&Tensor, HeadLayout),
-        v: (&Tensor, HeadLayout),
-        head_dim: usize,
-        seq: usize,
-        bounds: &Indices,
-        scale: f32,
-    ) -> Result<Tensor> {
-        let params = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
-        let n_seqs = bounds.len() / 2;
+    /// Causal softmax(q·kᵀ·scale)·v, sequence by sequence as `rows`
+    /// describes (queries and keys may have their own row layouts, for a
+    /// pass over changed rows against cached keys). Query heads share
+    /// key/value heads in groups (GQA). Returns [queries' rows,
+    /// n_heads·head_dim].
+    pub fn attention(&self, q: (&Tensor, HeadLayout), k: (&Tensor, HeadLayout), v: (&Tensor, HeadLayout), head_dim: usize, rows: AttentionRows<'_>, scale: f32) -> Result<Tensor> {
+        let params = self.attention_params(q, k, v, head_dim, &rows, scale)?;
+        let n_seqs = rows.sequences();
         let (q_buf, _) = q.0.single("attention")?;
         let (k_buf, _) = k.0.single("attention")?;
         let (v_buf, _) = v.0.single("attention")?;
-        let out = self.empty(&[n_seqs * seq, q.1.n_heads * head_dim], DType::F32)?;
+        let out = self.empty(&[n_seqs * rows.q_seq, q.1.n_heads * head_dim], DType::F32)?;
         let (out_buf, _) = out.single("attention")?;
         let (entry, groups) = if self.cpu_kernels() {
-            ("attend_rows", [seq.div_ceil(64) as u32, q.1.n_heads as u32, n_seqs as u32])
+            ("attend_rows", [rows.q_seq.div_ceil(64) as u32, q.1.n_heads as u32, n_seqs as u32])
         } else {
-            ("attend", [seq as u32, q.1.n_heads as u32, n_seqs as u32])
+            ("attend", [rows.q_seq as u32, q.1.n_heads as u32, n_seqs as u32])
         };
-        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &bounds.buffer), (5, out_buf)], groups)?;
+        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &rows.bounds.buffer), (5, out_buf)], groups)?;
         Ok(out)
     }
 
-    /// Gradients of [`GpuContext::attention`] w.r.t. q, k and v given the
-    /// output gradient `d_out`, written into `dq`, `dk`, `dv`: tensors laid
-    /// out exactly like q, k, v (they may all be one fused tensor, as q, k, v
-    /// may be).
+    /// Gradients of [`GpuContext::attention`] w.r.t. q, and w.r.t. the
+    /// keys and values at the queries' own rows, given the output gradient
+    /// `d_out`, written into `dq`, `dk`, `dv`: tensors with the queries'
+    /// rows, each laid out within a row like q, k, v (they may all be one
+    /// fused tensor, as q, k, v may be). Keys before the queries' first
+    /// position (a cache) get no gradient.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,
@@ -167,14 +158,13 @@ impl GpuContext {
         d_out: &Tensor,
         grads: (&Tensor, &Tensor, &Tensor),
         head_dim: usize,
-        seq: usize,
-        bounds: &Indices,
+        rows: AttentionRows<'_>,
         scale: f32,
     ) -> Result<()> {
-        let params = self.attention_params(q, k, v, head_dim, seq, bounds, scale)?;
-        let n_seqs = bounds.len() / 2;
-        let rows = n_seqs * seq;
-        if d_out.shape() != [rows, q.1.n_heads * head_dim] {
+        let params = self.attention_params(q, k, v, head_dim, &rows, scale)?;
+        let n_seqs = rows.sequences();
+        let q_rows = n_seqs * rows.q_seq;
+        if d_out.shape() != [q_rows, q.1.n_heads * head_dim] {
             return Err(GpuError::shape("attention_backward", format!("output gradient has shape {:?}", d_out.shape())));
         }
         let mut bufs = Vec::new();
@@ -182,24 +172,25 @@ impl GpuContext {
             require_f32("attention_backward", &[g])?;
             let (buf, off) = t.single("attention_backward")?;
             let (gbuf, goff) = g.single("attention_backward")?;
-            if g.shape() != t.shape() || goff != off {
-                return Err(GpuError::shape("attention_backward", "gradient tensors must be laid out like q, k, v"));
+            if g.shape() != [q_rows, t.row_len()] || goff != off {
+                return Err(GpuError::shape("attention_backward", "gradient tensors must have the queries' rows and q, k, v's row layout"));
             }
             bufs.push((buf, gbuf));
         }
         let (d_out_buf, _) = d_out.single("attention_backward")?;
-        let scratch = n_seqs * q.1.n_heads * seq * seq;
+        let scratch = n_seqs * q.1.n_heads * rows.q_seq * rows.kv_seq;
         let probs = self.empty(&[scratch.max(1)], DType::F32)?;
         let dscores = self.empty(&[scratch.max(1)], DType::F32)?;
         let (probs_buf, _) = probs.single("attention_backward (scores scratch too large: use smaller batches)")?;
         let (dscores_buf, _) = dscores.single("attention_backward (scores scratch too large: use smaller batches)")?;
+        let bounds = &*rows.bounds.buffer;
         self.dispatch(
             kernel("attend_backward_query"),
             bytemuck::bytes_of(&params),
-            &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, &bounds.buffer), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
-            [seq as u32, q.1.n_heads as u32, n_seqs as u32],
+            &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, bounds), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
+            [rows.q_seq as u32, q.1.n_heads as u32, n_seqs as u32],
         )?;
-        let mut key_bindings = vec![(1, bufs[0].0), (4, &*bounds.buffer), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf)];
+        let mut key_bindings = vec![(1, bufs[0].0), (4, bounds), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf)];
         // A fused dk/dv buffer is bound once (WebGPU forbids a buffer bound writably twice).
         let entry = if bufs[1].1 == bufs[2].1 {
             "attend_backward_key_fused"
@@ -207,45 +198,35 @@ impl GpuContext {
             key_bindings.push((12, bufs[2].1));
             "attend_backward_key"
         };
-        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &key_bindings, [seq as u32, k.1.n_heads as u32, n_seqs as u32])
+        self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &key_bindings, [rows.q_seq as u32, k.1.n_heads as u32, n_seqs as u32])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention_params(
-        &self,
-        q: (&Tensor, HeadLayout),
-        k: (&Tensor, HeadLayout),
-        v: (&Tensor, HeadLayout),
-        head_dim: usize,
-        seq: usize,
-        bounds: &Indices,
-        scale: f32,
-    ) -> Result<AttendParams> {
+    fn attention_params(&self, q: (&Tensor, HeadLayout), k: (&Tensor, HeadLayout), v: (&Tensor, HeadLayout), head_dim: usize, rows: &AttentionRows<'_>, scale: f32) -> Result<AttendParams> {
         require_f32("attention", &[q.0, k.0, v.0])?;
-        if bounds.len() % 2 != 0 {
-            return Err(GpuError::shape("attention", "key bounds come in (start, end) pairs"));
+        if rows.bounds.len() % 4 != 0 {
+            return Err(GpuError::shape("attention", "key bounds come in (start, end, query position, 0) quadruples"));
         }
-        let rows = bounds.len() / 2 * seq;
-        for (t, name) in [(q.0, "q"), (k.0, "k"), (v.0, "v")] {
-            if t.rows() != rows {
-                return Err(GpuError::shape("attention", format!("{name} has {} rows, expected {rows}", t.rows())));
+        let n_seqs = rows.sequences();
+        for (t, name, per_seq) in [(q.0, "q", rows.q_seq), (k.0, "k", rows.kv_seq), (v.0, "v", rows.kv_seq)] {
+            if t.rows() != n_seqs * per_seq {
+                return Err(GpuError::shape("attention", format!("{name} has {} rows, expected {}", t.rows(), n_seqs * per_seq)));
             }
         }
-        if seq > MAX_KEYS || head_dim > MAX_HEAD_DIM {
-            return Err(GpuError::shape("attention", format!("sequence {seq} / head dim {head_dim} exceed {MAX_KEYS} / {MAX_HEAD_DIM}")));
+        if rows.kv_seq > MAX_KEYS || head_dim > MAX_HEAD_DIM {
+            return Err(GpuError::shape("attention", format!("sequence {} / head dim {head_dim} exceed {MAX_KEYS} / {MAX_HEAD_DIM}", rows.kv_seq)));
         }
         if k.1.n_heads != v.1.n_heads || k.1.n_heads == 0 || q.1.n_heads % k.1.n_heads != 0 {
             return Err(GpuError::shape("attention", format!("{} query heads cannot share {} key/value heads", q.1.n_heads, k.1.n_heads)));
         }
-        if let Some((s, e)) = bounds.values().chunks_exact(2).map(|b| (b[0], b[1])).find(|(s, e)| s > e || *e as usize > seq) {
-            return Err(GpuError::shape("attention", format!("key bounds {s}..{e} outside 0..{seq}")));
+        if let Some(b) = rows.bounds.values().chunks_exact(4).find(|b| b[0] > b[1] || b[1] as usize > rows.kv_seq || b[2] as usize > rows.kv_seq) {
+            return Err(GpuError::shape("attention", format!("key bounds {}..{} (queries from {}) outside 0..{}", b[0], b[1], b[2], rows.kv_seq)));
         }
         let (_, q_off) = q.0.single("attention")?;
         let (_, k_off) = k.0.single("attention")?;
         let (_, v_off) = v.0.single("attention")?;
         let out_row = q.1.n_heads * head_dim;
         let params = AttendParams {
-            seq: u32_of(seq, "attention")?,
+            q_seq: u32_of(rows.q_seq, "attention")?,
             n_heads: u32_of(q.1.n_heads, "attention")?,
             kv_group: u32_of(q.1.n_heads / k.1.n_heads, "attention")?,
             head_dim: u32_of(head_dim, "attention")?,
@@ -260,8 +241,26 @@ impl GpuContext {
             v_head: u32_of(v.1.head_stride, "attention")?,
             out_row: u32_of(out_row, "attention")?,
             scale,
-            _pad0: 0,
+            kv_seq: u32_of(rows.kv_seq, "attention")?,
         };
         Ok(params)
+    }
+}
+
+/// The row layouts of one attention call: sequence b's queries are rows
+/// b·`q_seq` + i, its keys and values rows b·`kv_seq` + j; `bounds` holds
+/// per sequence (first real key, one past the last real key, the key
+/// position of query 0, 0). A whole batch has `q_seq` = `kv_seq` and query
+/// positions 0.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionRows<'a> {
+    pub q_seq: usize,
+    pub kv_seq: usize,
+    pub bounds: &'a Indices,
+}
+
+impl AttentionRows<'_> {
+    fn sequences(&self) -> usize {
+        self.bounds.len() / 4
     }
 }

@@ -2,7 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::u32_of;
+use super::{require_f32, u32_of};
 use crate::context::{GpuContext, Kernel};
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
@@ -75,14 +75,23 @@ impl GpuContext {
     /// [rows, dim] zeros except row `ids[i]` = row i of `src` [ids.len(),
     /// dim] (ids distinct): the gradient of [`GpuContext::gather_rows`].
     pub fn scatter_rows(&self, src: &Tensor, ids: &Indices, rows: usize) -> Result<Tensor> {
+        let out = self.zeros(&[rows, src.dims2("scatter_rows")?.1], DType::F32)?;
+        self.scatter_rows_into(src, ids, &out)?;
+        Ok(out)
+    }
+
+    /// Row `ids[i]` of `out` = row i of `src` (ids distinct; an id of
+    /// u32::MAX writes nowhere), other rows untouched.
+    pub fn scatter_rows_into(&self, src: &Tensor, ids: &Indices, out: &Tensor) -> Result<()> {
         let (n, dim) = src.dims2("scatter_rows")?;
-        if ids.len() != n {
-            return Err(GpuError::shape("scatter_rows", format!("{} ids for {n} rows", ids.len())));
+        let (rows, out_dim) = out.dims2("scatter_rows")?;
+        require_f32("scatter_rows", &[src, out])?;
+        if ids.len() != n || out_dim != dim {
+            return Err(GpuError::shape("scatter_rows", format!("{} ids for {n} rows of {dim} into rows of {out_dim}", ids.len())));
         }
-        if let Some(bad) = ids.values().iter().find(|&&id| id as usize >= rows) {
+        if let Some(bad) = ids.values().iter().find(|&&id| id as usize >= rows && id != u32::MAX) {
             return Err(GpuError::shape("scatter_rows", format!("row {bad} is outside the {rows} destination rows")));
         }
-        let out = self.zeros(&[rows, dim], DType::F32)?;
         let defines = [("TABLE_F16", flag(false))];
         let kernel = Kernel { family: ShaderFamily::Embedding, entry: "scatter", defines: &defines };
         let out_spans = chunk_spans(rows, &[&out]);
@@ -105,6 +114,6 @@ impl GpuContext {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }

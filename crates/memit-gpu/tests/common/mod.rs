@@ -40,9 +40,10 @@ pub fn other_kernels_ctx() -> Arc<GpuContext> {
     .clone()
 }
 
-/// Per-sequence (start, end) key bounds as the flat GPU array attention reads.
+/// Per-sequence (start, end) key bounds of whole sequences as the flat GPU
+/// array attention reads (queries at positions from 0).
 pub fn key_bounds(ctx: &GpuContext, bounds: &[(u32, u32)]) -> memit_gpu::Indices {
-    ctx.indices(&bounds.iter().flat_map(|&(s, e)| [s, e]).collect::<Vec<_>>()).unwrap()
+    ctx.indices(&bounds.iter().flat_map(|&(s, e)| [s, e, 0, 0]).collect::<Vec<_>>()).unwrap()
 }
 
 pub fn read(ctx: &GpuContext, t: &Tensor) -> Vec<f32> {
