@@ -7,9 +7,8 @@ mod session;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use memit_gpu::GpuContext;
 use serde::Serialize;
 
 use crate::patching::Destination;
@@ -21,6 +20,14 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// GPU backend: vulkan, metal, dx12 or gl (default: the best of
+    /// Vulkan/Metal/DX12; also MEMIT_BACKEND). MEMIT_ADAPTER=<name part>
+    /// picks among several adapters.
+    #[arg(long, global = true)]
+    backend: Option<String>,
+    /// No progress output on stderr (warnings and errors still print).
+    #[arg(long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -113,6 +120,12 @@ struct Info {
 fn main() {
     let cli = Cli::parse();
     let json = cli.json;
+    quiet_headless_drivers();
+    if let Some(backend) = &cli.backend {
+        // Read by GpuContext::from_env, like the variable set by hand.
+        std::env::set_var("MEMIT_BACKEND", backend);
+    }
+    session::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Info { model } => info(model, json),
         Command::Generate { model, prompt, max_new_tokens, patch } => patching::generate(model, &prompt, max_new_tokens, patch, json),
@@ -126,6 +139,29 @@ fn main() {
     if let Err(error) = result {
         eprintln!("error: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// Mesa's Vulkan drivers look for a Wayland display when they start and,
+/// with no XDG_RUNTIME_DIR (a headless machine, CI, a container), print
+/// "error: XDG_RUNTIME_DIR is invalid or not set" twice. An empty private
+/// runtime folder lets them find no display quietly.
+fn quiet_headless_drivers() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir()) {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    let dir = std::env::temp_dir().join(format!("memit-wgpu-runtime-{user}"));
+    #[cfg(unix)]
+    let created = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir)
+    };
+    #[cfg(not(unix))]
+    let created = std::fs::create_dir_all(&dir);
+    if created.is_ok() {
+        // Still one thread here: nothing else reads the environment yet.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
     }
 }
 
@@ -154,7 +190,7 @@ fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, st
 }
 
 fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
-    let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
+    let ctx = session::open_gpu()?;
     let model_summary = match &model {
         Some(path) => {
             let session = Session::open(&ModelArgs { model: path.clone(), f16: false })?;

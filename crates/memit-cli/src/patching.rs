@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use memit_core::{apply_memit, context_templates, EditRequest, Patch};
+use memit_eval::target_nll;
 use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor, TextTokenizer};
 use serde::Serialize;
 
@@ -43,9 +44,12 @@ pub struct EditArgs {
     /// edited folder, or <model>.patch.safetensors for GGUF).
     #[arg(long)]
     pub patch: Option<PathBuf>,
-    /// Replace an existing output folder.
+    /// Replace an existing output folder that an earlier `edit` wrote.
     #[arg(long)]
     pub force: bool,
+    /// Replace an existing patch file given by --patch.
+    #[arg(long)]
+    pub replace_patch: bool,
     /// Edit in memory and show the predictions only; write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -75,6 +79,37 @@ struct RequestReport {
     target_new: String,
     before: Vec<Prediction>,
     after: Vec<Prediction>,
+}
+
+/// Whether one edit took, by CounterFact's efficacy test: after the edit,
+/// the new object is more likely than the original one (`target_true`, or
+/// the model's own first prediction when the request does not name it).
+/// Probabilities are per token (exp of the mean NLL), as in the paper.
+#[derive(Serialize)]
+struct Outcome {
+    took: bool,
+    original: String,
+    p_new_before: f32,
+    p_new_after: f32,
+    p_original_after: f32,
+}
+
+/// The efficacy test of every request on the model before and after.
+fn outcomes(before_model: &Model, after_model: &Model, tok: &TextTokenizer, requests: &[EditRequest], prompts: &[String], before: &[Vec<Prediction>]) -> Result<Vec<Outcome>> {
+    let originals: Vec<String> = requests.iter().zip(before).map(|(r, b)| r.target_true.as_ref().map_or_else(|| b[0].token.clone(), |t| t.text.clone())).collect();
+    let pairs: Vec<(String, String)> = prompts.iter().zip(requests.iter().zip(&originals)).flat_map(|(p, (r, o))| [(p.clone(), r.target_new.text.clone()), (p.clone(), o.clone())]).collect();
+    let nll_before = pollster::block_on(target_nll(before_model, tok, &pairs))?;
+    let nll_after = pollster::block_on(target_nll(after_model, tok, &pairs))?;
+    let p = |nll: f32| (-nll).exp();
+    Ok(originals
+        .into_iter()
+        .zip(requests)
+        .enumerate()
+        .map(|(i, (original, r))| {
+            let same = original.trim() == r.target_new.text.trim();
+            Outcome { took: same || nll_after[2 * i] < nll_after[2 * i + 1], original, p_new_before: p(nll_before[2 * i]), p_new_after: p(nll_after[2 * i]), p_original_after: p(nll_after[2 * i + 1]) }
+        })
+        .collect())
 }
 
 /// The `k` most likely next tokens after `prompt`.
@@ -121,23 +156,80 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Writes `src` with `tensors` replaced to `out`, replacing an existing
-/// `out` only when `force` (the new folder is complete before the old one
-/// goes).
-fn write_folder(src: &Path, out: &Path, tensors: &[StoredTensor], force: bool) -> Result<()> {
-    if out.exists() && !force {
-        bail!("{} already exists; pass --force to replace it, or choose another --out", out.display());
+/// The file `edit` leaves in every folder it writes: `--force` replaces
+/// only folders that hold it, never one the user made.
+const EDIT_MARKER: &str = ".memit-wgpu-edit";
+
+/// `path` with `..`, `.` and symlinks resolved as far as it exists (a path
+/// that does not exist yet resolves through its parent).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
     }
-    let fresh = if out.exists() { sibling(out, ".new") } else { out.to_path_buf() };
-    if fresh.exists() {
-        std::fs::remove_dir_all(&fresh).with_context(|| format!("removing {}", fresh.display()))?;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => resolved(parent).join(name),
+        _ => absolute,
     }
-    write_hf_dir(src, &fresh, tensors).with_context(|| format!("writing {}", fresh.display()))?;
-    if fresh != out {
-        std::fs::remove_dir_all(out).with_context(|| format!("removing the old {}", out.display()))?;
-        std::fs::rename(&fresh, out).with_context(|| format!("renaming {} to {}", fresh.display(), out.display()))?;
+}
+
+/// Checks, before any work, that `edit` may write the folder `out` for the
+/// model at `model`: a new path, or (with `force`) a folder an earlier
+/// `edit` wrote that neither is nor contains the model.
+fn check_edit_out(model: &Path, out: &Path, force: bool) -> Result<()> {
+    let (model, target) = (resolved(model), resolved(out));
+    if model == target {
+        bail!("--out {} is the input model: an edit never replaces its own input", out.display());
+    }
+    if model.starts_with(&target) {
+        bail!("--out {} is a folder holding the input model: an edit never replaces its own input", out.display());
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    if !force {
+        bail!("{} already exists; pass --force to replace a folder an earlier edit wrote, or choose another --out", out.display());
+    }
+    if !out.join(EDIT_MARKER).is_file() {
+        bail!("--force replaces only folders that `memit-wgpu edit` wrote (they hold {EDIT_MARKER}); {} is not one: choose another --out", out.display());
     }
     Ok(())
+}
+
+/// Where a patch may be written: never over a file of the input model, and
+/// over an existing patch only when `replace` (a file that is not a patch
+/// is never replaced).
+fn check_patch_path(model: &Path, patch: &Path, replace: bool) -> Result<()> {
+    let (model, target) = (resolved(model), resolved(patch));
+    if target == model || (model.is_dir() && target.starts_with(&model)) {
+        bail!("--patch {} is inside the input model; write the patch elsewhere", patch.display());
+    }
+    if patch.exists() {
+        let is_patch = std::fs::read(patch).is_ok_and(|b| Patch::from_bytes(&b).is_ok());
+        if !is_patch {
+            bail!("--patch {} exists and is not a patch file; it is never overwritten: choose another --patch", patch.display());
+        }
+        if !replace {
+            bail!("the patch {} already exists (it may be the only way back from an earlier edit); pass --replace-patch to replace it, or choose another --patch", patch.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `src` with `tensors` replaced, and `extra_files`, to the new
+/// folder `out`; with `replace`, an existing `out` is swapped out only once
+/// the new folder is complete, so one of the two is always whole on disk.
+fn write_folder(src: &Path, out: &Path, tensors: &[StoredTensor], extra_files: &[(&str, &[u8])], replace: bool) -> Result<()> {
+    if !replace {
+        ensure!(!out.exists(), "{} already exists; choose another --out", out.display());
+        return write_hf_dir(src, out, tensors, extra_files).with_context(|| format!("writing {}", out.display()));
+    }
+    let fresh = sibling(out, &format!(".memit-new-{}", std::process::id()));
+    write_hf_dir(src, &fresh, tensors, extra_files).with_context(|| format!("writing {}", fresh.display()))?;
+    let old = sibling(out, &format!(".memit-old-{}", std::process::id()));
+    std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
+    std::fs::rename(&fresh, out).with_context(|| format!("renaming {} to {} (the old folder is at {})", fresh.display(), out.display(), old.display()))?;
+    std::fs::remove_dir_all(&old).with_context(|| format!("removing the old {}", old.display()))
 }
 
 pub fn edit(args: EditArgs, json: bool) -> Result<()> {
@@ -152,10 +244,26 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         (_, _, true) => None,
         (Some(out), true, _) => bail!("--out {}: edited GGUF files are not written; use the patch file with `generate --patch` or `diff`", out.display()),
         (None, true, _) => None,
-        (out, false, _) => Some(out.clone().unwrap_or_else(|| sibling(&session.path, "-edited"))),
+        (out, false, _) => Some(out.clone().unwrap_or_else(|| sibling(&resolved(&session.path), "-edited"))),
     };
-    if let Some(out) = &out {
-        ensure!(args.force || !out.exists(), "{} already exists; pass --force to replace it, or choose another --out", out.display());
+    // The patch goes inside the edited folder unless --patch names a path
+    // with a folder; a GGUF model gets it beside the file.
+    let patch_path = match (&args.patch, &out) {
+        (Some(p), Some(out)) if p.parent().is_none_or(|d| d.as_os_str().is_empty()) => out.join(p),
+        (Some(p), _) => p.clone(),
+        (None, Some(out)) => out.join("memit-patch.safetensors"),
+        (None, None) => sibling(&session.path, ".patch.safetensors"),
+    };
+    if !args.dry_run {
+        if let Some(out) = &out {
+            check_edit_out(&session.path, out, args.force)?;
+        }
+        match &out {
+            Some(out) if patch_path.starts_with(out) => {
+                ensure!(patch_path.parent() == Some(out.as_path()), "--patch {}: a patch inside --out goes directly in it, not in a subfolder", patch_path.display());
+            }
+            _ => check_patch_path(&session.path, &patch_path, args.replace_patch)?,
+        }
     }
     let hp = session.hparams(args.hparams.as_deref())?;
     let (covariances, stats_path) = session.covariances(&hp, &args.stats)?;
@@ -190,6 +298,13 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         );
     }
     let after = prompts.iter().map(|p| top_predictions(&edited_model, tok, p, 3)).collect::<Result<Vec<_>>>()?;
+    let outcomes = outcomes(model, &edited_model, tok, &requests, &prompts, &before)?;
+    for (i, o) in outcomes.iter().enumerate().filter(|(_, o)| !o.took) {
+        eprintln!(
+            "warning: request {i} ({:?} -> {:?}) did not take: after the edit P({:?}) = {:.3} per token, below P({:?}) = {:.3}. Causes seen: a large mom2_update_weight (λ), too few v_num_grad_steps or a tight clamp_norm_factor, generated context templates that dilute the prompt, or layers where this model does not store the fact",
+            requests[i].subject, requests[i].target_new.text, requests[i].target_new.text, o.p_new_after, o.original, o.p_original_after
+        );
+    }
     let rows: Vec<RequestReport> = prompts
         .into_iter()
         .zip(&requests)
@@ -202,20 +317,20 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         let originals = hp.layers.iter().map(|&l| session.stored_mlp_out(l)).collect::<Result<Vec<_>>>()?;
         let layout = model.blocks[hp.layers[0]].mlp_out.layout;
         let (patch, edited) = Patch::build(session.fingerprint.clone(), requests.clone(), serde_json::to_value(&hp)?, &outcome.updates, &originals, layout)?;
-        let patch_path = args.patch.clone().unwrap_or_else(|| match &out {
-            Some(_) => PathBuf::from("memit-patch.safetensors"),
-            None => sibling(&session.path, ".patch.safetensors"),
-        });
+        let patch_bytes = patch.to_bytes()?;
+        let inside = out.as_ref().and_then(|out| patch_path.strip_prefix(out).ok()).and_then(|p| p.to_str());
+        // A patch outside the folder is written first: a folder never
+        // appears on disk without the patch that undoes it.
+        if inside.is_none() {
+            write_atomic(&patch_path, &patch_bytes)?;
+        }
         if let Some(out) = &out {
-            write_folder(&session.path, out, &edited, args.force)?;
+            let marker = format!("written by memit-wgpu edit from {}\n", resolved(&session.path).display());
+            let mut extra: Vec<(&str, &[u8])> = vec![(EDIT_MARKER, marker.as_bytes())];
+            extra.extend(inside.map(|name| (name, patch_bytes.as_slice())));
+            write_folder(&session.path, out, &edited, &extra, out.exists())?;
             written.insert("model".into(), out.display().to_string().into());
         }
-        // A bare file name goes inside the edited folder.
-        let patch_path = match (&out, patch_path.parent().is_none_or(|p| p.as_os_str().is_empty())) {
-            (Some(out), true) => out.join(patch_path),
-            _ => patch_path,
-        };
-        write_atomic(&patch_path, &patch.to_bytes()?)?;
         written.insert("patch".into(), patch_path.display().to_string().into());
     }
     if json {
@@ -227,11 +342,18 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             "solves": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift, "refinements": u.solve_refinements, "last_correction": u.solve_correction})).collect::<Vec<_>>(),
             "written": written, "edits": rows,
             "weak_targets": weak.iter().map(|&(i, p)| serde_json::json!({"request": i, "target_prob": p})).collect::<Vec<_>>(),
+            "outcomes": outcomes,
+            "took": outcomes.iter().filter(|o| o.took).count(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_requests(&rows);
-        println!("edited layers {:?} with {} request(s) in {edit_seconds:.1} s ({})", hp.layers, requests.len(), describe_phases(&outcome.phases));
+        for (r, o) in rows.iter().zip(&outcomes) {
+            println!("{:?} -> {:?}\n  before: {}\n  after:  {}", r.prompt, r.target_new, show(&r.before), show(&r.after));
+            let verdict = if o.took { "took" } else { "DID NOT TAKE" };
+            println!("  {verdict}: P(new) {:.3} -> {:.3} per token; P({:?}) after {:.3}", o.p_new_before, o.p_new_after, o.original, o.p_original_after);
+        }
+        let took = outcomes.iter().filter(|o| o.took).count();
+        println!("{took} of {} edit(s) took; edited layers {:?} in {edit_seconds:.1} s ({})", requests.len(), hp.layers, describe_phases(&outcome.phases));
         for (what, path) in &written {
             println!("wrote {what}: {}", path.as_str().unwrap_or_default());
         }
@@ -283,11 +405,11 @@ pub fn apply_or_revert(model: ModelArgs, patch: Option<PathBuf>, dest: Destinati
     let tensors = current.iter().map(|t| if forward { patch.apply_to(t) } else { patch.revert(t) }).collect::<memit_core::Result<Vec<_>>>()?;
     let target = match (&dest.out, dest.in_place) {
         (Some(out), _) => {
-            write_folder(&session.path, out, &tensors, false)?;
+            write_folder(&session.path, out, &tensors, &[], false)?;
             out.clone()
         }
         (None, _) => {
-            write_hf_dir(&session.path, &session.path, &tensors)?;
+            write_hf_dir(&session.path, &session.path, &tensors, &[])?;
             session.path.clone()
         }
     };

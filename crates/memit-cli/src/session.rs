@@ -2,14 +2,17 @@
 //! hyperparameters, the covariance statistics (cached, resumable), progress
 //! bars and crash-safe file writes.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use memit_core::{load_cache, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
-use memit_models::{load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, StoredTensor, TextTokenizer, WeightSource};
+use memit_models::{finish_interrupted_rewrite, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, Recovery, StoredTensor, TextTokenizer, WeightSource};
 use sha2::{Digest, Sha256};
 
 /// `--model` and how to hold its weights.
@@ -68,7 +71,15 @@ pub struct Session {
 
 impl Session {
     pub fn open(args: &ModelArgs) -> Result<Session> {
-        let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
+        if args.model.is_dir() {
+            let what = |files: &[String]| files.join(", ");
+            match finish_interrupted_rewrite(&args.model).with_context(|| format!("finishing an interrupted rewrite of {}", args.model.display()))? {
+                Recovery::Clean => {}
+                Recovery::Completed(files) => eprintln!("note: {} had an interrupted in-place apply/revert; it was completed ({})", args.model.display(), what(&files)),
+                Recovery::RolledBack(files) => eprintln!("note: {} had an interrupted in-place apply/revert that had not started replacing files; its partial files were removed ({})", args.model.display(), what(&files)),
+            }
+        }
+        let ctx = open_gpu()?;
         let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 } };
         let spinner = spinner(&format!("loading {}", args.model.display()));
         let loaded = load_model_path(ctx, &args.model, options).with_context(|| format!("loading the model at {}", args.model.display()))?;
@@ -167,11 +178,13 @@ impl Session {
                 return Ok(StatsOutcome::Paused { partial, texts_done: acc.texts_done, total: texts.len() as u64 });
             }
         }
+        // The last pass runs here, so the time is taken after it.
+        let cache = pollster::block_on(acc.cache_bytes(&self.model))?;
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
         let new_tokens = acc.n_tokens - tokens_before;
         eprintln!("statistics: {} tokens from {} texts in {seconds:.1} s ({:.0} tokens/s)", acc.n_tokens, texts.len(), new_tokens as f64 / seconds.max(1e-9));
-        write_atomic(&path, &pollster::block_on(acc.cache_bytes(&self.model))?)?;
+        write_atomic(&path, &cache)?;
         if partial.exists() {
             std::fs::remove_file(&partial).with_context(|| format!("removing {}", partial.display()))?;
         }
@@ -208,6 +221,7 @@ fn partial_path(path: &Path) -> PathBuf {
 /// Non-empty lines of a file, or of every .txt file in a folder (sorted by
 /// name), up to `limit`.
 pub fn read_corpus(path: &Path, limit: usize) -> Result<Vec<String>> {
+    ensure!(limit > 0, "--n-texts (or mom2_n_samples) is 0: the statistics need at least one text");
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("listing {}", path.display()))?
@@ -270,22 +284,129 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     written.with_context(|| format!("writing {}", path.display()))
 }
 
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `--quiet`: no progress output.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// How progress reaches the user: bars on a terminal, a plain line every
+/// `LOG_EVERY` in logs (CI, nohup, notebooks), nothing with `--quiet`.
+#[derive(PartialEq)]
+enum ProgressMode {
+    Bars,
+    Lines,
+    Quiet,
+}
+
+fn progress_mode() -> ProgressMode {
+    if QUIET.load(Ordering::Relaxed) {
+        ProgressMode::Quiet
+    } else if std::io::stderr().is_terminal() {
+        ProgressMode::Bars
+    } else {
+        ProgressMode::Lines
+    }
+}
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A "terminal" that prints each progress redraw as a plain stderr line, at
+/// most one per `LOG_EVERY` (the first at once).
+#[derive(Debug, Default)]
+struct LogLines {
+    last: Mutex<Option<Instant>>,
+}
+
+impl LogLines {
+    fn emit(&self, line: &str) -> std::io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if !line.trim().is_empty() && last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            eprintln!("{}", line.trim_end());
+            *last = Some(Instant::now());
+        }
+        Ok(())
+    }
+}
+
+impl TermLike for LogLines {
+    fn width(&self) -> u16 {
+        200
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.emit(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.emit(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn progress_bar(len: u64, prefix: &str, unit: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(&format!("{{prefix:>14}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} (ETA {{eta}}) {{msg}}"))
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let mode = progress_mode();
+    let (target, template) = match mode {
+        ProgressMode::Bars => (ProgressDrawTarget::stderr(), format!("{{prefix:>14}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} (ETA {{eta}}) {{msg}}")),
+        ProgressMode::Lines => (ProgressDrawTarget::term_like(Box::new(LogLines::default())), format!("{{prefix}}: {{pos}}/{{len}} {unit} after {{elapsed}} ({{per_sec}}, ETA {{eta}}) {{msg}}")),
+        ProgressMode::Quiet => (ProgressDrawTarget::hidden(), String::new()),
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
     bar.set_prefix(prefix.to_string());
+    if mode == ProgressMode::Lines {
+        // Redraws (and so log lines) keep coming while one step runs long.
+        bar.enable_steady_tick(LOG_EVERY);
+    }
     bar
 }
 
 pub fn spinner(message: &str) -> ProgressBar {
-    let bar = ProgressBar::new_spinner();
-    bar.set_message(message.to_string());
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
+    match progress_mode() {
+        ProgressMode::Bars => {
+            let bar = ProgressBar::new_spinner();
+            bar.set_message(message.to_string());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        }
+        ProgressMode::Lines => {
+            eprintln!("{message} …");
+            ProgressBar::hidden()
+        }
+        ProgressMode::Quiet => ProgressBar::hidden(),
+    }
+}
+
+/// The GPU adapter from the environment (`MEMIT_BACKEND`, `MEMIT_ADAPTER`),
+/// named on stderr first, with a word on speed when it is a software one.
+pub fn open_gpu() -> Result<Arc<GpuContext>> {
+    let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
+    let info = ctx.adapter_info();
+    if info.device_type == wgpu::DeviceType::Cpu {
+        eprintln!(
+            "adapter: {} ({:?}), a software renderer on the CPU: correct but slow. On a machine with a GPU, install its Vulkan driver (or pick it with MEMIT_ADAPTER=<name>); `memit-wgpu info` shows the adapter in use",
+            info.name, info.backend
+        );
+    } else if progress_mode() != ProgressMode::Quiet {
+        eprintln!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+    }
+    Ok(ctx)
 }
 
 /// Turns `apply_memit`'s progress reports into a bar per stage.

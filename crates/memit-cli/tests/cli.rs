@@ -27,7 +27,8 @@ fn scratch(name: &str) -> PathBuf {
 
 fn memit(cache: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_memit-wgpu"));
-    c.env("MEMIT_CACHE", cache);
+    // As on a headless machine: no runtime folder (the drivers must stay quiet).
+    c.env("MEMIT_CACHE", cache).env_remove("XDG_RUNTIME_DIR");
     c
 }
 
@@ -81,6 +82,9 @@ fn edit_writes_a_model_and_a_patch_that_apply_and_revert_exactly() {
         assert_ne!(top_token(&edit["before"]), target, "{edit}");
         assert_eq!(top_token(&edit["after"]), target, "{edit}");
     }
+    let n = report["edits"].as_array().unwrap().len() as u64;
+    assert_eq!(report["took"], n, "{}", report["outcomes"]);
+    assert!(report["outcomes"].as_array().unwrap().iter().all(|o| o["p_new_after"].as_f64().unwrap() > o["p_new_before"].as_f64().unwrap()));
     let patch = edited.join("memit-patch.safetensors");
     assert_eq!(report["written"]["patch"].as_str().unwrap(), patch.display().to_string());
     // The cost counters of every phase: target vectors ran their steps on
@@ -121,6 +125,15 @@ fn edit_writes_a_model_and_a_patch_that_apply_and_revert_exactly() {
     ok(memit(&dir).args(["apply", "--in-place", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap());
     assert!(tensors(&applied) == tensors(&edited));
     fails_with(memit(&dir).args(["apply", "--in-place", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap(), "already has this patch applied");
+    // An in-place revert killed after its journal was written: the next
+    // command on the model finishes it before reading any weight.
+    let source = memit_models::SafetensorsSource::open_dir(&facts_model()).unwrap();
+    let originals: Vec<_> = (0..4).map(|l| memit_models::WeightSource::stored(&source, &format!("transformer.h.{l}.mlp.c_proj.weight")).unwrap().unwrap()).collect();
+    drop(memit_models::stage_in_place(&applied, &originals).unwrap());
+    let out = ok(memit(&dir).args(["--json", "diff", "--model"]).arg(&applied).arg("--patch").arg(&patch).output().unwrap());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("it was completed"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["model_state"], "original");
+    assert!(tensors(&applied) == original);
 
     // diff: the four layers, their ‖ΔW‖, and the predictions either side.
     let diff = json(&ok(memit(&dir).args(["--json", "diff", "--model"]).arg(&edited).output().unwrap()));
@@ -170,7 +183,13 @@ fn stats_pause_resume_and_are_cached_per_model() {
     let dir = scratch("stats");
     let cache = dir.join("facts.safetensors");
     let stats = |extra: &[&str]| memit(&dir).args(["--json", "stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&cache).args(extra).output().unwrap();
-    let paused = json(&ok(stats(&["--stop-after-batches", "3"])));
+    let out = ok(stats(&["--stop-after-batches", "3"]));
+    // stderr is not a terminal here: progress comes as plain lines (the
+    // first at once), after a line naming the adapter, without driver noise.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("adapter: ") && stderr.contains("statistics: 0/300 texts after"), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+    let paused = json(&out);
     assert_eq!(paused["status"], "paused");
     assert_eq!(paused["texts_done"], 48);
     assert!(!cache.exists() && dir.join("facts.safetensors.partial").exists());
@@ -186,7 +205,9 @@ fn stats_pause_resume_and_are_cached_per_model() {
 
     // The same statistics without a pause: bitwise the same covariances.
     let straight = dir.join("straight.safetensors");
-    ok(memit(&dir).args(["stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&straight).output().unwrap());
+    let out = ok(memit(&dir).args(["--quiet", "stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&straight).output().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("texts after"), "--quiet: {stderr}");
     let (a, b) = (std::fs::read(&cache).unwrap(), std::fs::read(&straight).unwrap());
     let (a, b) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
     for layer in 0..4 {
@@ -282,5 +303,109 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
     let not_dataset = dir.join("x.json");
     std::fs::write(&not_dataset, "{}").unwrap();
     fails_with(memit(&dir).args(["eval", "--dataset", "zsre", "--model"]).arg(facts_model()).arg("--data").arg(&not_dataset).output().unwrap(), "is not a list of zsRE records");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every file under `dir` (relative path → bytes), to prove a folder untouched.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// `edit` writes only where it may: `--force` replaces nothing but a folder
+/// an earlier edit wrote, never the input model or a folder holding it, the
+/// working directory or a user's folder; `--patch` never lands on a model
+/// file or a non-patch file, and replaces an earlier patch only when asked.
+/// Each refusal comes before any computation and leaves every file as it was.
+#[test]
+fn edit_never_replaces_what_it_did_not_write() {
+    let dir = scratch("paths");
+    // A user's project folder holding a copy of the model.
+    let project = dir.join("project");
+    let model = project.join("mymodel");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(facts_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(project.join("notes.txt"), "my notes").unwrap();
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("results.csv"), "1,2,3").unwrap();
+    let before = snapshot(&dir);
+    let edit = |out: &Path, extra: &[&str]| {
+        let mut c = memit(&dir);
+        c.current_dir(&work).args(["edit", "--templates", "plain", "--model"]).arg(&model).arg("--requests").arg(model.join("example-requests.json")).args(STATS);
+        c.arg("--out").arg(out).args(extra).output().unwrap()
+    };
+    fails_with(edit(&project, &["--force"]), "holding the input model");
+    fails_with(edit(&model, &["--force"]), "never replaces its own input");
+    fails_with(edit(Path::new("."), &["--force"]), "only folders that `memit-wgpu edit` wrote");
+    fails_with(edit(&dir.join("new"), &["--patch", model.join("model.safetensors").to_str().unwrap()]), "inside the input model");
+    fails_with(edit(&dir.join("new"), &["--patch", project.join("notes.txt").to_str().unwrap()]), "is not a patch file");
+    assert!(snapshot(&dir) == before, "refused edits change nothing");
+    assert!(!dir.join("new").exists());
+
+    // A first edit writes the folder, its patch and the marker together.
+    let edited = dir.join("edited");
+    ok(edit(&edited, &[]));
+    assert!(edited.join("memit-patch.safetensors").is_file() && edited.join(".memit-wgpu-edit").is_file());
+    fails_with(edit(&edited, &[]), "pass --force");
+    // Its own output may be replaced, the patch then going outside it.
+    let outside = dir.join("edit2.patch.safetensors");
+    ok(edit(&edited, &["--force", "--patch", outside.to_str().unwrap()]));
+    assert!(outside.is_file() && !edited.join("memit-patch.safetensors").exists());
+    // An existing patch is the way back from an edit: replaced only on request.
+    let edited_state = snapshot(&edited);
+    fails_with(edit(&edited, &["--force", "--patch", outside.to_str().unwrap()]), "--replace-patch");
+    assert!(snapshot(&edited) == edited_state);
+    ok(edit(&edited, &["--force", "--replace-patch", "--patch", outside.to_str().unwrap()]));
+    // Chaining: editing the edited folder into itself is refused.
+    let mut c = memit(&dir);
+    c.args(["edit", "--templates", "plain", "--force", "--model"]).arg(&edited).arg("--requests").arg(model.join("example-requests.json")).args(STATS).arg("--out").arg(&edited);
+    fails_with(c.output().unwrap(), "never replaces its own input");
+    assert!(snapshot(&model) == snapshot(&facts_model()), "the input model is untouched");
+    assert_eq!(std::fs::read_to_string(project.join("notes.txt")).unwrap(), "my notes");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".memit-")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// An edit that does not take (here: λ so large that ΔW is negligible) is
+/// reported per request in the JSON and with a warning naming the causes.
+#[test]
+fn an_edit_that_does_not_take_is_reported() {
+    let dir = scratch("weak");
+    let hparams = dir.join("huge-lambda.json");
+    std::fs::write(&hparams, r#"{"mom2_update_weight": 1e12}"#).unwrap();
+    let out = ok(memit(&dir)
+        .args(["--json", "edit", "--dry-run", "--templates", "plain", "--model"])
+        .arg(facts_model())
+        .arg("--requests")
+        .arg(facts_model().join("example-requests.json"))
+        .args(STATS)
+        .arg("--hparams")
+        .arg(&hparams)
+        .output()
+        .unwrap());
+    let report = json(&out);
+    assert_eq!(report["took"], 0, "{}", report["outcomes"]);
+    for o in report["outcomes"].as_array().unwrap() {
+        assert_eq!(o["took"], false);
+        assert!(o["p_original_after"].as_f64().unwrap() > o["p_new_after"].as_f64().unwrap(), "{o}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not take") && stderr.contains("mom2_update_weight"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -113,8 +113,19 @@ impl Hparams {
         if self.layers.windows(2).any(|w| w[1] <= w[0]) {
             return Err(MemitError::Hparams(format!("layers {:?} must be strictly increasing", self.layers)));
         }
-        if self.mom2_update_weight <= 0.0 {
-            return Err(MemitError::Hparams("mom2_update_weight must be positive".into()));
+        let positive = [("mom2_update_weight", self.mom2_update_weight), ("v_lr", self.v_lr), ("clamp_norm_factor", self.clamp_norm_factor)];
+        if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(MemitError::Hparams(format!("{name} = {v} must be a positive number")));
+        }
+        let non_negative = [("v_weight_decay", self.v_weight_decay), ("kl_factor", self.kl_factor), ("v_loss_threshold", self.v_loss_threshold)];
+        if let Some((name, v)) = non_negative.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            return Err(MemitError::Hparams(format!("{name} = {v} must be zero or a positive number")));
+        }
+        if !(1..=10_000).contains(&self.v_num_grad_steps) {
+            return Err(MemitError::Hparams(format!("v_num_grad_steps = {} must be between 1 and 10,000 (the papers use 20–25)", self.v_num_grad_steps)));
+        }
+        if self.mom2_n_samples == 0 {
+            return Err(MemitError::Hparams("mom2_n_samples must be at least 1".into()));
         }
         Ok(())
     }

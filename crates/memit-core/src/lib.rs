@@ -5,6 +5,7 @@
 mod edit;
 mod error;
 mod hparams;
+mod integrity;
 mod keys;
 mod patch;
 mod request;

@@ -16,9 +16,15 @@ use sha2::{Digest, Sha256};
 
 use crate::edit::LayerUpdate;
 use crate::error::{MemitError, Result};
+use crate::integrity::{serialize_hashed, verify};
 use crate::request::EditRequest;
 
-const FORMAT: &str = "memit-wgpu-patch-v1";
+/// v2 hashes the whole file (header metadata and tensors); v1 files, whose
+/// hash covered the tensors only, are still read.
+const FORMAT: &str = "memit-wgpu-patch-v2";
+const FORMAT_V1: &str = "memit-wgpu-patch-v1";
+/// The metadata key holding the hash of everything else in the file.
+const HASH_KEY: &str = "patch_sha256";
 
 /// One rewritten weight matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -260,7 +266,6 @@ impl Patch {
             ("requests".into(), serde_json::to_string(&self.requests).expect("requests serialise")),
             ("hparams".into(), self.hparams.to_string()),
             ("layers".into(), self.layers.iter().map(|l| l.layer.to_string()).collect::<Vec<_>>().join(",")),
-            ("content_sha256".into(), content_hash(&tensors)),
         ]);
         for l in &self.layers {
             let key = |k: &str| format!("layer.{}.{k}", l.layer);
@@ -271,11 +276,7 @@ impl Patch {
             meta.insert(key("base_sha256"), l.base_sha256.clone());
             meta.insert(key("edited_sha256"), l.edited_sha256.clone());
         }
-        let views = tensors
-            .iter()
-            .map(|(name, dtype, shape, data)| Ok((name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(|e| patch_error(e.to_string()))?)))
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, Some(meta)).map_err(|e| patch_error(e.to_string()))
+        serialize_hashed(&tensors, meta, HASH_KEY).map_err(patch_error)
     }
 
     fn tensor_data(&self) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
@@ -298,9 +299,18 @@ impl Patch {
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| patch_error(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let get = |key: &str| meta.get(key).cloned().ok_or_else(|| patch_error(format!("patch file lacks `{key}`")));
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(patch_error(format!("not a {FORMAT} file")));
-        }
+        let corrupted = || patch_error("the patch file's contents do not match its recorded SHA-256: it is corrupted or was modified");
+        let v1 = match meta.get("format").map(String::as_str) {
+            Some(FORMAT) => {
+                // Nothing in the file is interpreted before its hash matches.
+                if verify(&st, &meta, HASH_KEY) != Some(true) {
+                    return Err(corrupted());
+                }
+                false
+            }
+            Some(FORMAT_V1) => true,
+            _ => return Err(patch_error(format!("not a {FORMAT} file"))),
+        };
         let requests: Vec<EditRequest> = serde_json::from_str(&get("requests")?).map_err(|e| patch_error(format!("requests: {e}")))?;
         let hparams: serde_json::Value = serde_json::from_str(&get("hparams")?).map_err(|e| patch_error(format!("hparams: {e}")))?;
         let u32s = |name: &str, dtype: Dtype| -> Result<Vec<u32>> {
@@ -314,10 +324,18 @@ impl Patch {
         for part in get("layers")?.split(',').filter(|s| !s.is_empty()) {
             let layer: usize = part.parse().map_err(|_| patch_error(format!("bad layer list entry {part:?}")))?;
             let key = |k: &str| get(&format!("layer.{layer}.{k}"));
+            if layers.iter().any(|l: &PatchLayer| l.layer == layer) {
+                return Err(patch_error(format!("layer {layer} is listed twice")));
+            }
             let shape: Vec<usize> = key("shape")?.split(',').map(|s| s.parse().map_err(|_| patch_error("bad shape"))).collect::<Result<_>>()?;
             let fixup_index = u32s(&format!("layer.{layer}.fixup_index"), Dtype::U32)?;
             let fixup_bits = u32s(&format!("layer.{layer}.fixup_bits"), Dtype::U32)?;
-            if fixup_index.len() != fixup_bits.len() || shape.len() != 2 {
+            let elements = match shape[..] {
+                [rows, cols] if rows > 0 && cols > 0 => rows.checked_mul(cols),
+                _ => None,
+            };
+            let fixups_fit = elements.is_some_and(|n| fixup_index.iter().all(|&i| (i as usize) < n));
+            if fixup_index.len() != fixup_bits.len() || !fixups_fit {
                 return Err(patch_error(format!("layer {layer}: inconsistent patch entries")));
             }
             layers.push(PatchLayer {
@@ -338,20 +356,25 @@ impl Patch {
             });
         }
         let patch = Patch { model_fingerprint: get("model_fingerprint")?, requests, hparams, layers };
-        if content_hash(&patch.tensor_data()) != get("content_sha256")? {
-            return Err(patch_error("the patch file's contents do not match its recorded SHA-256: it is corrupted or was modified"));
+        if v1 && content_hash(&patch.tensor_data()) != get("content_sha256")? {
+            return Err(corrupted());
         }
+        let is_sha256 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
         for l in &patch.layers {
             let d = l.d_model();
-            let d_ff = l.shape[0] * l.shape[1] / d.max(1);
+            let d_ff = l.shape[0] * l.shape[1] / d;
             if l.resid.is_empty() || l.resid.len() % d != 0 || l.x.len() != l.resid.len() / d * d_ff {
                 return Err(patch_error(format!("layer {}: factor shapes do not fit {:?}", l.layer, l.shape)));
+            }
+            if !is_sha256(&l.base_sha256) || !is_sha256(&l.edited_sha256) {
+                return Err(patch_error(format!("layer {}: recorded weight hashes are not SHA-256 digests", l.layer)));
             }
         }
         Ok(patch)
     }
 }
 
+/// v1's hash: the tensors only.
 fn content_hash(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> String {
     let mut h = Sha256::new();
     for (name, dtype, shape, data) in tensors {

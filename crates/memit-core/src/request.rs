@@ -58,17 +58,18 @@ impl EditRequest {
 }
 
 /// Token index of the subject's last token in `template` (one `{}`) filled
-/// with `subject`, computed as MEMIT does: the prefix before `{}` (trailing
-/// space dropped, the subject then gets a leading space) and the subject are
-/// tokenised separately.
+/// with `subject`: the last token of the filled text that overlaps the
+/// subject. Where the subject ends at a token boundary this is MEMIT's
+/// index (prefix and subject tokenised separately); where it ends inside a
+/// token merged with the text after it ("The {}t is" with "Microsof"), the
+/// separate count would point past or beside the subject, so the merged
+/// token is the one read and edited.
 pub fn subject_last_index(template: &str, subject: &str, tokenizer: &TextTokenizer) -> Result<usize> {
-    let (prefix, _) = template.split_once("{}").ok_or_else(|| MemitError::Request { index: 0, detail: format!("template {template:?} has no {{}}") })?;
-    let (prefix, word) = if prefix.is_empty() {
-        (String::new(), subject.to_string())
-    } else {
-        (prefix.strip_suffix(' ').unwrap_or(prefix).to_string(), format!(" {subject}"))
-    };
-    let n_prefix = if prefix.is_empty() { 0 } else { tokenizer.encode(&prefix)?.len() };
-    let n_word = tokenizer.encode(&word)?.len();
-    Ok(n_prefix + n_word - 1)
+    let start = template.find("{}").ok_or_else(|| MemitError::Request { index: 0, detail: format!("template {template:?} has no {{}}") })?;
+    let end = start + subject.len();
+    let (_, offsets) = tokenizer.encode_with_offsets(&template.replacen("{}", subject, 1))?;
+    offsets
+        .iter()
+        .rposition(|&(from, to)| from < end && to > start)
+        .ok_or_else(|| MemitError::Request { index: 0, detail: format!("subject {subject:?} gives no token in {template:?}") })
 }

@@ -12,8 +12,12 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::edit::LayerCovariance;
 use crate::error::{MemitError, Result};
+use crate::integrity::{serialize_hashed, verify};
 
 const FORMAT: &str = "memit-wgpu-stats-v1";
+/// Metadata key of the whole-file hash (files written before it existed
+/// have none and are still read, with the same plausibility checks on C).
+const HASH_KEY: &str = "file_sha256";
 
 /// What the statistics are of; a cache made for anything else is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +168,9 @@ impl StatsAccumulator {
             tensors.push((format!("layer.{layer}.sum"), Dtype::F32, square.clone(), f32_bytes(&model.ctx.read(sum).await?)));
             tensors.push((format!("layer.{layer}.comp"), Dtype::F32, square.clone(), f32_bytes(&model.ctx.read(comp).await?)));
         }
+        if let Some((name, ..)) = tensors.iter().find(|(_, _, _, data)| data.chunks_exact(4).any(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())) {
+            return Err(stats_error(format!("`{name}` holds NaN or infinite values: the model's activations overflow (check its weights for NaN/inf); not saving a checkpoint")));
+        }
         let ids: Vec<u8> = self.pending.iter().flatten().flat_map(|id| id.to_le_bytes()).collect();
         if !ids.is_empty() {
             tensors.push(("pending.ids".into(), Dtype::U32, vec![ids.len() / 4], ids));
@@ -176,6 +183,9 @@ impl StatsAccumulator {
     /// A finished cache: C per layer (`layer.{l}.mom2`) plus provenance.
     pub async fn cache_bytes(&mut self, model: &Model) -> Result<Vec<u8>> {
         let covs = self.covariances(model).await?;
+        for c in &covs {
+            check_covariance(c, self.d_ff).map_err(|e| stats_error(format!("the statistics just collected are unusable, not saving them: {e}")))?;
+        }
         let tensors: Vec<_> = covs.iter().map(|c| (format!("layer.{}.mom2", c.layer), Dtype::F32, vec![self.d_ff, self.d_ff], f32_bytes(&c.matrix))).collect();
         serialize(&tensors, self.metadata(true))
     }
@@ -241,7 +251,11 @@ pub fn read_cache(bytes: &[u8], d_ff: usize) -> Result<(StatsIdentity, Vec<Layer
     let covariances = identity
         .layers
         .iter()
-        .map(|&layer| Ok(LayerCovariance { layer, matrix: tensor_f32(&st, &format!("layer.{layer}.mom2"), d_ff)?, n_tokens }))
+        .map(|&layer| {
+            let c = LayerCovariance { layer, matrix: tensor_f32(&st, &format!("layer.{layer}.mom2"), d_ff)?, n_tokens };
+            check_covariance(&c, d_ff).map_err(|e| stats_error(format!("corrupted cache: {e}; delete the file and collect the statistics again")))?;
+            Ok(c)
+        })
         .collect::<Result<_>>()?;
     Ok((identity, covariances))
 }
@@ -251,11 +265,42 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 fn serialize(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
-    let views = tensors
-        .iter()
-        .map(|(name, dtype, shape, data)| Ok((name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(|e| stats_error(e.to_string()))?)))
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| stats_error(e.to_string()))
+    serialize_hashed(tensors, metadata, HASH_KEY).map_err(stats_error)
+}
+
+/// What any uncentered second moment E[k kᵀ] satisfies: finite, exactly
+/// symmetric (it is mirrored from one triangle), a non-negative diagonal
+/// without values absurdly beyond the rest, and |C_ij| ≤ √(C_ii·C_jj)
+/// (Cauchy–Schwarz, with room for f32 rounding). A flipped bit or a value
+/// written over the file fails one of these.
+fn check_covariance(c: &LayerCovariance, d_ff: usize) -> Result<(), String> {
+    let m = &c.matrix;
+    let layer = c.layer;
+    if let Some(i) = m.iter().position(|v| !v.is_finite()) {
+        return Err(format!("layer {layer}: C[{}][{}] = {} is not finite", i / d_ff, i % d_ff, m[i]));
+    }
+    let diag: Vec<f64> = (0..d_ff).map(|i| m[i * d_ff + i] as f64).collect();
+    if let Some(i) = diag.iter().position(|&v| v < 0.0) {
+        return Err(format!("layer {layer}: C[{i}][{i}] = {} is negative", diag[i]));
+    }
+    let mut sorted = diag.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[d_ff / 2];
+    if let Some(i) = diag.iter().position(|&v| median > 0.0 && v > 1e12 * median) {
+        return Err(format!("layer {layer}: C[{i}][{i}] = {:e} is over 10¹² times the median diagonal {median:e}", diag[i]));
+    }
+    for i in 0..d_ff {
+        for j in 0..i {
+            let (a, b) = (m[i * d_ff + j], m[j * d_ff + i]);
+            if a != b {
+                return Err(format!("layer {layer}: C is not symmetric at [{i}][{j}] ({a} vs {b})"));
+            }
+            if (a as f64).abs() > 1.001 * (diag[i] * diag[j]).sqrt() + 1e-30 {
+                return Err(format!("layer {layer}: |C[{i}][{j}]| = {a:e} exceeds √(C_ii·C_jj) = {:e}, impossible for a second moment", (diag[i] * diag[j]).sqrt()));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse(bytes: &[u8]) -> Result<(HashMap<String, String>, SafeTensors<'_>)> {
@@ -264,6 +309,9 @@ fn parse(bytes: &[u8]) -> Result<(HashMap<String, String>, SafeTensors<'_>)> {
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(stats_error(format!("not a {FORMAT} file")));
+    }
+    if verify(&st, &meta, HASH_KEY) == Some(false) {
+        return Err(stats_error("corrupted file: its contents do not match its recorded SHA-256 (a flipped bit or a partial copy); delete it and collect the statistics again"));
     }
     Ok((meta, st))
 }

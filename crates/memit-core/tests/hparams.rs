@@ -52,6 +52,17 @@ fn small_models_get_early_middle_layers_and_overrides_apply() {
     assert!(hp.with_overrides(&serde_json::json!({"layer": [1]})).unwrap_err().to_string().contains("unknown field"));
     let bad = hp.with_overrides(&serde_json::json!({"layers": [3, 9]})).unwrap();
     assert!(bad.validate(&tiny).unwrap_err().to_string().contains("does not exist"));
+    for (overrides, expected) in [
+        (serde_json::json!({"v_lr": -0.5}), "v_lr = -0.5 must be a positive number"),
+        (serde_json::json!({"kl_factor": -1.0}), "kl_factor = -1 must be zero or a positive"),
+        (serde_json::json!({"v_num_grad_steps": 0}), "v_num_grad_steps = 0 must be between"),
+        (serde_json::json!({"v_num_grad_steps": 100_000_000}), "v_num_grad_steps = 100000000 must be between"),
+        (serde_json::json!({"clamp_norm_factor": 0.0}), "clamp_norm_factor = 0 must be a positive"),
+        (serde_json::json!({"mom2_n_samples": 0}), "mom2_n_samples must be at least 1"),
+    ] {
+        let err = hp.with_overrides(&overrides).unwrap().validate(&tiny).unwrap_err().to_string();
+        assert!(err.contains(expected), "{overrides}: {err}");
+    }
 }
 
 #[test]
@@ -92,4 +103,11 @@ fn subject_last_index_follows_memit() {
     assert_eq!(tok.decode(&full[idx..=idx]).unwrap(), tok.decode(&tok.encode(" Danielle Darrieux").unwrap()[subject - 1..]).unwrap());
     // Subject first: no leading space.
     assert_eq!(memit_core::subject_last_index("{} is a", "Paris", &tok).unwrap(), tok.encode("Paris").unwrap().len() - 1);
+    // A subject that ends inside a token merged with the text after it:
+    // " Microsof" alone is 3 tokens, but "The Microsoft is" is 3 tokens in
+    // all, the subject's last overlapping one being " Microsoft" (index 1).
+    assert_eq!(tok.encode(" Microsof").unwrap().len(), 3);
+    assert_eq!(tok.encode("The Microsoft is").unwrap().len(), 3);
+    assert_eq!(memit_core::subject_last_index("The {}t is", "Microsof", &tok).unwrap(), 1);
+    assert_eq!(memit_core::subject_last_index("{}osoft rules", "Micr", &tok).unwrap(), 0);
 }

@@ -132,8 +132,63 @@ fn covariance_matches_torch_and_survives_resume() {
     foreign.model_id = "gpt2-xl".into();
     let err = load_cache(&cache, &foreign, d_ff).unwrap_err().to_string();
     assert!(err.contains("model_id") && err.contains("another model"), "{err}");
-    assert!(load_cache(&checkpoint, &identity(layers, golden.max_len()), d_ff).unwrap_err().to_string().contains("unfinished"));
+    assert!(load_cache(&checkpoint, &identity(layers.clone(), golden.max_len()), d_ff).unwrap_err().to_string().contains("unfinished"));
     assert!(load_cache(b"garbage", &foreign, d_ff).is_err());
+
+    // A flipped bit in a covariance value or a checkpoint's sums: refused as
+    // corrupted (the whole-file hash), never used or resumed.
+    let ours = identity(layers.clone(), golden.max_len());
+    for (file, at) in [(&cache, cache.len() - 3), (&checkpoint, checkpoint.len() / 2)] {
+        let mut bad = file.to_vec();
+        bad[at] ^= 0x10;
+        let err = match load_cache(&bad, &ours, d_ff) {
+            Err(e) if file == &cache => e.to_string(),
+            _ => StatsAccumulator::resume(&model, ours.clone(), &bad).err().unwrap().to_string(),
+        };
+        assert!(err.contains("corrupted"), "{err}");
+    }
+    // Seeded single-bit flips anywhere in the cache: an error (or, in JSON
+    // padding, the same statistics), never a panic.
+    let mut state = 0x5eed_u64;
+    for k in 0..300 {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let mut bad = cache.clone();
+        let at = (state >> 33) as usize % bad.len();
+        bad[at] ^= 1 << (k % 8);
+        match std::panic::catch_unwind(|| load_cache(&bad, &ours, d_ff)).unwrap_or_else(|_| panic!("flip at byte {at} panicked")) {
+            Ok(read) => assert_eq!(read, covs, "byte {at}: changed statistics accepted"),
+            Err(e) => assert!(e.to_string().starts_with("covariance statistics: "), "{e}"),
+        }
+    }
+    // A file written without the hash (older versions), with C damaged as
+    // a bad disk or a careless edit would: refused by the plausibility
+    // checks on C (symmetry, Cauchy–Schwarz, finiteness).
+    let st = safetensors::SafeTensors::deserialize(&cache).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&cache).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    assert!(meta.remove("file_sha256").is_some());
+    let name = format!("layer.{}.mom2", layers[0]);
+    let rewrite = |index: usize, value: f32| {
+        let views: Vec<(String, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                let mut data = v.data().to_vec();
+                if n == name {
+                    data[4 * index..4 * index + 4].copy_from_slice(&value.to_le_bytes());
+                }
+                (n, v.shape().to_vec(), data)
+            })
+            .collect();
+        let views: Vec<_> = views.iter().map(|(n, shape, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), d).unwrap())).collect();
+        safetensors::serialize(views, Some(meta.clone())).unwrap()
+    };
+    let c0 = &covs[0].matrix;
+    assert_eq!(load_cache(&rewrite(5, c0[5]), &ours, d_ff).unwrap(), covs, "an unhashed, intact file still loads");
+    for (index, value, why) in [(d_ff + 3, 1e30, "not symmetric"), (7 * d_ff + 7, f32::NAN, "not finite"), (2 * d_ff + 2, -1.0, "negative"), (9 * d_ff + 9, 1e30, "median diagonal")] {
+        let err = load_cache(&rewrite(index, value), &ours, d_ff).unwrap_err().to_string();
+        assert!(err.contains("corrupted cache") && err.contains(why), "{err}");
+    }
 }
 
 fn golden_covariances(golden: &Golden, layers: &[usize]) -> Vec<LayerCovariance> {

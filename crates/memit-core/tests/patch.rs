@@ -131,3 +131,74 @@ fn patch_refuses_other_models_and_double_application() {
     let unrelated = tensor("h.9.w", StoredDtype::F32, [12, 20], &mut rng);
     assert!(patch.apply_to(&unrelated).unwrap_err().to_string().contains("does not change"));
 }
+
+/// Every single-bit flip in the header (metadata: requests, hparams, shapes,
+/// recorded hashes) and at seeded places in the tensor data gives an error,
+/// never a panic and never a different patch: the hash covers the whole
+/// file and is checked before anything in it is used.
+#[test]
+fn every_corrupted_byte_is_refused_without_a_panic() {
+    let mut rng = Rng(99);
+    let (patch, ..) = build(StoredDtype::F16, WeightLayout::InOut, &mut rng);
+    let bytes = patch.to_bytes().unwrap();
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut positions: Vec<usize> = (0..header_end).collect();
+    let mut state = 0x1234_5678_9abc_def0u64;
+    for _ in 0..400 {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        positions.push(header_end + (state >> 33) as usize % (bytes.len() - header_end));
+    }
+    let mut accepted = 0;
+    for (k, &at) in positions.iter().enumerate() {
+        let mut corrupt = bytes.clone();
+        corrupt[at] ^= 1 << (k % 8);
+        let result = std::panic::catch_unwind(|| Patch::from_bytes(&corrupt));
+        match result.unwrap_or_else(|_| panic!("byte {at}, bit {}: Patch::from_bytes panicked", k % 8)) {
+            Ok(read) => {
+                // Only a flip that leaves the meaning unchanged (JSON
+                // padding) may be accepted.
+                assert_eq!(read, patch, "byte {at}: a changed patch was accepted");
+                accepted += 1;
+            }
+            Err(e) => assert!(e.to_string().starts_with("patch: "), "{e}"),
+        }
+    }
+    assert!(accepted * 20 < positions.len(), "{accepted} of {} flips accepted", positions.len());
+}
+
+/// Files written by the first patch format (hash over the tensors only)
+/// still read, apply and revert.
+#[test]
+fn first_format_patches_still_read() {
+    use sha2::{Digest, Sha256};
+    let mut rng = Rng(5);
+    let (patch, originals, edited, _) = build(StoredDtype::F32, WeightLayout::OutIn, &mut rng);
+    let bytes = patch.to_bytes().unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    meta.remove("patch_sha256");
+    meta.insert("format".into(), "memit-wgpu-patch-v1".into());
+    // v1: SHA-256 of "name|dtype|shape|" + data, layer by layer, in the
+    // order resid, x, fixup_index, fixup_bits.
+    let mut h = Sha256::new();
+    for l in &patch.layers {
+        for part in ["resid", "x", "fixup_index", "fixup_bits"] {
+            let t = st.tensor(&format!("layer.{}.{part}", l.layer)).unwrap();
+            h.update(format!("layer.{}.{part}|{:?}|{:?}|", l.layer, t.dtype(), t.shape()).as_bytes());
+            h.update(t.data());
+        }
+    }
+    meta.insert("content_sha256".into(), h.finalize().iter().map(|b| format!("{b:02x}")).collect());
+    let v1 = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
+    let read = Patch::from_bytes(&v1).unwrap();
+    assert_eq!(read, patch);
+    assert_eq!(read.revert(&edited[1]).unwrap(), originals[1]);
+    // A flipped bit in a factor: caught by the v1 hash.
+    let header_end = 8 + u64::from_le_bytes(v1[..8].try_into().unwrap()) as usize;
+    let (_, info) = safetensors::SafeTensors::read_metadata(&v1).unwrap();
+    let at = header_end + info.tensors()["layer.1.resid"].data_offsets.0 + 5;
+    let mut corrupt = v1.clone();
+    corrupt[at] ^= 4;
+    assert!(Patch::from_bytes(&corrupt).unwrap_err().to_string().contains("corrupted"));
+}

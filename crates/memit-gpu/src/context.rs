@@ -25,6 +25,21 @@ pub struct GpuOptions {
     /// for GPUs (`Some(false)`); by default the adapter type decides.
     /// Tests use it to check both variants on one adapter.
     pub cpu_kernels: Option<bool>,
+    /// Backends to consider. Default: Vulkan, Metal, DX12 (and WebGPU in a
+    /// browser); OpenGL only when asked for, and never a software OpenGL
+    /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
+    pub backends: Option<wgpu::Backends>,
+}
+
+/// The backends named by `MEMIT_BACKEND` / `--backend`.
+fn parse_backend(name: &str) -> Result<wgpu::Backends> {
+    match name.to_lowercase().as_str() {
+        "vulkan" => Ok(wgpu::Backends::VULKAN),
+        "metal" => Ok(wgpu::Backends::METAL),
+        "dx12" => Ok(wgpu::Backends::DX12),
+        "gl" | "opengl" => Ok(wgpu::Backends::GL),
+        _ => Err(GpuError::UnknownBackend(name.to_string())),
+    }
 }
 
 /// Workgroup-count limit per dimension that every WebGPU adapter guarantees.
@@ -103,16 +118,17 @@ impl GpuContext {
     /// Opens the best adapter with options taken from the environment
     /// (`MEMIT_ADAPTER` selects an adapter by name).
     pub async fn from_env() -> Result<Arc<Self>> {
-        let adapter_name = std::env::var("MEMIT_ADAPTER").ok().filter(|s| !s.is_empty());
-        Self::new(GpuOptions { adapter_name, ..Default::default() }).await
+        let var = |key: &str| std::env::var(key).ok().filter(|s| !s.is_empty());
+        let backends = var("MEMIT_BACKEND").map(|b| parse_backend(&b)).transpose()?;
+        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, ..Default::default() }).await
     }
 
     pub async fn new(options: GpuOptions) -> Result<Arc<Self>> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends: wgpu::Backends::all(),
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapter = Self::pick_adapter(&instance, options.adapter_name.as_deref()).await?;
+        // Only the backends asked for are initialised (OpenGL's EGL probes
+        // display servers and prints to stderr when there is none).
+        let backends = options.backends.unwrap_or(wgpu::Backends::PRIMARY);
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor { backends, ..wgpu::InstanceDescriptor::new_without_display_handle() });
+        let adapter = Self::pick_adapter(&instance, backends, options.adapter_name.as_deref()).await?;
         let info = adapter.get_info();
         let limits = adapter.limits();
         for (name, get, need) in REQUIRED_LIMITS {
@@ -173,8 +189,8 @@ impl GpuContext {
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    async fn pick_adapter(instance: &wgpu::Instance, name: Option<&str>) -> Result<wgpu::Adapter> {
-        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+    async fn pick_adapter(instance: &wgpu::Instance, backends: wgpu::Backends, name: Option<&str>) -> Result<wgpu::Adapter> {
+        let mut adapters = instance.enumerate_adapters(backends).await;
         let tried = adapters
             .iter()
             .map(|a| {
@@ -188,13 +204,18 @@ impl GpuContext {
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(&wanted));
         }
         adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
-        adapters.into_iter().next().ok_or_else(|| GpuError::NoAdapter {
-            tried: if tried.is_empty() { "none found".into() } else { tried },
-        })
+        let best = adapters.into_iter().next().ok_or_else(|| GpuError::NoAdapter {
+            tried: if tried.is_empty() { format!("none found among {backends:?}") } else { tried },
+        })?;
+        let info = best.get_info();
+        if info.backend == wgpu::Backend::Gl && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(GpuError::SoftwareOpenGl { adapter: info.name });
+        }
+        Ok(best)
     }
 
     #[cfg(target_arch = "wasm32")]
-    async fn pick_adapter(instance: &wgpu::Instance, _name: Option<&str>) -> Result<wgpu::Adapter> {
+    async fn pick_adapter(instance: &wgpu::Instance, _backends: wgpu::Backends, _name: Option<&str>) -> Result<wgpu::Adapter> {
         instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,

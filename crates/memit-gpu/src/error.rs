@@ -3,8 +3,14 @@ use thiserror::Error;
 /// Everything that can go wrong between the MEMIT math and the GPU.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum GpuError {
-    #[error("no usable GPU adapter found (tried: {tried}). On a machine without a GPU install a software Vulkan driver (Debian: `apt-get install mesa-vulkan-drivers`) and, if several drivers exist, pin it with VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json")]
+    #[error("no usable GPU adapter found (tried: {tried}). On a machine without a GPU install a software Vulkan driver (Debian: `apt-get install mesa-vulkan-drivers`) and, if several drivers exist, pin it with VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json; for a GPU that only has OpenGL, set MEMIT_BACKEND=gl")]
     NoAdapter { tried: String },
+
+    #[error("the only adapter is `{adapter}`, a software OpenGL renderer, about 10x slower than software Vulkan and not used: install Mesa's software Vulkan driver (Debian: `apt-get install mesa-vulkan-drivers`) or a GPU's Vulkan driver")]
+    SoftwareOpenGl { adapter: String },
+
+    #[error("MEMIT_BACKEND / --backend {0:?} is not a backend: use vulkan, metal, dx12 or gl")]
+    UnknownBackend(String),
 
     #[error("adapter `{adapter}` limit `{limit}` is {have}, but memit-wgpu needs at least {need}")]
     LimitTooSmall { adapter: String, limit: &'static str, have: u64, need: u64 },

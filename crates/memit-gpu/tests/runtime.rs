@@ -101,3 +101,19 @@ fn a_buffer_bound_writably_twice_is_refused_as_webgpu_would() {
     ctx.matmul_views(view(0), view(2), c, MatmulSpec::default()).unwrap();
     assert_eq!(pollster::block_on(ctx.read(&out)).unwrap(), vec![2.0; 4]);
 }
+
+/// OpenGL is used only when asked for, and a software OpenGL renderer
+/// (llvmpipe, ~10x slower than lavapipe) never: asking for it on a machine
+/// whose only OpenGL is software is an error that says what to install.
+#[test]
+fn software_opengl_is_never_used() {
+    match pollster::block_on(GpuContext::new(GpuOptions { backends: Some(wgpu::Backends::GL), ..Default::default() })) {
+        Ok(ctx) => assert_ne!(ctx.adapter_info().device_type, wgpu::DeviceType::Cpu, "{:?}", ctx.adapter_info()),
+        Err(GpuError::SoftwareOpenGl { adapter }) => assert!(!adapter.is_empty()),
+        Err(GpuError::NoAdapter { .. }) => {}
+        Err(other) => panic!("{other}"),
+    }
+    // The default never reaches OpenGL.
+    let ctx = pollster::block_on(GpuContext::new(GpuOptions::default())).expect("a Vulkan adapter (install mesa-vulkan-drivers)");
+    assert_ne!(ctx.adapter_info().backend, wgpu::Backend::Gl);
+}

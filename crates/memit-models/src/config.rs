@@ -187,7 +187,30 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// Every dimension is checked here, before any is divided by or
+    /// allocated with: a zero or inconsistent value in a config or GGUF
+    /// header is an error naming the field, never a panic later.
     pub(crate) fn validate(&self) -> Result<()> {
+        let positive = [
+            ("hidden size", self.d_model),
+            ("attention heads", self.n_heads),
+            ("head size", self.head_dim),
+            ("intermediate size", self.d_ff),
+            ("max positions", self.max_positions),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ModelError::Config { field, detail: "must be at least 1, the file says 0".into() });
+        }
+        const LIMIT: usize = 1 << 20;
+        if let Some((field, v)) = positive.iter().chain(&[("vocab_size", self.vocab_size), ("layers", self.n_layers)]).find(|(_, v)| *v > LIMIT) {
+            return Err(ModelError::Config { field, detail: format!("{v} is implausibly large (over {LIMIT})") });
+        }
+        if self.n_heads.checked_mul(self.head_dim).is_none_or(|w| w > LIMIT) {
+            return Err(ModelError::Config { field: "attention heads", detail: format!("{} heads of size {} are implausibly wide", self.n_heads, self.head_dim) });
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) || !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(ModelError::Config { field: "norm epsilon / rope theta", detail: format!("{} / {} must be finite and positive", self.norm_eps, self.rope_theta) });
+        }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
             return Err(ModelError::Config { field: "num_key_value_heads", detail: format!("{} query heads cannot share {} key/value heads", self.n_heads, self.n_kv_heads) });
         }

@@ -58,26 +58,21 @@ pub fn load_model_path(ctx: Arc<GpuContext>, path: &Path, options: LoadOptions) 
 /// a new folder (which must not exist yet), or `src` itself to rewrite it in
 /// place. Everything is written under temporary names and renamed at the
 /// end, so an interrupted run never leaves a half-written checkpoint.
-pub fn write_hf_dir(src: &Path, dst: &Path, replacements: &[StoredTensor]) -> Result<()> {
+/// `extra_files` (name, contents) are added to a new folder before that
+/// rename: a patch written with its model appears with it, or not at all.
+pub fn write_hf_dir(src: &Path, dst: &Path, replacements: &[StoredTensor], extra_files: &[(&str, &[u8])]) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ModelError::Io { path, source }
     };
-    let source = SafetensorsSource::open_dir(src)?;
-    let mut by_file: HashMap<PathBuf, Vec<&StoredTensor>> = HashMap::new();
-    for t in replacements {
-        let file = source.file_of(&t.name).ok_or_else(|| ModelError::MissingTensor { name: t.name.clone(), source_desc: source.describe() })?;
-        by_file.entry(PathBuf::from(file)).or_default().push(t);
-    }
     let in_place = dst.exists() && std::fs::canonicalize(dst).map_err(io(dst))? == std::fs::canonicalize(src).map_err(io(src))?;
     if in_place {
-        for (file, tensors) in &by_file {
-            let partial = file.with_extension("safetensors.partial");
-            rewrite_safetensors(file, &tensors[..], &partial)?;
-            std::fs::rename(&partial, file).map_err(io(file))?;
+        if !extra_files.is_empty() {
+            return Err(ModelError::Input("extra files are written to new folders only".into()));
         }
-        return Ok(());
+        return stage_in_place(src, replacements)?.commit();
     }
+    let by_file = files_of(src, replacements)?;
     if dst.exists() {
         return Err(ModelError::Input(format!("{} already exists; choose a new output folder or remove it", dst.display())));
     }
@@ -101,6 +96,10 @@ pub fn write_hf_dir(src: &Path, dst: &Path, replacements: &[StoredTensor]) -> Re
                 }
             }
         }
+        for (name, bytes) in extra_files {
+            let out = partial.join(name);
+            std::fs::write(&out, bytes).map_err(io(&out))?;
+        }
         std::fs::rename(&partial, dst).map_err(io(dst))
     })();
     if written.is_err() {
@@ -109,9 +108,150 @@ pub fn write_hf_dir(src: &Path, dst: &Path, replacements: &[StoredTensor]) -> Re
     written
 }
 
+/// The journal of an in-place rewrite: the checkpoint files whose new
+/// versions (`<file>.memit-staged`) are all complete and waiting to be
+/// moved over the originals.
+pub const REWRITE_JOURNAL: &str = ".memit-rewrite-journal";
+const STAGED: &str = ".memit-staged";
+
+fn staged_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(STAGED);
+    file.with_file_name(name)
+}
+
+/// An in-place rewrite of a model folder's checkpoint files, all of them
+/// written and recorded in the journal; `commit` moves them into place.
+/// Interrupted anywhere, the folder is recovered whole by
+/// `finish_interrupted_rewrite`: before the journal exists the originals
+/// are untouched (the staged files are dropped), after it every staged
+/// file is complete (the moves are finished).
+pub struct StagedRewrite {
+    dir: PathBuf,
+    files: Vec<String>,
+}
+
+/// The checkpoint file of `dir` holding each replacement.
+fn files_of<'a>(dir: &Path, replacements: &'a [StoredTensor]) -> Result<HashMap<PathBuf, Vec<&'a StoredTensor>>> {
+    let source = SafetensorsSource::open_dir(dir)?;
+    let mut by_file: HashMap<PathBuf, Vec<&StoredTensor>> = HashMap::new();
+    for t in replacements {
+        let file = source.file_of(&t.name).ok_or_else(|| ModelError::MissingTensor { name: t.name.clone(), source_desc: source.describe() })?;
+        by_file.entry(PathBuf::from(file)).or_default().push(t);
+    }
+    Ok(by_file)
+}
+
+/// First half of rewriting `dir`'s checkpoint in place with `replacements`:
+/// writes the new version of every affected file beside it, then the
+/// journal naming them (atomically). Refuses while an earlier rewrite is
+/// unfinished, since its new weights would be stale.
+pub fn stage_in_place(dir: &Path, replacements: &[StoredTensor]) -> Result<StagedRewrite> {
+    let journal = dir.join(REWRITE_JOURNAL);
+    if journal.exists() {
+        return Err(ModelError::Input(format!("{} holds an unfinished rewrite ({REWRITE_JOURNAL}); open the model again to finish it first", dir.display())));
+    }
+    let by_file = files_of(dir, replacements)?;
+    let mut files = Vec::new();
+    for (file, tensors) in &by_file {
+        let staged = staged_path(file);
+        let name = file.file_name().and_then(|n| n.to_str()).map(String::from);
+        let written = rewrite_safetensors(file, &tensors[..], &staged).and_then(|()| name.ok_or_else(|| ModelError::Input(format!("{} has no UTF-8 file name", file.display()))));
+        match written {
+            Ok(name) => files.push(name),
+            Err(e) => {
+                // Nothing is in place yet: drop what was staged.
+                let _ = std::fs::remove_file(&staged);
+                for name in &files {
+                    let _ = std::fs::remove_file(staged_path(&dir.join(name)));
+                }
+                return Err(e);
+            }
+        }
+    }
+    files.sort();
+    let tmp = dir.join(format!("{REWRITE_JOURNAL}.tmp"));
+    let written = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(files.join("\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &journal)
+    })();
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        for name in &files {
+            let _ = std::fs::remove_file(staged_path(&dir.join(name)));
+        }
+        return Err(ModelError::Io { path: journal, source });
+    }
+    Ok(StagedRewrite { dir: dir.to_path_buf(), files })
+}
+
+impl StagedRewrite {
+    /// Moves every staged file over its original, then drops the journal.
+    pub fn commit(self) -> Result<()> {
+        for name in &self.files {
+            let file = self.dir.join(name);
+            let staged = staged_path(&file);
+            if staged.exists() {
+                std::fs::rename(&staged, &file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
+            }
+        }
+        let journal = self.dir.join(REWRITE_JOURNAL);
+        std::fs::remove_file(&journal).map_err(|source| ModelError::Io { path: journal, source })
+    }
+}
+
+/// What `finish_interrupted_rewrite` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing was interrupted.
+    Clean,
+    /// A rewrite stopped after all its files were written: these were moved
+    /// into place, so the model is whole in its new state.
+    Completed(Vec<String>),
+    /// A rewrite stopped while writing: its partial files were removed and
+    /// the model is whole in its old state.
+    RolledBack(Vec<String>),
+}
+
+/// Finishes or undoes an in-place rewrite of `dir` that a crash, kill or
+/// full disk interrupted, so the folder holds one consistent checkpoint.
+/// Only files this crate names (`*.memit-staged`, the journal) are touched,
+/// and a journal naming anything but plain file names is refused.
+pub fn finish_interrupted_rewrite(dir: &Path) -> Result<Recovery> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let journal = dir.join(REWRITE_JOURNAL);
+    if journal.exists() {
+        let text = std::fs::read_to_string(&journal).map_err(io(&journal))?;
+        let files: Vec<String> = text.lines().filter(|l| !l.is_empty()).map(String::from).collect();
+        if let Some(bad) = files.iter().find(|f| Path::new(f).file_name().and_then(|n| n.to_str()) != Some(f.as_str())) {
+            return Err(ModelError::Input(format!("{} names {bad:?}, not a file of this folder; remove the journal by hand after checking the folder", journal.display())));
+        }
+        StagedRewrite { dir: dir.to_path_buf(), files: files.clone() }.commit()?;
+        return Ok(Recovery::Completed(files));
+    }
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if name.ends_with(STAGED) || name == format!("{REWRITE_JOURNAL}.tmp") {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(if removed.is_empty() { Recovery::Clean } else { Recovery::RolledBack(removed) })
+}
+
 /// Copies the safetensors file `path` to `out` with `replacements` (same
 /// names, dtypes and shapes) in place of the stored tensors; the header
-/// metadata is kept.
+/// metadata and the file's permissions are kept, and `out` is synced to
+/// disk before this returns.
 fn rewrite_safetensors(path: &Path, replacements: &[&StoredTensor], out: &Path) -> Result<()> {
     let bytes = FileBytes::map(path)?;
     let bad = |detail: String| ModelError::Checkpoint { path: path.to_path_buf(), detail };
@@ -139,5 +279,10 @@ fn rewrite_safetensors(path: &Path, replacements: &[&StoredTensor], out: &Path) 
     result.map_err(|e| match e {
         safetensors::SafeTensorError::IoError(source) => ModelError::Io { path: out.to_path_buf(), source },
         other => bad(other.to_string()),
-    })
+    })?;
+    let finish = || -> std::io::Result<()> {
+        std::fs::set_permissions(out, std::fs::metadata(path)?.permissions())?;
+        std::fs::File::open(out)?.sync_all()
+    };
+    finish().map_err(|source| ModelError::Io { path: out.to_path_buf(), source })
 }

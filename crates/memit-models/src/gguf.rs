@@ -101,7 +101,9 @@ impl Reader<'_> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| self.fail("string is not UTF-8"))
     }
 
-    fn value(&mut self, kind: u32) -> Result<GgufValue> {
+    /// One metadata value; arrays nest at most a few levels deep, so a
+    /// crafted file cannot recurse the stack away.
+    fn value(&mut self, kind: u32, depth: usize) -> Result<GgufValue> {
         Ok(match kind {
             0 => GgufValue::Int(self.take(1)?[0] as i64),
             1 => GgufValue::Int(self.take(1)?[0] as i8 as i64),
@@ -113,11 +115,14 @@ impl Reader<'_> {
             7 => GgufValue::Bool(self.take(1)?[0] != 0),
             8 => GgufValue::Str(self.string()?),
             9 => {
+                if depth >= 4 {
+                    return Err(self.fail("metadata arrays nested too deeply"));
+                }
                 let inner = self.u32()?;
                 let n = self.len()?;
                 let mut items = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
-                    items.push(self.value(inner)?);
+                    items.push(self.value(inner, depth + 1)?);
                 }
                 GgufValue::Array(items)
             }
@@ -139,8 +144,8 @@ const GGML_BF16: u32 = 30;
 /// Bytes of `n` elements of a GGML type, or None for unsupported types.
 fn type_size(ggml_type: u32, n: usize) -> Option<usize> {
     match ggml_type {
-        GGML_F32 => Some(4 * n),
-        GGML_F16 | GGML_BF16 => Some(2 * n),
+        GGML_F32 => n.checked_mul(4),
+        GGML_F16 | GGML_BF16 => n.checked_mul(2),
         GGML_Q4_0 => Some(n / 32 * 18),
         GGML_Q4_1 => Some(n / 32 * 20),
         GGML_Q8_0 => Some(n / 32 * 34),
@@ -249,7 +254,7 @@ impl GgufSource {
         for _ in 0..n_kv {
             let key = r.string()?;
             let kind = r.u32()?;
-            metadata.insert(key, r.value(kind)?);
+            metadata.insert(key, r.value(kind, 0)?);
         }
         let mut tensors = HashMap::new();
         for _ in 0..n_tensors {
@@ -265,9 +270,11 @@ impl GgufSource {
             tensors.insert(tname, TensorInfo { shape, ggml_type, offset });
         }
         let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(32) as usize;
-        let data_start = r.pos.next_multiple_of(alignment.max(1));
+        let data_start = r.pos.checked_next_multiple_of(alignment.max(1)).ok_or_else(|| r.fail("implausible alignment"))?;
         for (tname, info) in &tensors {
-            let n: usize = info.shape.iter().product();
+            let Some(n) = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+                return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` has an implausible shape {:?}", info.shape) });
+            };
             let size = type_size(info.ggml_type, n).ok_or_else(|| ModelError::UnsupportedDtype {
                 name: tname.clone(),
                 dtype: format!("GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", info.ggml_type),
@@ -307,7 +314,10 @@ impl GgufSource {
         let d_model = self.meta_u64("llama.embedding_length")? as usize;
         let n_heads = self.meta_u64("llama.attention.head_count")? as usize;
         let n_kv_heads = self.metadata("llama.attention.head_count_kv").and_then(GgufValue::as_u64).map_or(n_heads, |v| v as usize);
-        let head_dim = d_model / n_heads.max(1);
+        if n_heads == 0 || d_model % n_heads != 0 {
+            return Err(ModelError::Config { field: "llama.attention.head_count", detail: format!("{n_heads} heads do not divide width {d_model}") });
+        }
+        let head_dim = d_model / n_heads;
         let vocab_size = match self.metadata("llama.vocab_size").and_then(GgufValue::as_u64) {
             Some(v) => v as usize,
             None => match self.metadata("tokenizer.ggml.tokens") {
@@ -407,6 +417,9 @@ impl WeightSource for GgufSource {
         };
         if let Some(key) = heads_key {
             let heads = self.metadata(key).or_else(|| self.metadata("llama.attention.head_count")).and_then(GgufValue::as_u64).unwrap_or(1) as usize;
+            if heads == 0 || info.shape.len() != 2 || info.shape[0] % heads != 0 {
+                return Err(ModelError::Config { field: "gguf metadata", detail: format!("`{key}` = {heads} does not divide the rows of `{name}` {:?}", info.shape) });
+            }
             let f32s = HostTensor { shape: info.shape.clone(), data: values }.to_f32();
             values = HostData::F32(unpermute_rows(&f32s, heads, info.shape[1]));
         }

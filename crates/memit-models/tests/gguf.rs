@@ -115,3 +115,55 @@ fn smollm2_real_weights_match_transformers_reference() {
     assert_eq!(new, want_new, "greedy continuation {text:?}");
     assert!(text.contains("Paris"), "a sensible continuation names Paris: {text:?}");
 }
+
+/// The GGUF's `key` entry, whose value is a u32 (type 4): its byte offset.
+fn u32_value_offset(bytes: &[u8], key: &str) -> usize {
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    needle.extend_from_slice(&4u32.to_le_bytes());
+    bytes.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap_or_else(|| panic!("{key} as u32 in the fixture")) + needle.len()
+}
+
+/// A zero or inconsistent dimension in the header is an error naming it;
+/// seeded bit flips anywhere in the header give an error or a model, never
+/// a panic (loading, config and every tensor read).
+#[test]
+fn corrupted_headers_give_errors_not_panics() {
+    let bytes = std::fs::read(fixtures().join("tiny-llama/model-quant.gguf")).unwrap();
+    let open = |b: Vec<u8>| GgufSource::from_bytes("bad.gguf".into(), memit_models::FileBytes::Owned(b));
+    for (key, value, expected) in [
+        ("llama.attention.head_count", 0, "head_count"),
+        ("llama.attention.head_count", 3, "head_count"),
+        ("llama.attention.head_count_kv", 0, "key/value heads"),
+        ("llama.feed_forward_length", 0, "intermediate size"),
+        ("llama.context_length", 0, "max positions"),
+    ] {
+        let mut b = bytes.clone();
+        let at = u32_value_offset(&b, key);
+        b[at..at + 4].copy_from_slice(&(value as u32).to_le_bytes());
+        let err = open(b).and_then(|s| s.config()).err().unwrap_or_else(|| panic!("{key} = {value} accepted")).to_string();
+        assert!(err.contains(expected), "{key} = {value}: {err}");
+    }
+    // The data section starts after the last tensor entry; flip bits before it.
+    let header_len = u32_value_offset(&bytes, "llama.context_length") + 2048;
+    let mut state = 0x0dd_ba11u64;
+    let mut loaded = 0;
+    for k in 0..600 {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let at = (state >> 33) as usize % header_len.min(bytes.len());
+        let mut b = bytes.clone();
+        b[at] ^= 1 << (k % 8);
+        let outcome = std::panic::catch_unwind(|| -> Result<(), memit_models::ModelError> {
+            let source = open(b)?;
+            let config = source.config()?;
+            for layer in 0..config.n_layers {
+                for part in ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"] {
+                    source.tensor(&format!("model.layers.{layer}.{part}.weight"))?;
+                }
+            }
+            Ok(())
+        });
+        loaded += outcome.unwrap_or_else(|_| panic!("flip at byte {at} panicked")).is_ok() as usize;
+    }
+    assert!(loaded < 600, "some flips must be refused");
+}
