@@ -23,32 +23,40 @@ fn load_table(i: u32) -> f32 {
     return bitcast<f32>(table[i]);
 }
 
-@compute @workgroup_size(256)
-fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let col = gid.x;
-    let i = wid.y;
+// Where invocation (col, i) reads and writes: element `row_elem` of the
+// packed rows and element `table_elem` of this shard of the table, when the
+// column is in range and ids[i] falls in the shard.
+struct TableSlot {
+    row_elem: u32,
+    table_elem: u32,
+    live: bool,
+}
+
+fn table_slot(col: u32, i: u32) -> TableSlot {
     if (col >= p.dim || i >= p.n_ids) {
-        return;
+        return TableSlot(0u, 0u, false);
     }
     let id = ids[p.ids_off + i];
     if (id < p.row0 || id >= p.row0 + p.rows) {
-        return;
+        return TableSlot(0u, 0u, false);
     }
-    out[p.out_off + i * p.dim + col] = load_table(p.table_off + (id - p.row0) * p.dim + col);
+    return TableSlot(i * p.dim + col, (id - p.row0) * p.dim + col, true);
+}
+
+@compute @workgroup_size(256)
+fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let slot = table_slot(gid.x, wid.y);
+    if (slot.live) {
+        out[p.out_off + slot.row_elem] = load_table(p.table_off + slot.table_elem);
+    }
 }
 
 @group(0) @binding(4) var<storage, read> src: array<f32>;
 
 @compute @workgroup_size(256)
 fn scatter(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let col = gid.x;
-    let i = wid.y;
-    if (col >= p.dim || i >= p.n_ids) {
-        return;
+    let slot = table_slot(gid.x, wid.y);
+    if (slot.live) {
+        out[p.table_off + slot.table_elem] = src[p.out_off + slot.row_elem];
     }
-    let id = ids[p.ids_off + i];
-    if (id < p.row0 || id >= p.row0 + p.rows) {
-        return;
-    }
-    out[p.table_off + (id - p.row0) * p.dim + col] = src[p.out_off + i * p.dim + col];
 }

@@ -4,8 +4,17 @@
 # no other ICD is picked. Set VK_ICD_FILENAMES yourself to test another driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${VK_ICD_FILENAMES:=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json}"
-export VK_ICD_FILENAMES
+
+# What the tests need, each skipped when already there: a Vulkan driver
+# (Mesa's software lavapipe on a machine without one) and the browser-test
+# tools (wasm32 target, trunk, wasm-bindgen-cli, wasm-pack, Chromium,
+# playwright-core).
+bash scripts/ensure-vulkan.sh
+bash tests/web/setup.sh
+lavapipe=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json
+if [ -z "${VK_ICD_FILENAMES:-}" ] && [ -f "$lavapipe" ]; then
+    export VK_ICD_FILENAMES=$lavapipe
+fi
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
     XDG_RUNTIME_DIR=$(mktemp -d)
     export XDG_RUNTIME_DIR

@@ -16,8 +16,10 @@ installed wasm-bindgen " $bindgen" || cargo install --quiet wasm-bindgen-cli --v
 installed wasm-pack " 0.15" || cargo install --quiet wasm-pack --version "~0.15"
 
 if [ ! -x /usr/bin/chromium ]; then
+    as_root=()
+    [ "$(id -u)" = 0 ] || as_root=(sudo)
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq chromium >/dev/null
+    "${as_root[@]}" apt-get update -qq
+    "${as_root[@]}" apt-get install -y -qq chromium >/dev/null
 fi
 (cd tests/web && npm ci --no-audit --no-fund --loglevel=error)

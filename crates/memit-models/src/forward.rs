@@ -188,7 +188,41 @@ impl Model {
     /// blocks once over every row of `hidden` (the residual stream entering
     /// `first_layer`, unchanged) to cache their keys and values.
     pub fn suffix_pass(&self, first_layer: usize, hidden: &Tensor, batch: &Batch, starts: &[usize]) -> Result<SuffixPass> {
-        let ctx = &self.ctx;
+        let layout = SuffixLayout::new(&self.ctx, batch, starts, None)?;
+        let mut cache = Vec::new();
+        let mut x = hidden.clone();
+        for layer in first_layer..self.config.n_layers {
+            let trace = self.block_trace(layer, &x, Rows::Full(batch))?;
+            cache.push((trace.attn.k.0.clone(), trace.attn.v.0.clone()));
+            x = trace.out;
+        }
+        Ok(SuffixPass {
+            first_layer,
+            len: layout.len,
+            n_seqs: batch.batch,
+            kv_seq: batch.seq,
+            gather_rows: layout.gather_rows,
+            scatter_rows: layout.scatter_rows,
+            positions: layout.positions,
+            bounds: layout.bounds,
+            cache,
+        })
+    }
+}
+
+/// Which rows of a batch a suffix pass computes, as GPU index arrays.
+struct SuffixLayout {
+    len: usize,
+    gather_rows: Indices,
+    scatter_rows: Indices,
+    positions: Indices,
+    bounds: Indices,
+}
+
+impl SuffixLayout {
+    /// Rows `starts[b]..` of each sequence b: `len` of them, or to the end
+    /// of the longest suffix.
+    fn new(ctx: &GpuContext, batch: &Batch, starts: &[usize], len: Option<usize>) -> Result<SuffixLayout> {
         if starts.len() != batch.batch {
             return Err(ModelError::Input(format!("{} suffix starts for {} sequences", starts.len(), batch.batch)));
         }
@@ -196,7 +230,7 @@ impl Model {
         if let Some(b) = (0..batch.batch).find(|&b| starts[b] >= lengths[b]) {
             return Err(ModelError::Input(format!("suffix of sequence {b} starts at {} past its {} tokens", starts[b], lengths[b])));
         }
-        let len = (0..batch.batch).map(|b| lengths[b] - starts[b]).max().unwrap_or(1);
+        let len = len.unwrap_or_else(|| (0..batch.batch).map(|b| lengths[b] - starts[b]).max().unwrap_or(1)).max(1);
         let (mut gather_rows, mut scatter_rows, mut positions, mut bounds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for b in 0..batch.batch {
             let first = batch.row(b, starts[b]);
@@ -210,23 +244,32 @@ impl Model {
             let (start, end) = batch.bounds[b];
             bounds.extend([start, end, (first - b * batch.seq) as u32, 0]);
         }
-        let mut cache = Vec::new();
-        let mut x = hidden.clone();
-        for layer in first_layer..self.config.n_layers {
-            let trace = self.block_trace(layer, &x, Rows::Full(batch))?;
-            cache.push((trace.attn.k.0.clone(), trace.attn.v.0.clone()));
-            x = trace.out;
-        }
-        Ok(SuffixPass {
-            first_layer,
+        Ok(SuffixLayout {
             len,
-            n_seqs: batch.batch,
-            kv_seq: batch.seq,
             gather_rows: ctx.indices(&gather_rows)?,
             scatter_rows: ctx.indices(&scatter_rows)?,
             positions: ctx.indices(&positions)?,
             bounds: ctx.indices(&bounds)?,
-            cache,
+        })
+    }
+}
+
+impl SuffixPass {
+    /// The same cached keys and values, with `len` rows per sequence from
+    /// new `starts` on: decoding, where each step computes the rows of the
+    /// newest tokens and writes their keys and values into the cache.
+    pub fn moved_to(&self, ctx: &GpuContext, batch: &Batch, starts: &[usize], len: usize) -> Result<SuffixPass> {
+        if batch.batch != self.n_seqs || batch.seq != self.kv_seq {
+            return Err(ModelError::Input("a suffix pass moves only within the batch it was made for".into()));
+        }
+        let layout = SuffixLayout::new(ctx, batch, starts, Some(len))?;
+        Ok(SuffixPass {
+            len: layout.len,
+            gather_rows: layout.gather_rows,
+            scatter_rows: layout.scatter_rows,
+            positions: layout.positions,
+            bounds: layout.bounds,
+            ..self.clone()
         })
     }
 }
@@ -302,6 +345,29 @@ impl Model {
             Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.gather_rows(wpe, &indices.positions)?)?,
             None => x,
         })
+    }
+
+    /// Embeddings of `ids` (one per suffix row, in row order) at the
+    /// suffix rows' positions: [pass rows, d].
+    pub(crate) fn embed_suffix(&self, pass: &SuffixPass, ids: &[u32]) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the model's vocabulary of {}", self.config.vocab_size)));
+        }
+        let x = ctx.gather_rows(&self.embed, &ctx.indices(ids)?)?;
+        Ok(match &self.pos_embed {
+            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.gather_rows(wpe, &pass.positions)?)?,
+            None => x,
+        })
+    }
+
+    /// The blocks from `pass.first_layer()` on, over the suffix rows `x`.
+    pub(crate) fn run_suffix(&self, pass: &SuffixPass, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in pass.first_layer..self.config.n_layers {
+            x = self.block_trace(layer, &x, Rows::Suffix(pass))?.out;
+        }
+        Ok(x)
     }
 
     /// Runs block `layer` on `x` ([rows, d]).

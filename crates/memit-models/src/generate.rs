@@ -82,7 +82,8 @@ impl Model {
         Ok(values.chunks(self.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
-    /// Continues each prompt; returns only the new tokens.
+    /// Continues each prompt; returns only the new tokens. Keys and values
+    /// are cached: each step runs one row per sequence through the model.
     pub async fn generate(&self, prompts: &[Vec<u32>], options: GenerateOptions) -> Result<Vec<Vec<u32>>> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if longest + options.max_new_tokens > self.config.max_positions {
@@ -91,30 +92,58 @@ impl Model {
                 options.max_new_tokens, self.config.max_positions
             )));
         }
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(ModelError::Input("generation needs at least one prompt, and no empty one".into()));
+        }
+        let mut new_tokens = vec![Vec::new(); prompts.len()];
+        if options.max_new_tokens == 0 {
+            return Ok(new_tokens);
+        }
         let mut rng = match options.sampling {
             Sampling::TopK { seed, .. } => Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             Sampling::Greedy => Rng(1),
         };
-        let mut sequences: Vec<Vec<u32>> = prompts.to_vec();
-        let mut new_tokens = vec![Vec::new(); prompts.len()];
+        // Every sequence at its final length, the new tokens' places held by
+        // token 0: attention is causal, so no row sees a place after its
+        // own, and each step writes its token's keys and values over the
+        // placeholder's. One pass over all rows fills the cache.
+        let full: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut s = p.clone();
+                s.resize(p.len() + options.max_new_tokens, 0);
+                s
+            })
+            .collect();
+        let batch = Batch::new(&full, Padding::Right, 0)?;
+        let last_prompt_tokens: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
+        let mut pass = self.suffix_pass(0, &self.embed(&batch)?, &batch, &last_prompt_tokens)?;
+        // Step t runs the row of each sequence's newest token (the prompt's
+        // last one at t = 0) and reads the next token off its logits.
+        let mut newest: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
         let mut done = vec![false; prompts.len()];
-        for _ in 0..options.max_new_tokens {
-            let active: Vec<usize> = (0..prompts.len()).filter(|&i| !done[i]).collect();
-            if active.is_empty() {
-                break;
-            }
-            let batch: Vec<Vec<u32>> = active.iter().map(|&i| sequences[i].clone()).collect();
-            let logits = self.last_token_logits(&batch).await?;
-            for (&i, row) in active.iter().zip(&logits) {
+        let vocab = self.config.vocab_size;
+        for step in 0..options.max_new_tokens {
+            let starts: Vec<usize> = last_prompt_tokens.iter().map(|&s| s + step).collect();
+            pass = pass.moved_to(&self.ctx, &batch, &starts, 1)?;
+            let x = self.run_suffix(&pass, &self.embed_suffix(&pass, &newest)?)?;
+            let logits = self.ctx.read(&self.logits(&x)?).await?;
+            for (i, row) in logits.chunks(vocab).enumerate() {
+                if done[i] {
+                    continue;
+                }
                 let token = match options.sampling {
                     Sampling::Greedy => argmax(row),
                     Sampling::TopK { k, temperature, .. } => sample_top_k(row, k, temperature, &mut rng),
                 };
-                sequences[i].push(token);
                 new_tokens[i].push(token);
+                newest[i] = token;
                 if options.stop_at_eos && Some(token) == self.config.eos_token_id {
                     done[i] = true;
                 }
+            }
+            if done.iter().all(|&d| d) {
+                break;
             }
         }
         Ok(new_tokens)
