@@ -146,6 +146,61 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
+// Rows of A that `matmul_rows` handles: products with this few rows (one
+// token per sequence when decoding, the last rows of a prompt) would leave
+// all but a few rows of every 64x64 tile empty.
+const FEW_ROWS: u32 = 8u;
+
+// op(A)[m, k] for m < p.m, A not transposed; zero for m >= p.m.
+fn a_row_at(a_base: u32, m: u32, k: u32) -> f32 {
+    if (m >= p.m) {
+        return 0.0;
+    }
+    return load_a(a_base + m * p.lda + k);
+}
+
+// C = alpha * A * op(B) + beta * C for at most FEW_ROWS rows of A (not
+// transposed): each invocation owns one column of C and walks k once,
+// reading each element of B once for all rows, with no tile padding.
+@compute @workgroup_size(64, 1, 1)
+fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = gid.x;
+    if (n >= p.n) {
+        return;
+    }
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    for (var k = 0u; k < p.k; k++) {
+        var bv: f32;
+        if (TRANS_B) {
+            bv = load_b(p.b_off + n * p.ldb + k);
+        } else {
+            bv = load_b(p.b_off + k * p.ldb + n);
+        }
+        let a_lo = vec4<f32>(a_row_at(p.a_off, 0u, k), a_row_at(p.a_off, 1u, k), a_row_at(p.a_off, 2u, k), a_row_at(p.a_off, 3u, k));
+        lo = fma(a_lo, vec4<f32>(bv), lo);
+        if (p.m > 4u) {
+            let a_hi = vec4<f32>(a_row_at(p.a_off, 4u, k), a_row_at(p.a_off, 5u, k), a_row_at(p.a_off, 6u, k), a_row_at(p.a_off, 7u, k));
+            hi = fma(a_hi, vec4<f32>(bv), hi);
+        }
+    }
+    for (var i = 0u; i < FEW_ROWS; i++) {
+        if (i < p.m) {
+            let idx = p.c_off + i * p.ldc + n;
+            var v: f32;
+            if (i < 4u) {
+                v = p.alpha * lo[i];
+            } else {
+                v = p.alpha * hi[i - 4u];
+            }
+            if (p.beta != 0.0) {
+                v += p.beta * c[idx];
+            }
+            c[idx] = v;
+        }
+    }
+}
+
 // Tokens per slab of the syrk: each slab's partial sums are added to the
 // running sums with Kahan compensation, so f32 rounding stays at the level
 // of a 64-term sum however many tokens one call covers.

@@ -144,7 +144,6 @@ pub fn run(o: Options) -> Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     let tokens_per_s = acc.n_tokens as f64 / seconds;
     eprintln!("stats: {} tokens, layers {:?}: {tokens_per_s:.0} tokens/s", acc.n_tokens, hp.layers);
-    memit_gpu::print_profile();
     let mut stats = StatsResult {
         layers: hp.layers.clone(),
         texts: texts.len(),
@@ -170,7 +169,6 @@ pub fn run(o: Options) -> Result<()> {
         phases.target_vectors = target_cost;
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("edits: {n:>4} in {seconds:8.2} s = {:8.3} edits/s", n as f64 / seconds);
-        memit_gpu::print_profile();
         edits.push(EditResult { edits: n, seconds, edits_per_s: n as f64 / seconds, phases, torch: None, ratio_to_torch: None });
     }
 

@@ -430,16 +430,6 @@ impl GpuContext {
             self.submit_locked(&mut recorder);
         }
         drop(recorder);
-        if std::env::var_os("MEMIT_HOST_PROFILE").is_some() {
-            let t = std::time::Instant::now();
-            self.flush();
-            self.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-            let key = format!("{}::{} {:?}", kernel.family.name(), kernel.entry, kernel.defines);
-            let mut map = PROFILE.lock().unwrap();
-            let e = map.entry(key).or_insert((0usize, 0.0f64));
-            e.0 += 1;
-            e.1 += t.elapsed().as_secs_f64();
-        }
         self.check(|| format!("running {}::{}", kernel.family.name(), kernel.entry))
     }
 
@@ -506,15 +496,6 @@ impl GpuContext {
         staging.unmap();
         Ok(bytes)
     }
-}
-
-pub static PROFILE: Mutex<std::collections::BTreeMap<String, (usize, f64)>> = Mutex::new(std::collections::BTreeMap::new());
-pub fn print_profile() {
-    let mut map = PROFILE.lock().unwrap();
-    let mut v: Vec<_> = map.iter().collect();
-    v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-    for (k, (n, t)) in v.iter().take(25) { eprintln!("{t:8.3} s {n:6} {k}"); }
-    map.clear();
 }
 
 /// Which compiled kernel to launch.

@@ -47,6 +47,34 @@ fn matmul_f16_storage_accumulates_in_f32() {
     }
 }
 
+/// Products with at most 8 rows of A take the one-column-per-invocation
+/// kernel: every row count up to 8 (and 9, back on the tiles), columns
+/// across several workgroups and a ragged end, both layouts of B, f16 B,
+/// K = 1, and alpha/beta accumulation.
+#[test]
+fn matmul_with_few_rows() {
+    let ctx = ctx();
+    for m in 1..=9 {
+        for (k, n) in [(77, 200), (1, 65), (300, 3)] {
+            for tb in [false, true] {
+                check_matmul(&ctx, m, k, n, false, tb, (DType::F32, DType::F32), (m * 1000 + k + n) as u64);
+            }
+            check_matmul(&ctx, m, k, n, false, true, (DType::F32, DType::F16), (m * 2000 + k) as u64);
+        }
+    }
+    let (m, k, n) = (5, 40, 130);
+    let mut rng = Rng::new(8);
+    let (a, b, c0) = (rng.vec(m * k, 1.0), rng.vec(n * k, 1.0), rng.vec(m * n, 1.0));
+    let ga = ctx.upload(&[m, k], &a, DType::F32).unwrap();
+    let gb = ctx.upload(&[n, k], &b, DType::F32).unwrap();
+    let gc = ctx.upload(&[m, n], &c0, DType::F32).unwrap();
+    ctx.matmul_into(&ga, &gb, &gc, MatmulSpec { trans_b: true, alpha: 1.5, beta: -1.0, ..Default::default() }).unwrap();
+    let (prod, mag) = cpu_matmul(&a, &b, m, k, n, false, true);
+    let want: Vec<f64> = prod.iter().zip(&c0).map(|(p, &c)| 1.5 * p - c as f64).collect();
+    let mag: Vec<f64> = mag.iter().zip(&c0).map(|(g, &c)| 1.5 * g + (c as f64).abs()).collect();
+    assert_dot_close(&read(&ctx, &gc), &want, &mag, k + 1, "few rows, alpha/beta");
+}
+
 #[test]
 fn matmul_alpha_beta_accumulate() {
     let ctx = ctx();

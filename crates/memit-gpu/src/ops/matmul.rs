@@ -10,6 +10,11 @@ use crate::shader::{flag, ShaderFamily};
 use crate::tensor::{chunk_spans, DType, Tensor, PooledBuffer};
 
 const TILE: usize = 64;
+/// At most this many rows of A (not transposed) go to `matmul_rows`, one
+/// invocation per column of C, instead of 64x64 tiles.
+const FEW_ROWS: usize = 8;
+/// Columns per `matmul_rows` workgroup.
+const ROWS_GROUP: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -209,6 +214,7 @@ impl GpuContext {
         let n_spans = if spec.trans_b { chunk_spans(n, &[b]) } else { vec![(0, n)] };
         let defines = defines(&spec, a.dtype(), b.dtype());
         let kernel = Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines };
+        let few_rows = Kernel { entry: "matmul_rows", ..kernel };
         for &(m0, mlen) in &m_spans {
             for &(n0, nlen) in &n_spans {
                 let (c_buf, c_off) = c.locate(m0);
@@ -230,12 +236,12 @@ impl GpuContext {
                         beta: if ki == 0 { spec.beta } else { 1.0 },
                         ..Default::default()
                     };
-                    self.dispatch(
-                        kernel,
-                        bytemuck::bytes_of(&params),
-                        &[(1, &a_buf), (2, &b_buf), (3, &c_buf)],
-                        groups(mlen, nlen, 1),
-                    )?;
+                    let (kernel, grid) = if !spec.trans_a && mlen <= FEW_ROWS {
+                        (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
+                    } else {
+                        (kernel, groups(mlen, nlen, 1))
+                    };
+                    self.dispatch(kernel, bytemuck::bytes_of(&params), &[(1, &a_buf), (2, &b_buf), (3, &c_buf)], grid)?;
                 }
             }
         }
