@@ -183,7 +183,11 @@ fn stats_pause_resume_and_are_cached_per_model() {
     let dir = scratch("stats");
     let cache = dir.join("facts.safetensors");
     let stats = |extra: &[&str]| memit(&dir).args(["--json", "stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&cache).args(extra).output().unwrap();
+    // A temporary file left by a run killed while writing its checkpoint.
+    let stale = dir.join("facts.safetensors.partial.tmp");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
     let out = ok(stats(&["--stop-after-batches", "3"]));
+    assert!(!stale.exists(), "the next write reuses (and renames) the temporary name");
     // stderr is not a terminal here: progress comes as plain lines (the
     // first at once), after a line naming the adapter, without driver noise.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -199,6 +203,8 @@ fn stats_pause_resume_and_are_cached_per_model() {
     assert_eq!((done["status"].as_str(), done["from_cache"].as_bool()), (Some("complete"), Some(false)));
     assert!(done["counters"]["steps"].as_u64().unwrap() >= 1 && done["counters"]["dispatches"].as_u64().unwrap() > 0, "{done}");
     assert!(cache.exists() && !dir.join("facts.safetensors.partial").exists());
+    let temporaries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".tmp")).collect();
+    assert!(temporaries.is_empty(), "{temporaries:?}");
     let again = json(&ok(stats(&[])));
     assert_eq!(again["from_cache"], true);
     assert_eq!(again["n_tokens"], done["n_tokens"]);

@@ -6,7 +6,7 @@ use thiserror::Error;
 /// Everything that can go wrong loading or running a model.
 #[derive(Debug, Error)]
 pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
     #[error("{path} is not valid JSON: {source}")]
