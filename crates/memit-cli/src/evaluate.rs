@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use memit_core::{apply_memit, context_templates, EditRequest, Phases};
-use memit_eval::{mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, CounterFactCase, ZsreRecord};
+use memit_eval::{mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, CounterFactCase, ZsreRecord, ZsreTarget};
 use memit_models::{Model, TextTokenizer};
 use serde::Serialize;
 
@@ -61,6 +61,10 @@ pub struct EvalArgs {
     pub hparams: Option<String>,
     #[arg(long, value_enum, default_value_t = Templates::Generated)]
     pub templates: Templates,
+    /// zsRE: the answer each edit teaches: `answer` (answers[0], as the
+    /// MEMIT and AlphaEdit authors) or `alt` (MEND's counterfactual).
+    #[arg(long, value_enum, default_value_t = ZsreTargetArg::Answer)]
+    pub zsre_target: ZsreTargetArg,
     /// Tokens generated per prompt for the generation entropy (CounterFact;
     /// 0 skips it).
     #[arg(long, default_value_t = 20)]
@@ -73,9 +77,24 @@ pub struct EvalArgs {
     pub plot: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZsreTargetArg {
+    Answer,
+    Alt,
+}
+
+impl ZsreTargetArg {
+    fn target(self) -> ZsreTarget {
+        match self {
+            ZsreTargetArg::Answer => ZsreTarget::Answer,
+            ZsreTargetArg::Alt => ZsreTarget::Alt,
+        }
+    }
+}
+
 enum Cases {
     CounterFact(Vec<CounterFactCase>),
-    Zsre(Vec<ZsreRecord>),
+    Zsre(Vec<ZsreRecord>, ZsreTarget),
 }
 
 impl Cases {
@@ -93,10 +112,12 @@ impl Cases {
             Dataset::Zsre => {
                 let all: Vec<ZsreRecord> = serde_json::from_str(&text).with_context(|| format!("{} is not a list of zsRE records", args.data.display()))?;
                 let picked = &all[window(all.len())?];
-                // MEMIT needs the subject inside the question to find its tokens.
-                let usable: Vec<ZsreRecord> = picked.iter().filter(|r| r.src.contains(&r.subject)).cloned().collect();
+                // MEMIT needs the subject inside the question to find its
+                // tokens, and an answer to teach.
+                let which = args.zsre_target.target();
+                let usable: Vec<ZsreRecord> = picked.iter().filter(|r| r.request(0, which).is_some()).cloned().collect();
                 let skipped = picked.len() - usable.len();
-                (Cases::Zsre(usable), skipped)
+                (Cases::Zsre(usable, which), skipped)
             }
         })
     }
@@ -104,14 +125,14 @@ impl Cases {
     fn len(&self) -> usize {
         match self {
             Cases::CounterFact(c) => c.len(),
-            Cases::Zsre(r) => r.len(),
+            Cases::Zsre(r, _) => r.len(),
         }
     }
 
     fn requests(&self, offset: usize) -> Vec<EditRequest> {
         match self {
             Cases::CounterFact(c) => c.iter().map(CounterFactCase::request).collect(),
-            Cases::Zsre(r) => r.iter().enumerate().map(|(i, r)| r.request((offset + i) as u64).expect("filtered")).collect(),
+            Cases::Zsre(r, which) => r.iter().enumerate().map(|(i, r)| r.request((offset + i) as u64, *which).expect("filtered")).collect(),
         }
     }
 
@@ -138,8 +159,8 @@ impl Cases {
                     metrics.push(("generation_entropy".into(), pollster::block_on(mean_generation_entropy(model, tok, &prompts, gen_tokens, 0))?));
                 }
             }
-            Cases::Zsre(r) => {
-                let s = summarize_zsre(&pollster::block_on(score_zsre(model, tok, &r[..k]))?);
+            Cases::Zsre(r, which) => {
+                let s = summarize_zsre(&pollster::block_on(score_zsre(model, tok, &r[..k], *which))?);
                 metrics.extend([("efficacy", s.efficacy), ("paraphrase", s.paraphrase), ("specificity", s.specificity)].map(|(n, v)| (n.to_string(), v as f64)));
             }
         }
@@ -164,7 +185,7 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
     let (cases, skipped) = Cases::load(&args)?;
     ensure!(cases.len() > 0, "no usable cases in {} at offset {} (n = {})", args.data.display(), args.offset, args.n);
     if skipped > 0 {
-        eprintln!("skipped {skipped} zsRE record(s) whose question does not contain the subject");
+        eprintln!("skipped {skipped} zsRE record(s) whose question does not contain the subject or that have no answer to teach");
     }
     let session = Session::open(&args.model)?;
     let (model, tok) = (&session.model, &session.tokenizer);
@@ -217,6 +238,7 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
         "dataset": args.dataset, "data": args.data, "offset": args.offset, "cases": n, "skipped": skipped,
         "mode": args.mode, "hparams": hp, "stats": stats_path, "n_stats_tokens": covariances[0].n_tokens,
         "unedited": as_map(pre.clone()), "points": points,
+        "zsre_target": (args.dataset == Dataset::Zsre).then(|| args.zsre_target.target()),
     });
     write_atomic(&args.report, serde_json::to_string_pretty(&report)?.as_bytes())?;
     if let Some(plot) = &args.plot {

@@ -242,18 +242,43 @@ pub struct ZsreRecord {
     pub loc_ans: String,
 }
 
+/// The answer a zsRE edit teaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZsreTarget {
+    /// `answers[0]`, as the MEMIT and AlphaEdit authors' code does.
+    Answer,
+    /// The record's `alt`, MEND's counterfactual answer.
+    Alt,
+}
+
 impl ZsreRecord {
+    /// The answer the edit teaches (None when the record has no answers).
+    pub fn target(&self, which: ZsreTarget) -> Option<&str> {
+        match which {
+            ZsreTarget::Answer => self.answers.first().map(String::as_str),
+            ZsreTarget::Alt => Some(&self.alt),
+        }
+    }
+
     /// MEMIT's request for this record: the question with the subject as
-    /// `{}`, the new answer as target. Fails when the subject is not in the
-    /// question.
-    pub fn request(&self, case_id: u64) -> Option<EditRequest> {
+    /// `{}`, the chosen answer as target. None when the subject is not in
+    /// the question or the answer is missing.
+    pub fn request(&self, case_id: u64, which: ZsreTarget) -> Option<EditRequest> {
+        let target = self.target(which)?;
         self.src.contains(&self.subject).then(|| EditRequest {
             case_id: Some(case_id),
             prompt: self.src.replacen(&self.subject, "{}", 1),
             subject: self.subject.clone(),
-            target_new: TargetText { text: self.alt.clone() },
+            target_new: TargetText { text: target.to_string() },
             target_true: None,
         })
+    }
+
+    /// The specificity prompt as the authors score it: the unrelated
+    /// question followed by "?".
+    pub fn locality_prompt(&self) -> String {
+        format!("{}?", self.loc)
     }
 }
 
@@ -274,12 +299,16 @@ pub struct ZsreSummary {
     pub specificity: f32,
 }
 
-pub async fn score_zsre(model: &Model, tokenizer: &TextTokenizer, records: &[ZsreRecord]) -> Result<Vec<ZsreScore>> {
+/// Token accuracy of the taught answer after the question and after its
+/// rephrasing, and of the unrelated answer after the unrelated question
+/// (with "?"), teacher forced, as in the authors' zsRE evaluation.
+pub async fn score_zsre(model: &Model, tokenizer: &TextTokenizer, records: &[ZsreRecord], which: ZsreTarget) -> Result<Vec<ZsreScore>> {
     let mut pairs = Vec::new();
     for r in records {
-        pairs.push((r.src.clone(), r.alt.clone()));
-        pairs.push((r.rephrase.clone(), r.alt.clone()));
-        pairs.push((r.loc.clone(), r.loc_ans.clone()));
+        let target = r.target(which).ok_or_else(|| ModelError::Input(format!("zsRE record about {:?} has no answers", r.subject)))?;
+        pairs.push((r.src.clone(), target.to_string()));
+        pairs.push((r.rephrase.clone(), target.to_string()));
+        pairs.push((r.locality_prompt(), r.loc_ans.clone()));
     }
     let fits = target_fits(model, tokenizer, &pairs).await?;
     Ok(fits.chunks_exact(3).map(|f| ZsreScore { efficacy: f[0].token_accuracy, paraphrase: f[1].token_accuracy, specificity: f[2].token_accuracy }).collect())

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use memit_eval::{generation_entropy, mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, target_fits, target_nll, CaseScore, CounterFactCase, ZsreRecord};
+use memit_eval::{generation_entropy, mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, target_fits, target_nll, CaseScore, CounterFactCase, ZsreRecord, ZsreTarget};
 use memit_gpu::GpuContext;
 use memit_models::{load_hf_dir, Batch, GenerateOptions, LoadOptions, Padding, Sampling};
 
@@ -134,13 +134,25 @@ fn token_accuracy_matches_cpu_argmax_and_zsre_reads_its_format() {
         "rephrase": "Where Danielle Darrieux is from, people speak the language of", "alt": "English", "answers": ["French"],
         "loc": "Michel Rocard is a native speaker of", "loc_ans": "French", "cond": "French >> English || ..."}]"#;
     let records: Vec<ZsreRecord> = serde_json::from_str(text).unwrap();
-    assert_eq!(records[0].request(0).unwrap().prompt, "The mother tongue of {} is");
-    let summary = summarize_zsre(&pollster::block_on(score_zsre(&model, &tok, &records)).unwrap());
-    // Before editing: the new answer is not predicted, the unrelated one is.
-    assert_eq!((summary.efficacy, summary.specificity), (0.0, 100.0), "{summary:?}");
+    // As the authors: the target is answers[0] (`alt` on request), and the
+    // unrelated question is asked with a "?".
+    let request = records[0].request(0, ZsreTarget::Answer).unwrap();
+    assert_eq!((request.prompt.as_str(), request.target_new.text.as_str()), ("The mother tongue of {} is", "French"));
+    assert_eq!(records[0].request(0, ZsreTarget::Alt).unwrap().target_new.text, "English");
+    let loc_pair = [("Michel Rocard is a native speaker of?".to_string(), "French".to_string())];
+    let loc = pollster::block_on(target_fits(&model, &tok, &loc_pair)).unwrap()[0].token_accuracy;
+    // Before editing: the model already gives answers[0], not `alt`.
+    let summary = summarize_zsre(&pollster::block_on(score_zsre(&model, &tok, &records, ZsreTarget::Answer)).unwrap());
+    assert_eq!((summary.efficacy, summary.specificity), (100.0, 100.0 * loc), "{summary:?}");
+    let summary = summarize_zsre(&pollster::block_on(score_zsre(&model, &tok, &records, ZsreTarget::Alt)).unwrap());
+    assert_eq!((summary.efficacy, summary.specificity), (0.0, 100.0 * loc), "{summary:?}");
     let mut missing = records[0].clone();
     missing.subject = "Nobody".into();
-    assert!(missing.request(0).is_none(), "subject not in the question");
+    assert!(missing.request(0, ZsreTarget::Answer).is_none(), "subject not in the question");
+    missing.subject = records[0].subject.clone();
+    missing.answers.clear();
+    assert!(missing.request(0, ZsreTarget::Answer).is_none(), "no answers");
+    assert!(pollster::block_on(score_zsre(&model, &tok, &[missing], ZsreTarget::Answer)).is_err());
 }
 
 #[test]
