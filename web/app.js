@@ -54,12 +54,27 @@ async function load(files) {
   $("model-info").textContent = `${info.arch}, ${info.layers} layers, d_model ${info.d_model}, vocab ${info.vocab}; MEMIT edits layers ${info.hparams.layers.join(", ")}; GPU: ${info.adapter || "WebGPU adapter"}`;
 }
 
+const seconds = (since) => ((performance.now() - since) / 1000).toFixed(1);
+
 async function loadBundled() {
   const base = new URL("facts-gpt2/", location.href).href;
+  const start = performance.now();
   await load({ config: base + "config.json", tokenizer: base + "tokenizer.json", weights: [base + "model.safetensors"] });
-  const corpus = await (await fetch(base + "train.txt")).text();
-  const stats = await editor.computeStats(corpus, { nTexts: 400, maxLen: 64, onProgress });
-  setStatus(`Ready: statistics from ${stats.n_tokens} tokens in ${stats.seconds.toFixed(1)} s.`);
+  const model = seconds(start);
+  const statsStart = performance.now();
+  // The statistics the CLI made when the page was built, unless asked to
+  // compute them here (from the same 400 texts).
+  const file = $("compute-stats").checked ? null : await fetch(base + "stats.safetensors");
+  let how;
+  if (file && file.ok) {
+    editor.loadStats(new Uint8Array(await file.arrayBuffer()));
+    how = "statistics loaded from the page's file";
+  } else {
+    const corpus = await (await fetch(base + "train.txt")).text();
+    const stats = await editor.computeStats(corpus, { nTexts: 400, maxLen: 64, onProgress });
+    how = `statistics computed here from ${stats.n_tokens} tokens`;
+  }
+  setStatus(`Ready: model loaded in ${model} s, ${how} in ${seconds(statsStart)} s.`);
 }
 
 async function loadFiles() {

@@ -17,7 +17,9 @@ mkdirSync(shots, { recursive: true });
 const here = resolve(new URL(".", import.meta.url).pathname);
 const { server, url } = await serve([
   ["/pkg/", pkg],
-  ["/facts-gpt2/", join(fixtures, "facts-gpt2")],
+  // The npm test reads the fixture itself; the page reads its own copy (with
+  // the statistics made at build time) from the dist.
+  ["/fixtures/facts-gpt2/", join(fixtures, "facts-gpt2")],
   ["/npm-test/", here],
   ["/", dist],
 ]);
@@ -51,6 +53,7 @@ try {
     return s.startsWith("Ready") || !document.querySelector('[data-testid="error"]').hidden;
   }, null, { timeout: 600_000 });
   check((await status.textContent()).startsWith("Ready"), `model and statistics loaded: ${await status.textContent()} ${await page.locator('[data-testid="error"]').textContent()}`);
+  check((await status.textContent()).includes("statistics loaded from the page's file"), "the page uses the statistics the CLI made at build time");
   await page.click('[data-testid="edit"]');
   await page.waitForFunction(() => document.querySelector('[data-testid="after-top1-0"]') || !document.querySelector('[data-testid="error"]').hidden, null, { timeout: 600_000 });
   const target = await page.inputValue("#target");
