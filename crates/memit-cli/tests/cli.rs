@@ -415,3 +415,63 @@ fn an_edit_that_does_not_take_is_reported() {
     assert!(stderr.contains("did not take") && stderr.contains("mom2_update_weight"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `apply --in-place` and `revert --in-place` killed (SIGKILL) at a spread of
+/// moments: the next command on the model finds it whole, bitwise either
+/// the original or the edited weights, finishing or rolling back what the
+/// killed run left; and the patch still applies or reverts from there.
+#[test]
+fn killed_in_place_rewrites_leave_a_whole_model() {
+    let dir = scratch("kill");
+    let edited = dir.join("edited");
+    ok(memit(&dir)
+        .args(["edit", "--templates", "plain", "--model"])
+        .arg(facts_model())
+        .arg("--requests")
+        .arg(facts_model().join("example-requests.json"))
+        .args(STATS)
+        .arg("--out")
+        .arg(&edited)
+        .output()
+        .unwrap());
+    let patch = edited.join("memit-patch.safetensors");
+    let (original, edited_weights) = (tensors(&facts_model()), tensors(&edited));
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(facts_model().join(f), model.join(f)).unwrap();
+    }
+    let mut outcomes = std::collections::BTreeSet::new();
+    let mut recovered = 0;
+    // From before the weights are read to after the command is done (a
+    // release build applies this patch in ~60 ms, a test build slower).
+    for (i, delay_ms) in [0u64, 3, 8, 15, 25, 35, 50, 70, 100, 150, 250, 400].into_iter().enumerate() {
+        // Alternate directions so every run has work to do.
+        let state = if tensors(&model) == original { "original" } else { "edited" };
+        let verb = if state == "original" { "apply" } else { "revert" };
+        let mut child = memit(&dir).args([verb, "--in-place", "--model"]).arg(&model).arg("--patch").arg(&patch).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let killed = child.try_wait().unwrap().is_none();
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        outcomes.insert((killed, status.success()));
+        // The next command sees a whole model, in one of the two states.
+        let out = ok(memit(&dir).args(["--json", "diff", "--model"]).arg(&model).arg("--patch").arg(&patch).output().unwrap());
+        if String::from_utf8_lossy(&out.stderr).contains("interrupted in-place") {
+            recovered += 1;
+        }
+        let now = tensors(&model);
+        let expected = match json(&out)["model_state"].as_str().unwrap() {
+            "original" => &original,
+            "edited" => &edited_weights,
+            other => panic!("state {other}"),
+        };
+        assert!(now == *expected, "run {i} ({verb} killed after {delay_ms} ms): the weights are neither state");
+        let leftovers: Vec<_> = std::fs::read_dir(&model).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("memit-")).collect();
+        assert!(leftovers.is_empty(), "run {i}: {leftovers:?}");
+    }
+    assert!(outcomes.iter().any(|&(killed, _)| killed), "at least one run was killed mid-way: {outcomes:?}");
+    // How many kills landed inside a rewrite depends on timing; reported.
+    eprintln!("killed runs that left a rewrite to finish or roll back: {recovered}");
+    std::fs::remove_dir_all(&dir).ok();
+}
