@@ -58,6 +58,21 @@ fn tensors(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     st.tensors().into_iter().map(|(name, view)| (name, view.data().to_vec())).collect()
 }
 
+/// The bundled model's example requests edited into `out` (plain
+/// templates), with the JSON report.
+fn edit_example(dir: &Path, out: &Path) -> Output {
+    ok(memit(dir)
+        .args(["--json", "edit", "--templates", "plain", "--model"])
+        .arg(facts_model())
+        .arg("--requests")
+        .arg(facts_model().join("example-requests.json"))
+        .args(STATS)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap())
+}
+
 fn top_token(prediction: &serde_json::Value) -> &str {
     prediction[0]["token"].as_str().unwrap()
 }
@@ -66,17 +81,7 @@ fn top_token(prediction: &serde_json::Value) -> &str {
 fn edit_writes_a_model_and_a_patch_that_apply_and_revert_exactly() {
     let dir = scratch("edit");
     let edited = dir.join("edited");
-    let out = ok(memit(&dir)
-        .args(["--json", "edit", "--templates", "plain", "--model"])
-        .arg(facts_model())
-        .arg("--requests")
-        .arg(facts_model().join("example-requests.json"))
-        .args(STATS)
-        .arg("--out")
-        .arg(&edited)
-        .output()
-        .unwrap());
-    let report = json(&out);
+    let report = json(&edit_example(&dir, &edited));
     for edit in report["edits"].as_array().unwrap() {
         let target = format!(" {}", edit["target_new"].as_str().unwrap());
         assert_ne!(top_token(&edit["before"]), target, "{edit}");
@@ -424,16 +429,7 @@ fn an_edit_that_does_not_take_is_reported() {
 fn killed_in_place_rewrites_leave_a_whole_model() {
     let dir = scratch("kill");
     let edited = dir.join("edited");
-    ok(memit(&dir)
-        .args(["edit", "--templates", "plain", "--model"])
-        .arg(facts_model())
-        .arg("--requests")
-        .arg(facts_model().join("example-requests.json"))
-        .args(STATS)
-        .arg("--out")
-        .arg(&edited)
-        .output()
-        .unwrap());
+    edit_example(&dir, &edited);
     let patch = edited.join("memit-patch.safetensors");
     let (original, edited_weights) = (tensors(&facts_model()), tensors(&edited));
     let model = dir.join("model");
