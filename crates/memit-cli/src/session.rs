@@ -366,11 +366,17 @@ pub fn progress_bar(len: u64, prefix: &str, unit: &str) -> ProgressBar {
     let mode = progress_mode();
     let (target, template) = match mode {
         ProgressMode::Bars => (ProgressDrawTarget::stderr(), format!("{{prefix:>14}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} (ETA {{eta}}) {{msg}}")),
-        ProgressMode::Lines => (ProgressDrawTarget::term_like(Box::new(LogLines::default())), format!("{{prefix}}: {{pos}}/{{len}} {unit} after {{elapsed}} ({{per_sec}}, ETA {{eta}}) {{msg}}")),
+        ProgressMode::Lines => (ProgressDrawTarget::term_like(Box::new(LogLines::default())), format!("{{prefix}}: {{pos}}/{{len}} {unit} after {{elapsed}} ({{rate}} {unit}/s, ETA {{eta}}) {{msg}}")),
         ProgressMode::Quiet => (ProgressDrawTarget::hidden(), String::new()),
     };
     let bar = ProgressBar::with_draw_target(Some(len), target);
-    bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+    let style = ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> ");
+    // Rates with a sensible precision ("3.2", not "3.2184").
+    let style = style.with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let rate = state.per_sec();
+        let _ = if rate >= 100.0 { write!(w, "{rate:.0}") } else { write!(w, "{rate:.2}") };
+    });
+    bar.set_style(style);
     bar.set_prefix(prefix.to_string());
     if mode == ProgressMode::Lines {
         // Redraws (and so log lines) keep coming while one step runs long.
