@@ -43,13 +43,17 @@ pub struct StatsArgs {
     /// .txt files. Default: the model folder's train.txt.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
-    /// Use at most this many texts (default: the hyperparameters'
-    /// mom2_n_samples).
+    /// Use at most this many texts, sampled from the whole corpus (default:
+    /// the hyperparameters' mom2_n_samples).
     #[arg(long)]
     pub n_texts: Option<usize>,
-    /// Truncate each text to this many tokens.
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
+    /// Seed of that sample (the same seed and corpus give the same texts).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Truncate each text to this many tokens (default: the model's context
+    /// length, as the MEMIT authors do, at most the tokens of one GPU pass).
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// Texts read per step (the unit of progress, checkpoints and
     /// --stop-after-batches); the GPU runs them in passes of about 4,096
     /// tokens of similar length whatever this is.
@@ -127,8 +131,10 @@ impl Session {
     pub fn collect_stats(&self, hp: &Hparams, args: &StatsArgs, stop_after_batches: Option<usize>) -> Result<StatsOutcome> {
         let n_texts = args.n_texts.unwrap_or(hp.mom2_n_samples);
         let corpus = args.corpus.clone().unwrap_or_else(|| self.path.join("train.txt"));
-        let texts = read_corpus(&corpus, n_texts)?;
-        let identity = StatsIdentity { model_id: self.fingerprint.clone(), corpus_id: corpus_fingerprint(&texts), layers: hp.layers.clone(), max_len: args.max_len };
+        let texts = read_corpus(&corpus, n_texts, args.seed)?;
+        let max_len = args.max_len.unwrap_or_else(|| self.model.config.max_positions.min(self.model.tokens_per_pass()));
+        ensure!(max_len > 0, "--max-len is 0: texts need at least one token");
+        let identity = StatsIdentity { model_id: self.fingerprint.clone(), corpus_id: corpus_fingerprint(&texts), layers: hp.layers.clone(), max_len };
         let path = match &args.stats {
             Some(p) => p.clone(),
             None => stats_dir(args)?.join(format!(
@@ -136,7 +142,7 @@ impl Session {
                 &identity.model_id[..16],
                 &identity.corpus_id[..16],
                 hp.layers.iter().map(usize::to_string).collect::<Vec<_>>().join("_"),
-                args.max_len
+                max_len
             )),
         };
         let d_ff = self.model.config.d_ff;
@@ -218,9 +224,13 @@ fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Non-empty lines of a file, or of every .txt file in a folder (sorted by
-/// name), up to `limit`.
-pub fn read_corpus(path: &Path, limit: usize) -> Result<Vec<String>> {
+/// `limit` texts drawn uniformly from the non-empty lines of a file, or of
+/// every .txt file in a folder (sorted by name), by a seeded reservoir: the
+/// corpus is read once, line by line, holding only the sample. The texts
+/// come back in corpus order, so a limit at or above the corpus size takes
+/// all of it, in order; the same seed and corpus give the same texts.
+pub fn read_corpus(path: &Path, limit: usize, seed: u64) -> Result<Vec<String>> {
+    use std::io::BufRead;
     ensure!(limit > 0, "--n-texts (or mom2_n_samples) is 0: the statistics need at least one text");
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -238,19 +248,51 @@ pub fn read_corpus(path: &Path, limit: usize) -> Result<Vec<String>> {
     } else {
         bail!("statistics corpus {} not found: pass a text file or folder with --corpus", path.display());
     };
-    let mut texts = Vec::new();
+    let mut rng = SplitMix64(seed);
+    let mut sample: Vec<(usize, String)> = Vec::new();
+    let mut seen = 0usize;
     for file in files {
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {} (is it UTF-8 text?)", file.display()))?;
-        texts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
-        if texts.len() >= limit {
-            break;
+        let reader = std::io::BufReader::new(std::fs::File::open(&file).with_context(|| format!("reading {}", file.display()))?);
+        for line in reader.lines() {
+            let line = line.with_context(|| format!("reading {} (is it UTF-8 text?)", file.display()))?;
+            let text = line.trim();
+            if text.is_empty() {
+                continue;
+            }
+            if sample.len() < limit {
+                sample.push((seen, text.to_string()));
+            } else {
+                let slot = rng.below(seen + 1);
+                if slot < limit {
+                    sample[slot] = (seen, text.to_string());
+                }
+            }
+            seen += 1;
         }
     }
-    texts.truncate(limit);
-    if texts.is_empty() {
+    if sample.is_empty() {
         bail!("the statistics corpus {} holds no text", path.display());
     }
-    Ok(texts)
+    sample.sort_by_key(|&(at, _)| at);
+    Ok(sample.into_iter().map(|(_, text)| text).collect())
+}
+
+/// A small seeded generator (SplitMix64) for corpus sampling.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n.
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() as u128 * n as u128) >> 64) as usize
+    }
 }
 
 fn corpus_fingerprint(texts: &[String]) -> String {
@@ -452,4 +494,37 @@ pub fn describe_phases(p: &Phases) -> String {
         .map(|(name, c)| format!("{name} {:.2} s, peak {:.1} MiB", c.seconds, c.peak_bytes as f64 / (1 << 20) as f64))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_corpus;
+
+    fn corpus(lines: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("memit-corpus-{lines}-{}.txt", std::process::id()));
+        let text: String = (0..lines).map(|i| format!("text {i}\n\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn corpus_samples_are_seeded_uniform_and_in_corpus_order() {
+        let ten = corpus(10);
+        let all: Vec<String> = (0..10).map(|i| format!("text {i}")).collect();
+        assert_eq!(read_corpus(&ten, 10, 3).unwrap(), all, "a limit at the corpus size takes it all, in order");
+        assert_eq!(read_corpus(&ten, 50, 3).unwrap(), all);
+        let a = read_corpus(&ten, 4, 1).unwrap();
+        assert_eq!(a, read_corpus(&ten, 4, 1).unwrap(), "same seed, same sample");
+        let index = |t: &String| t[5..].parse::<usize>().unwrap();
+        assert!(a.windows(2).all(|w| index(&w[0]) < index(&w[1])), "{a:?} in corpus order");
+        // One text of ten over 2,000 seeds: each is drawn about 200 times
+        // (binomial sd ≈ 13; the bounds are ±5 sd).
+        let mut counts = [0usize; 10];
+        for seed in 0..2000 {
+            counts[index(&read_corpus(&ten, 1, seed).unwrap()[0])] += 1;
+        }
+        assert!(counts.iter().all(|&c| (135..=265).contains(&c)), "{counts:?}");
+        assert!(read_corpus(&ten, 0, 0).unwrap_err().to_string().contains("is 0"));
+        std::fs::remove_file(ten).ok();
+    }
 }

@@ -445,7 +445,7 @@ fn killed_in_place_rewrites_leave_a_whole_model() {
         // Alternate directions so every run has work to do.
         let state = if tensors(&model) == original { "original" } else { "edited" };
         let verb = if state == "original" { "apply" } else { "revert" };
-        let mut child = memit(&dir).args([verb, "--in-place", "--model"]).arg(&model).arg("--patch").arg(&patch).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = memit(&dir).args([verb, "--in-place", "--model"]).arg(&model).arg("--patch").arg(&patch).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let killed = child.try_wait().unwrap().is_none();
         let _ = child.kill();
