@@ -190,7 +190,26 @@ pub fn stage_in_place(dir: &Path, replacements: &[StoredTensor]) -> Result<Stage
 
 impl StagedRewrite {
     /// Moves every staged file over its original, then drops the journal.
+    /// Checks first that every staged file is still there (another process
+    /// opening the folder meanwhile may have rolled the staging back): if
+    /// one is missing, nothing is moved and the rewrite is abandoned.
     pub fn commit(self) -> Result<()> {
+        if let Some(missing) = self.files.iter().find(|name| !staged_path(&self.dir.join(name)).exists()) {
+            let _ = std::fs::remove_file(self.dir.join(REWRITE_JOURNAL));
+            for name in &self.files {
+                let _ = std::fs::remove_file(staged_path(&self.dir.join(name)));
+            }
+            return Err(ModelError::Input(format!(
+                "the new version of {missing} disappeared before it was moved into place (another memit-wgpu command opened {} meanwhile?); the model was left as it was: run the command again",
+                self.dir.display()
+            )));
+        }
+        self.finish()
+    }
+
+    /// Moves the staged files that are still there (after a crash, the
+    /// ones moved before it are gone) and drops the journal.
+    fn finish(self) -> Result<()> {
         for name in &self.files {
             let file = self.dir.join(name);
             let staged = staged_path(&file);
@@ -232,7 +251,7 @@ pub fn finish_interrupted_rewrite(dir: &Path) -> Result<Recovery> {
         if let Some(bad) = files.iter().find(|f| Path::new(f).file_name().and_then(|n| n.to_str()) != Some(f.as_str())) {
             return Err(ModelError::Input(format!("{} names {bad:?}, not a file of this folder; remove the journal by hand after checking the folder", journal.display())));
         }
-        StagedRewrite { dir: dir.to_path_buf(), files: files.clone() }.commit()?;
+        StagedRewrite { dir: dir.to_path_buf(), files: files.clone() }.finish()?;
         return Ok(Recovery::Completed(files));
     }
     let mut removed = Vec::new();

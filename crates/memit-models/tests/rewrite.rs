@@ -84,6 +84,15 @@ fn interrupted_in_place_rewrites_finish_or_roll_back() {
     assert!(matches!(finish_interrupted_rewrite(&dir).unwrap(), Recovery::RolledBack(f) if f.len() == 2));
     assert!(files(&dir) == original, "rolled back to the old state");
 
+    // A staged file removed before the commit (another command rolled the
+    // staging back meanwhile): the commit moves nothing and says so.
+    let dir = copy("raced");
+    let staged = stage_in_place(&dir, &replacements(&dir)).unwrap();
+    std::fs::remove_file(dir.join("model-00005-of-00005.safetensors.memit-staged")).unwrap();
+    let err = staged.commit().unwrap_err().to_string();
+    assert!(err.contains("disappeared"), "{err}");
+    assert!(files(&dir) == original, "nothing was moved, nothing is left behind");
+
     // A journal naming a path outside the folder is refused, nothing moved.
     std::fs::write(dir.join(REWRITE_JOURNAL), "../elsewhere.safetensors").unwrap();
     let err = finish_interrupted_rewrite(&dir).unwrap_err().to_string();
