@@ -178,6 +178,9 @@ fn resolved(path: &Path) -> PathBuf {
 /// `edit` wrote that neither is nor contains the model.
 fn check_edit_out(model: &Path, out: &Path, force: bool) -> Result<()> {
     let (model, target) = (resolved(model), resolved(out));
+    if out.file_name().is_none() || std::env::current_dir().is_ok_and(|cwd| resolved(&cwd).starts_with(&target)) {
+        bail!("--out {} is the working directory or a folder above it; name a new folder", out.display());
+    }
     if model == target {
         bail!("--out {} is the input model: an edit never replaces its own input", out.display());
     }
@@ -205,8 +208,7 @@ fn check_patch_path(model: &Path, patch: &Path, replace: bool) -> Result<()> {
         bail!("--patch {} is inside the input model; write the patch elsewhere", patch.display());
     }
     if patch.exists() {
-        let is_patch = std::fs::read(patch).is_ok_and(|b| Patch::from_bytes(&b).is_ok());
-        if !is_patch {
+        if !is_patch_file(patch) {
             bail!("--patch {} exists and is not a patch file; it is never overwritten: choose another --patch", patch.display());
         }
         if !replace {
@@ -214,6 +216,22 @@ fn check_patch_path(model: &Path, patch: &Path, replace: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `path` is a regular file whose safetensors header names a
+/// memit-wgpu patch format (read from the header alone, whatever the size).
+fn is_patch_file(path: &Path) -> bool {
+    use std::io::Read;
+    let header = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(path)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let len = u64::from_le_bytes(len).min(1 << 24) as usize;
+        let mut header = vec![0u8; len];
+        f.read_exact(&mut header)?;
+        Ok(header)
+    };
+    path.is_file() && header().is_ok_and(|h| String::from_utf8_lossy(&h).contains("\"memit-wgpu-patch-v"))
 }
 
 /// Writes `src` with `tensors` replaced, and `extra_files`, to the new
@@ -254,15 +272,34 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         (None, Some(out)) => out.join("memit-patch.safetensors"),
         (None, None) => sibling(&session.path, ".patch.safetensors"),
     };
+    // Everything about where the edit writes is settled here, before any
+    // work: the patch's name when it goes inside the edited folder, and
+    // whether that folder already exists (and so is replaced).
+    let mut patch_inside: Option<String> = None;
+    let mut out_existed = false;
     if !args.dry_run {
         if let Some(out) = &out {
             check_edit_out(&session.path, out, args.force)?;
-        }
-        match &out {
-            Some(out) if patch_path.starts_with(out) => {
-                ensure!(patch_path.parent() == Some(out.as_path()), "--patch {}: a patch inside --out goes directly in it, not in a subfolder", patch_path.display());
+            out_existed = out.exists();
+            let (out_at, patch_at) = (resolved(out), resolved(&patch_path));
+            if patch_at.starts_with(&out_at) {
+                ensure!(patch_at.parent() == Some(out_at.as_path()), "--patch {}: a patch inside --out goes directly in it, not in a subfolder", patch_path.display());
+                let name = patch_at.file_name().and_then(|n| n.to_str()).context("--patch needs a file name")?.to_string();
+                if name == EDIT_MARKER || session.path.join(&name).exists() {
+                    bail!("--patch {name} would overwrite a file of the edited model; choose another name");
+                }
+                patch_inside = Some(name);
             }
-            _ => check_patch_path(&session.path, &patch_path, args.replace_patch)?,
+            // Replacing the folder drops the patches in it.
+            if out_existed && !args.replace_patch {
+                let held = std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| is_patch_file(p));
+                if let Some(held) = held {
+                    bail!("{} holds the patch {} (it may be the only way back from that edit); pass --replace-patch with --force to replace the folder and its patch, or choose another --out", out.display(), held.display());
+                }
+            }
+        }
+        if patch_inside.is_none() {
+            check_patch_path(&session.path, &patch_path, args.replace_patch)?;
         }
     }
     let hp = session.hparams(args.hparams.as_deref())?;
@@ -318,17 +355,20 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         let layout = model.blocks[hp.layers[0]].mlp_out.layout;
         let (patch, edited) = Patch::build(session.fingerprint.clone(), requests.clone(), serde_json::to_value(&hp)?, &outcome.updates, &originals, layout)?;
         let patch_bytes = patch.to_bytes()?;
-        let inside = out.as_ref().and_then(|out| patch_path.strip_prefix(out).ok()).and_then(|p| p.to_str());
         // A patch outside the folder is written first: a folder never
         // appears on disk without the patch that undoes it.
-        if inside.is_none() {
+        if patch_inside.is_none() {
             write_atomic(&patch_path, &patch_bytes)?;
         }
         if let Some(out) = &out {
+            // The folder may not have changed state during the edit.
+            if out.exists() != out_existed || (out_existed && !out.join(EDIT_MARKER).is_file()) {
+                bail!("{} changed while the edit ran (it appeared, vanished or lost its {EDIT_MARKER}); nothing was written there", out.display());
+            }
             let marker = format!("written by memit-wgpu edit from {}\n", resolved(&session.path).display());
             let mut extra: Vec<(&str, &[u8])> = vec![(EDIT_MARKER, marker.as_bytes())];
-            extra.extend(inside.map(|name| (name, patch_bytes.as_slice())));
-            write_folder(&session.path, out, &edited, &extra, out.exists())?;
+            extra.extend(patch_inside.as_deref().map(|name| (name, patch_bytes.as_slice())));
+            write_folder(&session.path, out, &edited, &extra, out_existed)?;
             written.insert("model".into(), out.display().to_string().into());
         }
         written.insert("patch".into(), patch_path.display().to_string().into());

@@ -306,14 +306,17 @@ fn corpus_fingerprint(texts: &[String]) -> String {
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over
 /// `path`: readers see the old file or the new one, never half of one. The
-/// temporary name is fixed (`<name>.tmp`), so one left by a killed run is
-/// overwritten by the next instead of piling up.
+/// temporary name is fixed and ours (`.<name>.memit-tmp`), so one left by a
+/// killed run is overwritten by the next instead of piling up, and no file
+/// of the user's is taken for it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?.to_os_string();
-    name.push(".tmp");
+    let file_name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let mut name = std::ffi::OsString::from(".");
+    name.push(file_name);
+    name.push(".memit-tmp");
     let tmp = path.with_file_name(name);
     let written = (|| {
         use std::io::Write;

@@ -189,7 +189,7 @@ fn stats_pause_resume_and_are_cached_per_model() {
     let cache = dir.join("facts.safetensors");
     let stats = |extra: &[&str]| memit(&dir).args(["--json", "stats", "--batch-size", "16", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(&cache).args(extra).output().unwrap();
     // A temporary file left by a run killed while writing its checkpoint.
-    let stale = dir.join("facts.safetensors.partial.tmp");
+    let stale = dir.join(".facts.safetensors.partial.memit-tmp");
     std::fs::write(&stale, b"half a checkpoint").unwrap();
     let out = ok(stats(&["--stop-after-batches", "3"]));
     assert!(!stale.exists(), "the next write reuses (and renames) the temporary name");
@@ -208,7 +208,7 @@ fn stats_pause_resume_and_are_cached_per_model() {
     assert_eq!((done["status"].as_str(), done["from_cache"].as_bool()), (Some("complete"), Some(false)));
     assert!(done["counters"]["steps"].as_u64().unwrap() >= 1 && done["counters"]["dispatches"].as_u64().unwrap() > 0, "{done}");
     assert!(cache.exists() && !dir.join("facts.safetensors.partial").exists());
-    let temporaries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".tmp")).collect();
+    let temporaries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("memit-tmp")).collect();
     assert!(temporaries.is_empty(), "{temporaries:?}");
     let again = json(&ok(stats(&[])));
     assert_eq!(again["from_cache"], true);
@@ -354,6 +354,9 @@ fn edit_never_replaces_what_it_did_not_write() {
     let work = dir.join("work");
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(work.join("results.csv"), "1,2,3").unwrap();
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("thesis.tex"), "\\section{}").unwrap();
     let before = snapshot(&dir);
     let edit = |out: &Path, extra: &[&str]| {
         let mut c = memit(&dir);
@@ -362,7 +365,8 @@ fn edit_never_replaces_what_it_did_not_write() {
     };
     fails_with(edit(&project, &["--force"]), "holding the input model");
     fails_with(edit(&model, &["--force"]), "never replaces its own input");
-    fails_with(edit(Path::new("."), &["--force"]), "only folders that `memit-wgpu edit` wrote");
+    fails_with(edit(Path::new("."), &["--force"]), "is the working directory");
+    fails_with(edit(&mine, &["--force"]), "only folders that `memit-wgpu edit` wrote");
     fails_with(edit(&dir.join("new"), &["--patch", model.join("model.safetensors").to_str().unwrap()]), "inside the input model");
     fails_with(edit(&dir.join("new"), &["--patch", project.join("notes.txt").to_str().unwrap()]), "is not a patch file");
     assert!(snapshot(&dir) == before, "refused edits change nothing");
@@ -373,15 +377,24 @@ fn edit_never_replaces_what_it_did_not_write() {
     ok(edit(&edited, &[]));
     assert!(edited.join("memit-patch.safetensors").is_file() && edited.join(".memit-wgpu-edit").is_file());
     fails_with(edit(&edited, &[]), "pass --force");
-    // Its own output may be replaced, the patch then going outside it.
+    // A bare --patch name lands inside the folder: never over a model file.
+    fails_with(edit(&edited, &["--force", "--replace-patch", "--patch", "model.safetensors"]), "would overwrite a file of the edited model");
+    // Its own output may be replaced, but the patch in it goes only on request.
     let outside = dir.join("edit2.patch.safetensors");
-    ok(edit(&edited, &["--force", "--patch", outside.to_str().unwrap()]));
+    fails_with(edit(&edited, &["--force", "--patch", outside.to_str().unwrap()]), "holds the patch");
+    assert!(!outside.exists());
+    ok(edit(&edited, &["--force", "--replace-patch", "--patch", outside.to_str().unwrap()]));
     assert!(outside.is_file() && !edited.join("memit-patch.safetensors").exists());
     // An existing patch is the way back from an edit: replaced only on request.
     let edited_state = snapshot(&edited);
     fails_with(edit(&edited, &["--force", "--patch", outside.to_str().unwrap()]), "--replace-patch");
     assert!(snapshot(&edited) == edited_state);
     ok(edit(&edited, &["--force", "--replace-patch", "--patch", outside.to_str().unwrap()]));
+    // The same folder spelled another way (through `..`): still inside it,
+    // so the patch is written with the folder, not before it.
+    let other_spelling = edited.join("..").join("edited").join("fix.safetensors");
+    ok(edit(&edited, &["--force", "--replace-patch", "--patch", other_spelling.to_str().unwrap()]));
+    assert!(edited.join("fix.safetensors").is_file() && edited.join(".memit-wgpu-edit").is_file());
     // Chaining: editing the edited folder into itself is refused.
     let mut c = memit(&dir);
     c.args(["edit", "--templates", "plain", "--force", "--model"]).arg(&edited).arg("--requests").arg(model.join("example-requests.json")).args(STATS).arg("--out").arg(&edited);

@@ -215,7 +215,8 @@ impl StatsAccumulator {
         if !lengths.is_empty() {
             let t = st.tensor("pending.ids").map_err(|_| stats_error("checkpoint lacks `pending.ids`"))?;
             let ids: Vec<u32> = t.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            if t.dtype() != Dtype::U32 || ids.len() != lengths.iter().sum::<usize>() {
+            let total = lengths.iter().try_fold(0usize, |sum, &len| if len == 0 { None } else { sum.checked_add(len) });
+            if t.dtype() != Dtype::U32 || total != Some(ids.len()) {
                 return Err(stats_error("checkpoint's pending texts do not match their lengths"));
             }
             let mut at = 0;
