@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 bash scripts/ensure-vulkan.sh
 cargo run --release -p memit-cli -- edit --model tests/fixtures/facts-gpt2 \
     --requests tests/fixtures/facts-gpt2/example-requests.json --templates plain \
-    --out target/quickstart/facts-gpt2-edited --force
+    --out target/quickstart/facts-gpt2-edited --force --replace-patch
