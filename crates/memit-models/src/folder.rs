@@ -120,6 +120,66 @@ fn staged_path(file: &Path) -> PathBuf {
     file.with_file_name(name)
 }
 
+/// Held while a rewrite of a folder is staged, committed or recovered:
+/// holds the PID of the process doing it. One whose process is gone (a
+/// crash, a kill) is stale and taken over.
+const REWRITE_LOCK: &str = ".memit-rewrite-lock";
+
+struct RewriteLock {
+    path: PathBuf,
+}
+
+impl RewriteLock {
+    fn acquire(dir: &Path) -> Result<RewriteLock> {
+        use std::io::Write;
+        let path = dir.join(REWRITE_LOCK);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut file) => {
+                    write!(file, "{}", std::process::id()).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+                    return Ok(RewriteLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if let Some(pid) = live_holder(&path) {
+                        return Err(ModelError::Input(format!(
+                            "another memit-wgpu command (process {pid}) is rewriting {} right now; run this again when it is done (or remove {} if no such process runs)",
+                            dir.display(),
+                            path.display()
+                        )));
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(source) => return Err(ModelError::Io { path, source }),
+            }
+        }
+        Err(ModelError::Input(format!("could not take {}: another command keeps taking it", path.display())))
+    }
+}
+
+impl Drop for RewriteLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The process holding the lock at `path`, while it runs.
+fn live_holder(path: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    process_runs(pid).then_some(pid)
+}
+
+#[cfg(target_os = "linux")]
+fn process_runs(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Without /proc a lock is never judged stale: the message says how to
+/// remove it by hand.
+#[cfg(not(target_os = "linux"))]
+fn process_runs(_pid: u32) -> bool {
+    true
+}
+
 /// An in-place rewrite of a model folder's checkpoint files, all of them
 /// written and recorded in the journal; `commit` moves them into place.
 /// Interrupted anywhere, the folder is recovered whole by
@@ -129,6 +189,7 @@ fn staged_path(file: &Path) -> PathBuf {
 pub struct StagedRewrite {
     dir: PathBuf,
     files: Vec<String>,
+    _lock: RewriteLock,
 }
 
 /// The checkpoint file of `dir` holding each replacement.
@@ -147,6 +208,7 @@ fn files_of<'a>(dir: &Path, replacements: &'a [StoredTensor]) -> Result<HashMap<
 /// journal naming them (atomically). Refuses while an earlier rewrite is
 /// unfinished, since its new weights would be stale.
 pub fn stage_in_place(dir: &Path, replacements: &[StoredTensor]) -> Result<StagedRewrite> {
+    let lock = RewriteLock::acquire(dir)?;
     let journal = dir.join(REWRITE_JOURNAL);
     if journal.exists() {
         return Err(ModelError::Input(format!("{} holds an unfinished rewrite ({REWRITE_JOURNAL}); open the model again to finish it first", dir.display())));
@@ -185,7 +247,7 @@ pub fn stage_in_place(dir: &Path, replacements: &[StoredTensor]) -> Result<Stage
         }
         return Err(ModelError::Io { path: journal, source });
     }
-    Ok(StagedRewrite { dir: dir.to_path_buf(), files })
+    Ok(StagedRewrite { dir: dir.to_path_buf(), files, _lock: lock })
 }
 
 impl StagedRewrite {
@@ -245,24 +307,29 @@ pub fn finish_interrupted_rewrite(dir: &Path) -> Result<Recovery> {
         move |source| ModelError::Io { path, source }
     };
     let journal = dir.join(REWRITE_JOURNAL);
+    let leftover = |name: &str| name.ends_with(STAGED) || name == format!("{REWRITE_JOURNAL}.tmp");
+    let names: Vec<String> = std::fs::read_dir(dir).map_err(io(dir))?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    if !journal.exists() && !names.iter().any(|n| leftover(n)) {
+        // Nothing to do, and nothing written: the folder may be read-only.
+        return Ok(Recovery::Clean);
+    }
+    let lock = RewriteLock::acquire(dir)?;
     if journal.exists() {
         let text = std::fs::read_to_string(&journal).map_err(io(&journal))?;
         let files: Vec<String> = text.lines().filter(|l| !l.is_empty()).map(String::from).collect();
         if let Some(bad) = files.iter().find(|f| Path::new(f).file_name().and_then(|n| n.to_str()) != Some(f.as_str())) {
             return Err(ModelError::Input(format!("{} names {bad:?}, not a file of this folder; remove the journal by hand after checking the folder", journal.display())));
         }
-        StagedRewrite { dir: dir.to_path_buf(), files: files.clone() }.finish()?;
+        StagedRewrite { dir: dir.to_path_buf(), files: files.clone(), _lock: lock }.finish()?;
         return Ok(Recovery::Completed(files));
     }
     let mut removed = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let path = entry.map_err(io(dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        if name.ends_with(STAGED) || name == format!("{REWRITE_JOURNAL}.tmp") {
-            std::fs::remove_file(&path).map_err(io(&path))?;
-            removed.push(name);
-        }
+    for name in names.into_iter().filter(|n| leftover(n)) {
+        let path = dir.join(&name);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        removed.push(name);
     }
+    drop(lock);
     removed.sort();
     Ok(if removed.is_empty() { Recovery::Clean } else { Recovery::RolledBack(removed) })
 }

@@ -93,6 +93,22 @@ fn interrupted_in_place_rewrites_finish_or_roll_back() {
     assert!(err.contains("disappeared"), "{err}");
     assert!(files(&dir) == original, "nothing was moved, nothing is left behind");
 
+    // A rewrite in progress (its lock held by a running process, here this
+    // one) is left alone by other commands; a lock whose process is gone
+    // (killed) is taken over.
+    let dir = copy("locked");
+    drop(stage_in_place(&dir, &replacements(&dir)).unwrap());
+    std::fs::write(dir.join(".memit-rewrite-lock"), std::process::id().to_string()).unwrap();
+    let err = finish_interrupted_rewrite(&dir).unwrap_err().to_string();
+    assert!(err.contains("is rewriting"), "{err}");
+    assert!(stage_in_place(&dir, &replacements(&dir)).err().unwrap().to_string().contains("is rewriting"));
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::write(dir.join(".memit-rewrite-lock"), "2147483646").unwrap();
+        assert!(matches!(finish_interrupted_rewrite(&dir).unwrap(), Recovery::Completed(_)));
+        assert!(files(&dir) == expected, "a stale lock does not stop the recovery, and is removed");
+    }
+
     // A journal naming a path outside the folder is refused, nothing moved.
     std::fs::write(dir.join(REWRITE_JOURNAL), "../elsewhere.safetensors").unwrap();
     let err = finish_interrupted_rewrite(&dir).unwrap_err().to_string();
