@@ -160,6 +160,17 @@ fn covariance_matches_torch_and_survives_resume() {
             Err(e) => assert!(e.to_string().starts_with("covariance statistics: "), "{e}"),
         }
     }
+    // A checkpoint (unhashed, as older versions wrote them) claiming an
+    // empty pending text: refused, not a division by zero.
+    let st_ck = safetensors::SafeTensors::deserialize(&checkpoint).unwrap();
+    let (_, ck_header) = safetensors::SafeTensors::read_metadata(&checkpoint).unwrap();
+    let mut ck_meta = ck_header.metadata().clone().unwrap();
+    ck_meta.remove("file_sha256");
+    let lengths = ck_meta.get("pending_lengths").cloned().unwrap_or_default();
+    ck_meta.insert("pending_lengths".into(), if lengths.is_empty() { "0".into() } else { format!("0,{lengths}") });
+    let crafted = safetensors::serialize(st_ck.tensors(), Some(ck_meta)).unwrap();
+    let err = StatsAccumulator::resume(&model, ours.clone(), &crafted).err().expect("refused").to_string();
+    assert!(err.contains("pending texts do not match their lengths"), "{err}");
     // A file written without the hash (older versions), with C damaged as
     // a bad disk or a careless edit would: refused by the plausibility
     // checks on C (symmetry, Cauchy–Schwarz, finiteness).
