@@ -140,10 +140,8 @@ fn show(preds: &[Prediction]) -> String {
     preds.iter().map(|p| format!("{:?} {:.1}%", p.token, 100.0 * p.prob)).collect::<Vec<_>>().join(", ")
 }
 
-fn print_requests(rows: &[RequestReport]) {
-    for r in rows {
-        println!("{:?} -> {:?}\n  before: {}\n  after:  {}", r.prompt, r.target_new, show(&r.before), show(&r.after));
-    }
+fn print_request(r: &RequestReport) {
+    println!("{:?} -> {:?}\n  before: {}\n  after:  {}", r.prompt, r.target_new, show(&r.before), show(&r.after));
 }
 
 fn is_gguf(path: &Path) -> bool {
@@ -388,7 +386,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for (r, o) in rows.iter().zip(&outcomes) {
-            println!("{:?} -> {:?}\n  before: {}\n  after:  {}", r.prompt, r.target_new, show(&r.before), show(&r.after));
+            print_request(r);
             let verdict = if o.took { "took" } else { "DID NOT TAKE" };
             println!("  {verdict}: P(new) {:.3} -> {:.3} per token; P({:?}) after {:.3}", o.p_new_before, o.p_new_after, o.original, o.p_original_after);
         }
@@ -502,7 +500,7 @@ pub fn diff(model: ModelArgs, patch: Option<PathBuf>, json: bool) -> Result<()> 
         for c in &changes {
             println!("  layer {:>3} {}: rank ≤ {}, ‖ΔW‖ = {:.4}, ‖W‖ = {:.4} ({:.3}%)", c.layer, c.tensor, c.rank_bound, c.delta_norm, c.weight_norm, 100.0 * c.delta_norm / c.weight_norm);
         }
-        print_requests(&rows);
+        rows.iter().for_each(print_request);
     }
     Ok(())
 }

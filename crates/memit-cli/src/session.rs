@@ -185,7 +185,7 @@ impl Session {
             }
         }
         // The last pass runs here, so the time is taken after it.
-        let cache = pollster::block_on(acc.cache_bytes(&self.model))?;
+        let (covariances, cache) = pollster::block_on(acc.finish(&self.model))?;
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
         let new_tokens = acc.n_tokens - tokens_before;
@@ -194,7 +194,6 @@ impl Session {
         if partial.exists() {
             std::fs::remove_file(&partial).with_context(|| format!("removing {}", partial.display()))?;
         }
-        let covariances = pollster::block_on(acc.covariances(&self.model))?;
         let counters = PhaseCounters { gpu: self.model.ctx.counters().since(&counters_before), steps: acc.passes - passes_before };
         Ok(StatsOutcome::Done { n_tokens: acc.n_tokens, covariances, path, seconds, from_cache: false, counters })
     }

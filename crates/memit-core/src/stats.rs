@@ -50,7 +50,6 @@ pub struct StatsAccumulator {
     pending_tokens: usize,
 }
 
-
 fn stats_error(detail: impl Into<String>) -> MemitError {
     MemitError::Stats(detail.into())
 }
@@ -163,11 +162,10 @@ impl StatsAccumulator {
     /// resumed run forms the same passes and ends with bitwise the same sums.
     pub async fn checkpoint_bytes(&self, model: &Model) -> Result<Vec<u8>> {
         let square = vec![self.d_ff, self.d_ff];
-        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (&layer, (sum, comp)) in self.identity.layers.iter().zip(&self.sums) {
-            tensors.push((format!("layer.{layer}.sum"), Dtype::F32, square.clone(), f32_bytes(&model.ctx.read(sum).await?)));
-            tensors.push((format!("layer.{layer}.comp"), Dtype::F32, square.clone(), f32_bytes(&model.ctx.read(comp).await?)));
-        }
+        let on_gpu: Vec<&Tensor> = self.sums.iter().flat_map(|(sum, comp)| [sum, comp]).collect();
+        let values = model.ctx.read_all(&on_gpu).await?;
+        let names = self.identity.layers.iter().flat_map(|layer| [format!("layer.{layer}.sum"), format!("layer.{layer}.comp")]);
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = names.zip(&values).map(|(name, v)| (name, Dtype::F32, square.clone(), f32_bytes(v))).collect();
         if let Some((name, ..)) = tensors.iter().find(|(_, _, _, data)| data.chunks_exact(4).any(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())) {
             return Err(stats_error(format!("`{name}` holds NaN or infinite values: the model's activations overflow (check its weights for NaN/inf); not saving a checkpoint")));
         }
@@ -180,14 +178,16 @@ impl StatsAccumulator {
         serialize(&tensors, metadata)
     }
 
-    /// A finished cache: C per layer (`layer.{l}.mom2`) plus provenance.
-    pub async fn cache_bytes(&mut self, model: &Model) -> Result<Vec<u8>> {
+    /// C for each layer and the finished cache holding it (`layer.{l}.mom2`
+    /// plus provenance), from one read of the sums; C is checked first.
+    pub async fn finish(&mut self, model: &Model) -> Result<(Vec<LayerCovariance>, Vec<u8>)> {
         let covs = self.covariances(model).await?;
         for c in &covs {
             check_covariance(c, self.d_ff).map_err(|e| stats_error(format!("the statistics just collected are unusable, not saving them: {e}")))?;
         }
         let tensors: Vec<_> = covs.iter().map(|c| (format!("layer.{}.mom2", c.layer), Dtype::F32, vec![self.d_ff, self.d_ff], f32_bytes(&c.matrix))).collect();
-        serialize(&tensors, self.metadata(true))
+        let bytes = serialize(&tensors, self.metadata(true))?;
+        Ok((covs, bytes))
     }
 
     /// Continues from a checkpoint made by `checkpoint_bytes` for the same

@@ -124,7 +124,8 @@ fn covariance_matches_torch_and_survives_resume() {
     }
 
     // A finished cache loads back; one for another model or corpus is refused.
-    let cache = pollster::block_on(acc.cache_bytes(&model)).unwrap();
+    let (finished, cache) = pollster::block_on(acc.finish(&model)).unwrap();
+    assert_eq!(finished, covs);
     let d_ff = model.config.d_ff;
     let loaded = load_cache(&cache, &identity(layers.clone(), golden.max_len()), d_ff).unwrap();
     assert_eq!(loaded, covs);

@@ -77,7 +77,9 @@ pub fn write_hf_dir(src: &Path, dst: &Path, replacements: &[StoredTensor], extra
         return Err(ModelError::Input(format!("{} already exists; choose a new output folder or remove it", dst.display())));
     }
     let name = dst.file_name().ok_or_else(|| ModelError::Input(format!("{} is not a folder path", dst.display())))?;
-    let partial = dst.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    // A name only this function makes: a leftover of an interrupted run is
+    // the one thing it removes.
+    let partial = dst.with_file_name(format!(".{}.memit-partial", name.to_string_lossy()));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }

@@ -332,31 +332,29 @@ impl Model {
 
     /// Token (and, for GPT-2, position) embeddings of a batch: [rows, d].
     pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
-        let ctx = &self.ctx;
-        if let Some(bad) = batch.ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the model's vocabulary of {}", self.config.vocab_size)));
-        }
         if batch.seq > self.config.max_positions {
             return Err(ModelError::Input(format!("sequence of {} tokens exceeds the model's {} positions", batch.seq, self.config.max_positions)));
         }
-        let indices = batch.indices(ctx)?;
-        let x = ctx.gather_rows(&self.embed, &indices.ids)?;
-        Ok(match &self.pos_embed {
-            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.gather_rows(wpe, &indices.positions)?)?,
-            None => x,
-        })
+        let indices = batch.indices(self.ctx.as_ref())?;
+        self.embed_at(&batch.ids, &indices.ids, &indices.positions)
     }
 
     /// Embeddings of `ids` (one per suffix row, in row order) at the
     /// suffix rows' positions: [pass rows, d].
     pub(crate) fn embed_suffix(&self, pass: &SuffixPass, ids: &[u32]) -> Result<Tensor> {
+        self.embed_at(ids, &self.ctx.indices(ids)?, &pass.positions)
+    }
+
+    /// Token embeddings of `ids` (also on the GPU as `gpu_ids`), plus the
+    /// position embeddings at `positions` for models that have them.
+    fn embed_at(&self, ids: &[u32], gpu_ids: &Indices, positions: &Indices) -> Result<Tensor> {
         let ctx = &self.ctx;
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
             return Err(ModelError::Input(format!("token id {bad} is outside the model's vocabulary of {}", self.config.vocab_size)));
         }
-        let x = ctx.gather_rows(&self.embed, &ctx.indices(ids)?)?;
+        let x = ctx.gather_rows(&self.embed, gpu_ids)?;
         Ok(match &self.pos_embed {
-            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.gather_rows(wpe, &pass.positions)?)?,
+            Some(wpe) => ctx.binary(BinaryOp::Add, &x, &ctx.gather_rows(wpe, positions)?)?,
             None => x,
         })
     }
