@@ -29,7 +29,8 @@ struct Params {
     // (row_base + r, col_base + c) of the full matrix; tiles wholly above
     // its diagonal are skipped.
     lower_only: u32,
-    alpha: f32, beta: f32, col_base: u32, _pad3: u32,
+    alpha: f32, beta: f32, col_base: u32, add_off: u32,
+    add_ld: u32, bias_off: u32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -38,8 +39,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 // Kahan compensation terms of C (syrk only).
 @group(0) @binding(4) var<storage, read_write> comp_c: array<f32>;
-// Source rows for the mirror step when they are in another buffer than c.
-@group(0) @binding(5) var<storage, read> mirror_src: array<f32>;
+// The epilogue's addend (matmul), or the source rows of the mirror step
+// when they are in another buffer than c.
+@group(0) @binding(5) var<storage, read> extra: array<f32>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
 
 var<workgroup> tile_a: array<vec4<f32>, 256>;  // [TILE_K][TILE_M / 4]
 var<workgroup> tile_b: array<vec4<f32>, 256>;  // [TILE_K][TILE_N / 4]
@@ -120,6 +123,19 @@ fn accumulate_tile_range(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32
     return acc;
 }
 
+// alpha * product + beta * C for element (gm, gn) of C, plus the terms the
+// host puts in EPILOGUE_TERMS: `extra` (a residual laid out like C with row
+// stride add_ld) and `bias` (one value per column). They are spliced in as
+// code, not guarded by constants, so a product without them binds neither.
+fn epilogue(idx: u32, gm: u32, gn: u32, product: f32) -> f32 {
+    var v = p.alpha * product;
+    if (p.beta != 0.0) {
+        v += p.beta * c[idx];
+    }
+    {{EPILOGUE_TERMS}}
+    return v;
+}
+
 @compute @workgroup_size(8, 8, 1)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
@@ -136,11 +152,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             let gn = col0 + 8u * lid.x + j;
             if (gm < p.m && gn < p.n) {
                 let idx = c_base + gm * p.ldc + gn;
-                var v = p.alpha * acc[2u * i + j / 4u][j % 4u];
-                if (p.beta != 0.0) {
-                    v += p.beta * c[idx];
-                }
-                c[idx] = v;
+                c[idx] = epilogue(idx, gm, gn, acc[2u * i + j / 4u][j % 4u]);
             }
         }
     }
@@ -189,14 +201,11 @@ fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
             let idx = p.c_off + i * p.ldc + n;
             var v: f32;
             if (i < 4u) {
-                v = p.alpha * lo[i];
+                v = lo[i];
             } else {
-                v = p.alpha * hi[i - 4u];
+                v = hi[i - 4u];
             }
-            if (p.beta != 0.0) {
-                v += p.beta * c[idx];
-            }
-            c[idx] = v;
+            c[idx] = epilogue(idx, i, n, v);
         }
     }
 }
@@ -260,7 +269,7 @@ fn syrk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 fn mirror(@builtin(global_invocation_id) gid: vec3<u32>) {
     let at = mirror_indices(gid);
     if (at.x != NOTHING) {
-        c[at.x] = mirror_src[at.y];
+        c[at.x] = extra[at.y];
     }
 }
 

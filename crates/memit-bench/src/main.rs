@@ -12,6 +12,7 @@ use serde::Serialize;
 mod counterfact;
 mod forward;
 mod memit;
+mod profile;
 
 #[derive(Parser)]
 #[command(about = "Benchmark memit-wgpu kernels on the current adapter")]
@@ -79,6 +80,24 @@ enum Command {
         #[arg(long)]
         torch_python: Option<PathBuf>,
         #[arg(long, default_value = "target/bench/memit.json")]
+        out: PathBuf,
+    },
+    /// GPU time per kernel (timestamp queries) for one forward pass and one
+    /// target-vector step, and the GFLOP/s of every matrix-product shape.
+    Profile {
+        /// Model folder or .gguf file.
+        #[arg(long, default_value = "target/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        /// MEMIT-format CounterFact cases (the first --n-edits are edited).
+        #[arg(long, default_value = "tests/fixtures/datasets/counterfact-20.json")]
+        cases: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        n_edits: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        seq: usize,
+        #[arg(long, default_value = "target/bench/profile.json")]
         out: PathBuf,
     },
     /// Everything on the defaults: kernels, forward and memit, one JSON each
@@ -181,6 +200,7 @@ fn main() -> Result<()> {
                 out: "target/bench/memit.json".into(),
             })
         }
+        Command::Profile { model, cases, n_edits, batch, seq, out } => profile::run(profile::Options { model, cases, n_edits, batch, seq, out }),
         Command::Counterfact { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, no_prefix_cache, out } => {
             counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, no_prefix_cache, out })
         }

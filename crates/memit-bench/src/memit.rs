@@ -75,7 +75,7 @@ fn load(path: &Path) -> Result<(Model, TextTokenizer)> {
 }
 
 /// Requests from a MEMIT-format CounterFact file (first `n`).
-fn requests(path: &Path, n: usize) -> Result<Vec<EditRequest>> {
+pub(crate) fn requests(path: &Path, n: usize) -> Result<Vec<EditRequest>> {
     let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?;
     ensure!(cases.len() >= n, "{} has {} cases, {n} needed", path.display(), cases.len());
     cases

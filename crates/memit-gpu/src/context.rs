@@ -6,7 +6,7 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{GpuError, Result};
-use crate::runtime::{size_class, CostCounters, Counters, Recorder, Runtime, PARAMS_SLOT};
+use crate::runtime::{size_class, CostCounters, Counters, KernelTiming, Profiler, Recorder, Runtime, Work, PARAMS_SLOT};
 use crate::shader::{render, ShaderFamily};
 use crate::tensor::{MemoryUsage, PooledBuffer};
 
@@ -137,7 +137,8 @@ impl GpuContext {
                 return Err(GpuError::LimitTooSmall { adapter: info.name.clone(), limit: name, have, need });
             }
         }
-        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        // Timestamps only serve `start_profiling`; asking for them changes nothing else.
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("memit-wgpu"),
@@ -378,6 +379,40 @@ impl GpuContext {
         Ok(pipeline)
     }
 
+    /// Starts timing every dispatch on the GPU (timestamp queries around
+    /// each one) until `finish_profiling`. Each submit then waits for the
+    /// GPU, so profiled runs are slower than normal ones; the per-kernel
+    /// times are what they measure. Native only.
+    pub fn start_profiling(&self) -> Result<()> {
+        if cfg!(target_arch = "wasm32") || !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            let detail = if cfg!(target_arch = "wasm32") { " readable without blocking (profiling is native only)" } else { "" };
+            return Err(GpuError::NoTimestamps { adapter: self.info.name.clone(), detail });
+        }
+        self.flush();
+        let queries = 2 * DISPATCHES_PER_SUBMIT as u32;
+        let bytes = 8 * queries as u64;
+        let buffer = |label, usage| self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: bytes, usage, mapped_at_creation: false });
+        let profiler = Profiler {
+            query_set: self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kernel timestamps"), ty: wgpu::QueryType::Timestamp, count: queries }),
+            resolve: buffer("timestamp resolve", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer("timestamp readback", wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ),
+            period: self.queue.get_timestamp_period() as f64,
+            pending: Vec::new(),
+            timings: Vec::new(),
+        };
+        self.runtime.recorder.lock().unwrap().profiler = Some(profiler);
+        self.take_error()
+    }
+
+    /// Stops profiling and returns the GPU time of every dispatch since
+    /// `start_profiling`, in order.
+    pub fn finish_profiling(&self) -> Result<Vec<KernelTiming>> {
+        self.flush();
+        let profiler = self.runtime.recorder.lock().unwrap().profiler.take();
+        self.take_error()?;
+        Ok(profiler.map(|p| p.timings).unwrap_or_default())
+    }
+
     /// Records one kernel launch: binding 0 is the uniform `params`, the
     /// storage buffers go to the given binding numbers. Work is submitted in
     /// batches.
@@ -387,6 +422,18 @@ impl GpuContext {
         params: &[u8],
         buffers: &[(u32, &wgpu::Buffer)],
         groups: [u32; 3],
+    ) -> Result<()> {
+        self.dispatch_work(kernel, params, buffers, groups, None)
+    }
+
+    /// `dispatch`, telling a profile what the kernel computes.
+    pub(crate) fn dispatch_work(
+        &self,
+        kernel: Kernel<'_>,
+        params: &[u8],
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+        work: Option<Work>,
     ) -> Result<()> {
         if groups.iter().any(|&g| g == 0) {
             return Ok(());
@@ -424,6 +471,9 @@ impl GpuContext {
         pass.set_pipeline(&pipeline.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        if let Some(profiler) = recorder.profiler.as_mut() {
+            profiler.pending.push((format!("{}::{}", kernel.family.name(), kernel.entry), work));
+        }
         recorder.dispatches += 1;
         Counters::bump(&self.runtime.counters.dispatches, 1);
         if recorder.dispatches >= DISPATCHES_PER_SUBMIT {
@@ -437,16 +487,51 @@ impl GpuContext {
     /// the ring and submits.
     fn submit_locked(&self, recorder: &mut Recorder) {
         recorder.pass = None;
-        if let Some(encoder) = recorder.encoder.take() {
+        let timed = recorder.profiler.as_ref().map_or(0, |p| p.pending.len() as u32);
+        if let Some(mut encoder) = recorder.encoder.take() {
             if !recorder.params.is_empty() {
                 self.queue.write_buffer(&self.params_ring, 0, &recorder.params);
                 Counters::bump(&self.runtime.counters.bytes_to_device, recorder.params.len() as u64);
+            }
+            if let (Some(p), true) = (recorder.profiler.as_ref(), timed > 0) {
+                encoder.resolve_query_set(&p.query_set, 0..2 * timed, &p.resolve, 0);
+                encoder.copy_buffer_to_buffer(&p.resolve, 0, &p.readback, 0, Some(16 * timed as u64));
             }
             self.queue.submit([encoder.finish()]);
             Counters::bump(&self.runtime.counters.submits, 1);
         }
         recorder.params.clear();
         recorder.dispatches = 0;
+        if let (Some(p), true) = (recorder.profiler.as_mut(), timed > 0) {
+            self.read_timestamps(p);
+        }
+    }
+
+    /// Waits for the submit just made and turns its timestamps into
+    /// per-dispatch times (not counted as host waits: profiling only).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn read_timestamps(&self, p: &mut Profiler) {
+        let timed = p.pending.len();
+        let slice = p.readback.slice(..16 * timed as u64);
+        slice.map_async(wgpu::MapMode::Read, |_| ());
+        if self.device.poll(wgpu::PollType::wait_indefinitely()).is_err() {
+            p.pending.clear();
+            return;
+        }
+        if let Ok(view) = slice.get_mapped_range() {
+            for (i, (kernel, work)) in p.pending.drain(..).enumerate() {
+                let tick = |j: usize| u64::from_le_bytes(view[8 * j..8 * j + 8].try_into().expect("8 bytes"));
+                let nanos = tick(2 * i + 1).saturating_sub(tick(2 * i)) as f64 * p.period;
+                p.timings.push(KernelTiming { kernel, work, nanos });
+            }
+        }
+        p.pending.clear();
+        p.readback.unmap();
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn read_timestamps(&self, p: &mut Profiler) {
+        p.pending.clear();
     }
 
     /// Submits all recorded work to the GPU without waiting for it.

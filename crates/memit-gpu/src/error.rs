@@ -39,6 +39,9 @@ pub enum GpuError {
     #[error("GPU internal error: {0}")]
     Internal(String),
 
+    #[error("adapter `{adapter}` cannot time kernels: it has no timestamp queries{detail}")]
+    NoTimestamps { adapter: String, detail: &'static str },
+
     #[error("reading a buffer back from the GPU failed: {0}")]
     Readback(String),
 

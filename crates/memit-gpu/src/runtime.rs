@@ -159,6 +159,50 @@ impl BufferPool {
 /// accepts.
 pub(crate) const PARAMS_SLOT: u64 = 256;
 
+/// What one dispatch computes, for the profile's rates: a matrix product's
+/// shape and its floating-point operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Work {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch: u32,
+    pub flops: u64,
+}
+
+impl Work {
+    /// A batch of `m`×`k` by `k`×`n` products (one multiply-add is 2 flops).
+    pub fn matmul(m: usize, n: usize, k: usize, batch: usize) -> Work {
+        Work { m: m as u32, n: n as u32, k: k as u32, batch: batch as u32, flops: 2 * (m * n * k * batch) as u64 }
+    }
+}
+
+/// The GPU time of one dispatch, from timestamps written before and after
+/// it (its own compute pass).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelTiming {
+    /// `family::entry`.
+    pub kernel: String,
+    pub work: Option<Work>,
+    pub nanos: f64,
+}
+
+/// Timestamp queries around every dispatch while profiling is on: each
+/// dispatch gets its own pass, the submit resolves the timestamps and the
+/// host reads them right away. This costs a wait per submit, so it is for
+/// measuring, never for normal runs.
+pub(crate) struct Profiler {
+    pub query_set: wgpu::QuerySet,
+    /// QUERY_RESOLVE target, then copied into `readback` for mapping.
+    pub resolve: wgpu::Buffer,
+    pub readback: wgpu::Buffer,
+    /// Nanoseconds per timestamp tick.
+    pub period: f64,
+    /// Dispatches recorded since the last submit, in query order.
+    pub pending: Vec<(String, Option<Work>)>,
+    pub timings: Vec<KernelTiming>,
+}
+
 /// Work recorded but not yet submitted.
 pub(crate) struct Recorder {
     pub encoder: Option<wgpu::CommandEncoder>,
@@ -168,11 +212,12 @@ pub(crate) struct Recorder {
     /// Parameters of the recorded dispatches, slot by slot, written to the
     /// uniform ring just before the submit.
     pub params: Vec<u8>,
+    pub profiler: Option<Profiler>,
 }
 
 impl Recorder {
     pub fn new() -> Recorder {
-        Recorder { encoder: None, pass: None, dispatches: 0, params: Vec::new() }
+        Recorder { encoder: None, pass: None, dispatches: 0, params: Vec::new(), profiler: None }
     }
 
     pub fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
@@ -180,10 +225,23 @@ impl Recorder {
         self.encoder.get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("memit") }))
     }
 
+    /// The open compute pass, or a new one. While profiling, every
+    /// dispatch gets a new pass whose start and end write timestamps.
     pub fn pass(&mut self, device: &wgpu::Device) -> &mut wgpu::ComputePass<'static> {
+        if self.profiler.is_some() {
+            self.pass = None;
+        }
         if self.pass.is_none() {
+            let index = self.profiler.as_ref().map(|p| 2 * p.pending.len() as u32);
+            let profiler = self.profiler.take();
             let encoder = self.encoder(device);
-            let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None }).forget_lifetime();
+            let timestamp_writes = profiler.as_ref().zip(index).map(|(p, i)| wgpu::ComputePassTimestampWrites {
+                query_set: &p.query_set,
+                beginning_of_pass_write_index: Some(i),
+                end_of_pass_write_index: Some(i + 1),
+            });
+            let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes }).forget_lifetime();
+            self.profiler = profiler;
             self.pass = Some(pass);
         }
         self.pass.as_mut().expect("just opened")

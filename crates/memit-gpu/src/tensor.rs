@@ -230,6 +230,18 @@ impl Tensor {
         (last.buffer.clone(), last.offset + last.rows * self.row_len())
     }
 
+    /// Rows from `row` to the end of the segment holding it.
+    fn rows_left_in_segment(&self, row: usize) -> usize {
+        let mut start = 0;
+        for seg in &self.segments {
+            if row < start + seg.rows {
+                return start + seg.rows - row;
+            }
+            start += seg.rows;
+        }
+        0
+    }
+
     /// The single buffer a small tensor lives in, or an error naming `op`.
     pub(crate) fn single(&self, op: &'static str) -> Result<(&wgpu::Buffer, usize)> {
         match &self.segments[..] {
@@ -353,6 +365,37 @@ impl GpuContext {
             row += seg.rows;
         }
         Ok(tensor)
+    }
+
+    /// The rows of `parts` one after another in a new tensor (one dtype and
+    /// row shape), copied on the GPU: projections a checkpoint stores apart
+    /// become one product.
+    pub fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let first = parts.first().ok_or_else(|| GpuError::shape("concat_rows", "nothing to concatenate"))?;
+        let row_shape = &first.shape[1..];
+        if let Some(other) = parts.iter().find(|t| &t.shape[1..] != row_shape || t.dtype != first.dtype) {
+            return Err(GpuError::shape("concat_rows", format!("{:?} {:?} after {:?} {:?}", other.shape, other.dtype, first.shape, first.dtype)));
+        }
+        let esize = first.dtype.size();
+        if (first.row_len() * esize) % 4 != 0 {
+            return Err(GpuError::shape("concat_rows", format!("rows of {} bytes are not whole 32-bit words", first.row_len() * esize)));
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = parts.iter().map(|t| t.rows()).sum();
+        let out = self.empty(&shape, first.dtype)?;
+        let mut at = 0;
+        for part in parts {
+            let mut row = 0;
+            while row < part.rows() {
+                let rows = part.rows_left_in_segment(row).min(out.rows_left_in_segment(at + row));
+                let (src, src_off) = part.locate(row);
+                let (dst, dst_off) = out.locate(at + row);
+                self.copy(&src, (src_off * esize) as u64, &dst, (dst_off * esize) as u64, (rows * part.row_len() * esize) as u64);
+                row += rows;
+            }
+            at += part.rows();
+        }
+        Ok(out)
     }
 
     /// u32 values (token ids, positions, row indices) uploaded once, to be

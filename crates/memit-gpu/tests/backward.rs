@@ -101,14 +101,18 @@ fn activation_backward_matches_numeric_gradient() {
         let want = numeric_grad(&x, |xs| xs.iter().zip(&dy).map(|(&v, &d)| f(v) * d as f64).sum());
         assert_grad_close(&got, &want, 1e-5, &format!("{act:?} backward"));
     }
-    // SwiGLU: L = Σ dy · silu(gate) · up.
+    // SwiGLU: L = Σ dy · silu(gate) · up, over 7 rows of gate | up (43 each).
+    let (rows, f) = (7, 43);
     let up = rng.vec(n, 2.0);
-    let gup = ctx.upload(&[n], &up, DType::F32).unwrap();
-    let (d_gate, d_up) = ctx.gated_activation_backward(&gx, &gup, &gdy, Activation::Silu).unwrap();
+    let gate_up: Vec<f32> = (0..rows).flat_map(|r| x[r * f..(r + 1) * f].iter().chain(&up[r * f..(r + 1) * f]).copied()).collect();
+    let g_gate_up = ctx.upload(&[rows, 2 * f], &gate_up, DType::F32).unwrap();
+    let g_dy = ctx.upload(&[rows, f], &dy, DType::F32).unwrap();
+    let d_gate_up = read(&ctx, &ctx.gated_activation_backward(&g_gate_up, &g_dy, Activation::Silu).unwrap());
+    let half = |h: usize| -> Vec<f32> { (0..rows).flat_map(|r| d_gate_up[r * 2 * f + h * f..r * 2 * f + (h + 1) * f].to_vec()).collect() };
     let want_gate = numeric_grad(&x, |xs| (0..n).map(|i| silu(xs[i]) * up[i] as f64 * dy[i] as f64).sum());
     let want_up = numeric_grad(&up, |us| (0..n).map(|i| silu(x[i] as f64) * us[i] * dy[i] as f64).sum());
-    assert_grad_close(&read(&ctx, &d_gate), &want_gate, 1e-5, "swiglu d_gate");
-    assert_grad_close(&read(&ctx, &d_up), &want_up, 1e-5, "swiglu d_up");
+    assert_grad_close(&half(0), &want_gate, 1e-5, "swiglu d_gate");
+    assert_grad_close(&half(1), &want_up, 1e-5, "swiglu d_up");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, GpuContext, GpuError, MatmulSpec, ReduceOp};
+use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, MatmulSpec, ReduceOp};
 
 const SHAPES: [(usize, usize, usize); 7] =
     [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129)];
@@ -135,6 +135,60 @@ fn matmul_over_many_chunks() {
     for z in 0..batch {
         let (want, mag) = cpu_matmul(&a[z * m * k..][..m * k], &b[z * k * n..][..k * n], m, k, n, false, false);
         assert_dot_close(&c[z * m * n..][..m * n], &want, &mag, k, &format!("chunked batch item {z}"));
+    }
+}
+
+/// x·op(W) + bias + residual with both sums in the product's epilogue: the
+/// tiled and few-row kernels, both weight layouts, f16 weights, K split
+/// across chunks (the epilogue must be added once) and residuals whose
+/// storage chunks differ from the output's.
+#[test]
+fn linear_epilogue_adds_bias_and_residual_once() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        for (i, &(m, k, n)) in [(70, 33, 130), (5, 17, 3), (1, 64, 65), (8, 300, 20), (130, 300, 7)].iter().enumerate() {
+            for (tb, w_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::F16)] {
+                let mut rng = Rng::new(500 + i as u64);
+                let (x, w, bias, residual) = (rng.vec(m * k, 1.0), rng.vec(k * n, 1.0), rng.vec(n, 1.0), rng.vec(m * n, 1.0));
+                let gx = ctx.upload(&[m, k], &x, DType::F32).unwrap();
+                let gw = ctx.upload(&stored_shape(k, n, tb), &w, w_dtype).unwrap();
+                let gbias = ctx.upload(&[n], &bias, DType::F32).unwrap();
+                let gres = ctx.upload(&[m, n], &residual, DType::F32).unwrap();
+                let w_ref = if w_dtype == DType::F16 { f16_round(&w) } else { w.clone() };
+                let (prod, mag) = cpu_matmul(&x, &w_ref, m, k, n, false, tb);
+                for (with_bias, with_residual) in [(true, false), (false, true), (true, true)] {
+                    let epilogue = Epilogue { bias: with_bias.then_some(&gbias), residual: with_residual.then_some(&gres) };
+                    let got = read(&ctx, &ctx.linear(&gx, &gw, tb, epilogue).unwrap());
+                    let extra = |j: usize| (if with_bias { bias[j % n] as f64 } else { 0.0 }) + (if with_residual { residual[j] as f64 } else { 0.0 });
+                    let want: Vec<f64> = prod.iter().enumerate().map(|(j, p)| p + extra(j)).collect();
+                    let mag: Vec<f64> = mag.iter().enumerate().map(|(j, g)| g + extra(j).abs()).collect();
+                    assert_dot_close(&got, &want, &mag, k + 2, &format!("linear {m}x{k}x{n} tb={tb} {w_dtype:?} bias={with_bias} residual={with_residual}"));
+                }
+            }
+        }
+    }
+}
+
+/// Rows of several tensors copied after one another, across storage
+/// chunks, in f32 and f16.
+#[test]
+fn concat_rows_copies_every_row_in_order() {
+    for ctx in [ctx(), tiny_chunk_ctx()] {
+        for dtype in [DType::F32, DType::F16] {
+            let mut rng = Rng::new(77);
+            let shapes = [(70, 18), (1, 18), (200, 18)];
+            let hosts: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| rng.vec(r * c, 2.0)).collect();
+            let parts: Vec<_> = shapes.iter().zip(&hosts).map(|(&(r, c), h)| ctx.upload(&[r, c], h, dtype).unwrap()).collect();
+            let joined = ctx.concat_rows(&parts.iter().collect::<Vec<_>>()).unwrap();
+            assert_eq!(joined.shape(), &[271, 18]);
+            let all: Vec<f32> = hosts.concat();
+            let want: Vec<f64> = if dtype == DType::F16 { f16_round(&all) } else { all }.iter().map(|&v| v as f64).collect();
+            assert_close(&read(&ctx, &joined), &want, 0.0, 0.0, &format!("concat {dtype:?}"));
+        }
+        let a = ctx.zeros(&[3, 4], DType::F32).unwrap();
+        let b = ctx.zeros(&[3, 5], DType::F32).unwrap();
+        assert!(matches!(ctx.concat_rows(&[&a, &b]), Err(GpuError::Shape { .. })));
+        let odd = ctx.zeros(&[3, 3], DType::F16).unwrap();
+        assert!(matches!(ctx.concat_rows(&[&odd, &odd]), Err(GpuError::Shape { .. })));
     }
 }
 
@@ -315,9 +369,12 @@ fn activations_match_reference_formulas() {
         let want: Vec<f64> = x.iter().map(|&v| f(v as f64)).collect();
         assert_close(&got, &want, 2e-6, 2e-7, &format!("{act:?}"));
     }
+    // SwiGLU from rows of gate | up: 8 rows of 376.
+    let (rows, f) = (8, x.len() / 8);
     let up = rng.vec(x.len(), 2.0);
-    let gup = ctx.upload(&[x.len()], &up, DType::F32).unwrap();
-    let got = read(&ctx, &ctx.gated_activation(&gx, &gup, Activation::Silu).unwrap());
+    let gate_up: Vec<f32> = (0..rows).flat_map(|r| x[r * f..(r + 1) * f].iter().chain(&up[r * f..(r + 1) * f]).copied()).collect();
+    let g_gate_up = ctx.upload(&[rows, 2 * f], &gate_up, DType::F32).unwrap();
+    let got = read(&ctx, &ctx.gated_activation(&g_gate_up, Activation::Silu).unwrap());
     let want: Vec<f64> = x.iter().zip(&up).map(|(&g, &u)| silu(g as f64) * u as f64).collect();
     assert_close(&got, &want, 2e-6, 2e-7, "swiglu");
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{DType, GpuContext, GpuError, GpuOptions, MatmulSpec, MatrixView};
+use memit_gpu::{Activation, DType, GpuContext, GpuError, GpuOptions, MatmulSpec, MatrixView, Work};
 
 #[test]
 fn opens_an_adapter_with_its_real_limits() {
@@ -116,4 +116,39 @@ fn software_opengl_is_never_used() {
     // The default never reaches OpenGL.
     let ctx = pollster::block_on(GpuContext::new(GpuOptions::default())).expect("a Vulkan adapter (install mesa-vulkan-drivers)");
     assert_ne!(ctx.adapter_info().backend, wgpu::Backend::Gl);
+}
+
+/// Profiling times every dispatch with GPU timestamps, names its kernel
+/// and, for products, its shape and work; results are the same as without.
+#[test]
+fn profiling_times_each_dispatch_and_changes_no_result() {
+    let ctx = ctx();
+    let mut rng = Rng::new(5);
+    let (m, k, n) = (70, 33, 20);
+    let a = ctx.upload(&[m, k], &rng.vec(m * k, 1.0), DType::F32).unwrap();
+    let b = ctx.upload(&[k, n], &rng.vec(k * n, 1.0), DType::F32).unwrap();
+    let plain = read(&ctx, &ctx.matmul(&a, &b, false, false).unwrap());
+    match ctx.start_profiling() {
+        Err(GpuError::NoTimestamps { .. }) => {
+            // Adapters without timestamp queries say so; lavapipe has them.
+            assert!(!ctx.adapter_info().name.contains("llvmpipe"), "lavapipe has timestamp queries");
+            return;
+        }
+        other => other.unwrap(),
+    }
+    let c = ctx.matmul(&a, &b, false, false).unwrap();
+    let d = ctx.activation(&c, Activation::Relu).unwrap();
+    let profiled = read(&ctx, &c);
+    read(&ctx, &d);
+    let timings = ctx.finish_profiling().unwrap();
+    assert_eq!(profiled, plain);
+    let kernels: Vec<&str> = timings.iter().map(|t| t.kernel.as_str()).collect();
+    assert_eq!(kernels, ["matmul::matmul", "activation::apply"]);
+    assert_eq!(timings[0].work, Some(Work { m: 70, n: 20, k: 33, batch: 1, flops: 2 * 70 * 20 * 33 }));
+    assert_eq!(timings[1].work, None);
+    assert!(timings.iter().all(|t| t.nanos.is_finite() && t.nanos >= 0.0));
+    assert!(timings[0].nanos > 0.0, "a 70x33x20 product takes measurable time");
+    // After finishing, dispatches are no longer timed.
+    ctx.matmul(&a, &b, false, false).unwrap();
+    assert!(ctx.finish_profiling().unwrap().is_empty());
 }

@@ -2,12 +2,12 @@
 //! layer, the final norm and the unembedding: what MEMIT's target-vector
 //! optimisation needs to move the residual stream at one layer.
 
-use memit_gpu::{BinaryOp, Indices, MatmulSpec, Tensor};
+use memit_gpu::{BinaryOp, Indices, Tensor};
 
 use crate::config::Residual;
 use crate::error::Result;
 use crate::forward::{Batch, BlockTrace, Rows, SuffixPass};
-use crate::model::{Linear, Model, Norm, QkvProjection, WeightLayout};
+use crate::model::{Linear, Model, Norm, WeightLayout};
 
 /// Activations recorded by [`Model::forward_traced`].
 pub struct Trace {
@@ -34,12 +34,6 @@ impl Linear {
     /// dL/dx of y = x·Wᵀ + b (or x·W for Conv1D storage).
     pub fn backward(&self, ctx: &memit_gpu::GpuContext, dy: &Tensor) -> Result<Tensor> {
         Ok(ctx.matmul(dy, &self.weight, false, self.layout == WeightLayout::InOut)?)
-    }
-
-    /// dx += dL/dx, accumulating into an existing gradient.
-    fn backward_into(&self, ctx: &memit_gpu::GpuContext, dy: &Tensor, dx: &Tensor) -> Result<()> {
-        let spec = MatmulSpec { trans_b: self.layout == WeightLayout::InOut, beta: 1.0, ..Default::default() };
-        Ok(ctx.matmul_into(dy, &self.weight, dx, spec)?)
     }
 }
 
@@ -130,18 +124,12 @@ impl Model {
         let ctx = &self.ctx;
         let block = &self.blocks[layer];
         let d_key = block.mlp_out.backward(ctx, d_h)?;
-        match (&block.mlp_gate, &t.gate) {
-            (Some(gate_proj), Some(gate)) => {
-                let (d_gate, d_up) = ctx.gated_activation_backward(gate, &t.up, &d_key, self.config.activation)?;
-                let d_m = block.mlp_in.backward(ctx, &d_up)?;
-                gate_proj.backward_into(ctx, &d_gate, &d_m)?;
-                Ok(d_m)
-            }
-            _ => {
-                let d_up = ctx.activation_backward(&t.up, &d_key, self.config.activation)?;
-                block.mlp_in.backward(ctx, &d_up)
-            }
-        }
+        let d_up = if block.mlp_gated {
+            ctx.gated_activation_backward(&t.up, &d_key, self.config.activation)?
+        } else {
+            ctx.activation_backward(&t.up, &d_key, self.config.activation)?
+        };
+        block.mlp_in.backward(ctx, &d_up)
     }
 
     /// Gradient w.r.t. the attention input `a` given the gradient of the
@@ -154,28 +142,10 @@ impl Model {
         let (q, k, v) = (&t.attn.q, &t.attn.k, &t.attn.v);
         // Gradients have the queries' rows (a suffix pass's keys before the
         // suffix are constants) and q, k, v's row layouts.
-        let grad_like = |x: &Tensor| ctx.zeros(&[q.0.rows(), x.row_len()], memit_gpu::DType::F32);
-        let (dq, dk, dv) = match &block.qkv {
-            QkvProjection::Fused { .. } => {
-                let g = grad_like(&q.0)?;
-                (g.clone(), g.clone(), g)
-            }
-            QkvProjection::Separate { .. } => (grad_like(&q.0)?, grad_like(&k.0)?, grad_like(&v.0)?),
-        };
-        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&dq, &dk, &dv), c.head_dim, rows.attention(ctx)?, self.attention_scale())?;
-        if let Some(table) = &self.rope_table {
-            let positions = rows.positions(ctx)?;
-            ctx.rotary_inverse(&dq, q.1, c.rotary_dim, c.rotary_style, table, positions)?;
-            ctx.rotary_inverse(&dk, k.1, c.rotary_dim, c.rotary_style, table, positions)?;
-        }
-        match &block.qkv {
-            QkvProjection::Fused { proj, .. } => proj.backward(ctx, &dq),
-            QkvProjection::Separate { q: wq, k: wk, v: wv } => {
-                let d_a = wq.backward(ctx, &dq)?;
-                wk.backward_into(ctx, &dk, &d_a)?;
-                wv.backward_into(ctx, &dv, &d_a)?;
-                Ok(d_a)
-            }
-        }
+        // One gradient tensor laid out like q | k | v.
+        let d_qkv = ctx.zeros(&[q.0.rows(), q.0.row_len()], memit_gpu::DType::F32)?;
+        ctx.attention_backward((&q.0, q.1), (&k.0, k.1), (&v.0, v.1), &d_mixed, (&d_qkv, &d_qkv, &d_qkv), c.head_dim, rows.attention(ctx)?, self.attention_scale())?;
+        self.rotate_qk(&d_qkv, q.1, k.1, rows, true)?;
+        block.qkv.backward(ctx, &d_qkv)
     }
 }

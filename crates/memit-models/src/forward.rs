@@ -8,7 +8,7 @@ use memit_gpu::{AttentionRows, BinaryOp, GpuContext, HeadLayout, Indices, Tensor
 
 use crate::config::Residual;
 use crate::error::{ModelError, Result};
-use crate::model::{Block, Model, QkvProjection};
+use crate::model::{Block, Model};
 
 /// Which side of a shorter sequence padding goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,19 +282,18 @@ pub struct BlockOutput {
     pub mlp_key: Option<Tensor>,
 }
 
-/// q, k, v (after rotary) with their head layouts, and the attention output
-/// after its projection.
+/// q, k, v (after rotary) with their head layouts.
 pub(crate) struct AttentionTrace {
     pub q: (Tensor, HeadLayout),
     pub k: (Tensor, HeadLayout),
     pub v: (Tensor, HeadLayout),
-    pub projected: Tensor,
 }
 
 pub(crate) struct MlpTrace {
-    pub out: Tensor,
+    /// The input projection's output: [rows, d_ff], or gate | up
+    /// [rows, 2·d_ff] for a gated MLP.
     pub up: Tensor,
-    pub gate: Option<Tensor>,
+    /// The activation (MEMIT's key, the input of W_out).
     pub key: Tensor,
 }
 
@@ -304,8 +303,8 @@ pub(crate) struct BlockTrace {
     pub attn: AttentionTrace,
     /// x + attention, for sequential blocks.
     pub x1: Option<Tensor>,
+    /// The MLP's input projection (gate | up for a gated MLP).
     pub up: Tensor,
-    pub gate: Option<Tensor>,
     pub key: Tensor,
     pub out: Tensor,
 }
@@ -380,65 +379,45 @@ impl Model {
         let ctx = &self.ctx;
         let block = &self.blocks[layer];
         let a = block.ln1.forward(ctx, x)?;
-        let attn = self.attention(layer, &a, rows)?;
-        let add = |p: &Tensor, q: &Tensor| ctx.binary(BinaryOp::Add, p, q);
-        let (x1, m) = match self.config.residual {
-            Residual::Sequential => {
-                let x1 = add(x, &attn.projected)?;
-                let m = block.ln2.as_ref().expect("sequential blocks have ln2").forward(ctx, &x1)?;
-                (Some(x1), m)
-            }
-            Residual::ParallelSharedNorm => (None, a.clone()),
-            Residual::Parallel => (None, block.ln2.as_ref().expect("parallel blocks have ln2").forward(ctx, x)?),
+        let (attn, mixed) = self.attention(layer, &a, rows)?;
+        // x + attention, the residual added by the projection's epilogue.
+        let x1 = block.attn_out.forward_plus(ctx, &mixed, Some(x))?;
+        drop(mixed); // not kept by the trace: free it for the MLP
+        let m = match self.config.residual {
+            Residual::Sequential => block.ln2.as_ref().expect("sequential blocks have ln2").forward(ctx, &x1)?,
+            Residual::ParallelSharedNorm => a,
+            Residual::Parallel => block.ln2.as_ref().expect("parallel blocks have ln2").forward(ctx, x)?,
         };
         let mlp = self.mlp(block, &m)?;
-        let out = match &x1 {
-            Some(x1) => add(x1, &mlp.out)?,
-            None => add(&add(x, &attn.projected)?, &mlp.out)?,
-        };
-        Ok(BlockTrace { x: x.clone(), attn, x1, up: mlp.up, gate: mlp.gate, key: mlp.key, out })
+        // x1 + MLP: the sequential block's x + attn + MLP, or the parallel one's.
+        let out = block.mlp_out.forward_plus(ctx, &mlp.key, Some(&x1))?;
+        let x1 = (self.config.residual == Residual::Sequential).then_some(x1);
+        Ok(BlockTrace { x: x.clone(), attn, x1, up: mlp.up, key: mlp.key, out })
     }
 
     fn mlp(&self, block: &Block, m: &Tensor) -> Result<MlpTrace> {
         let ctx = &self.ctx;
         let up = block.mlp_in.forward(ctx, m)?;
-        let gate = block.mlp_gate.as_ref().map(|g| g.forward(ctx, m)).transpose()?;
-        let key = match &gate {
-            Some(gate) => ctx.gated_activation(gate, &up, self.config.activation)?,
-            None => ctx.activation(&up, self.config.activation)?,
-        };
-        Ok(MlpTrace { out: block.mlp_out.forward(ctx, &key)?, up, gate, key })
+        let key = if block.mlp_gated { ctx.gated_activation(&up, self.config.activation)? } else { ctx.activation(&up, self.config.activation)? };
+        Ok(MlpTrace { up, key })
     }
 
-    fn attention(&self, layer: usize, a: &Tensor, rows: Rows<'_>) -> Result<AttentionTrace> {
+    /// The attention's trace and its output before the projection.
+    fn attention(&self, layer: usize, a: &Tensor, rows: Rows<'_>) -> Result<(AttentionTrace, Tensor)> {
         let ctx = &self.ctx;
         let c = &self.config;
         let block = &self.blocks[layer];
         let hd = c.head_dim;
         let heads = |offset, head_stride, n_heads| HeadLayout { offset, head_stride, n_heads };
-        let (q, k, v);
-        let (ql, kl, vl);
-        match &block.qkv {
-            QkvProjection::Fused { proj, per_head } => {
-                let qkv = proj.forward(ctx, a)?;
-                if *per_head {
-                    (ql, kl, vl) = (heads(0, 3 * hd, c.n_heads), heads(hd, 3 * hd, c.n_heads), heads(2 * hd, 3 * hd, c.n_heads));
-                } else {
-                    let w = c.n_heads * hd;
-                    (ql, kl, vl) = (heads(0, hd, c.n_heads), heads(w, hd, c.n_kv_heads), heads(2 * w, hd, c.n_kv_heads));
-                }
-                (q, k, v) = (qkv.clone(), qkv.clone(), qkv);
-            }
-            QkvProjection::Separate { q: wq, k: wk, v: wv } => {
-                (q, k, v) = (wq.forward(ctx, a)?, wk.forward(ctx, a)?, wv.forward(ctx, a)?);
-                (ql, kl, vl) = (heads(0, hd, c.n_heads), heads(0, hd, c.n_kv_heads), heads(0, hd, c.n_kv_heads));
-            }
-        }
-        if let Some(table) = &self.rope_table {
-            let positions = rows.positions(ctx)?;
-            ctx.rotary(&q, ql, c.rotary_dim, c.rotary_style, table, positions)?;
-            ctx.rotary(&k, kl, c.rotary_dim, c.rotary_style, table, positions)?;
-        }
+        let qkv = block.qkv.forward(ctx, a)?;
+        let (ql, kl, vl) = if block.qkv_per_head {
+            (heads(0, 3 * hd, c.n_heads), heads(hd, 3 * hd, c.n_heads), heads(2 * hd, 3 * hd, c.n_heads))
+        } else {
+            let (q_width, kv_width) = (c.n_heads * hd, c.n_kv_heads * hd);
+            (heads(0, hd, c.n_heads), heads(q_width, hd, c.n_kv_heads), heads(q_width + kv_width, hd, c.n_kv_heads))
+        };
+        self.rotate_qk(&qkv, ql, kl, rows, false)?;
+        let (q, k, v) = (qkv.clone(), qkv.clone(), qkv);
         // A suffix pass writes its keys and values over its rows of the
         // cache and attends to the whole cache.
         let (k, v) = match rows {
@@ -446,8 +425,29 @@ impl Model {
             Rows::Suffix(pass) => pass.store_keys(ctx, layer, &k, &v)?,
         };
         let mixed = ctx.attention((&q, ql), (&k, kl), (&v, vl), hd, rows.attention(ctx)?, self.attention_scale())?;
-        let projected = block.attn_out.forward(ctx, &mixed)?;
-        Ok(AttentionTrace { q: (q, ql), k: (k, kl), v: (v, vl), projected })
+        Ok((AttentionTrace { q: (q, ql), k: (k, kl), v: (v, vl) }, mixed))
+    }
+
+    /// Rotary embedding of the queries and keys in `x` (or its inverse, the
+    /// backward pass): one dispatch when the key heads follow the query
+    /// heads in the row ([q | k | v]), two otherwise.
+    pub(crate) fn rotate_qk(&self, x: &Tensor, q: HeadLayout, k: HeadLayout, rows: Rows<'_>, inverse: bool) -> Result<()> {
+        let Some(table) = &self.rope_table else { return Ok(()) };
+        let ctx = &self.ctx;
+        let (positions, c) = (rows.positions(ctx)?, &self.config);
+        let layouts = if q.head_stride == k.head_stride && k.offset == q.offset + q.n_heads * q.head_stride {
+            vec![HeadLayout { n_heads: q.n_heads + k.n_heads, ..q }]
+        } else {
+            vec![q, k]
+        };
+        for layout in layouts {
+            if inverse {
+                ctx.rotary_inverse(x, layout, c.rotary_dim, c.rotary_style, table, positions)?;
+            } else {
+                ctx.rotary(x, layout, c.rotary_dim, c.rotary_style, table, positions)?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn attention_scale(&self) -> f32 {
@@ -483,4 +483,5 @@ impl Model {
         Ok(ForwardOutput { logits, hidden, mlp_keys })
     }
 }
+
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use memit_gpu::{BinaryOp, DType, GpuContext, Tensor};
+use memit_gpu::{DType, Epilogue, GpuContext, Tensor};
 
 use crate::config::{Arch, ModelConfig, Residual};
 use crate::error::{ModelError, Result};
@@ -26,11 +26,14 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
-        let y = ctx.matmul(x, &self.weight, false, self.layout == WeightLayout::OutIn)?;
-        Ok(match &self.bias {
-            Some(b) => ctx.binary(BinaryOp::Add, &y, b)?,
-            None => y,
-        })
+        self.forward_plus(ctx, x, None)
+    }
+
+    /// x·W + b + residual, the bias and residual added by the product's
+    /// epilogue (no dispatch of their own).
+    pub fn forward_plus(&self, ctx: &GpuContext, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let epilogue = Epilogue { bias: self.bias.as_ref(), residual };
+        Ok(ctx.linear(x, &self.weight, self.layout == WeightLayout::OutIn, epilogue)?)
     }
 }
 
@@ -52,23 +55,20 @@ impl Norm {
 }
 
 #[derive(Debug, Clone)]
-pub enum QkvProjection {
-    /// One projection producing q, k and v; `per_head` is GPT-NeoX's
-    /// [head][q k v] order, otherwise GPT-2's [q | k | v] blocks.
-    Fused { proj: Linear, per_head: bool },
-    Separate { q: Linear, k: Linear, v: Linear },
-}
-
-#[derive(Debug, Clone)]
 pub struct Block {
     pub ln1: Norm,
     /// Absent when attention and MLP share `ln1` (GPT-J).
     pub ln2: Option<Norm>,
-    pub qkv: QkvProjection,
+    /// One projection producing q, k and v (checkpoints that store them
+    /// apart are concatenated at load, so one product computes all three).
+    pub qkv: Linear,
+    /// GPT-NeoX's [head][q k v] order; otherwise [q | k | v] blocks.
+    pub qkv_per_head: bool,
     pub attn_out: Linear,
+    /// The MLP's input projection; for a gated MLP (Llama's SwiGLU) the
+    /// gate and up projections concatenated, gate first.
     pub mlp_in: Linear,
-    /// SwiGLU gate (Llama).
-    pub mlp_gate: Option<Linear>,
+    pub mlp_gated: bool,
     /// MEMIT's W_out: its input is the key k, its output is added to the
     /// residual stream.
     pub mlp_out: Linear,
@@ -256,6 +256,18 @@ impl Loader<'_> {
         })
     }
 
+    /// Projections from `d_in` features stored [out, in], concatenated
+    /// along their outputs into one (their biases too).
+    fn concatenated(&self, prefixes: &[(String, usize)], d_in: usize, with_bias: bool) -> Result<Linear> {
+        let parts = prefixes.iter().map(|(p, d_out)| self.linear(p, d_in, *d_out, WeightLayout::OutIn, with_bias)).collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let bias = match with_bias {
+            true => Some(self.ctx.concat_rows(&parts.iter().map(|l| l.bias.as_ref().expect("loaded with bias")).collect::<Vec<_>>())?),
+            false => None,
+        };
+        Ok(Linear { weight: self.ctx.concat_rows(&weights)?, bias, layout: WeightLayout::OutIn })
+    }
+
     /// A projection from `d_in` to `d_out` features.
     fn linear(&self, prefix: &str, d_in: usize, d_out: usize, layout: WeightLayout, with_bias: bool) -> Result<Linear> {
         let shape = match layout {
@@ -322,23 +334,21 @@ impl Model {
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let qkv = match n.qkv_fused {
-                Some(p) => QkvProjection::Fused {
-                    proj: loader.linear(&layer(p, l), d, q_width + 2 * kv_width, proj_layout, biased)?,
-                    per_head: c.arch == Arch::GptNeox,
-                },
-                None => QkvProjection::Separate {
-                    q: loader.linear(&layer(n.q, l), d, q_width, proj_layout, biased)?,
-                    k: loader.linear(&layer(n.k, l), d, kv_width, proj_layout, biased)?,
-                    v: loader.linear(&layer(n.v, l), d, kv_width, proj_layout, biased)?,
-                },
+                Some(p) => loader.linear(&layer(p, l), d, q_width + 2 * kv_width, proj_layout, biased)?,
+                None => loader.concatenated(&[(layer(n.q, l), q_width), (layer(n.k, l), kv_width), (layer(n.v, l), kv_width)], d, biased)?,
+            };
+            let mlp_in = match n.mlp_gate {
+                Some(gate) => loader.concatenated(&[(layer(gate, l), ff), (layer(n.mlp_in, l), ff)], d, mlp_biased)?,
+                None => loader.linear(&layer(n.mlp_in, l), d, ff, proj_layout, mlp_biased)?,
             };
             blocks.push(Block {
                 ln1: loader.norm(&layer(n.ln1, l), d, c.norm_eps, layernorm)?,
                 ln2: n.ln2.map(|p| loader.norm(&layer(p, l), d, c.norm_eps, layernorm)).transpose()?,
                 qkv,
+                qkv_per_head: c.arch == Arch::GptNeox,
                 attn_out: loader.linear(&layer(n.attn_out, l), q_width, d, proj_layout, biased)?,
-                mlp_in: loader.linear(&layer(n.mlp_in, l), d, ff, proj_layout, mlp_biased)?,
-                mlp_gate: n.mlp_gate.map(|p| loader.linear(&layer(p, l), d, ff, proj_layout, false)).transpose()?,
+                mlp_in,
+                mlp_gated: n.mlp_gate.is_some(),
                 mlp_out: loader.linear(&layer(n.mlp_out, l), ff, d, proj_layout, mlp_biased)?,
             });
         }

@@ -14,9 +14,10 @@ use crate::tensor::{row_pieces, DType, Tensor};
 struct Params {
     n: u32,
     x_off: u32,
-    up_off: u32,
     out_off: u32,
     dy_off: u32,
+    /// Gated kernels: gate (and up) columns per row.
+    width: u32,
     _pad: [u32; 3],
 }
 
@@ -66,25 +67,26 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// act(gate) * up into a new tensor (SwiGLU with `Activation::Silu`).
-    pub fn gated_activation(&self, gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-        require_f32("gated_activation", &[gate, up])?;
-        same_shape("gated_activation", gate, up)?;
-        let out = self.empty(gate.shape(), DType::F32)?;
+    /// act(gate) · up into a new [rows, f] tensor from `gate_up` [rows, 2f]
+    /// holding gate | up side by side (SwiGLU with `Activation::Silu`).
+    pub fn gated_activation(&self, gate_up: &Tensor, act: Activation) -> Result<Tensor> {
+        require_f32("gated_activation", &[gate_up])?;
+        let (rows, width) = gated_width("gated_activation", gate_up)?;
+        let out = self.empty(&[rows, width], DType::F32)?;
         let defines = [("ACT", act.wgsl_fn().to_string())];
-        for piece in row_pieces(&[gate, up, &out]) {
-            let n = piece.rows * gate.row_len();
+        for piece in row_pieces(&[gate_up, &out]) {
+            let n = piece.rows * width;
             let params = Params {
                 n: u32_of(n, "gated_activation")?,
                 x_off: u32_of(piece.parts[0].1, "gated_activation")?,
-                up_off: u32_of(piece.parts[1].1, "gated_activation")?,
-                out_off: u32_of(piece.parts[2].1, "gated_activation")?,
+                out_off: u32_of(piece.parts[1].1, "gated_activation")?,
+                width: u32_of(width, "gated_activation")?,
                 ..Default::default()
             };
             self.dispatch(
                 Kernel { family: ShaderFamily::Activation, entry: "gated", defines: &defines },
                 bytemuck::bytes_of(&params),
-                &[(1, &piece.parts[0].0), (2, &piece.parts[1].0), (3, &piece.parts[2].0)],
+                &[(1, &piece.parts[0].0), (3, &piece.parts[1].0)],
                 grid_1d(n.div_ceil(256)),
             )?;
         }
@@ -116,34 +118,42 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// Gradients (d_gate, d_up) of act(gate) · up given its output gradient.
-    pub fn gated_activation_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor, act: Activation) -> Result<(Tensor, Tensor)> {
-        require_f32("gated_activation_backward", &[gate, up, dy])?;
-        same_shape("gated_activation_backward", gate, up)?;
-        same_shape("gated_activation_backward", gate, dy)?;
-        let d_gate = self.empty(gate.shape(), DType::F32)?;
-        let d_up = self.empty(gate.shape(), DType::F32)?;
+    /// The gradient d_gate | d_up [rows, 2f] of `gated_activation` given
+    /// its output gradient `dy` [rows, f].
+    pub fn gated_activation_backward(&self, gate_up: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
+        require_f32("gated_activation_backward", &[gate_up, dy])?;
+        let (rows, width) = gated_width("gated_activation_backward", gate_up)?;
+        if dy.shape() != [rows, width] {
+            return Err(crate::GpuError::shape("gated_activation_backward", format!("gradient of shape {:?} for gate | up of shape {:?}", dy.shape(), gate_up.shape())));
+        }
+        let d_gate_up = self.empty(gate_up.shape(), DType::F32)?;
         let defines = [("ACT", act.wgsl_fn().to_string())];
-        for piece in row_pieces(&[gate, up, dy, &d_gate, &d_up]) {
-            if piece.parts[3].1 != piece.parts[4].1 {
-                return Err(crate::GpuError::shape("gated_activation_backward", "gradient outputs laid out differently"));
-            }
-            let n = piece.rows * gate.row_len();
+        for piece in row_pieces(&[gate_up, dy, &d_gate_up]) {
+            let n = piece.rows * width;
             let params = Params {
                 n: u32_of(n, "gated_activation_backward")?,
                 x_off: u32_of(piece.parts[0].1, "gated_activation_backward")?,
-                up_off: u32_of(piece.parts[1].1, "gated_activation_backward")?,
-                dy_off: u32_of(piece.parts[2].1, "gated_activation_backward")?,
-                out_off: u32_of(piece.parts[3].1, "gated_activation_backward")?,
+                dy_off: u32_of(piece.parts[1].1, "gated_activation_backward")?,
+                out_off: u32_of(piece.parts[2].1, "gated_activation_backward")?,
+                width: u32_of(width, "gated_activation_backward")?,
                 ..Default::default()
             };
             self.dispatch(
                 Kernel { family: ShaderFamily::Activation, entry: "gated_backward", defines: &defines },
                 bytemuck::bytes_of(&params),
-                &[(1, &piece.parts[0].0), (2, &piece.parts[1].0), (4, &piece.parts[2].0), (3, &piece.parts[3].0), (5, &piece.parts[4].0)],
+                &[(1, &piece.parts[0].0), (4, &piece.parts[1].0), (3, &piece.parts[2].0)],
                 grid_1d(n.div_ceil(256)),
             )?;
         }
-        Ok((d_gate, d_up))
+        Ok(d_gate_up)
     }
+}
+
+/// (rows, f) of a 2-D gate | up tensor [rows, 2f].
+fn gated_width(op: &'static str, gate_up: &Tensor) -> Result<(usize, usize)> {
+    let (rows, cols) = gate_up.dims2(op)?;
+    if cols % 2 != 0 {
+        return Err(crate::GpuError::shape(op, format!("{cols} columns cannot hold gate | up halves")));
+    }
+    Ok((rows, cols / 2))
 }

@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::{require_f32, u32_of};
 use crate::context::{GpuContext, Kernel};
+use crate::runtime::Work;
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
 use crate::tensor::{chunk_spans, DType, Tensor, PooledBuffer};
@@ -39,7 +40,10 @@ struct Params {
     alpha: f32,
     beta: f32,
     col_base: u32,
-    _pad2: u32,
+    add_off: u32,
+    add_ld: u32,
+    bias_off: u32,
+    _pad: [u32; 2],
 }
 
 /// How to combine A and B into C.
@@ -66,12 +70,34 @@ impl MatmulSpec {
     }
 }
 
+/// What a product's epilogue adds to alpha·op(A)·op(B) + beta·C, so a
+/// layer's bias and residual cost no dispatch of their own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// One value per column of C ([N]).
+    pub bias: Option<&'a Tensor>,
+    /// A tensor shaped like C (a residual stream).
+    pub residual: Option<&'a Tensor>,
+}
+
 fn defines(spec: &MatmulSpec, a: DType, b: DType) -> Vec<(&'static str, String)> {
+    epilogue_defines(spec, a, b, false, false)
+}
+
+fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: bool) -> Vec<(&'static str, String)> {
+    let mut terms = String::new();
+    if addend {
+        terms.push_str("v += extra[p.add_off + gm * p.add_ld + gn];");
+    }
+    if bias {
+        terms.push_str("v += bias[p.bias_off + gn];");
+    }
     vec![
         ("TRANS_A", flag(spec.trans_a)),
         ("TRANS_B", flag(spec.trans_b)),
         ("A_F16", flag(a == DType::F16)),
         ("B_F16", flag(b == DType::F16)),
+        ("EPILOGUE_TERMS", terms),
     ]
 }
 
@@ -146,11 +172,12 @@ impl GpuContext {
             beta: spec.beta,
             ..Default::default()
         };
-        self.dispatch(
+        self.dispatch_work(
             Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines },
             bytemuck::bytes_of(&params),
             &[(1, a_buf), (2, b_buf), (3, c_buf)],
             groups(m, n, 1),
+            Some(Work::matmul(m, n, ka, 1)),
         )
     }
 
@@ -172,12 +199,56 @@ impl GpuContext {
 
     /// C = alpha * op(A)·op(B) + beta * C, with C already allocated.
     pub fn matmul_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec) -> Result<()> {
+        self.matmul_epilogue_into(a, b, c, spec, Epilogue::default())
+    }
+
+    /// x·op(W) + bias + residual into a new tensor, for a 2-D `x` (or 3-D,
+    /// folded into rows), with both sums in the product's epilogue.
+    pub fn linear(&self, x: &Tensor, w: &Tensor, trans_b: bool, epilogue: Epilogue<'_>) -> Result<Tensor> {
+        let spec = MatmulSpec::new(false, trans_b);
+        let (m, k, n) = product_dims(x, w, &spec)?;
+        let shape = match x.shape().len() {
+            3 => vec![x.shape()[0], m, n],
+            _ => vec![m, n],
+        };
+        let c = if k == 0 { self.zeros(&shape, DType::F32)? } else { self.empty(&shape, DType::F32)? };
+        if k == 0 {
+            // No product to carry the epilogue: add the terms directly.
+            let mut out = c;
+            if let Some(r) = epilogue.residual {
+                out = self.binary(crate::BinaryOp::Add, &out, r)?;
+            }
+            if let Some(b) = epilogue.bias {
+                out = self.binary(crate::BinaryOp::Add, &out, b)?;
+            }
+            return Ok(out);
+        }
+        self.matmul_epilogue_into(x, w, &c, spec, epilogue)?;
+        Ok(c)
+    }
+
+    /// `matmul_into` plus an epilogue (2-D products, or 3-D A with 2-D B;
+    /// K > 0, see `linear`).
+    fn matmul_epilogue_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, epilogue: Epilogue<'_>) -> Result<()> {
         require_f32("matmul (output)", &[c])?;
         let (m, k, n) = product_dims(a, b, &spec)?;
+        if let Some(bias) = epilogue.bias {
+            require_f32("matmul (bias)", &[bias])?;
+            if bias.numel() != n {
+                return Err(GpuError::shape("matmul", format!("bias of {} values for {n} columns", bias.numel())));
+            }
+        }
+        if let Some(r) = epilogue.residual {
+            require_f32("matmul (residual)", &[r])?;
+            if r.shape() != c.shape() {
+                return Err(GpuError::shape("matmul", format!("residual of shape {:?} for an output of shape {:?}", r.shape(), c.shape())));
+            }
+        }
+        let has_epilogue = epilogue.bias.is_some() || epilogue.residual.is_some();
         match (a.shape().len(), b.shape().len()) {
             (2, 2) => {
                 expect_shape(c, &[m, n])?;
-                self.matmul_2d(a, b, c, spec, m, k, n)
+                self.matmul_2d(a, b, c, spec, (m, k, n), epilogue)
             }
             (3, 2) if !spec.trans_a => {
                 // A shared weight: fold the batch into the rows of A and C.
@@ -185,8 +256,10 @@ impl GpuContext {
                 expect_shape(c, &[batch, m, n])?;
                 let a2 = a.reshape(&[batch * m, k])?;
                 let c2 = c.reshape(&[batch * m, n])?;
-                self.matmul_2d(&a2, b, &c2, spec, batch * m, k, n)
+                let r2 = epilogue.residual.map(|r| r.reshape(&[batch * m, n])).transpose()?;
+                self.matmul_2d(&a2, b, &c2, spec, (batch * m, k, n), Epilogue { residual: r2.as_ref(), ..epilogue })
             }
+            _ if has_epilogue => Err(GpuError::shape("matmul", "an epilogue needs a 2-D B")),
             (3, 3) => {
                 let batch = a.shape()[0];
                 if b.shape()[0] != batch {
@@ -199,12 +272,18 @@ impl GpuContext {
         }
     }
 
-    /// Cuts M at chunk boundaries of C (and of A when A's rows are M), K at
-    /// those of A (when transposed) and B (when not), N at those of B (when
-    /// transposed), and accumulates the K pieces into C.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_2d(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, m: usize, k: usize, n: usize) -> Result<()> {
-        let m_spans = if spec.trans_a { chunk_spans(m, &[c]) } else { chunk_spans(m, &[a, c]) };
+    /// Cuts M at chunk boundaries of C (and of A when A's rows are M, and of
+    /// the residual), K at those of A (when transposed) and B (when not), N
+    /// at those of B (when transposed), and accumulates the K pieces into C;
+    /// the first K piece carries the epilogue.
+    fn matmul_2d(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, (m, k, n): (usize, usize, usize), epilogue: Epilogue<'_>) -> Result<()> {
+        let mut row_cuts = vec![c];
+        if !spec.trans_a {
+            row_cuts.push(a);
+        }
+        row_cuts.extend(epilogue.residual);
+        let m_spans = chunk_spans(m, &row_cuts);
+        let bias = epilogue.bias.map(|t| t.single("matmul (bias)")).transpose()?;
         let k_spans = match (spec.trans_a, spec.trans_b) {
             (true, false) => chunk_spans(k, &[a, b]),
             (true, true) => chunk_spans(k, &[a]),
@@ -212,13 +291,15 @@ impl GpuContext {
             (false, true) => vec![(0, k)],
         };
         let n_spans = if spec.trans_b { chunk_spans(n, &[b]) } else { vec![(0, n)] };
-        let defines = defines(&spec, a.dtype(), b.dtype());
-        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines };
-        let few_rows = Kernel { entry: "matmul_rows", ..kernel };
+        let plain = defines(&spec, a.dtype(), b.dtype());
+        let with_epilogue = epilogue_defines(&spec, a.dtype(), b.dtype(), epilogue.residual.is_some(), bias.is_some());
         for &(m0, mlen) in &m_spans {
+            let residual = epilogue.residual.map(|r| r.locate(m0));
             for &(n0, nlen) in &n_spans {
                 let (c_buf, c_off) = c.locate(m0);
                 for (ki, &(k0, klen)) in k_spans.iter().enumerate() {
+                    let kernel = Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: if ki == 0 { &with_epilogue } else { &plain } };
+                    let few_rows = Kernel { entry: "matmul_rows", ..kernel };
                     let (a_buf, a_off) = if spec.trans_a { shift(a.locate(k0), m0) } else { shift(a.locate(m0), k0) };
                     let (b_buf, b_off) = if spec.trans_b { shift(b.locate(n0), k0) } else { shift(b.locate(k0), n0) };
                     let params = Params {
@@ -234,6 +315,9 @@ impl GpuContext {
                         c_off: u32_of(c_off + n0, "matmul")?,
                         alpha: spec.alpha,
                         beta: if ki == 0 { spec.beta } else { 1.0 },
+                        add_off: u32_of(residual.as_ref().map_or(0, |r| r.1 + n0), "matmul")?,
+                        add_ld: u32_of(n, "matmul")?,
+                        bias_off: u32_of(bias.map_or(0, |b| b.1 + n0), "matmul")?,
                         ..Default::default()
                     };
                     let (kernel, grid) = if !spec.trans_a && mlen <= FEW_ROWS {
@@ -241,7 +325,13 @@ impl GpuContext {
                     } else {
                         (kernel, groups(mlen, nlen, 1))
                     };
-                    self.dispatch(kernel, bytemuck::bytes_of(&params), &[(1, &a_buf), (2, &b_buf), (3, &c_buf)], grid)?;
+                    let mut buffers: Vec<(u32, &wgpu::Buffer)> = vec![(1, &a_buf), (2, &b_buf), (3, &c_buf)];
+                    if ki == 0 {
+                        buffers.extend(residual.as_ref().map(|r| (5, &**r.0)));
+                        buffers.extend(bias.map(|b| (6, b.0)));
+                    }
+                    let work = Work::matmul(mlen, nlen, klen, 1);
+                    self.dispatch_work(kernel, bytemuck::bytes_of(&params), &buffers, grid, Some(work))?;
                 }
             }
         }
@@ -277,11 +367,12 @@ impl GpuContext {
                     beta: spec.beta,
                     ..Default::default()
                 };
-                self.dispatch(
+                self.dispatch_work(
                     kernel,
                     bytemuck::bytes_of(&params),
                     &[(1, &a_buf), (2, &b_buf), (3, &c_buf)],
                     groups(m, n, sublen),
+                    Some(Work::matmul(m, n, k, sublen)),
                 )?;
             }
         }
@@ -324,11 +415,15 @@ impl GpuContext {
                     beta: 1.0,
                     ..Default::default()
                 };
-                self.dispatch(
+                // Only the upper triangle's elements of these rows are needed.
+                let upper = (r0..r0 + rlen).map(|r| (d - r) as u64).sum::<u64>();
+                let work = Work { flops: 2 * upper * tlen as u64, ..Work::matmul(rlen, d, tlen, 1) };
+                self.dispatch_work(
                     kernel,
                     bytemuck::bytes_of(&params),
                     &[(1, &k_buf), (2, &k_buf), (3, &c_buf), (4, &comp_buf)],
                     groups(rlen, d, 1),
+                    Some(work),
                 )?;
             }
         }
