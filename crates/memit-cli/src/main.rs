@@ -2,6 +2,7 @@
 
 mod evaluate;
 mod patching;
+mod plan;
 mod plot;
 mod session;
 
@@ -66,7 +67,14 @@ enum Command {
         /// running the same command).
         #[arg(long)]
         stop_after_batches: Option<usize>,
+        /// GPU memory budget (e.g. 48GiB): stop before loading when the
+        /// memory plan does not fit it.
+        #[arg(long)]
+        gpu_memory: Option<String>,
     },
+    /// Peak GPU and host memory of every phase of an edit, from the
+    /// model's config alone, and whether it fits --gpu-memory.
+    Plan(plan::PlanArgs),
     /// Apply a JSON file of MEMIT requests: writes an edited model folder and
     /// a patch file, and shows each prompt's predictions before and after.
     Edit(patching::EditArgs),
@@ -129,7 +137,8 @@ fn main() {
     let result = match cli.command {
         Command::Info { model } => info(model, json),
         Command::Generate { model, prompt, max_new_tokens, patch } => patching::generate(model, &prompt, max_new_tokens, patch, json),
-        Command::Stats { model, stats, hparams, stop_after_batches } => stats_command(model, stats, hparams, stop_after_batches, json),
+        Command::Stats { model, stats, hparams, stop_after_batches, gpu_memory } => stats_command(model, stats, hparams, stop_after_batches, gpu_memory, json),
+        Command::Plan(args) => plan::plan(args, json),
         Command::Edit(args) => patching::edit(args, json),
         Command::Apply { model, patch, dest } => patching::apply_or_revert(model, patch, dest, true, json),
         Command::Revert { model, patch, dest } => patching::apply_or_revert(model, patch, dest, false, json),
@@ -165,8 +174,9 @@ fn quiet_headless_drivers() {
     }
 }
 
-fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, stop_after_batches: Option<usize>, json: bool) -> Result<()> {
-    let session = Session::open(&model)?;
+fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, stop_after_batches: Option<usize>, gpu_memory: Option<String>, json: bool) -> Result<()> {
+    let preflight = plan::Preflight { model: &model.model, f16: model.f16, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), max_len: stats.max_len, requests: None };
+    let session = Session::open_checked(&model, |ctx| plan::preflight(&preflight, ctx))?;
     let hp = session.hparams(hparams.as_deref())?;
     match session.collect_stats(&hp, &stats, stop_after_batches)? {
         StatsOutcome::Done { path, n_tokens, seconds, from_cache, counters, .. } => {

@@ -10,6 +10,7 @@ use memit_eval::target_nll;
 use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor, TextTokenizer};
 use serde::Serialize;
 
+use crate::plan::{self, Preflight};
 use crate::session::{describe_phases, spinner, write_atomic, EditProgress, ModelArgs, Session, StatsArgs};
 
 /// Context templates for target vectors.
@@ -53,6 +54,10 @@ pub struct EditArgs {
     /// Edit in memory and show the predictions only; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// GPU memory budget (e.g. 48GiB): stop before loading when the
+    /// memory plan does not fit it.
+    #[arg(long)]
+    pub gpu_memory: Option<String>,
 }
 
 /// Where `apply` / `revert` write.
@@ -250,7 +255,15 @@ fn write_folder(src: &Path, out: &Path, tensors: &[StoredTensor], extra_files: &
 
 pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     let requests = read_requests(&args.requests)?;
-    let session = Session::open(&args.model)?;
+    let planned = Preflight {
+        model: &args.model.model,
+        f16: args.model.f16,
+        hparams: args.hparams.as_deref(),
+        gpu_memory: args.gpu_memory.as_deref(),
+        max_len: args.stats.max_len,
+        requests: Some((&requests, args.templates)),
+    };
+    let session = Session::open_checked(&args.model, |ctx| plan::preflight(&planned, ctx))?;
     let Session { model, tokenizer: tok, .. } = &session;
     for (i, r) in requests.iter().enumerate() {
         r.prepare(i, tok).with_context(|| format!("in {}", args.requests.display()))?;

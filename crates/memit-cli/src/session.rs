@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use memit_core::{load_cache, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
-use memit_models::{finish_interrupted_rewrite, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, Recovery, StoredTensor, TextTokenizer, WeightSource};
+use memit_models::{finish_interrupted_rewrite, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, ModelConfig, Recovery, StoredTensor, TextTokenizer, WeightSource};
 use sha2::{Digest, Sha256};
 
 /// `--model` and how to hold its weights.
@@ -75,6 +75,12 @@ pub struct Session {
 
 impl Session {
     pub fn open(args: &ModelArgs) -> Result<Session> {
+        Self::open_checked(args, |_| Ok(()))
+    }
+
+    /// As `open`, running `check` with the GPU before any weight is loaded
+    /// (the memory plan).
+    pub fn open_checked(args: &ModelArgs, check: impl FnOnce(&GpuContext) -> Result<()>) -> Result<Session> {
         if args.model.is_dir() {
             let what = |files: &[String]| files.join(", ");
             match finish_interrupted_rewrite(&args.model).with_context(|| format!("finishing an interrupted rewrite of {}", args.model.display()))? {
@@ -84,6 +90,7 @@ impl Session {
             }
         }
         let ctx = open_gpu()?;
+        check(&ctx)?;
         let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 } };
         let spinner = spinner(&format!("loading {}", args.model.display()));
         let loaded = load_model_path(ctx, &args.model, options).with_context(|| format!("loading the model at {}", args.model.display()))?;
@@ -97,18 +104,7 @@ impl Session {
     /// The model's preset, or `spec`: a preset name or a JSON file of
     /// overrides.
     pub fn hparams(&self, spec: Option<&str>) -> Result<Hparams> {
-        let base = Hparams::for_model(&self.model.config);
-        let hp = match spec {
-            None => base,
-            Some(s) if Path::new(s).is_file() => {
-                let text = std::fs::read_to_string(s).with_context(|| format!("reading {s}"))?;
-                let overrides: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{s} is not valid JSON"))?;
-                base.with_overrides(&overrides)?
-            }
-            Some(name) => Hparams::preset(name).with_context(|| format!("--hparams {name:?} is neither a file nor a preset name"))?,
-        };
-        hp.validate(&self.model.config)?;
-        Ok(hp)
+        resolve_hparams(&self.model.config, spec)
     }
 
     /// W_out of `layer` exactly as stored in the checkpoint.
@@ -197,6 +193,23 @@ impl Session {
         let counters = PhaseCounters { gpu: self.model.ctx.counters().since(&counters_before), steps: acc.passes - passes_before };
         Ok(StatsOutcome::Done { n_tokens: acc.n_tokens, covariances, path, seconds, from_cache: false, counters })
     }
+}
+
+/// The preset for `config`, or `spec`: a preset name or a JSON file of
+/// overrides; validated against the model.
+pub fn resolve_hparams(config: &ModelConfig, spec: Option<&str>) -> Result<Hparams> {
+    let base = Hparams::for_model(config);
+    let hp = match spec {
+        None => base,
+        Some(s) if Path::new(s).is_file() => {
+            let text = std::fs::read_to_string(s).with_context(|| format!("reading {s}"))?;
+            let overrides: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{s} is not valid JSON"))?;
+            base.with_overrides(&overrides)?
+        }
+        Some(name) => Hparams::preset(name).with_context(|| format!("--hparams {name:?} is neither a file nor a preset name"))?,
+    };
+    hp.validate(config)?;
+    Ok(hp)
 }
 
 pub enum StatsOutcome {

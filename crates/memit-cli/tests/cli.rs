@@ -484,3 +484,68 @@ fn killed_in_place_rewrites_leave_a_whole_model() {
     eprintln!("killed runs that left a rewrite to finish or roll back: {recovered}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A folder holding only GPT-J 6B's config.json.
+fn gpt_j_config(dir: &Path) -> PathBuf {
+    let model = dir.join("gpt-j-6b");
+    std::fs::create_dir_all(&model).unwrap();
+    let config = serde_json::json!({
+        "model_type": "gptj", "activation_function": "gelu_new", "n_embd": 4096, "n_layer": 28, "n_head": 16,
+        "rotary_dim": 64, "n_positions": 2048, "vocab_size": 50400, "n_inner": null, "layer_norm_epsilon": 1e-05,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    model
+}
+
+#[test]
+fn plan_needs_only_a_config_and_says_what_to_change_when_it_does_not_fit() {
+    let dir = scratch("plan");
+    let model = gpt_j_config(&dir);
+    let out = ok(memit(&dir).args(["--json", "plan", "--n-requests", "10000", "--f16", "--gpu-memory", "48GiB", "--model"]).arg(&model).output().unwrap());
+    let plan = json(&out);
+    assert_eq!(plan["fits"], true);
+    let names: Vec<&str> = plan["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["load", "statistics", "target vectors", "keys", "solve", "update"]);
+    assert!(plan["phases"].as_array().unwrap().iter().all(|p| p["gpu_bytes"].as_u64().unwrap() > 11 << 30 && p["host_bytes"].as_u64().is_some()));
+    assert_eq!(plan["peak_phase"], "statistics");
+
+    // f32 weights on a 30 GB card: the statistics do not fit, f16 would.
+    let out = memit(&dir).args(["plan", "--n-requests", "10000", "--gpu-memory", "30GB", "--model"]).arg(&model).output().unwrap();
+    fails_with(out, "statistics needs");
+    let out = memit(&dir).args(["plan", "--n-requests", "10000", "--gpu-memory", "30GB", "--model"]).arg(&model).output().unwrap();
+    fails_with(out, "use --f16 (weights in f16: then it fits)");
+    // f16 on 20 GiB: only fewer edited layers help the statistics.
+    let out = memit(&dir).args(["--json", "plan", "--n-requests", "10000", "--f16", "--gpu-memory", "20GiB", "--model"]).arg(&model).output().unwrap();
+    assert_eq!(json(&out)["fits"], false);
+    fails_with(out, "fewer edited layers");
+    // The solve of 60,000 requests: fewer requests per edit.
+    let out = memit(&dir).args(["plan", "--n-requests", "60000", "--f16", "--gpu-memory", "40GiB", "--model"]).arg(&model).output().unwrap();
+    fails_with(out, "solve needs");
+    let out = memit(&dir).args(["plan", "--n-requests", "60000", "--f16", "--gpu-memory", "40GiB", "--model"]).arg(&model).output().unwrap();
+    fails_with(out, "fewer requests per edit (at most");
+    fails_with(memit(&dir).args(["plan", "--n-requests", "10", "--gpu-memory", "lots", "--model"]).arg(&model).output().unwrap(), "--gpu-memory");
+}
+
+#[test]
+fn edit_and_stats_print_the_plan_and_stop_before_loading_when_it_does_not_fit() {
+    let dir = scratch("plan-edit");
+    let out = dir.join("edited");
+    let edit = memit(&dir)
+        .args(["edit", "--templates", "plain", "--gpu-memory", "20MiB", "--model"])
+        .arg(facts_model())
+        .arg("--requests")
+        .arg(facts_model().join("example-requests.json"))
+        .args(STATS)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&edit.stderr).to_string();
+    assert!(stderr.contains("memory plan: 2 requests"), "{stderr}");
+    fails_with(edit, "does not fit --gpu-memory; nothing was loaded");
+    assert!(!out.exists());
+    let stats = memit(&dir).args(["stats", "--gpu-memory", "8MiB", "--model"]).arg(facts_model()).args(STATS).output().unwrap();
+    fails_with(stats, "load needs");
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stats-")));
+}

@@ -8,6 +8,7 @@ mod hparams;
 mod integrity;
 mod keys;
 mod patch;
+mod plan;
 mod request;
 mod solve;
 mod stats;
@@ -18,6 +19,7 @@ pub use edit::{apply_memit, apply_update, compute_targets, compute_targets_with,
 pub use error::{MemitError, Result};
 pub use hparams::Hparams;
 pub use patch::{LayerChange, Patch, PatchLayer};
+pub use plan::{gib, DeviceLimits, MemoryPlan, PhasePlan, PlanError, PlanOptions, RequestShape, POOL_BYTES};
 pub use keys::{keys_and_outputs, KeysAndOutputs};
 pub use solve::{solve_layer, LayerSolve};
 pub use request::{subject_last_index, EditRequest, PreparedRequest, TargetText};

@@ -1,0 +1,201 @@
+//! `memit-wgpu plan`, and the plan `edit` and `stats` print (and enforce
+//! with `--gpu-memory`) before they load any weights: peak GPU and host
+//! memory of every phase from the model's config alone.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use memit_core::{gib, DeviceLimits, EditRequest, Hparams, MemoryPlan, PlanOptions, RequestShape, TargetOptions};
+use memit_gpu::{DType, GpuContext};
+use memit_models::{GgufSource, ModelConfig, TextTokenizer};
+
+use crate::patching::Templates;
+use crate::session::resolve_hparams;
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// A Hugging Face model folder (config.json is enough) or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Requests edited at once.
+    #[arg(long)]
+    pub n_requests: usize,
+    /// Plan for weight matrices in f16 on the GPU.
+    #[arg(long)]
+    pub f16: bool,
+    /// GPU memory budget (e.g. 48GiB, 80GB, 512MiB); without it the peaks
+    /// are printed and nothing is decided.
+    #[arg(long)]
+    pub gpu_memory: Option<String>,
+    /// A preset name or a JSON file overriding the model's preset.
+    #[arg(long)]
+    pub hparams: Option<String>,
+    #[arg(long, value_enum, default_value_t = Templates::Generated)]
+    pub templates: Templates,
+    /// Truncation of statistics texts (as `stats --max-len`).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Use this machine's GPU adapter's limits instead of wgpu's defaults.
+    #[arg(long)]
+    pub adapter: bool,
+}
+
+/// The model's config without its weights.
+pub fn read_config(model: &Path) -> Result<ModelConfig> {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        return Ok(GgufSource::open(model)?.config()?);
+    }
+    let path = model.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    ModelConfig::from_hf_json(&json).with_context(|| format!("in {}", path.display()))
+}
+
+/// "48GiB", "80 GB", "512MiB", "1.5TiB" or plain bytes.
+pub fn parse_bytes(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => (1u64 << 20) as f64,
+        "gib" => (1u64 << 30) as f64,
+        "tib" => (1u64 << 40) as f64,
+        _ => bail!("--gpu-memory {text:?}: unknown unit {unit:?} (use e.g. 48GiB, 80GB, 512MiB)"),
+    };
+    let value: f64 = number.parse().with_context(|| format!("--gpu-memory {text:?} is not a size such as 48GiB"))?;
+    let bytes = value * scale;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        bail!("--gpu-memory {text:?} is not a usable size");
+    }
+    Ok(bytes as u64)
+}
+
+fn limits_of(ctx: &GpuContext) -> DeviceLimits {
+    let l = ctx.limits();
+    DeviceLimits { max_storage_buffer_binding_size: l.max_storage_buffer_binding_size, max_buffer_size: l.max_buffer_size }
+}
+
+/// wgpu's default limits: what every WebGPU adapter offers.
+fn default_limits() -> DeviceLimits {
+    let l = wgpu::Limits::default();
+    DeviceLimits { max_storage_buffer_binding_size: l.max_storage_buffer_binding_size, max_buffer_size: l.max_buffer_size }
+}
+
+/// Templates per request and the tokens each adds before a prompt.
+fn template_counts(templates: Templates, hp: &Hparams) -> (usize, usize) {
+    match templates {
+        Templates::Plain => (1, 0),
+        // "{}" plus five generated texts: a prefix word, the generated
+        // tokens and ". ".
+        Templates::Generated => (6, hp.context_template_length + 2),
+    }
+}
+
+pub fn plan(args: PlanArgs, json: bool) -> Result<()> {
+    let config = read_config(&args.model)?;
+    let hp = resolve_hparams(&config, args.hparams.as_deref())?;
+    let limits = if args.adapter { limits_of(&*crate::session::open_gpu()?) } else { default_limits() };
+    let (templates, template_tokens) = template_counts(args.templates, &hp);
+    let options = PlanOptions {
+        matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 },
+        n_requests: args.n_requests,
+        requests: RequestShape::typical(template_tokens),
+        templates,
+        limits,
+        target: TargetOptions::default(),
+        stats_max_len: args.max_len,
+        keep_original_weights: true,
+    };
+    let plan = MemoryPlan::new(&config, &hp, &options)?;
+    let budget = args.gpu_memory.as_deref().map(parse_bytes).transpose()?;
+    let verdict = budget.map(|b| plan.check(b, &config, &hp, &options));
+    if json {
+        let mut value = serde_json::to_value(&plan)?;
+        let extra = serde_json::json!({
+            "fits": budget.map(|b| plan.fits(b)),
+            "budget_bytes": budget,
+            "peak_phase": plan.peak().name,
+            "peak_gpu_buffer_bytes": plan.peak().gpu_buffer_bytes,
+            "pool_reserve_bytes": plan.pool_reserve(),
+            "limits": limits,
+            "request_shape": options.requests,
+            "problem": verdict.as_ref().and_then(|v| v.as_ref().err()).map(|e| e.to_string()),
+        });
+        value.as_object_mut().expect("a plan is an object").extend(extra.as_object().expect("an object").clone());
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("{}", plan.summary(budget));
+        if !args.adapter {
+            println!("  (limits: wgpu defaults, {} per binding; --adapter uses this machine's GPU)", gib(limits.max_storage_buffer_binding_size));
+        }
+    }
+    if let Some(Err(e)) = verdict {
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// What `edit` and `stats` plan before loading weights.
+pub struct Preflight<'a> {
+    pub model: &'a Path,
+    pub f16: bool,
+    pub hparams: Option<&'a str>,
+    pub gpu_memory: Option<&'a str>,
+    pub max_len: Option<usize>,
+    /// The requests and their templates (`edit`); None plans the
+    /// statistics only (`stats`).
+    pub requests: Option<(&'a [EditRequest], Templates)>,
+}
+
+/// Prints the plan (stderr) and refuses a run that does not fit
+/// `--gpu-memory`. Without a budget nothing is refused; shapes beyond the
+/// adapter's binding size are warned about.
+pub fn preflight(p: &Preflight<'_>, ctx: &GpuContext) -> Result<()> {
+    let config = read_config(p.model)?;
+    let hp = resolve_hparams(&config, p.hparams)?;
+    let (n_requests, requests, templates) = match p.requests {
+        Some((requests, kind)) => {
+            let (templates, template_tokens) = template_counts(kind, &hp);
+            let shape = match open_tokenizer(p.model) {
+                Some(tok) => RequestShape::measure(&tok, requests, template_tokens)?,
+                None => RequestShape::typical(template_tokens),
+            };
+            (requests.len().max(1), shape, templates)
+        }
+        None => (1, RequestShape::typical(0), 1),
+    };
+    let options = PlanOptions {
+        matrix_dtype: if p.f16 { DType::F16 } else { DType::F32 },
+        n_requests,
+        requests,
+        templates,
+        limits: limits_of(ctx),
+        target: TargetOptions::default(),
+        stats_max_len: p.max_len,
+        keep_original_weights: true,
+    };
+    let mut plan = MemoryPlan::new(&config, &hp, &options)?;
+    if p.requests.is_none() {
+        plan.phases.retain(|ph| matches!(ph.name, "load" | "statistics"));
+    }
+    let budget = p.gpu_memory.map(parse_bytes).transpose()?;
+    eprintln!("{}", plan.summary(budget));
+    if let Some(budget) = budget {
+        plan.check(budget, &config, &hp, &options).context("the memory plan does not fit --gpu-memory; nothing was loaded")?;
+    }
+    Ok(())
+}
+
+/// The tokenizer without the weights, when the model has one.
+fn open_tokenizer(model: &Path) -> Option<TextTokenizer> {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        return GgufSource::open(model).ok()?.tokenizer().ok();
+    }
+    TextTokenizer::from_file(&model.join("tokenizer.json")).ok()
+}

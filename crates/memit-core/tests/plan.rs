@@ -1,0 +1,319 @@
+//! The memory plan: pinned for GPT-J 6B and GPT-NeoX 20B (10,000 requests,
+//! f16, a 48 GiB budget) from formulas written out here by hand, and
+//! checked against the peaks the GPU runtime measures when the phases
+//! really run on the bundled world model.
+
+use std::path::PathBuf;
+
+use memit_core::{apply_memit, gib, DeviceLimits, EditRequest, Hparams, MemoryPlan, PlanError, PlanOptions, RequestShape, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
+use memit_gpu::{DType, GpuContext};
+use memit_models::{load_hf_dir, LoadOptions, ModelConfig};
+
+const GIB: u64 = 1 << 30;
+
+/// wgpu's default limits (what `plan` assumes without an adapter).
+const WGPU_DEFAULTS: DeviceLimits = DeviceLimits { max_storage_buffer_binding_size: 128 << 20, max_buffer_size: 256 << 20 };
+
+const GPTJ_6B: &str = r#"{
+  "model_type": "gptj", "activation_function": "gelu_new", "n_embd": 4096, "n_layer": 28, "n_head": 16,
+  "rotary_dim": 64, "n_positions": 2048, "vocab_size": 50400, "n_inner": null, "layer_norm_epsilon": 1e-05,
+  "tie_word_embeddings": false, "bos_token_id": 50256, "eos_token_id": 50256
+}"#;
+
+const NEOX_20B: &str = r#"{
+  "model_type": "gpt_neox", "hidden_act": "gelu_fast", "hidden_size": 6144, "num_hidden_layers": 44,
+  "num_attention_heads": 64, "intermediate_size": 24576, "vocab_size": 50432, "max_position_embeddings": 2048,
+  "rotary_pct": 0.25, "rotary_emb_base": 10000, "use_parallel_residual": true, "layer_norm_eps": 1e-05,
+  "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0
+}"#;
+
+fn config(json: &str) -> ModelConfig {
+    ModelConfig::from_hf_json(&serde_json::from_str(json).unwrap()).unwrap()
+}
+
+fn options(n: usize, templates: usize, requests: RequestShape) -> PlanOptions {
+    PlanOptions {
+        matrix_dtype: DType::F16,
+        n_requests: n,
+        requests,
+        templates,
+        limits: WGPU_DEFAULTS,
+        target: TargetOptions::default(),
+        stats_max_len: None,
+        keep_original_weights: true,
+    }
+}
+
+/// The per-phase tensor peaks written out by hand for a GPT-J-shaped model
+/// (shared norm, q/k/v without biases, MLP biases, untied unembedding with
+/// a bias) or a GPT-NeoX-shaped one (parallel residual with its own ln2)
+/// with f16 matrices. Every model computes q|k|v with one projection (one
+/// [rows, q + 2kv] tensor) and adds biases and residuals in the products'
+/// epilogues (one tensor per linear); `t` tokens per statistics
+/// pass, `n` requests whose target batches hold one request of 6
+/// templates + a KL prompt, each `seq` tokens long with a suffix of
+/// `suffix`, `loss` loss rows per request.
+struct Hand {
+    d: u64,
+    ff: u64,
+    vocab: u64,
+    layers: u64,
+    /// Edited layers, the last one, and blocks above it.
+    r: u64,
+    last: u64,
+    above: u64,
+    q: u64,
+    kv: u64,
+    heads: u64,
+    /// Extra d-wide tensors of a block's peak: GPT-J's shared norm has
+    /// none, NeoX's parallel residual ln2(x).
+    extra_d: u64,
+    /// Weight bytes (computed separately per model).
+    weights: u64,
+}
+
+impl Hand {
+    /// Peak of one forward block beyond its input, per row, in floats.
+    /// a, q|k|v, mixed and x1 = x + attention are live at once; mixed goes
+    /// before the MLP, so the peak is at its end: a, q|k|v, x1, [ln2 out],
+    /// up, key, out (which takes the larger: mixed is q wide, the MLP's
+    /// extra 2·d_ff + d).
+    fn block_peak(&self) -> u64 {
+        let qkv = self.q + 2 * self.kv;
+        let attention = self.d + qkv + self.q + self.d;
+        let mlp = self.d + qkv + self.d + self.extra_d + self.ff + self.ff + self.d;
+        attention.max(mlp)
+    }
+
+    /// The larger of a pass and forming C at the end, beside the sums.
+    fn stats(&self, t: u64) -> u64 {
+        let sums = 2 * self.r * self.ff * self.ff * 4;
+        let batch = 2 * t * 4 + 16;
+        // Blocks up to the last edited one; the earlier edited layers keep
+        // their output and key (the last block's input among them).
+        let pass = batch + t * 4 * ((self.r - 1) * (self.d + self.ff) + self.block_peak());
+        let finish = self.ff * self.ff * 4;
+        self.weights + sums + pass.max(finish)
+    }
+
+    fn solve(&self, n: u64) -> u64 {
+        let ff = self.ff;
+        let panels = ff * 64 * 4;
+        let misc = ff.div_ceil(64) * 64 * 64 * 4 + 4 + 64 * 64 * 4;
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + 2 * ff * ff * 4 + 7 * n * ff * 4 + panels + misc
+    }
+
+    fn update(&self, n: u64) -> u64 {
+        // Factors, ΔW, W_out in f32, W_out + ΔW, cast back to f16; the
+        // earlier updated W_out beside the originals.
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + n * (self.d + self.ff) * 4 + 3 * self.d * self.ff * 4 + self.d * self.ff * 2
+    }
+
+    /// Keys: passes of `per` prompts of `len` tokens through the last
+    /// edited layer, keeping both captured layers; then the gathered rows.
+    fn keys(&self, per: u64, len: u64) -> u64 {
+        let rows = per * len;
+        let batch = 2 * rows * 4 + 16 * per;
+        // The first edited layer's output and key, the block input, the block.
+        let last_block = (self.d + self.ff) + self.d + self.block_peak();
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + batch + rows * 4 * last_block
+    }
+
+    /// Target vectors for a batch of `k` requests of `per` prompts each
+    /// (`loss` loss rows each): the suffix cache and the traced blocks
+    /// above the last edited layer, logits of the loss rows and the top
+    /// block's backward pass.
+    fn targets(&self, k: u64, per: u64, seq: u64, suffix: u64, loss: u64, steps: u64) -> u64 {
+        let (d, ff) = (self.d, self.ff);
+        let (seqs, loss) = (k * per, k * loss);
+        let rows = seqs * seq;
+        let s = seqs * suffix;
+        let qkv = self.q + 2 * self.kv;
+        let batch = 2 * rows * 4 + 16 * seqs;
+        let layout = 3 * s * 4 + 16 * seqs;
+        // The cache's k and v are the prefix pass's q|k|v tensors, kept whole.
+        let cache = self.above * rows * qkv * 4;
+        let held = batch + rows * d * 4 + layout + cache + k * d * 4 + s * d * 4 + (3 * loss + 4 * k + seqs + s) * 4 + loss * 4 + k * 3 * d * 4 + k * self.vocab * 4 + k * (1 + steps * 4) * 4;
+        // A traced block keeps q|k|v, [x1: sequential blocks only, neither
+        // here], up, key, out.
+        let trace_row = qkv + ff + ff + d;
+        let traces = s * d * 4 + self.above * s * trace_row * 4;
+        let logits = loss * d * 4 + 3 * loss * self.vocab * 4 + loss * 2 * 4;
+        // The top block's backward: d_normed and the gradient, then the
+        // larger of the attention backward (d_mixed and one d_qkv, with the
+        // scores scratch twice, then d_a once the scratch is gone) and the
+        // MLP backward beside the attention's result (d_a, d_key, d_up,
+        // d_m).
+        let scores = 2 * seqs * self.heads * suffix * seq * 4;
+        let attention = (s * (self.q + qkv) * 4 + scores).max(s * (self.q + qkv + d) * 4);
+        let mlp = s * (2 * d + 2 * ff) * 4;
+        let backward = loss * d * 4 + s * d * 4 + attention.max(mlp);
+        self.weights + held + traces + logits + backward
+    }
+}
+fn phase(plan: &MemoryPlan, name: &str) -> u64 {
+    plan.phases.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no phase {name}")).gpu_bytes
+}
+
+fn print(plan: &MemoryPlan) {
+    eprintln!("{}", plan.summary(Some(48 * GIB)));
+}
+
+#[test]
+fn gpt_j_6b_with_10000_requests_in_f16_fits_48_gib() {
+    let config = config(GPTJ_6B);
+    let hp = Hparams::preset("gpt-j-6b").unwrap();
+    assert_eq!(hp.layers, [3, 4, 5, 6, 7, 8]);
+    let shape = RequestShape::typical(12);
+    let plan = MemoryPlan::new(&config, &hp, &options(10_000, 6, shape)).unwrap();
+    print(&plan);
+    let (d, ff, v) = (4096u64, 16384u64, 50400u64);
+    // Per layer: the joined q|k|v [3d, d], W_in [ff, d] and its bias, ln1
+    // (weight, bias), the attention projection [d, d], W_out [d, ff] and
+    // its bias.
+    let per_layer = 3 * d * d * 2 + d * ff * 2 + ff * 4 + 2 * d * 4 + d * d * 2 + d * ff * 2 + d * 4;
+    let weights = 28 * per_layer + 2 * v * d * 2 + v * 4 + 2048 * 64 * 4 + 2 * d * 4;
+    assert_eq!(plan.weight_bytes, weights);
+    // q, k, v are stored apart: each layer uploads the three [d, d] parts,
+    // joins them into [3d, d] and drops them, before its other weights.
+    // The last layer's join is the largest transient (27 layers, parts and
+    // join), under the final weights (its other weights and the
+    // embeddings come after).
+    let load_transient = 27 * per_layer + 3 * d * d * 2 + 3 * d * d * 2;
+    assert!(load_transient < weights);
+    let hand = Hand { d, ff, vocab: v, layers: 28, r: 6, last: 8, above: 19, q: d, kv: d, heads: 16, extra_d: 0, weights };
+    assert_eq!(hand.layers - hand.last - 1, hand.above);
+    // 128 MiB bindings / 64 KiB rows of the MLP's hidden layer.
+    assert_eq!(plan.stats_tokens_per_pass, 2048);
+    assert_eq!(phase(&plan, "load"), weights.max(load_transient));
+    assert_eq!(phase(&plan, "statistics"), hand.stats(2048));
+    // Each request's estimate is ~480 MB of the 1 GiB target batch budget.
+    assert_eq!(plan.target_batch, 2);
+    assert_eq!(phase(&plan, "target vectors"), hand.targets(2, 7, 25, 5, 13, 25));
+    // Key prompts of 24 tokens: 85 per 2048-token pass.
+    assert_eq!(phase(&plan, "keys"), hand.keys(85, 24));
+    assert_eq!(phase(&plan, "solve"), hand.solve(10_000));
+    assert_eq!(phase(&plan, "update"), hand.update(10_000));
+    // Today's peak is the statistics (all six layers' C and compensation).
+    assert_eq!(plan.peak().name, "statistics");
+    assert!(plan.fits(48 * GIB), "GPT-J peak {}", gib(plan.peak().gpu_buffer_bytes));
+    plan.check(48 * GIB, &config, &hp, &options(10_000, 6, shape)).unwrap();
+}
+
+#[test]
+fn gpt_neox_20b_with_10000_requests_in_f16_does_not_fit_48_gib_today() {
+    let config = config(NEOX_20B);
+    // The MEMIT authors' layers for GPT-NeoX 20B.
+    let hp = Hparams::preset("gpt-neox-20b").unwrap().with_overrides(&serde_json::json!({"layers": [13, 14, 15, 16, 17]})).unwrap();
+    let shape = RequestShape::typical(12);
+    let o = options(10_000, 6, shape);
+    let plan = MemoryPlan::new(&config, &hp, &o).unwrap();
+    print(&plan);
+    let (d, ff, v) = (6144u64, 24576u64, 50432u64);
+    let qkv = 3 * d;
+    let per_layer = 4 * d * 4 + d * qkv * 2 + qkv * 4 + d * d * 2 + d * 4 + 2 * d * ff * 2 + ff * 4 + d * 4;
+    let weights = 44 * per_layer + 2 * v * d * 2 + 2048 * 24 * 4 + 2 * d * 4;
+    assert_eq!(plan.weight_bytes, weights);
+    let hand = Hand { d, ff, vocab: v, layers: 44, r: 5, last: 17, above: 26, q: d, kv: d, heads: 64, extra_d: d, weights };
+    assert_eq!(hand.layers - hand.last - 1, hand.above);
+    // 128 MiB bindings / 96 KiB rows.
+    assert_eq!(plan.stats_tokens_per_pass, 1365);
+    assert_eq!(phase(&plan, "load"), weights);
+    assert_eq!(phase(&plan, "statistics"), hand.stats(1365));
+    assert_eq!(plan.target_batch, 1);
+    assert_eq!(phase(&plan, "target vectors"), hand.targets(1, 7, 25, 5, 13, 25));
+    // 56 key prompts of 24 tokens per 1365-token pass.
+    assert_eq!(phase(&plan, "keys"), hand.keys(56, 24));
+    assert_eq!(phase(&plan, "solve"), hand.solve(10_000));
+    assert_eq!(phase(&plan, "update"), hand.update(10_000));
+
+    // The weights alone are 38.6 GiB: the statistics (C and compensation of
+    // five 24576² layers, 22.5 GiB) and the solve (C, λC + KKᵀ and seven
+    // K-sized tensors) do not fit 48 GiB with the pool's reserve.
+    assert!(!plan.fits(48 * GIB));
+    let over: Vec<&str> = plan.phases.iter().filter(|p| p.gpu_buffer_bytes + plan.pool_reserve() > 48 * GIB).map(|p| p.name).collect();
+    assert_eq!(over, ["statistics", "solve"]);
+    match plan.check(48 * GIB, &config, &hp, &o) {
+        Err(PlanError::DoesNotFit { phase, needed, advice, .. }) => {
+            assert_eq!(phase, "statistics");
+            // 63.0 GiB of tensors in buffers of 64.4 GiB (pool size classes).
+            assert!(needed > 64 * GIB && needed < 65 * GIB, "{}", gib(needed));
+            assert!(advice.contains("fewer edited layers"), "{advice}");
+        }
+        other => panic!("expected DoesNotFit, got {other:?}"),
+    }
+}
+
+/// Runs the statistics and an edit of 300 requests on the world model and
+/// compares each phase's measured peak with the plan.
+#[test]
+fn planned_peaks_match_the_measured_ones_on_the_world_model() {
+    let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/world-gpt2");
+    let loaded = load_hf_dir(ctx.clone(), &dir, LoadOptions::default()).unwrap();
+    let load_peak = ctx.memory().peak_bytes;
+    let (mut model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("memit-hparams.json")).unwrap()).unwrap();
+    let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap().with_overrides(&serde_json::json!({"v_num_grad_steps": 3})).unwrap();
+    let facts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("facts.json")).unwrap()).unwrap();
+    let cities: Vec<&str> = facts["relations"]["city"]["objects"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let requests: Vec<EditRequest> = facts["people"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| EditRequest {
+            case_id: None,
+            prompt: "The home of {} is in".into(),
+            subject: p["subject"].as_str().unwrap().into(),
+            target_new: TargetText { text: cities[(cities.iter().position(|&c| c == p["city"]).unwrap() + 1 + i % 5) % cities.len()].into() },
+            target_true: None,
+        })
+        .collect();
+    let limits = DeviceLimits { max_storage_buffer_binding_size: ctx.limits().max_storage_buffer_binding_size, max_buffer_size: ctx.limits().max_buffer_size };
+    let o = PlanOptions {
+        matrix_dtype: DType::F32,
+        n_requests: requests.len(),
+        requests: RequestShape::measure(&tok, &requests, 0).unwrap(),
+        templates: 1,
+        limits,
+        target: TargetOptions::default(),
+        stats_max_len: None,
+        keep_original_weights: false,
+    };
+    let plan = MemoryPlan::new(&model.config, &hp, &o).unwrap();
+    eprintln!("{}", plan.summary(None));
+
+    ctx.reset_peak_memory();
+    let max_len = model.config.max_positions.min(model.tokens_per_pass());
+    let identity = StatsIdentity { model_id: "world".into(), corpus_id: "train".into(), layers: hp.layers.clone(), max_len };
+    let mut acc = StatsAccumulator::new(&model, identity).unwrap();
+    // Enough texts for several full passes of 4,096 tokens.
+    let texts: Vec<String> = std::fs::read_to_string(dir.join("train.txt")).unwrap().lines().take(1500).map(String::from).collect();
+    for chunk in texts.chunks(64) {
+        acc.add_texts(&model, &tok, chunk).unwrap();
+    }
+    let (covariances, _) = pollster::block_on(acc.finish(&model)).unwrap();
+    let stats_peak = ctx.memory().peak_bytes;
+    drop(acc);
+
+    let templates = vec!["{}".to_string()];
+    let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &templates, &covariances, &mut |_| {})).unwrap();
+    let p = &outcome.phases;
+    let measured = [
+        ("load", load_peak),
+        ("statistics", stats_peak),
+        ("target vectors", p.target_vectors.peak_bytes),
+        ("keys", p.keys.peak_bytes),
+        ("solve", p.solve.peak_bytes),
+        ("update", p.update.peak_bytes),
+    ];
+    let mut worst: f64 = 0.0;
+    for (name, got) in measured {
+        let planned = phase(&plan, name);
+        let error = (planned as f64 - got as f64) / got as f64;
+        eprintln!("{name:<15} planned {planned:>10} measured {got:>10} ({:+.1}%)", 100.0 * error);
+        worst = worst.max(error.abs());
+    }
+    assert!(worst <= 0.10, "a planned peak is {:.1}% off the measured one", 100.0 * worst);
+}
