@@ -199,9 +199,9 @@ impl MemoryPlan {
         phases.push(stats);
         let (target, batch) = target_phase(&m, hp, options, &mut sim);
         phases.push(target);
-        phases.push(keys_phase(&m, hp, options, &mut sim));
-        phases.push(solve_phase(&m, hp, options, &mut sim));
-        phases.push(update_phase(&m, hp, options, &mut sim));
+        for phase in [keys_phase, solve_phase, update_phase] {
+            phases.push(beside_originals(&m, hp, options, &mut sim, phase));
+        }
         Ok(MemoryPlan {
             n_requests: options.n_requests,
             layers: hp.layers.clone(),
@@ -877,20 +877,21 @@ fn edit_host(m: &Shape, hp: &Hparams, o: &PlanOptions, updates_done: usize) -> u
     square_bytes(m.ff) * hp.layers.len() as u64 + (updates_done * o.n_requests * (m.d + m.ff) * 4) as u64
 }
 
-/// Earlier layers' updated W_out held beside the originals.
-fn kept_originals(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Vec<Buf> {
-    if !o.keep_original_weights {
-        return Vec::new();
-    }
-    (1..hp.layers.len()).map(|_| sim.tensor(m.d, m.ff, m.esize)).collect()
+/// One of the phases after the target vectors, planned with the earlier
+/// layers' updated W_out held beside the originals (when `edit` keeps them).
+fn beside_originals(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim, phase: fn(&Shape, &Hparams, &PlanOptions, &mut Sim) -> PhasePlan) -> PhasePlan {
+    let kept: Vec<Buf> = if o.keep_original_weights { (1..hp.layers.len()).map(|_| sim.tensor(m.d, m.ff, m.esize)).collect() } else { Vec::new() };
+    sim.reset_peak();
+    let plan = phase(m, hp, o, sim);
+    sim.free_all(kept);
+    sim.reset_peak();
+    plan
 }
 
 /// Keys of the last edited layer (the largest): forward passes of the key
 /// prompts through the last edited layer, keeping both layers' outputs and
 /// keys, and the gathered subject rows.
 fn keys_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhasePlan {
-    let extra = kept_originals(m, hp, o, sim);
-    sim.reset_peak();
     let texts = o.n_requests * o.templates;
     let longest = o.requests.key_tokens.max(1);
     let per_pass = (m.tokens_per_pass(sim.chunk) / longest).max(1).min(texts);
@@ -902,10 +903,7 @@ fn keys_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhaseP
     sim.free_all(kept.into_iter().chain(batch).chain(gathered));
     let host = edit_host(m, hp, o, hp.layers.len() - 1) + ((texts + o.n_requests) * (m.ff + m.d) * 4) as u64;
     let detail = format!("{texts} prompts in passes of {per_pass}");
-    let plan = sim.phase("keys", host, detail);
-    sim.free_all(extra);
-    sim.reset_peak();
-    plan
+    sim.phase("keys", host, detail)
 }
 
 /// One layer's solve (`solve_layer`): C, λC + KKᵀ factored in place with
@@ -913,8 +911,6 @@ fn keys_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhaseP
 /// during refinement a residual and the three right-hand sides of each
 /// preconditioning solve (today: seven [n, d_ff] f32 tensors at once).
 fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhasePlan {
-    let extra = kept_originals(m, hp, o, sim);
-    sim.reset_peak();
     let (ff, n) = (m.ff, o.n_requests);
     let c = sim.f32(ff, ff);
     let k = sim.f32(n, ff);
@@ -943,17 +939,12 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
     let solve_host = (n * ff * 76 + n * m.d * 4 + 256 * ff * 8) as u64 + 8 * (n as u64 * n as u64);
     let host = edit_host(m, hp, o, hp.layers.len() - 1) + solve_host;
     let detail = format!("C + λC+KKᵀ {}, K-sized {} (7 × n·d_ff, today)", gib(2 * square_bytes(ff)), gib(7 * (n * ff * 4) as u64));
-    let plan = sim.phase("solve", host, detail);
-    sim.free_all(extra);
-    sim.reset_peak();
-    plan
+    sim.phase("solve", host, detail)
 }
 
 /// `apply_update` of the last layer: the factors, ΔW, and W_out + ΔW (cast
 /// through f32 when weights are f16), beside the old W_out.
 fn update_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhasePlan {
-    let extra = kept_originals(m, hp, o, sim);
-    sim.reset_peak();
     let n = o.n_requests;
     let (rows, cols) = if m.arch == Arch::Gpt2 { (m.ff, m.d) } else { (m.d, m.ff) };
     let mut temps = vec![sim.f32(n, m.d), sim.f32(n, m.ff), sim.f32(rows, cols)];
@@ -966,8 +957,5 @@ fn update_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phas
     sim.free(new);
     let host = edit_host(m, hp, o, hp.layers.len());
     let detail = if o.keep_original_weights { format!("+{} updated W_out beside the originals", gib(hp.layers.len() as u64 * m.w_out_bytes())) } else { String::new() };
-    let plan = sim.phase("update", host, detail);
-    sim.free_all(extra);
-    sim.reset_peak();
-    plan
+    sim.phase("update", host, detail)
 }
