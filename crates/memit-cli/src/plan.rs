@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use memit_core::{gib, DeviceLimits, EditRequest, Hparams, MemoryPlan, PlanOptions, RequestShape, TargetOptions};
 use memit_gpu::{DType, GpuContext};
-use memit_models::{GgufSource, ModelConfig, TextTokenizer};
+use memit_models::{read_config, GgufSource, TextTokenizer};
 
 use crate::patching::Templates;
 use crate::session::resolve_hparams;
@@ -40,17 +40,6 @@ pub struct PlanArgs {
     pub adapter: bool,
 }
 
-/// The model's config without its weights.
-pub fn read_config(model: &Path) -> Result<ModelConfig> {
-    if model.extension().is_some_and(|e| e == "gguf") {
-        return Ok(GgufSource::open(model)?.config()?);
-    }
-    let path = model.join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    ModelConfig::from_hf_json(&json).with_context(|| format!("in {}", path.display()))
-}
-
 /// "48GiB", "80 GB", "512MiB", "1.5TiB" or plain bytes.
 pub fn parse_bytes(text: &str) -> Result<u64> {
     let t = text.trim();
@@ -76,14 +65,9 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-fn limits_of(ctx: &GpuContext) -> DeviceLimits {
-    let l = ctx.limits();
-    DeviceLimits { max_storage_buffer_binding_size: l.max_storage_buffer_binding_size, max_buffer_size: l.max_buffer_size }
-}
-
-/// wgpu's default limits: what every WebGPU adapter offers.
-fn default_limits() -> DeviceLimits {
-    let l = wgpu::Limits::default();
+/// The limits a plan depends on, from an adapter's (or wgpu's defaults,
+/// what every WebGPU adapter offers).
+fn device_limits(l: &wgpu::Limits) -> DeviceLimits {
     DeviceLimits { max_storage_buffer_binding_size: l.max_storage_buffer_binding_size, max_buffer_size: l.max_buffer_size }
 }
 
@@ -98,9 +82,9 @@ fn template_counts(templates: Templates, hp: &Hparams) -> (usize, usize) {
 }
 
 pub fn plan(args: PlanArgs, json: bool) -> Result<()> {
-    let config = read_config(&args.model)?;
+    let config = read_config(&args.model).with_context(|| format!("reading the config of {}", args.model.display()))?;
     let hp = resolve_hparams(&config, args.hparams.as_deref())?;
-    let limits = if args.adapter { limits_of(&*crate::session::open_gpu()?) } else { default_limits() };
+    let limits = if args.adapter { device_limits(crate::session::open_gpu()?.limits()) } else { device_limits(&wgpu::Limits::default()) };
     let (templates, template_tokens) = template_counts(args.templates, &hp);
     let options = PlanOptions {
         matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 },
@@ -157,7 +141,7 @@ pub struct Preflight<'a> {
 /// `--gpu-memory`. Without a budget nothing is refused; shapes beyond the
 /// adapter's binding size are warned about.
 pub fn preflight(p: &Preflight<'_>, ctx: &GpuContext) -> Result<()> {
-    let config = read_config(p.model)?;
+    let config = read_config(p.model).with_context(|| format!("reading the config of {}", p.model.display()))?;
     let hp = resolve_hparams(&config, p.hparams)?;
     let (n_requests, requests, templates) = match p.requests {
         Some((requests, kind)) => {
@@ -175,7 +159,7 @@ pub fn preflight(p: &Preflight<'_>, ctx: &GpuContext) -> Result<()> {
         n_requests,
         requests,
         templates,
-        limits: limits_of(ctx),
+        limits: device_limits(ctx.limits()),
         target: TargetOptions::default(),
         stats_max_len: p.max_len,
         keep_original_weights: true,

@@ -399,6 +399,7 @@ impl GpuContext {
             period: self.queue.get_timestamp_period() as f64,
             pending: Vec::new(),
             timings: Vec::new(),
+            failure: None,
         };
         self.runtime.recorder.lock().unwrap().profiler = Some(profiler);
         self.take_error()
@@ -410,7 +411,11 @@ impl GpuContext {
         self.flush();
         let profiler = self.runtime.recorder.lock().unwrap().profiler.take();
         self.take_error()?;
-        Ok(profiler.map(|p| p.timings).unwrap_or_default())
+        match profiler {
+            Some(Profiler { failure: Some(e), .. }) => Err(GpuError::Readback(format!("kernel timestamps: {e}"))),
+            Some(p) => Ok(p.timings),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Records one kernel launch: binding 0 is the uniform `params`, the
@@ -514,16 +519,17 @@ impl GpuContext {
         let timed = p.pending.len();
         let slice = p.readback.slice(..16 * timed as u64);
         slice.map_async(wgpu::MapMode::Read, |_| ());
-        if self.device.poll(wgpu::PollType::wait_indefinitely()).is_err() {
-            p.pending.clear();
-            return;
-        }
-        if let Ok(view) = slice.get_mapped_range() {
-            for (i, (kernel, work)) in p.pending.drain(..).enumerate() {
-                let tick = |j: usize| u64::from_le_bytes(view[8 * j..8 * j + 8].try_into().expect("8 bytes"));
-                let nanos = tick(2 * i + 1).saturating_sub(tick(2 * i)) as f64 * p.period;
-                p.timings.push(KernelTiming { kernel, work, nanos });
+        let read = self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| e.to_string()).and_then(|_| slice.get_mapped_range().map_err(|e| e.to_string()));
+        match read {
+            Ok(view) => {
+                for (i, (kernel, work)) in p.pending.drain(..).enumerate() {
+                    let tick = |j: usize| u64::from_le_bytes(view[8 * j..8 * j + 8].try_into().expect("8 bytes"));
+                    let nanos = tick(2 * i + 1).saturating_sub(tick(2 * i)) as f64 * p.period;
+                    p.timings.push(KernelTiming { kernel, work, nanos });
+                }
             }
+            // Kept for `finish_profiling`: a profile missing dispatches must not pass as whole.
+            Err(e) => p.failure = p.failure.take().or(Some(e)),
         }
         p.pending.clear();
         p.readback.unmap();

@@ -201,6 +201,8 @@ pub(crate) struct Profiler {
     /// Dispatches recorded since the last submit, in query order.
     pub pending: Vec<(String, Option<Work>)>,
     pub timings: Vec<KernelTiming>,
+    /// The first failure to read timestamps back, if any.
+    pub failure: Option<String>,
 }
 
 /// Work recorded but not yet submitted.

@@ -219,27 +219,30 @@ pub(crate) fn row_pieces(tensors: &[&Tensor]) -> Vec<Piece> {
 impl Tensor {
     /// Buffer and element offset of the start of row `row`.
     pub(crate) fn locate(&self, row: usize) -> (Arc<PooledBuffer>, usize) {
-        let mut start = 0;
-        for seg in &self.segments {
-            if row < start + seg.rows {
-                return (seg.buffer.clone(), seg.offset + (row - start) * self.row_len());
+        match self.segment_of(row) {
+            Some((seg, within)) => (seg.buffer.clone(), seg.offset + within * self.row_len()),
+            None => {
+                let last = self.segments.last().expect("tensor without storage");
+                (last.buffer.clone(), last.offset + last.rows * self.row_len())
             }
-            start += seg.rows;
         }
-        let last = self.segments.last().expect("tensor without storage");
-        (last.buffer.clone(), last.offset + last.rows * self.row_len())
     }
 
     /// Rows from `row` to the end of the segment holding it.
     fn rows_left_in_segment(&self, row: usize) -> usize {
+        self.segment_of(row).map_or(0, |(seg, within)| seg.rows - within)
+    }
+
+    /// The segment holding row `row` and the row's index within it.
+    fn segment_of(&self, row: usize) -> Option<(&Segment, usize)> {
         let mut start = 0;
         for seg in &self.segments {
             if row < start + seg.rows {
-                return start + seg.rows - row;
+                return Some((seg, row - start));
             }
             start += seg.rows;
         }
-        0
+        None
     }
 
     /// The single buffer a small tensor lives in, or an error naming `op`.

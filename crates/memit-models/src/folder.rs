@@ -30,10 +30,7 @@ pub fn load_hf_dir(ctx: Arc<GpuContext>, dir: &Path, options: LoadOptions) -> Re
     if !dir.is_dir() {
         return Err(ModelError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found") });
     }
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io { path: config_path.clone(), source })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
-    let config = ModelConfig::from_hf_json(&json)?;
+    let config = read_config(dir)?;
     let source = SafetensorsSource::open_dir(dir)?;
     let model = Model::load(ctx, config, &source, options)?;
     let tokenizer_path = dir.join("tokenizer.json");
@@ -41,10 +38,28 @@ pub fn load_hf_dir(ctx: Arc<GpuContext>, dir: &Path, options: LoadOptions) -> Re
     Ok(LoadedModel { model, tokenizer, source: Box::new(source) })
 }
 
+/// The shapes of the model at `path` without its weights: a `.gguf`
+/// file's header, or a Hugging Face folder's `config.json` (enough on its
+/// own, e.g. to plan memory for a model not downloaded yet).
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    if is_gguf(path) {
+        return GgufSource::open(path)?.config();
+    }
+    let config_path = path.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io { path: config_path.clone(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+    ModelConfig::from_hf_json(&json)
+}
+
+/// Whether `path` names a GGUF file (by its extension, as `--model` does).
+fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "gguf")
+}
+
 /// Loads a `.gguf` file (with its embedded tokenizer) or a Hugging Face
 /// model folder, whichever `path` is.
 pub fn load_model_path(ctx: Arc<GpuContext>, path: &Path, options: LoadOptions) -> Result<LoadedModel> {
-    if path.extension().is_some_and(|e| e == "gguf") {
+    if is_gguf(path) {
         let source = GgufSource::open(path)?;
         let tokenizer = Some(source.tokenizer()?);
         let model = Model::load(ctx, source.config()?, &source, options)?;

@@ -25,4 +25,4 @@ pub use weights::{decode_safetensors, upload_weight, FileBytes, HostData, HostTe
 #[cfg(not(target_arch = "wasm32"))]
 mod folder;
 #[cfg(not(target_arch = "wasm32"))]
-pub use folder::{finish_interrupted_rewrite, load_hf_dir, load_model_path, stage_in_place, write_hf_dir, LoadedModel, Recovery, StagedRewrite, REWRITE_JOURNAL};
+pub use folder::{finish_interrupted_rewrite, load_hf_dir, load_model_path, read_config, stage_in_place, write_hf_dir, LoadedModel, Recovery, StagedRewrite, REWRITE_JOURNAL};

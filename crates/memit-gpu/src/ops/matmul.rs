@@ -185,16 +185,7 @@ impl GpuContext {
     /// operands [batch, ., .] give [batch, M, N]; a 3-D A with a 2-D B
     /// applies B to every batch item.
     pub fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
-        let spec = MatmulSpec::new(trans_a, trans_b);
-        let (m, k, n) = product_dims(a, b, &spec)?;
-        let shape = match a.shape().len() {
-            3 => vec![a.shape()[0], m, n],
-            _ => vec![m, n],
-        };
-        // An empty inner dimension launches nothing: C must start at zero.
-        let c = if k == 0 { self.zeros(&shape, DType::F32)? } else { self.empty(&shape, DType::F32)? };
-        self.matmul_into(a, b, &c, spec)?;
-        Ok(c)
+        self.product(a, b, MatmulSpec::new(trans_a, trans_b), Epilogue::default())
     }
 
     /// C = alpha * op(A)·op(B) + beta * C, with C already allocated.
@@ -205,30 +196,33 @@ impl GpuContext {
     /// x·op(W) + bias + residual into a new tensor, for a 2-D `x` (or 3-D,
     /// folded into rows), with both sums in the product's epilogue.
     pub fn linear(&self, x: &Tensor, w: &Tensor, trans_b: bool, epilogue: Epilogue<'_>) -> Result<Tensor> {
-        let spec = MatmulSpec::new(false, trans_b);
-        let (m, k, n) = product_dims(x, w, &spec)?;
-        let shape = match x.shape().len() {
-            3 => vec![x.shape()[0], m, n],
+        self.product(x, w, MatmulSpec::new(false, trans_b), epilogue)
+    }
+
+    /// op(A)·op(B) plus the epilogue's terms into a new f32 tensor.
+    fn product(&self, a: &Tensor, b: &Tensor, spec: MatmulSpec, epilogue: Epilogue<'_>) -> Result<Tensor> {
+        let (m, k, n) = product_dims(a, b, &spec)?;
+        let shape = match a.shape().len() {
+            3 => vec![a.shape()[0], m, n],
             _ => vec![m, n],
         };
-        let c = if k == 0 { self.zeros(&shape, DType::F32)? } else { self.empty(&shape, DType::F32)? };
-        if k == 0 {
-            // No product to carry the epilogue: add the terms directly.
-            let mut out = c;
-            if let Some(r) = epilogue.residual {
-                out = self.binary(crate::BinaryOp::Add, &out, r)?;
-            }
-            if let Some(b) = epilogue.bias {
-                out = self.binary(crate::BinaryOp::Add, &out, b)?;
-            }
-            return Ok(out);
+        if k > 0 {
+            let c = self.empty(&shape, DType::F32)?;
+            self.matmul_epilogue_into(a, b, &c, spec, epilogue)?;
+            return Ok(c);
         }
-        self.matmul_epilogue_into(x, w, &c, spec, epilogue)?;
+        // An empty inner dimension launches nothing: C is zero (the call
+        // still checks the shapes), and the epilogue's terms are added here.
+        let mut c = self.zeros(&shape, DType::F32)?;
+        self.matmul_epilogue_into(a, b, &c, spec, Epilogue::default())?;
+        for term in [epilogue.residual, epilogue.bias].into_iter().flatten() {
+            c = self.binary(crate::BinaryOp::Add, &c, term)?;
+        }
         Ok(c)
     }
 
     /// `matmul_into` plus an epilogue (2-D products, or 3-D A with 2-D B;
-    /// K > 0, see `linear`).
+    /// K > 0, see `product`).
     fn matmul_epilogue_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, epilogue: Epilogue<'_>) -> Result<()> {
         require_f32("matmul (output)", &[c])?;
         let (m, k, n) = product_dims(a, b, &spec)?;
