@@ -187,14 +187,16 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
     if skipped > 0 {
         eprintln!("skipped {skipped} zsRE record(s) whose question does not contain the subject or that have no answer to teach");
     }
-    let session = Session::open(&args.model)?;
-    let (model, tok) = (&session.model, &session.tokenizer);
+    // Statistics on the blocks through the last edited layer, then the rest.
+    let hp = crate::plan::hparams_of(&args.model.model, args.hparams.as_deref())?;
+    let mut session = Session::open_checked(&args.model, Some(hp.last_layer() + 1), |_| Ok(()))?;
     let requests = cases.requests(args.offset);
     for (i, r) in requests.iter().enumerate() {
-        r.prepare(i, tok).with_context(|| format!("case {} of {}", args.offset + i, args.data.display()))?;
+        r.prepare(i, &session.tokenizer).with_context(|| format!("case {} of {}", args.offset + i, args.data.display()))?;
     }
-    let hp = session.hparams(args.hparams.as_deref())?;
     let (covariances, stats_path) = session.covariances(&hp, &args.stats)?;
+    session.load_remaining()?;
+    let (model, tok) = (&session.model, &session.tokenizer);
     let templates = match args.templates {
         Templates::Plain => vec!["{}".to_string()],
         Templates::Generated => pollster::block_on(context_templates(model, tok, hp.context_template_length, 0))?,

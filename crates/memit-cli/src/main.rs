@@ -12,6 +12,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+use memit_core::TargetOptions;
+
 use crate::patching::Destination;
 use crate::session::{ModelArgs, Session, StatsArgs, StatsOutcome};
 
@@ -175,9 +177,10 @@ fn quiet_headless_drivers() {
 }
 
 fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, stop_after_batches: Option<usize>, gpu_memory: Option<String>, json: bool) -> Result<()> {
-    let preflight = plan::Preflight { model: &model.model, f16: model.f16, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), max_len: stats.max_len, requests: None };
-    let session = Session::open_checked(&model, |ctx| plan::preflight(&preflight, ctx))?;
-    let hp = session.hparams(hparams.as_deref())?;
+    let preflight = plan::Preflight { model: &model.model, f16: model.f16, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), target: TargetOptions::default(), max_len: stats.max_len, requests: None };
+    let hp = plan::hparams_of(&model.model, hparams.as_deref())?;
+    // The blocks above the last edited layer are not needed.
+    let session = Session::open_checked(&model, Some(hp.last_layer() + 1), |ctx| plan::preflight(&preflight, ctx))?;
     match session.collect_stats(&hp, &stats, stop_after_batches)? {
         StatsOutcome::Done { path, n_tokens, seconds, from_cache, counters, .. } => {
             if json {

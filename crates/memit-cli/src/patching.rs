@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{apply_memit, context_templates, EditRequest, Patch};
+use memit_core::{apply_memit_with, context_templates, EditRequest, Patch};
 use memit_eval::target_nll;
 use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor, TextTokenizer};
 use serde::Serialize;
@@ -58,6 +58,11 @@ pub struct EditArgs {
     /// memory plan does not fit it.
     #[arg(long)]
     pub gpu_memory: Option<String>,
+    /// GPU memory one batch of target-vector optimisation may use
+    /// (activations, logits and their gradients); smaller means fewer
+    /// requests per batch, the same results.
+    #[arg(long, default_value = "1GiB")]
+    pub target_batch_memory: String,
 }
 
 /// Where `apply` / `revert` write.
@@ -99,22 +104,36 @@ struct Outcome {
     p_original_after: f32,
 }
 
-/// The efficacy test of every request on the model before and after.
-fn outcomes(before_model: &Model, after_model: &Model, tok: &TextTokenizer, requests: &[EditRequest], prompts: &[String], before: &[Vec<Prediction>]) -> Result<Vec<Outcome>> {
-    let originals: Vec<String> = requests.iter().zip(before).map(|(r, b)| r.target_true.as_ref().map_or_else(|| b[0].token.clone(), |t| t.text.clone())).collect();
-    let pairs: Vec<(String, String)> = prompts.iter().zip(requests.iter().zip(&originals)).flat_map(|(p, (r, o))| [(p.clone(), r.target_new.text.clone()), (p.clone(), o.clone())]).collect();
-    let nll_before = pollster::block_on(target_nll(before_model, tok, &pairs))?;
-    let nll_after = pollster::block_on(target_nll(after_model, tok, &pairs))?;
-    let p = |nll: f32| (-nll).exp();
-    Ok(originals
-        .into_iter()
-        .zip(requests)
-        .enumerate()
-        .map(|(i, (original, r))| {
-            let same = original.trim() == r.target_new.text.trim();
-            Outcome { took: same || nll_after[2 * i] < nll_after[2 * i + 1], original, p_new_before: p(nll_before[2 * i]), p_new_after: p(nll_after[2 * i]), p_original_after: p(nll_after[2 * i + 1]) }
-        })
-        .collect())
+/// The efficacy test of every request: P(new target) against P(original)
+/// after each prompt, scored on the model before and after the edit.
+struct EfficacyTests {
+    /// The original answer of each request: its `target_true`, else the
+    /// unedited model's top prediction.
+    originals: Vec<String>,
+    /// (prompt, new target), (prompt, original) for each request.
+    pairs: Vec<(String, String)>,
+}
+
+impl EfficacyTests {
+    fn new(requests: &[EditRequest], prompts: &[String], before: &[Vec<Prediction>]) -> EfficacyTests {
+        let originals: Vec<String> = requests.iter().zip(before).map(|(r, b)| r.target_true.as_ref().map_or_else(|| b[0].token.clone(), |t| t.text.clone())).collect();
+        let pairs = prompts.iter().zip(requests.iter().zip(&originals)).flat_map(|(p, (r, o))| [(p.clone(), r.target_new.text.clone()), (p.clone(), o.clone())]).collect();
+        EfficacyTests { originals, pairs }
+    }
+
+    /// The outcomes from the pairs' mean NLL per token before and after.
+    fn outcomes(self, requests: &[EditRequest], nll_before: &[f32], nll_after: &[f32]) -> Vec<Outcome> {
+        let p = |nll: f32| (-nll).exp();
+        self.originals
+            .into_iter()
+            .zip(requests)
+            .enumerate()
+            .map(|(i, (original, r))| {
+                let same = original.trim() == r.target_new.text.trim();
+                Outcome { took: same || nll_after[2 * i] < nll_after[2 * i + 1], original, p_new_before: p(nll_before[2 * i]), p_new_after: p(nll_after[2 * i]), p_original_after: p(nll_after[2 * i + 1]) }
+            })
+            .collect()
+    }
 }
 
 /// The `k` most likely next tokens after `prompt`.
@@ -260,11 +279,15 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         f16: args.model.f16,
         hparams: args.hparams.as_deref(),
         gpu_memory: args.gpu_memory.as_deref(),
+        target: plan::target_options(&args.target_batch_memory)?,
         max_len: args.stats.max_len,
         requests: Some((&requests, args.templates)),
     };
-    let session = Session::open_checked(&args.model, |ctx| plan::preflight(&planned, ctx))?;
-    let Session { model, tokenizer: tok, .. } = &session;
+    // Statistics run on the blocks up to the last edited layer; the rest of
+    // the model is loaded once they are at hand.
+    let hp = plan::hparams_of(&args.model.model, args.hparams.as_deref())?;
+    let mut session = Session::open_checked(&args.model, Some(hp.last_layer() + 1), |ctx| plan::preflight(&planned, ctx))?;
+    let tok = &session.tokenizer;
     for (i, r) in requests.iter().enumerate() {
         r.prepare(i, tok).with_context(|| format!("in {}", args.requests.display()))?;
     }
@@ -313,8 +336,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             check_patch_path(&session.path, &patch_path, args.replace_patch)?;
         }
     }
-    let hp = session.hparams(args.hparams.as_deref())?;
     let (covariances, stats_path) = session.covariances(&hp, &args.stats)?;
+    session.load_remaining()?;
+    let (model, tok) = (&session.model, &session.tokenizer);
     let templates = match args.templates {
         Templates::Plain => vec!["{}".to_string()],
         Templates::Generated => {
@@ -326,10 +350,14 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     };
     let prompts: Vec<String> = requests.iter().map(|r| r.prompt.replace("{}", &r.subject)).collect();
     let before = prompts.iter().map(|p| top_predictions(model, tok, p, 3)).collect::<Result<Vec<_>>>()?;
-    let mut edited_model = model.clone();
+    // Scored before the edit, which then runs on the model in place: the
+    // unedited W_out are not held beside the new ones.
+    let tests = EfficacyTests::new(&requests, &prompts, &before);
+    let nll_before = pollster::block_on(target_nll(model, tok, &tests.pairs))?;
     let mut progress = EditProgress::new();
     let start = Instant::now();
-    let outcome = pollster::block_on(apply_memit(&mut edited_model, tok, &requests, &hp, &templates, &covariances, &mut |p| progress.report(p)))?;
+    let outcome = pollster::block_on(apply_memit_with(&mut session.model, tok, &requests, &hp, &templates, &covariances, &planned.target, &mut |p| progress.report(p)))?;
+    let edited_model = &session.model;
     progress.finish();
     let edit_seconds = start.elapsed().as_secs_f64();
     let weak = weak_targets(&outcome.targets);
@@ -345,8 +373,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             u.layer, u.solve_shift, u.solve_refinements
         );
     }
-    let after = prompts.iter().map(|p| top_predictions(&edited_model, tok, p, 3)).collect::<Result<Vec<_>>>()?;
-    let outcomes = outcomes(model, &edited_model, tok, &requests, &prompts, &before)?;
+    let after = prompts.iter().map(|p| top_predictions(edited_model, tok, p, 3)).collect::<Result<Vec<_>>>()?;
+    let nll_after = pollster::block_on(target_nll(edited_model, tok, &tests.pairs))?;
+    let outcomes = tests.outcomes(&requests, &nll_before, &nll_after);
     for (i, o) in outcomes.iter().enumerate().filter(|(_, o)| !o.took) {
         eprintln!(
             "warning: request {i} ({:?} -> {:?}) did not take: after the edit P({:?}) = {:.3} per token, below P({:?}) = {:.3}. Causes seen: a large mom2_update_weight (λ), too few v_num_grad_steps or a tight clamp_norm_factor, generated context templates that dilute the prompt, or layers where this model does not store the fact",
@@ -363,7 +392,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     let mut written = serde_json::Map::new();
     if !args.dry_run {
         let originals = hp.layers.iter().map(|&l| session.stored_mlp_out(l)).collect::<Result<Vec<_>>>()?;
-        let layout = model.blocks[hp.layers[0]].mlp_out.layout;
+        let layout = edited_model.blocks[hp.layers[0]].mlp_out.layout;
         let (patch, edited) = Patch::build(session.fingerprint.clone(), requests.clone(), serde_json::to_value(&hp)?, &outcome.updates, &originals, layout)?;
         let patch_bytes = patch.to_bytes()?;
         // A patch outside the folder is written first: a folder never

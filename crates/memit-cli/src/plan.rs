@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use memit_core::{gib, DeviceLimits, EditRequest, Hparams, MemoryPlan, PlanOptions, RequestShape, TargetOptions};
 use memit_gpu::{DType, GpuContext};
 use memit_models::{read_config, GgufSource, TextTokenizer};
@@ -35,6 +35,10 @@ pub struct PlanArgs {
     /// Truncation of statistics texts (as `stats --max-len`).
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// GPU memory for one batch of target-vector optimisation (as `edit
+    /// --target-batch-memory`).
+    #[arg(long, default_value = "1GiB")]
+    pub target_batch_memory: String,
     /// Use this machine's GPU adapter's limits instead of wgpu's defaults.
     #[arg(long)]
     pub adapter: bool,
@@ -92,9 +96,9 @@ pub fn plan(args: PlanArgs, json: bool) -> Result<()> {
         requests: RequestShape::typical(template_tokens),
         templates,
         limits,
-        target: TargetOptions::default(),
+        target: target_options(&args.target_batch_memory)?,
         stats_max_len: args.max_len,
-        keep_original_weights: true,
+        keep_original_weights: false,
     };
     let plan = MemoryPlan::new(&config, &hp, &options)?;
     let budget = args.gpu_memory.as_deref().map(parse_bytes).transpose()?;
@@ -125,12 +129,28 @@ pub fn plan(args: PlanArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Target-vector batching with a `--target-batch-memory` budget.
+pub fn target_options(batch_memory: &str) -> Result<TargetOptions> {
+    let batch_bytes = parse_bytes(batch_memory).context("--target-batch-memory")?;
+    ensure!(batch_bytes > 0, "--target-batch-memory must be more than 0");
+    Ok(TargetOptions { batch_bytes, ..TargetOptions::default() })
+}
+
+/// The hyperparameters for the model at `model` (its preset, or `spec`),
+/// from its config alone.
+pub fn hparams_of(model: &Path, spec: Option<&str>) -> Result<Hparams> {
+    let config = read_config(model).with_context(|| format!("reading the config of {}", model.display()))?;
+    resolve_hparams(&config, spec)
+}
+
 /// What `edit` and `stats` plan before loading weights.
 pub struct Preflight<'a> {
     pub model: &'a Path,
     pub f16: bool,
     pub hparams: Option<&'a str>,
     pub gpu_memory: Option<&'a str>,
+    /// How the target vectors are batched (`--target-batch-memory`).
+    pub target: TargetOptions,
     pub max_len: Option<usize>,
     /// The requests and their templates (`edit`); None plans the
     /// statistics only (`stats`).
@@ -160,13 +180,13 @@ pub fn preflight(p: &Preflight<'_>, ctx: &GpuContext) -> Result<()> {
         requests,
         templates,
         limits: device_limits(ctx.limits()),
-        target: TargetOptions::default(),
+        target: p.target,
         stats_max_len: p.max_len,
-        keep_original_weights: true,
+        keep_original_weights: false,
     };
     let mut plan = MemoryPlan::new(&config, &hp, &options)?;
     if p.requests.is_none() {
-        plan.phases.retain(|ph| matches!(ph.name, "load" | "statistics"));
+        plan.phases.retain(|ph| ph.name == "statistics");
     }
     let budget = p.gpu_memory.map(parse_bytes).transpose()?;
     eprintln!("{}", plan.summary(budget));

@@ -75,12 +75,14 @@ pub struct Session {
 
 impl Session {
     pub fn open(args: &ModelArgs) -> Result<Session> {
-        Self::open_checked(args, |_| Ok(()))
+        Self::open_checked(args, None, |_| Ok(()))
     }
 
     /// As `open`, running `check` with the GPU before any weight is loaded
-    /// (the memory plan).
-    pub fn open_checked(args: &ModelArgs, check: impl FnOnce(&GpuContext) -> Result<()>) -> Result<Session> {
+    /// (the memory plan), and loading only blocks `0..n` when
+    /// `prefix_blocks` is `Some(n)` (statistics; `load_remaining` adds the
+    /// rest later).
+    pub fn open_checked(args: &ModelArgs, prefix_blocks: Option<usize>, check: impl FnOnce(&GpuContext) -> Result<()>) -> Result<Session> {
         if args.model.is_dir() {
             let what = |files: &[String]| files.join(", ");
             match finish_interrupted_rewrite(&args.model).with_context(|| format!("finishing an interrupted rewrite of {}", args.model.display()))? {
@@ -91,14 +93,29 @@ impl Session {
         }
         let ctx = open_gpu()?;
         check(&ctx)?;
-        let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 } };
-        let spinner = spinner(&format!("loading {}", args.model.display()));
+        let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 }, prefix_blocks };
+        let what = match prefix_blocks {
+            Some(n) => format!("loading blocks 0..{n} of {}", args.model.display()),
+            None => format!("loading {}", args.model.display()),
+        };
+        let spinner = spinner(&what);
         let loaded = load_model_path(ctx, &args.model, options).with_context(|| format!("loading the model at {}", args.model.display()))?;
         let tokenizer = loaded.tokenizer.with_context(|| format!("{} has no tokenizer.json", args.model.display()))?;
         spinner.set_message("fingerprinting the weights");
         let fingerprint = loaded.source.fingerprint();
         spinner.finish_and_clear();
         Ok(Session { path: args.model.clone(), model: loaded.model, tokenizer, source: loaded.source, fingerprint })
+    }
+
+    /// Loads what a prefix model lacks (the blocks above it and the head).
+    pub fn load_remaining(&mut self) -> Result<()> {
+        if self.model.head.is_some() {
+            return Ok(());
+        }
+        let spinner = spinner(&format!("loading blocks {}..{} of {}", self.model.blocks.len(), self.model.config.n_layers, self.path.display()));
+        self.model.load_remaining(self.source.as_ref()).with_context(|| format!("loading the rest of {}", self.path.display()))?;
+        spinner.finish_and_clear();
+        Ok(())
     }
 
     /// The model's preset, or `spec`: a preset name or a JSON file of

@@ -506,25 +506,34 @@ fn plan_needs_only_a_config_and_says_what_to_change_when_it_does_not_fit() {
     let plan = json(&out);
     assert_eq!(plan["fits"], true);
     let names: Vec<&str> = plan["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["load", "statistics", "target vectors", "keys", "solve", "update"]);
+    // Statistics run on the blocks through the last edited layer, before
+    // the rest of the model is loaded.
+    assert_eq!(names, ["statistics", "load", "target vectors", "keys", "solve", "update"]);
     assert!(plan["phases"].as_array().unwrap().iter().all(|p| p["gpu_bytes"].as_u64().unwrap() > 11 << 30 && p["host_bytes"].as_u64().is_some()));
     assert_eq!(plan["peak_phase"], "statistics");
 
-    // f32 weights on a 30 GB card: the statistics do not fit, f16 would.
-    let out = memit(&dir).args(["plan", "--n-requests", "10000", "--gpu-memory", "30GB", "--model"]).arg(&model).output().unwrap();
-    fails_with(out, "statistics needs");
-    let out = memit(&dir).args(["plan", "--n-requests", "10000", "--gpu-memory", "30GB", "--model"]).arg(&model).output().unwrap();
+    // f32 weights (22.5 GiB) on a 24 GB card: they do not fit, f16 would.
+    let out = memit(&dir).args(["plan", "--n-requests", "10000", "--gpu-memory", "24GB", "--model"]).arg(&model).output().unwrap();
+    fails_with(out, "load needs");
+    let out = memit(&dir).args(["plan", "--n-requests", "10000", "--gpu-memory", "24GB", "--model"]).arg(&model).output().unwrap();
     fails_with(out, "use --f16 (weights in f16: then it fits)");
-    // f16 on 20 GiB: only fewer edited layers help the statistics.
-    let out = memit(&dir).args(["--json", "plan", "--n-requests", "10000", "--f16", "--gpu-memory", "20GiB", "--model"]).arg(&model).output().unwrap();
+    // f16 on 16 GiB: only fewer edited layers help the statistics.
+    let out = memit(&dir).args(["--json", "plan", "--n-requests", "10000", "--f16", "--gpu-memory", "16GiB", "--model"]).arg(&model).output().unwrap();
     assert_eq!(json(&out)["fits"], false);
     fails_with(out, "fewer edited layers");
     // The solve of 60,000 requests: fewer requests per edit.
-    let out = memit(&dir).args(["plan", "--n-requests", "60000", "--f16", "--gpu-memory", "40GiB", "--model"]).arg(&model).output().unwrap();
+    let out = memit(&dir).args(["plan", "--n-requests", "60000", "--f16", "--gpu-memory", "20GiB", "--model"]).arg(&model).output().unwrap();
     fails_with(out, "solve needs");
-    let out = memit(&dir).args(["plan", "--n-requests", "60000", "--f16", "--gpu-memory", "40GiB", "--model"]).arg(&model).output().unwrap();
+    let out = memit(&dir).args(["plan", "--n-requests", "60000", "--f16", "--gpu-memory", "20GiB", "--model"]).arg(&model).output().unwrap();
     fails_with(out, "fewer requests per edit (at most");
     fails_with(memit(&dir).args(["plan", "--n-requests", "10", "--gpu-memory", "lots", "--model"]).arg(&model).output().unwrap(), "--gpu-memory");
+    // A smaller target batch budget: fewer requests per batch, a lower peak.
+    let plan_with = |budget: &str| json(&ok(memit(&dir).args(["--json", "plan", "--n-requests", "100", "--f16", "--target-batch-memory", budget, "--model"]).arg(&model).output().unwrap()));
+    let (big, small) = (plan_with("1GiB"), plan_with("256MiB"));
+    let targets = |p: &serde_json::Value| p["phases"].as_array().unwrap().iter().find(|ph| ph["name"] == "target vectors").unwrap()["gpu_bytes"].as_u64().unwrap();
+    assert!(small["target_batch"].as_u64() < big["target_batch"].as_u64(), "{} vs {}", small["target_batch"], big["target_batch"]);
+    assert!(targets(&small) < targets(&big));
+    fails_with(memit(&dir).args(["plan", "--n-requests", "10", "--target-batch-memory", "0", "--model"]).arg(&model).output().unwrap(), "--target-batch-memory");
 }
 
 #[test]
@@ -546,6 +555,6 @@ fn edit_and_stats_print_the_plan_and_stop_before_loading_when_it_does_not_fit() 
     fails_with(edit, "does not fit --gpu-memory; nothing was loaded");
     assert!(!out.exists());
     let stats = memit(&dir).args(["stats", "--gpu-memory", "8MiB", "--model"]).arg(facts_model()).args(STATS).output().unwrap();
-    fails_with(stats, "load needs");
+    fails_with(stats, "statistics needs");
     assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stats-")));
 }

@@ -145,7 +145,22 @@ pub async fn apply_memit(
     covariances: &[LayerCovariance],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<EditOutcome> {
-    let (prepared, targets, target_cost) = compute_targets(model, tokenizer, requests, hp, templates, progress).await?;
+    apply_memit_with(model, tokenizer, requests, hp, templates, covariances, &TargetOptions::default(), progress).await
+}
+
+/// As [`apply_memit`], with the target vectors batched as `options` says.
+#[allow(clippy::too_many_arguments)]
+pub async fn apply_memit_with(
+    model: &mut Model,
+    tokenizer: &TextTokenizer,
+    requests: &[EditRequest],
+    hp: &Hparams,
+    templates: &[String],
+    covariances: &[LayerCovariance],
+    options: &TargetOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<EditOutcome> {
+    let (prepared, targets, target_cost) = compute_targets_with(model, tokenizer, requests, hp, templates, options, progress).await?;
     let (updates, mut phases) = spread_over_layers(model, tokenizer, &prepared, &targets, hp, templates, covariances, progress).await?;
     phases.target_vectors = target_cost;
     Ok(EditOutcome { targets, updates, phases })
@@ -230,9 +245,7 @@ pub async fn spread_over_layers(
             }
         }
         let clock = PhaseClock::start(&model.ctx);
-        let c = model.ctx.upload(&[d_ff, d_ff], &cov.matrix, DType::F32)?;
-        let solved = solve_layer(model, cov, &c, &ko.keys, n, hp.mom2_update_weight).await?;
-        drop(c);
+        let solved = solve_layer(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
         clock.stop(&mut phases.solve);
         let update = LayerUpdate { layer, resid, x: solved.x, solve_shift: solved.shift, solve_refinements: solved.refinements, solve_correction: solved.last_correction };
         let clock = PhaseClock::start(&model.ctx);

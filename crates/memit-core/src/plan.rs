@@ -4,24 +4,23 @@
 //! whether they fit a budget.
 //!
 //! Each phase replays, allocation by allocation, what today's code asks the
-//! GPU for (`Model::load`, with q/k/v, and a gated MLP's gate and up,
-//! concatenated at load when a checkpoint stores them apart;
-//! `Model::forward`/`block_trace`, where biases and residuals are added in
-//! the products' epilogues, and the backward pass; the statistics
+//! GPU for (`Model::load` of the blocks through the last edited layer for
+//! the statistics, then `Model::load_remaining`, with q/k/v, and a gated
+//! MLP's gate and up, concatenated at load when a checkpoint stores them
+//! apart; `Model::forward`/`block_trace`, where biases and residuals are
+//! added in the products' epilogues, and the backward pass; the statistics
 //! accumulator, `optimise_batch`, `solve_layer`, `apply_update`),
 //! so the plan is of what the code *does*, including terms a leaner layout
-//! would not need (all marked "today" below):
+//! would not need:
 //! - statistics hold C and its Kahan compensation for every edited layer at
 //!   once (2·|R|·d_ff²·4 bytes), and keep every edited layer's keys and
 //!   block output of a pass until the pass ends;
 //! - the target step keeps the full-batch residual stream after gathering
 //!   its suffix rows, and the suffix cache keeps all of q|k|v (the one
 //!   projection's output) where only k and v are read;
-//! - the solve holds seven [n, d_ff] f32 copies of K-sized data at its peak
-//!   (K, Kᵀ, the first solution, and a residual with the three right-hand
-//!   sides of each preconditioning solve) besides C and λC + KKᵀ;
-//! - `edit` keeps the unedited model for its before/after comparison, so
-//!   each updated W_out is held twice (`keep_original_weights`).
+//! - a caller that keeps the unedited model (`keep_original_weights`: the
+//!   browser page, for its revert) holds each updated W_out twice; the
+//!   CLI's `edit` does not.
 //!
 //! Tensor bytes are what `GpuContext::memory().peak_bytes` measures; buffer
 //! bytes add the buffer pool's size classes (≤ 25% per buffer); a budget
@@ -191,12 +190,15 @@ impl MemoryPlan {
         }
         let m = Shape::of(config, options.matrix_dtype);
         let mut sim = Sim::new(options.limits);
-        m.load(&mut sim);
-        let weight_bytes = sim.live;
-        let mut phases = vec![sim.phase("load", largest_matrix(config) * (4 + m.esize) as u64, format!("weights {}", gib(weight_bytes)))];
-
+        // Statistics run on the blocks through the last edited layer; the
+        // rest of the model is loaded after them.
+        let prefix_blocks = hp.last_layer() + 1;
+        m.load_prefix(&mut sim, prefix_blocks);
         let (stats, tokens) = stats_phase(&m, hp, options, &mut sim);
-        phases.push(stats);
+        m.load_rest(&mut sim, prefix_blocks);
+        let weight_bytes = sim.live;
+        let mut phases = vec![stats];
+        phases.push(sim.phase("load", largest_matrix(config) * (4 + m.esize) as u64, format!("weights {}", gib(weight_bytes))));
         let (target, batch) = target_phase(&m, hp, options, &mut sim);
         phases.push(target);
         for phase in [keys_phase, solve_phase, update_phase] {
@@ -248,7 +250,11 @@ impl MemoryPlan {
         if matches!(phase.name, "target vectors") {
             let smaller = PlanOptions { target: TargetOptions { batch_bytes: options.target.batch_bytes / 4, ..options.target }, ..*options };
             if fits(&smaller) {
-                advice.push(format!("fewer requests per target batch (now {}; a quarter of the batch budget fits)", self.target_batch));
+                advice.push(format!(
+                    "fewer requests per target batch (now {}): a target batch memory of {} fits (`--target-batch-memory` in the CLI)",
+                    self.target_batch,
+                    gib(smaller.target.batch_bytes)
+                ));
             }
         }
         if matches!(phase.name, "target vectors" | "keys" | "solve" | "update") {
@@ -511,69 +517,82 @@ impl Shape {
         (self.d * self.ff * self.esize) as u64
     }
 
-    /// Allocates every tensor `Model::load` uploads (matrices in the
-    /// chosen dtype, vectors f32), in its order; they stay for the whole
-    /// plan. Projections a checkpoint stores apart are uploaded, joined by
-    /// `concat_rows` (biases first) and dropped, so the phase's peak may
-    /// fall at a join rather than at the end.
-    fn load(&self, sim: &mut Sim) {
+    /// Allocates what `Model::load` uploads for a prefix model of `blocks`
+    /// blocks (matrices in the chosen dtype, vectors f32), in its order:
+    /// the blocks, the token embedding, then the rotary table and learned
+    /// positions. Projections a checkpoint stores apart are uploaded, joined
+    /// by `concat_rows` (biases first) and dropped, so a peak may fall at a
+    /// join rather than at the end.
+    fn load_prefix(&self, sim: &mut Sim, blocks: usize) {
+        self.load_blocks(sim, 0..blocks);
+        sim.tensor(self.vocab, self.d, self.esize);
+        if self.rotary_dim > 0 {
+            sim.tensor(self.max_positions, self.rotary_dim, 4);
+        }
+        if self.arch == Arch::Gpt2 {
+            sim.tensor(self.max_positions, self.d, self.esize);
+        }
+    }
+
+    /// `Model::load_remaining`: the blocks from `from` on, then the head
+    /// (the unembedding unless tied, and the final norm).
+    fn load_rest(&self, sim: &mut Sim, from: usize) {
+        self.load_blocks(sim, from..self.n_layers);
+        if !self.tied {
+            self.linear_weight(sim, self.d, self.vocab, false, self.arch == Arch::Gptj);
+        }
+        self.norm_weights(sim);
+    }
+
+    /// `Loader::linear`: the bias, then the weight as stored.
+    fn linear_weight(&self, sim: &mut Sim, d_in: usize, d_out: usize, in_out: bool, bias: bool) -> Vec<Buf> {
+        let mut bufs = Vec::new();
+        if bias {
+            bufs.push(sim.tensor(d_out, 1, 4));
+        }
+        bufs.push(if in_out { sim.tensor(d_in, d_out, self.esize) } else { sim.tensor(d_out, d_in, self.esize) });
+        bufs
+    }
+
+    /// A norm's weight, and its bias for a layer norm.
+    fn norm_weights(&self, sim: &mut Sim) {
+        for _ in 0..if self.layernorm { 2 } else { 1 } {
+            sim.tensor(self.d, 1, 4);
+        }
+    }
+
+    fn load_blocks(&self, sim: &mut Sim, layers: std::ops::Range<usize>) {
         let (d, ff, e) = (self.d, self.ff, self.esize);
-        let vector = |sim: &mut Sim, len: usize| sim.tensor(len, 1, 4);
-        // `Loader::linear`: the bias, then the weight as stored.
-        let linear = |sim: &mut Sim, d_in: usize, d_out: usize, in_out: bool, bias: bool| {
-            let mut bufs = Vec::new();
-            if bias {
-                bufs.push(vector(sim, d_out));
-            }
-            bufs.push(if in_out { sim.tensor(d_in, d_out, e) } else { sim.tensor(d_out, d_in, e) });
-            bufs
-        };
         // `Loader::concatenated`: the parts ([out, in]), the joined bias
         // and weight, then the parts dropped.
         let concatenated = |sim: &mut Sim, outs: &[usize], bias: bool| {
-            let parts: Vec<Buf> = outs.iter().flat_map(|&o| linear(sim, d, o, false, bias)).collect();
+            let parts: Vec<Buf> = outs.iter().flat_map(|&o| self.linear_weight(sim, d, o, false, bias)).collect();
             let total: usize = outs.iter().sum();
             if bias {
-                vector(sim, total);
+                sim.tensor(total, 1, 4);
             }
             sim.tensor(total, d, e);
             sim.free_all(parts);
         };
         let in_out = self.arch == Arch::Gpt2;
-        let norm = |sim: &mut Sim| {
-            for _ in 0..if self.layernorm { 2 } else { 1 } {
-                vector(sim, d);
-            }
-        };
-        for _ in 0..self.n_layers {
+        for _ in layers {
             if self.qkv_apart {
                 concatenated(sim, &[self.q_width, self.kv_width, self.kv_width], self.proj_bias);
             } else {
-                linear(sim, d, self.qkv_width(), in_out, self.proj_bias);
+                self.linear_weight(sim, d, self.qkv_width(), in_out, self.proj_bias);
             }
             if self.gated {
                 concatenated(sim, &[ff, ff], self.mlp_bias);
             } else {
-                linear(sim, d, ff, in_out, self.mlp_bias);
+                self.linear_weight(sim, d, ff, in_out, self.mlp_bias);
             }
-            norm(sim);
+            self.norm_weights(sim);
             if self.residual != Residual::ParallelSharedNorm {
-                norm(sim);
+                self.norm_weights(sim);
             }
-            linear(sim, self.q_width, d, in_out, self.proj_bias);
-            linear(sim, ff, d, in_out, self.mlp_bias);
+            self.linear_weight(sim, self.q_width, d, in_out, self.proj_bias);
+            self.linear_weight(sim, ff, d, in_out, self.mlp_bias);
         }
-        sim.tensor(self.vocab, d, e);
-        if !self.tied {
-            linear(sim, d, self.vocab, false, self.arch == Arch::Gptj);
-        }
-        if self.rotary_dim > 0 {
-            sim.tensor(self.max_positions, self.rotary_dim, 4);
-        }
-        if self.arch == Arch::Gpt2 {
-            sim.tensor(self.max_positions, d, e);
-        }
-        norm(sim);
     }
 
     /// `Linear::forward` (or `forward_plus`): one new tensor, the bias and
@@ -731,6 +750,7 @@ struct BlockBufs {
 /// is formed one layer at a time.
 fn stats_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> (PhasePlan, usize) {
     let layers = hp.layers.len();
+    let prefix_weights = sim.live;
     let tpp = m.tokens_per_pass(sim.chunk);
     let max_len = o.stats_max_len.unwrap_or(m.max_positions.min(tpp)).min(m.max_positions);
     let tokens = tpp.max(max_len);
@@ -748,7 +768,12 @@ fn stats_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> (Phas
     sim.free_all(sums);
     // Checkpoints hold the sums read back, their bytes and the file (3×).
     let host = 3 * 2 * layers as u64 * square_bytes(m.ff);
-    let detail = format!("C + compensation {} (all {layers} layers, today), passes of {tokens} tokens", gib(2 * layers as u64 * square_bytes(m.ff)));
+    let detail = format!(
+        "blocks 0..{} {}, C + compensation {} (all {layers} layers at once), passes of {tokens} tokens",
+        hp.last_layer() + 1,
+        gib(prefix_weights),
+        gib(2 * layers as u64 * square_bytes(m.ff))
+    );
     (sim.phase("statistics", host, detail), tokens)
 }
 
@@ -906,23 +931,22 @@ fn keys_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhaseP
     sim.phase("keys", host, detail)
 }
 
-/// One layer's solve (`solve_layer`): C, λC + KKᵀ factored in place with
-/// its block inverses and panel scratch, K and Kᵀ, the first solution, and
-/// during refinement a residual and the three right-hand sides of each
-/// preconditioning solve (today: seven [n, d_ff] f32 tensors at once).
+/// One layer's solve (`solve_layer`): λC + KKᵀ formed in the solver's
+/// layout with K beside it, K dropped, the matrix factored in place with its
+/// block inverses and panel scratch, then each solve's right-hand side
+/// (overwritten by the solution) and one scratch of the same size.
 fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhasePlan {
     let (ff, n) = (m.ff, o.n_requests);
-    let c = sim.f32(ff, ff);
-    let k = sim.f32(n, ff);
-    let b = sim.f32(ff, n);
     let a = sim.tensor_blocks(ff, ff, 4, SOLVE_BLOCK, "λC + KKᵀ");
+    let k = sim.f32(n, ff);
+    sim.free(k);
     let panel_rows = (((sim.chunk / (ff as u64 * 4)) as usize / SOLVE_BLOCK * SOLVE_BLOCK).max(SOLVE_BLOCK)).min(ff);
     let block = SOLVE_BLOCK.min(ff);
     let diag_inv = sim.f32(ff.div_ceil(SOLVE_BLOCK) * SOLVE_BLOCK, SOLVE_BLOCK);
     if (ff.div_ceil(SOLVE_BLOCK) * SOLVE_BLOCK * SOLVE_BLOCK * 4) as u64 > sim.chunk {
         sim.problem(format!("solve: the diagonal block inverses of a {ff}×{ff} system exceed one storage binding"));
     }
-    let mut held = vec![c, k, b, a, diag_inv, sim.f32(1, 1), sim.f32(block, block)];
+    let mut held = vec![a, diag_inv, sim.f32(1, 1), sim.f32(block, block)];
     let mut at = 0;
     while at < ff {
         let rows = panel_rows.min(ff - at);
@@ -930,15 +954,12 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
         at += rows;
     }
     let rhs = |sim: &mut Sim| sim.tensor_blocks(ff, n, 4, panel_rows, "solve right-hand side (fewer requests per edit)");
-    let (r0, y0, x0) = (rhs(sim), rhs(sim), rhs(sim));
-    sim.free_all([r0, y0]);
-    let residual = sim.f32(ff, n);
-    let (r1, y1, x1) = (rhs(sim), rhs(sim), rhs(sim));
-    sim.free_all([residual, r1, y1, x1, x0]);
+    let (x, scratch) = (rhs(sim), rhs(sim));
+    sim.free_all([x, scratch]);
     sim.free_all(held);
-    let solve_host = (n * ff * 76 + n * m.d * 4 + 256 * ff * 8) as u64 + 8 * (n as u64 * n as u64);
+    let solve_host = (n * ff * 80 + n * m.d * 4 + 256 * ff * 8) as u64 + 8 * (n as u64 * n as u64);
     let host = edit_host(m, hp, o, hp.layers.len() - 1) + solve_host;
-    let detail = format!("C + λC+KKᵀ {}, K-sized {} (7 × n·d_ff, today)", gib(2 * square_bytes(ff)), gib(7 * (n * ff * 4) as u64));
+    let detail = format!("λC + KKᵀ {}, then 2 × n·d_ff {}", gib(square_bytes(ff)), gib(2 * (n * ff * 4) as u64));
     sim.phase("solve", host, detail)
 }
 

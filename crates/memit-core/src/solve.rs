@@ -2,10 +2,10 @@
 //! the GPU and refined against float64 residuals computed on the host
 //! (preconditioned conjugate gradients), so the update ΔW = R·Xᵀ matches a
 //! float64 solve to f32 precision.
-//! C is uploaded once per layer and stays on the GPU while the layer is
-//! solved (shift retries and refinements reuse it).
+//! C goes to the GPU once per factorisation, already scaled into λC + KKᵀ's
+//! storage; refinements run against the host's C.
 
-use memit_gpu::{DType, GpuError, MatmulSpec, SpdFactor, Tensor};
+use memit_gpu::{DType, GpuError, MatmulSpec, SpdFactor};
 use memit_models::Model;
 
 use crate::edit::LayerCovariance;
@@ -44,30 +44,50 @@ pub struct LayerSolve {
     pub last_correction: f64,
 }
 
-/// Solves layer `cov.layer`'s system for `keys` ([n, d_ff]) with
-/// `c` = C on the GPU.
-pub async fn solve_layer(model: &Model, cov: &LayerCovariance, c: &Tensor, keys: &[f32], n: usize, lambda: f32) -> Result<LayerSolve> {
+/// Rows of λC computed on the host per upload (bounds the scratch).
+const C_ROWS_PER_UPLOAD: usize = 1024;
+
+/// Solves layer `cov.layer`'s system for `keys` ([n, d_ff]). The GPU holds
+/// at most λC + KKᵀ (built in the solver's layout, then factored in place)
+/// with K beside it while it is formed, then two [d_ff, n] tensors per
+/// solve: the right-hand side, overwritten by the solution, and one
+/// scratch. C itself is never on the GPU twice.
+pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: usize, lambda: f32) -> Result<LayerSolve> {
     let ctx = &model.ctx;
     let d = model.config.d_ff;
-    let k = ctx.upload(&[n, d], keys, DType::F32)?;
+    if keys.len() != n * d || cov.matrix.len() != d * d {
+        return Err(MemitError::Hparams(format!("solve of layer {}: {} keys and a {}-entry C for {n} requests of width {d}", cov.layer, keys.len(), cov.matrix.len())));
+    }
     let mut k_t = vec![0.0f64; d * n];
     for r in 0..n {
         for i in 0..d {
             k_t[i * n + r] = keys[r * d + i] as f64;
         }
     }
-    let b = ctx.upload(&[d, n], &k_t.iter().map(|&v| v as f32).collect::<Vec<_>>(), DType::F32)?;
+    let k_t32: Vec<f32> = k_t.iter().map(|&v| v as f32).collect();
     let trace = (0..d).map(|i| lambda as f64 * cov.matrix[i * d + i] as f64).sum::<f64>() + keys.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
     let mean_diagonal = trace / d as f64;
     let mut first_failure = None;
     for relative in SOLVE_SHIFTS {
         let shift = relative as f64 * mean_diagonal;
+        // λC rounded to f32 on the host (as a GPU product would round it),
+        // then KᵀK added on the GPU; K goes before the factorisation.
         let a = ctx.solver_matrix(d, d)?;
-        ctx.affine_into(c, lambda, 0.0, &a)?;
-        ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+        for row0 in (0..d).step_by(C_ROWS_PER_UPLOAD) {
+            let rows = C_ROWS_PER_UPLOAD.min(d - row0);
+            let scaled: Vec<f32> = cov.matrix[row0 * d..(row0 + rows) * d].iter().map(|&v| lambda * v).collect();
+            ctx.write(&a.slice_rows(row0..row0 + rows)?, &scaled)?;
+        }
+        {
+            let k = ctx.upload(&[n, d], keys, DType::F32)?;
+            ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+        }
         let factor = ctx.factor_spd(a, shift as f32)?;
-        let x0 = ctx.solve_factored(&factor, &b)?;
+        let x0 = ctx.solver_rhs(&factor, n)?;
+        ctx.write(&x0, &k_t32)?;
+        ctx.solve_factored_in_place(&factor, &x0)?;
         let mut read = ctx.read_all(&[&x0, factor.status()]).await?;
+        drop(x0);
         match SpdFactor::check(read[1][0]) {
             Ok(()) => {}
             Err(GpuError::NotPositiveDefinite { pivot }) => {
@@ -87,8 +107,10 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, c: &Tensor, keys:
         let precondition = |r: &[f64]| {
             let values: Vec<f32> = r.iter().map(|&v| v as f32).collect();
             async move {
-                let r = ctx.upload(&[d, n], &values, DType::F32)?;
-                Ok::<_, MemitError>(ctx.read(&ctx.solve_factored(factor, &r)?).await?.into_iter().map(f64::from).collect::<Vec<f64>>())
+                let r = ctx.solver_rhs(factor, n)?;
+                ctx.write(&r, &values)?;
+                ctx.solve_factored_in_place(factor, &r)?;
+                Ok::<_, MemitError>(ctx.read(&r).await?.into_iter().map(f64::from).collect::<Vec<f64>>())
             }
         };
         let (x, refinements, last_correction) = conjugate_gradients(&system, &k_t, x0, n, precondition).await?;

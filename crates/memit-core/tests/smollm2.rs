@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use memit_core::{keys_and_outputs, solve_layer, EditRequest, Hparams, StatsAccumulator, StatsIdentity};
-use memit_gpu::{DType, GpuContext};
+use memit_gpu::GpuContext;
 use memit_models::{GgufSource, LoadOptions, Model};
 
 fn fixtures() -> PathBuf {
@@ -72,8 +72,7 @@ fn layer_solve_matches_a_float64_solve_on_real_statistics() {
     let keys = pollster::block_on(keys_and_outputs(&model, &tok, &prepared, &templates, layer, hp.last_layer())).unwrap().keys;
 
     let (d, n, lambda) = (model.config.d_ff, requests.len(), hp.mom2_update_weight);
-    let c = ctx.upload(&[d, d], &cov.matrix, DType::F32).unwrap();
-    let solved = pollster::block_on(solve_layer(&model, &cov, &c, &keys, n, lambda)).unwrap();
+    let solved = pollster::block_on(solve_layer(&model, &cov, &keys, n, lambda)).unwrap();
     eprintln!(
         "layer {layer}: {} tokens, d_ff {d}, {n} keys; shift {:e}, {} refinements, last correction {:e}",
         cov.n_tokens, solved.shift, solved.refinements, solved.last_correction

@@ -82,8 +82,9 @@ impl Model {
     /// dL/d(hidden) for the `hidden` given to `forward_traced`, from dL/dlogits.
     pub fn backward(&self, trace: &Trace, d_logits: &Tensor, batch: &Batch) -> Result<Tensor> {
         let ctx = &self.ctx;
-        let d_normed = self.lm_head.backward(ctx, d_logits)?;
-        let mut d = self.final_norm.backward(ctx, &trace.last_hidden, &d_normed)?;
+        let head = self.head()?;
+        let d_normed = head.unembed.backward(ctx, d_logits)?;
+        let mut d = head.norm.backward(ctx, &trace.last_hidden, &d_normed)?;
         if let Some((ids, rows)) = &trace.logit_rows {
             d = ctx.scatter_rows(&d, ids, *rows)?;
         }
@@ -96,7 +97,7 @@ impl Model {
 
     fn block_backward(&self, layer: usize, t: &BlockTrace, d_out: &Tensor, rows: Rows<'_>) -> Result<Tensor> {
         let ctx = &self.ctx;
-        let block = &self.blocks[layer];
+        let block = self.block_at(layer)?;
         let add = |p: &Tensor, q: &Tensor| -> Result<Tensor> { Ok(ctx.binary(BinaryOp::Add, p, q)?) };
         match self.config.residual {
             Residual::Sequential => {
@@ -122,7 +123,7 @@ impl Model {
     /// Gradient w.r.t. the MLP input given the gradient of its output.
     fn mlp_backward(&self, layer: usize, t: &BlockTrace, d_h: &Tensor) -> Result<Tensor> {
         let ctx = &self.ctx;
-        let block = &self.blocks[layer];
+        let block = self.block_at(layer)?;
         let d_key = block.mlp_out.backward(ctx, d_h)?;
         let d_up = if block.mlp_gated {
             ctx.gated_activation_backward(&t.up, &d_key, self.config.activation)?
@@ -137,7 +138,7 @@ impl Model {
     fn attention_backward(&self, layer: usize, t: &BlockTrace, d_proj: &Tensor, rows: Rows<'_>) -> Result<Tensor> {
         let ctx = &self.ctx;
         let c = &self.config;
-        let block = &self.blocks[layer];
+        let block = self.block_at(layer)?;
         let d_mixed = block.attn_out.backward(ctx, d_proj)?;
         let (q, k, v) = (&t.attn.q, &t.attn.k, &t.attn.v);
         // Gradients have the queries' rows (a suffix pass's keys before the

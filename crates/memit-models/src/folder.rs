@@ -326,7 +326,10 @@ pub fn finish_interrupted_rewrite(dir: &Path) -> Result<Recovery> {
     let journal = dir.join(REWRITE_JOURNAL);
     let leftover = |name: &str| name.ends_with(STAGED) || name == format!("{REWRITE_JOURNAL}.tmp");
     let names: Vec<String> = std::fs::read_dir(dir).map_err(io(dir))?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
-    if !journal.exists() && !names.iter().any(|n| leftover(n)) {
+    // A run killed between taking the lock and staging its first file
+    // leaves only the lock, whose process is gone.
+    let stale_lock = names.iter().any(|n| n == REWRITE_LOCK) && live_holder(&dir.join(REWRITE_LOCK)).is_none();
+    if !journal.exists() && !stale_lock && !names.iter().any(|n| leftover(n)) {
         // Nothing to do, and nothing written: the folder may be read-only.
         return Ok(Recovery::Clean);
     }
@@ -347,6 +350,9 @@ pub fn finish_interrupted_rewrite(dir: &Path) -> Result<Recovery> {
         removed.push(name);
     }
     drop(lock);
+    if stale_lock {
+        removed.push(REWRITE_LOCK.to_string());
+    }
     removed.sort();
     Ok(if removed.is_empty() { Recovery::Clean } else { Recovery::RolledBack(removed) })
 }

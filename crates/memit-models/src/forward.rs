@@ -377,7 +377,7 @@ impl Model {
     /// pass needs.
     pub(crate) fn block_trace(&self, layer: usize, x: &Tensor, rows: Rows<'_>) -> Result<BlockTrace> {
         let ctx = &self.ctx;
-        let block = &self.blocks[layer];
+        let block = self.block_at(layer)?;
         let a = block.ln1.forward(ctx, x)?;
         let (attn, mixed) = self.attention(layer, &a, rows)?;
         // x + attention, the residual added by the projection's epilogue.
@@ -406,7 +406,7 @@ impl Model {
     fn attention(&self, layer: usize, a: &Tensor, rows: Rows<'_>) -> Result<(AttentionTrace, Tensor)> {
         let ctx = &self.ctx;
         let c = &self.config;
-        let block = &self.blocks[layer];
+        let block = self.block_at(layer)?;
         let hd = c.head_dim;
         let heads = |offset, head_stride, n_heads| HeadLayout { offset, head_stride, n_heads };
         let qkv = block.qkv.forward(ctx, a)?;
@@ -456,7 +456,8 @@ impl Model {
 
     /// Final norm and unembedding: [rows, d] → [rows, vocab].
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.ctx, &self.final_norm.forward(&self.ctx, x)?)
+        let head = self.head()?;
+        head.unembed.forward(&self.ctx, &head.norm.forward(&self.ctx, x)?)
     }
 
     /// The whole model on `batch`, keeping the block outputs and MLP keys of

@@ -18,7 +18,7 @@ pub use error::{ModelError, Result};
 pub use forward::{Batch, BatchIndices, BlockOutput, ForwardOutput, Padding, SuffixPass};
 pub use gguf::{GgufSource, GgufValue};
 pub use generate::{argmax, GenerateOptions, Sampling};
-pub use model::{mlp_out_name, resolve_name, rope_table, Block, Linear, LoadOptions, Model, Norm, WeightLayout};
+pub use model::{mlp_out_name, resolve_name, rope_table, Block, Head, Linear, LoadOptions, Model, Norm, WeightLayout};
 pub use tokenizer::TextTokenizer;
 pub use weights::{decode_safetensors, upload_weight, FileBytes, HostData, HostTensor, SafetensorsSource, StoredDtype, StoredTensor, WeightSource};
 

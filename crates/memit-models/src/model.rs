@@ -80,12 +80,24 @@ pub struct LoadOptions {
     /// Storage of weight matrices (vectors are always f32). f16 halves GPU
     /// memory; arithmetic stays f32 either way.
     pub matrix_dtype: DType,
+    /// Load only blocks `0..n` and the embeddings: what statistics and keys
+    /// up to layer n − 1 read, a fraction of a deep model's memory. Such a
+    /// model has no head (final norm and unembedding), so asking it for
+    /// logits, or running a block it lacks, is an error.
+    pub prefix_blocks: Option<usize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { matrix_dtype: DType::F32 }
+        LoadOptions { matrix_dtype: DType::F32, prefix_blocks: None }
     }
+}
+
+/// The final norm and the unembedding.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub norm: Norm,
+    pub unembed: Linear,
 }
 
 #[derive(Debug, Clone)]
@@ -95,9 +107,10 @@ pub struct Model {
     pub embed: Tensor,
     /// Learned absolute positions (GPT-2).
     pub pos_embed: Option<Tensor>,
+    /// Blocks 0..blocks.len() (all of them unless loaded as a prefix).
     pub blocks: Vec<Block>,
-    pub final_norm: Norm,
-    pub lm_head: Linear,
+    /// None for a prefix model (`LoadOptions::prefix_blocks`).
+    pub head: Option<Head>,
     /// [max_positions, rotary_dim/2, 2] of (cos, sin), when rotary is used.
     pub rope_table: Option<Tensor>,
 }
@@ -214,6 +227,52 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// Block `l`'s weights (q|k|v, and gate|up, joined when stored apart).
+    fn block(&self, c: &ModelConfig, n: &Names, l: usize) -> Result<Block> {
+        let layer = |pattern: &str| pattern.replace("{}", &l.to_string());
+        let (d, ff, hd) = (c.d_model, c.d_ff, c.head_dim);
+        let q_width = c.n_heads * hd;
+        let kv_width = c.n_kv_heads * hd;
+        let layernorm = c.arch != Arch::Llama;
+        let (proj_layout, biased) = match c.arch {
+            Arch::Gpt2 => (WeightLayout::InOut, true),
+            Arch::Gptj => (WeightLayout::OutIn, false),
+            Arch::GptNeox => (WeightLayout::OutIn, true),
+            Arch::Llama => (WeightLayout::OutIn, false),
+        };
+        let mlp_biased = c.arch != Arch::Llama;
+        let qkv = match n.qkv_fused {
+            Some(p) => self.linear(&layer(p), d, q_width + 2 * kv_width, proj_layout, biased)?,
+            None => self.concatenated(&[(layer(n.q), q_width), (layer(n.k), kv_width), (layer(n.v), kv_width)], d, biased)?,
+        };
+        let mlp_in = match n.mlp_gate {
+            Some(gate) => self.concatenated(&[(layer(gate), ff), (layer(n.mlp_in), ff)], d, mlp_biased)?,
+            None => self.linear(&layer(n.mlp_in), d, ff, proj_layout, mlp_biased)?,
+        };
+        Ok(Block {
+            ln1: self.norm(&layer(n.ln1), d, c.norm_eps, layernorm)?,
+            ln2: n.ln2.map(|p| self.norm(&layer(p), d, c.norm_eps, layernorm)).transpose()?,
+            qkv,
+            qkv_per_head: c.arch == Arch::GptNeox,
+            attn_out: self.linear(&layer(n.attn_out), q_width, d, proj_layout, biased)?,
+            mlp_in,
+            mlp_gated: n.mlp_gate.is_some(),
+            mlp_out: self.linear(&layer(n.mlp_out), ff, d, proj_layout, mlp_biased)?,
+        })
+    }
+
+    /// The unembedding (`embed` itself when tied and not stored apart),
+    /// then the final norm.
+    fn head(&self, c: &ModelConfig, n: &Names, embed: &Tensor) -> Result<Head> {
+        let lm_head_name = format!("{}.weight", n.lm_head);
+        let unembed = if c.tie_word_embeddings && !self.has(&lm_head_name) {
+            Linear { weight: embed.clone(), bias: None, layout: WeightLayout::OutIn }
+        } else {
+            self.linear(n.lm_head, c.d_model, c.vocab_size, WeightLayout::OutIn, c.arch == Arch::Gptj)?
+        };
+        Ok(Head { norm: self.norm(n.final_norm, c.d_model, c.norm_eps, c.arch != Arch::Llama)?, unembed })
+    }
+
     /// `name` as the source spells it (also without `transformer.`).
     fn resolve(&self, name: &str) -> Option<String> {
         if self.source.contains(name) {
@@ -284,6 +343,24 @@ impl Loader<'_> {
 }
 
 impl Model {
+    /// Block `layer`, or an error when it is beyond a prefix model's blocks.
+    pub fn block_at(&self, layer: usize) -> Result<&Block> {
+        self.blocks.get(layer).ok_or_else(|| self.not_loaded(&format!("block {layer}")))
+    }
+
+    /// The final norm and unembedding, or an error for a prefix model.
+    pub fn head(&self) -> Result<&Head> {
+        self.head.as_ref().ok_or_else(|| self.not_loaded("the final norm and unembedding (logits)"))
+    }
+
+    fn not_loaded(&self, what: &str) -> ModelError {
+        ModelError::Input(format!(
+            "{what} not loaded: this model holds blocks 0..{} of {} only (loaded as a prefix for statistics or keys)",
+            self.blocks.len(),
+            self.config.n_layers
+        ))
+    }
+
     /// Replaces W_out of `layer` with `weights` (shape as stored in the
     /// checkpoint), keeping the storage dtype the model was loaded with.
     pub fn set_mlp_out(&mut self, layer: usize, weights: &HostTensor) -> Result<()> {
@@ -314,52 +391,20 @@ pub fn rope_table(max_positions: usize, rotary_dim: usize, theta: f64) -> Vec<f3
 }
 
 impl Model {
-    /// Uploads a model's weights from `source` according to `config`.
+    /// Uploads a model's weights from `source` according to `config` (all
+    /// of them, or a prefix: `options.prefix_blocks`).
     pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, source: &dyn WeightSource, options: LoadOptions) -> Result<Model> {
         let c = &config;
+        let n_blocks = match options.prefix_blocks {
+            Some(n) if n == 0 || n > c.n_layers => return Err(ModelError::Input(format!("a prefix of {n} blocks of a {}-layer model", c.n_layers))),
+            Some(n) => n,
+            None => c.n_layers,
+        };
         let n = names(c.arch);
         let loader = Loader { ctx: &ctx, source, options };
-        let layer = |pattern: &str, l: usize| pattern.replace("{}", &l.to_string());
-        let (d, ff, hd) = (c.d_model, c.d_ff, c.head_dim);
-        let q_width = c.n_heads * hd;
-        let kv_width = c.n_kv_heads * hd;
-        let layernorm = c.arch != Arch::Llama;
-        let (proj_layout, biased) = match c.arch {
-            Arch::Gpt2 => (WeightLayout::InOut, true),
-            Arch::Gptj => (WeightLayout::OutIn, false),
-            Arch::GptNeox => (WeightLayout::OutIn, true),
-            Arch::Llama => (WeightLayout::OutIn, false),
-        };
-        let mlp_biased = c.arch != Arch::Llama;
-        let mut blocks = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
-            let qkv = match n.qkv_fused {
-                Some(p) => loader.linear(&layer(p, l), d, q_width + 2 * kv_width, proj_layout, biased)?,
-                None => loader.concatenated(&[(layer(n.q, l), q_width), (layer(n.k, l), kv_width), (layer(n.v, l), kv_width)], d, biased)?,
-            };
-            let mlp_in = match n.mlp_gate {
-                Some(gate) => loader.concatenated(&[(layer(gate, l), ff), (layer(n.mlp_in, l), ff)], d, mlp_biased)?,
-                None => loader.linear(&layer(n.mlp_in, l), d, ff, proj_layout, mlp_biased)?,
-            };
-            blocks.push(Block {
-                ln1: loader.norm(&layer(n.ln1, l), d, c.norm_eps, layernorm)?,
-                ln2: n.ln2.map(|p| loader.norm(&layer(p, l), d, c.norm_eps, layernorm)).transpose()?,
-                qkv,
-                qkv_per_head: c.arch == Arch::GptNeox,
-                attn_out: loader.linear(&layer(n.attn_out, l), q_width, d, proj_layout, biased)?,
-                mlp_in,
-                mlp_gated: n.mlp_gate.is_some(),
-                mlp_out: loader.linear(&layer(n.mlp_out, l), ff, d, proj_layout, mlp_biased)?,
-            });
-        }
-        let embed = loader.matrix(&format!("{}.weight", n.embed), [c.vocab_size, d])?;
-        let lm_head_name = format!("{}.weight", n.lm_head);
-        let lm_head = if c.tie_word_embeddings && !loader.has(&lm_head_name) {
-            Linear { weight: embed.clone(), bias: None, layout: WeightLayout::OutIn }
-        } else {
-            let bias = c.arch == Arch::Gptj;
-            loader.linear(n.lm_head, d, c.vocab_size, WeightLayout::OutIn, bias)?
-        };
+        let blocks = (0..n_blocks).map(|l| loader.block(c, &n, l)).collect::<Result<Vec<_>>>()?;
+        let embed = loader.matrix(&format!("{}.weight", n.embed), [c.vocab_size, c.d_model])?;
+        let head = if options.prefix_blocks.is_some() { None } else { Some(loader.head(c, &n, &embed)?) };
         let rope_table = if c.rotary_dim > 0 {
             let table = rope_table(c.max_positions, c.rotary_dim, c.rope_theta);
             Some(ctx.upload(&[c.max_positions, c.rotary_dim / 2, 2], &table, DType::F32)?)
@@ -367,10 +412,9 @@ impl Model {
             None
         };
         let model = Model {
-            pos_embed: n.pos_embed.map(|p| loader.matrix(&format!("{p}.weight"), [c.max_positions, d])).transpose()?,
-            final_norm: loader.norm(n.final_norm, d, c.norm_eps, layernorm)?,
+            pos_embed: n.pos_embed.map(|p| loader.matrix(&format!("{p}.weight"), [c.max_positions, c.d_model])).transpose()?,
             embed,
-            lm_head,
+            head,
             blocks,
             rope_table,
             config,
@@ -378,5 +422,23 @@ impl Model {
         };
         debug_assert!(model.config.residual != Residual::ParallelSharedNorm || model.blocks.iter().all(|b| b.ln2.is_none()));
         Ok(model)
+    }
+
+    /// Completes a prefix model (`LoadOptions::prefix_blocks`) from the same
+    /// `source`: the blocks it lacks and the head, in the dtype it was loaded
+    /// with. The blocks it holds (and any edits to them) stay as they are.
+    pub fn load_remaining(&mut self, source: &dyn WeightSource) -> Result<()> {
+        let c = &self.config;
+        let n = names(c.arch);
+        let options = LoadOptions { matrix_dtype: self.embed.dtype(), prefix_blocks: None };
+        let loader = Loader { ctx: &self.ctx, source, options };
+        for l in self.blocks.len()..c.n_layers {
+            let block = loader.block(c, &n, l)?;
+            self.blocks.push(block);
+        }
+        if self.head.is_none() {
+            self.head = Some(loader.head(c, &n, &self.embed)?);
+        }
+        Ok(())
     }
 }

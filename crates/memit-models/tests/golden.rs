@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use memit_gpu::{DType, GpuContext, Tensor};
-use memit_models::{load_hf_dir, Batch, LoadOptions, Padding};
+use memit_models::{load_hf_dir, Batch, LoadOptions, Model, Padding};
 use safetensors::SafeTensors;
 
 fn ctx() -> Arc<GpuContext> {
@@ -57,20 +57,26 @@ fn read(t: &Tensor) -> Vec<f32> {
 
 fn check_model(name: &str, options: LoadOptions, rel: f64) {
     let loaded = load_hf_dir(ctx(), &fixture(name), options).unwrap_or_else(|e| panic!("loading {name}: {e}"));
-    let model = loaded.model;
+    check_against_golden(name, &loaded.model, rel);
+}
+
+/// The golden's padded batch on `side` as the model sees it, and its real
+/// rows (same layout as the golden's, so rows correspond one to one).
+fn golden_batch(golden: &Golden, side: &str, padding: Padding) -> (Batch, Vec<(usize, usize)>) {
+    let (shape, ids) = golden.get(&format!("{side}.input_ids"));
+    let (_, mask) = golden.get(&format!("{side}.attention_mask"));
+    let (b, t) = (shape[0], shape[1]);
+    let sequences: Vec<Vec<u32>> = (0..b).map(|i| (0..t).filter(|&j| mask[i * t + j] > 0.0).map(|j| ids[i * t + j] as u32).collect()).collect();
+    let real = (0..b * t).filter(|&r| mask[r] > 0.0).map(|r| (r, r)).collect();
+    (Batch::new(&sequences, padding, 0).unwrap(), real)
+}
+
+fn check_against_golden(name: &str, model: &Model, rel: f64) {
     let golden = Golden::open(name);
     let layers: Vec<usize> = (0..model.config.n_layers).collect();
     for (side, padding) in [("right", Padding::Right), ("left", Padding::Left)] {
-        let (shape, ids) = golden.get(&format!("{side}.input_ids"));
-        let (_, mask) = golden.get(&format!("{side}.attention_mask"));
+        let (batch, real) = golden_batch(&golden, side, padding);
         let (_, positions) = golden.get(&format!("{side}.position_ids"));
-        let (b, t) = (shape[0], shape[1]);
-        let sequences: Vec<Vec<u32>> = (0..b)
-            .map(|i| (0..t).filter(|&j| mask[i * t + j] > 0.0).map(|j| ids[i * t + j] as u32).collect())
-            .collect();
-        let batch = Batch::new(&sequences, padding, 0).unwrap();
-        // Same padded layout as the golden, so rows correspond one to one.
-        let real: Vec<(usize, usize)> = (0..b * t).filter(|&r| mask[r] > 0.0).map(|r| (r, r)).collect();
         for &(r, _) in &real {
             assert_eq!(batch.positions[r] as f64, positions[r], "{name} {side}: position of row {r}");
         }
@@ -115,6 +121,30 @@ fn llama_gqa_bf16_checkpoint_matches_transformers() {
 fn f16_weight_storage_stays_close() {
     // f16 storage rounds weights (~5e-4 relative), so the bound is looser;
     // it still catches any layout mistake, which would be off by O(1).
-    check_model("gpt2", LoadOptions { matrix_dtype: DType::F16 }, 2e-2);
-    check_model("gpt-neox", LoadOptions { matrix_dtype: DType::F16 }, 1e-4);
+    check_model("gpt2", LoadOptions { matrix_dtype: DType::F16, ..Default::default() }, 2e-2);
+    check_model("gpt-neox", LoadOptions { matrix_dtype: DType::F16, ..Default::default() }, 1e-4);
+}
+
+#[test]
+fn a_prefix_model_matches_transformers_and_loads_the_rest_on_demand() {
+    // GPT-J (q, k, v joined at load) and Llama (q, k, v and gate, up joined).
+    for name in ["gptj", "llama"] {
+        let loaded = load_hf_dir(ctx(), &fixture(name), LoadOptions { prefix_blocks: Some(1), ..Default::default() }).unwrap();
+        let mut model = loaded.model;
+        assert_eq!((model.blocks.len(), model.head.is_none()), (1, true), "{name}");
+        let golden = Golden::open(name);
+        let (batch, real) = golden_batch(&golden, "right", Padding::Right);
+        let out = model.forward(&batch, &[0], false).unwrap();
+        let (d, ff) = (model.config.d_model, model.config.d_ff);
+        assert_rows_close(&read(out.hidden[0].as_ref().unwrap()), &golden.get("right.block.0").1, d, &real, 1e-4, &format!("{name} prefix block 0"));
+        assert_rows_close(&read(out.mlp_keys[0].as_ref().unwrap()), &golden.get("right.mlp_key.0").1, ff, &real, 1e-4, &format!("{name} prefix mlp key 0"));
+        // What the prefix lacks is a clear error, not a panic.
+        for (capture, logits) in [(vec![], true), (vec![1], false)] {
+            let err = model.forward(&batch, &capture, logits).err().expect("beyond the prefix").to_string();
+            assert!(err.contains("not loaded") && err.contains("blocks 0..1"), "{name}: {err}");
+        }
+        model.load_remaining(loaded.source.as_ref()).unwrap();
+        assert_eq!(model.blocks.len(), model.config.n_layers);
+        check_against_golden(name, &model, 1e-4);
+    }
 }

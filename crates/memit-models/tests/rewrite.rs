@@ -109,6 +109,20 @@ fn interrupted_in_place_rewrites_finish_or_roll_back() {
         assert!(files(&dir) == expected, "a stale lock does not stop the recovery, and is removed");
     }
 
+    // Killed after taking the lock, before staging anything: only the lock
+    // is left, and it is removed.
+    #[cfg(target_os = "linux")]
+    {
+        let dir = copy("lock-only");
+        std::fs::write(dir.join(".memit-rewrite-lock"), "2147483646").unwrap();
+        assert_eq!(finish_interrupted_rewrite(&dir).unwrap(), Recovery::RolledBack(vec![".memit-rewrite-lock".into()]));
+        assert!(files(&dir) == original && !dir.join(".memit-rewrite-lock").exists());
+        // An empty lock (killed before writing its PID) is stale too.
+        std::fs::write(dir.join(".memit-rewrite-lock"), "").unwrap();
+        assert!(matches!(finish_interrupted_rewrite(&dir).unwrap(), Recovery::RolledBack(_)));
+        assert_eq!(finish_interrupted_rewrite(&dir).unwrap(), Recovery::Clean);
+    }
+
     // A journal naming a path outside the folder is refused, nothing moved.
     std::fs::write(dir.join(REWRITE_JOURNAL), "../elsewhere.safetensors").unwrap();
     let err = finish_interrupted_rewrite(&dir).unwrap_err().to_string();

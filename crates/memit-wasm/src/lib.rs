@@ -158,7 +158,7 @@ impl Editor {
             let matrix_dtype = if get(&options, "f16").and_then(|v| v.as_bool()).unwrap_or(false) { DType::F16 } else { DType::F32 };
             let mut on_bytes = |done: u64, total: u64| report(&cb, "loading weights", (done >> 10) as usize, (total >> 10) as usize);
             let uploaded = stream_safetensors(&ctx, &files, matrix_dtype, &mut on_bytes).await.map_err(err)?;
-            let model = Model::load(ctx, config, &uploaded, LoadOptions { matrix_dtype }).map_err(err)?;
+            let model = Model::load(ctx, config, &uploaded, LoadOptions { matrix_dtype, ..Default::default() }).map_err(err)?;
             let fingerprint = memit_models::WeightSource::fingerprint(&uploaded);
             drop(uploaded);
             let hparams = Hparams::for_model(&model.config);

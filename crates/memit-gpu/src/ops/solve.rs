@@ -213,25 +213,50 @@ impl GpuContext {
         Ok(SpdFactor { d, l, _storage: a, diag_inv, status })
     }
 
-    /// X = (L·Lᵀ)⁻¹ B for B [d, n], into a new tensor; B is left as it was.
-    /// Forward then backward substitution, each a right-looking sequence of
-    /// matmuls: a block's solution is its right-hand side times the block's
-    /// inverse, then the rows not yet solved are updated with it.
+    /// A zeroed [d, n] right-hand side laid out in `f`'s row panels, for
+    /// [`GpuContext::solve_factored_in_place`] (fill it with `write`).
+    pub fn solver_rhs(&self, f: &SpdFactor, n: usize) -> Result<Tensor> {
+        self.zeros_in_row_blocks(&[f.d, n], f.l.rows)
+    }
+
+    /// X = (L·Lᵀ)⁻¹ B for B [d, n], into a new tensor; B is left as it was
+    /// (copied into the solver's layout first).
     pub fn solve_factored(&self, f: &SpdFactor, b: &Tensor) -> Result<Tensor> {
         require_f32("solve_factored", &[b])?;
         let (d, n) = b.dims2("solve_factored")?;
         if d != f.d {
             return Err(GpuError::shape("solve_factored", format!("B has {d} rows for a {}x{} system", f.d, f.d)));
         }
+        let x = self.solver_rhs(f, n)?;
+        self.affine_into(b, 1.0, 0.0, &x)?;
+        self.solve_factored_in_place(f, &x)?;
+        Ok(x)
+    }
+
+    /// Overwrites `b` ([d, n], from [`GpuContext::solver_rhs`]) with
+    /// X = (L·Lᵀ)⁻¹ B, holding one more [d, n] tensor meanwhile: forward
+    /// substitution writes Y into the scratch while B's rows are consumed
+    /// block by block, then backward substitution writes X into B's rows.
+    /// A block's solution is its right-hand side times the block's
+    /// inverse, then the rows not yet solved are updated with it.
+    pub fn solve_factored_in_place(&self, f: &SpdFactor, b: &Tensor) -> Result<()> {
+        require_f32("solve_factored", &[b])?;
+        let (d, n) = b.dims2("solve_factored")?;
+        if d != f.d {
+            return Err(GpuError::shape("solve_factored", format!("B has {d} rows for a {}x{} system", f.d, f.d)));
+        }
         let l = &f.l;
-        let layout = |t: Tensor| Panels { rows: l.rows, width: n, tensors: (0..l.tensors.len()).map(|p| t.slice_rows(l.range(p, d).0..l.range(p, d).1)).collect::<Result<_>>().expect("same row split") };
-        let rhs = self.zeros_in_row_blocks(&[d, n], l.rows)?;
-        self.affine_into(b, 1.0, 0.0, &rhs)?;
-        let (rhs_t, y_t, x_t) = (rhs.clone(), self.zeros_in_row_blocks(&[d, n], l.rows)?, self.zeros_in_row_blocks(&[d, n], l.rows)?);
-        let (rhs, y, x) = (layout(rhs_t), layout(y_t), layout(x_t.clone()));
+        // B and the scratch viewed in L's row panels, each within one buffer.
+        let panels = |t: &Tensor| -> Option<Panels> {
+            let tensors: Vec<Tensor> = (0..l.tensors.len()).map(|p| t.slice_rows(l.range(p, d).0..l.range(p, d).1).ok()).collect::<Option<_>>()?;
+            tensors.iter().all(|t| t.n_chunks() == 1).then_some(Panels { rows: l.rows, width: n, tensors })
+        };
+        let rhs = panels(b).ok_or_else(|| GpuError::shape("solve_factored_in_place", "B is not in the factor's row panels (make it with solver_rhs)"))?;
+        let y = panels(&self.solver_rhs(f, n)?).expect("solver layout");
         let inv = |k0: usize, kb: usize| MatrixView { tensor: &f.diag_inv, offset: k0 * NB, rows: kb, cols: kb, ld: NB };
         let update = MatmulSpec { alpha: -1.0, beta: 1.0, ..Default::default() };
-        // Forward: L Y = B.
+        // Forward: L Y = B (Y in the scratch; B's rows below the block
+        // updated, its block's rows dead once read).
         for k0 in (0..d).step_by(NB) {
             let kb = NB.min(d - k0);
             let (p, local) = l.panel_of(k0);
@@ -244,22 +269,22 @@ impl GpuContext {
                 }
             }
         }
-        // Backward: Lᵀ X = Y.
+        // Backward: Lᵀ X = Y (X into B's rows, Y's rows above updated).
         let last_block = (d - 1) / NB * NB;
         for k0 in (0..=last_block).rev().step_by(NB) {
             let kb = NB.min(d - k0);
             let (p, local) = l.panel_of(k0);
-            self.matmul_views(inv(k0, kb), y.view(p, local, 0, kb, n), x.view(p, local, 0, kb, n), MatmulSpec { trans_a: true, ..Default::default() })?;
+            self.matmul_views(inv(k0, kb), y.view(p, local, 0, kb, n), rhs.view(p, local, 0, kb, n), MatmulSpec { trans_a: true, ..Default::default() })?;
             for q in 0..=p {
                 let (q0, q1) = l.range(q, d);
                 let end = q1.min(k0);
                 if q0 < end {
                     let a_view = l.view(p, local, q0, kb, end - q0);
-                    self.matmul_views(a_view, x.view(p, local, 0, kb, n), y.view(q, 0, 0, end - q0, n), MatmulSpec { trans_a: true, ..update })?;
+                    self.matmul_views(a_view, rhs.view(p, local, 0, kb, n), y.view(q, 0, 0, end - q0, n), MatmulSpec { trans_a: true, ..update })?;
                 }
             }
         }
-        Ok(x_t)
+        Ok(())
     }
 
     /// X = A⁻¹B for symmetric positive definite `a` ([d, d], stored whole:
