@@ -1,9 +1,9 @@
 //! MEMIT on the bundled facts model against an independent PyTorch
 //! implementation (tests/fixtures/make_memit_golden.py): covariance
 //! statistics, target vectors, per-layer updates and the edited model's
-//! predictions; plus stats checkpoint/resume and cache validation. And a
-//! 50-edit behaviour test on the world model, whose facts live where
-//! MEMIT edits.
+//! predictions; plus stats checkpoint/resume and cache validation. And
+//! behaviour tests on the world model, whose facts live where MEMIT edits:
+//! 50 edits, and 1,000 at once beside the same run of the PyTorch MEMIT.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -349,23 +349,53 @@ impl World {
     /// The 50 edits: the first 50 people move to another city, each stated
     /// through the first city template.
     fn requests(&self) -> Vec<EditRequest> {
-        let cities = self.objects("city");
-        self.people()[..50]
-            .iter()
-            .enumerate()
-            .map(|(i, person)| {
-                let home = cities.iter().position(|&c| c == person["city"]).unwrap();
-                let new = cities[(home + 1 + i % (cities.len() - 1)) % cities.len()];
-                EditRequest {
-                    case_id: Some(i as u64),
-                    prompt: self.templates("city")[0].into(),
-                    subject: person["subject"].as_str().unwrap().into(),
-                    target_new: TargetText { text: new.into() },
-                    target_true: None,
-                }
-            })
-            .collect()
+        self.edits(0..50, &["city"]).into_iter().map(|e| e.request).collect()
     }
+
+    /// For each relation in turn, each person in `people` gets another
+    /// object (the i-th person of the range moves i % (objects − 1) + 1
+    /// places along the relation's list), stated through the relation's
+    /// first template; its other templates are the paraphrases.
+    fn edits(&self, people: std::ops::Range<usize>, relations: &[&str]) -> Vec<WorldEdit> {
+        let mut out = Vec::new();
+        for &relation in relations {
+            let objects = self.objects(relation);
+            let templates = self.templates(relation);
+            for (i, person) in self.people()[people.clone()].iter().enumerate() {
+                let old = objects.iter().position(|&o| o == person[relation]).unwrap();
+                let new = objects[(old + 1 + i % (objects.len() - 1)) % objects.len()];
+                let subject = person["subject"].as_str().unwrap();
+                out.push(WorldEdit {
+                    request: EditRequest {
+                        case_id: Some(out.len() as u64),
+                        prompt: templates[0].into(),
+                        subject: subject.into(),
+                        target_new: TargetText { text: new.into() },
+                        target_true: None,
+                    },
+                    paraphrases: templates[1..].iter().map(|t| t.replace("{}", subject)).collect(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Statistics over the model's own training text (its "Wikipedia").
+    fn covariances(&self, model: &Model, tok: &TextTokenizer, hp: &Hparams) -> Vec<LayerCovariance> {
+        let train: Vec<String> = std::fs::read_to_string(self.dir.join("train.txt")).unwrap().lines().map(String::from).collect();
+        let stats_id = StatsIdentity { model_id: "world-gpt2".into(), corpus_id: "train.txt".into(), layers: hp.layers.clone(), max_len: 64 };
+        let mut acc = StatsAccumulator::new(model, stats_id).unwrap();
+        for batch in train.chunks(64) {
+            acc.add_texts(model, tok, batch).unwrap();
+        }
+        pollster::block_on(acc.covariances(model)).unwrap()
+    }
+}
+
+/// One world edit and the paraphrases of its prompt.
+struct WorldEdit {
+    request: EditRequest,
+    paraphrases: Vec<String>,
 }
 
 /// Top-1 token after each prompt, in batches.
@@ -406,14 +436,7 @@ fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
 
     let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(world.dir.join("memit-hparams.json")).unwrap()).unwrap();
     let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
-    // Statistics over the model's own training text (its "Wikipedia").
-    let train: Vec<String> = std::fs::read_to_string(world.dir.join("train.txt")).unwrap().lines().map(String::from).collect();
-    let stats_id = StatsIdentity { model_id: "world-gpt2".into(), corpus_id: "train.txt".into(), layers: hp.layers.clone(), max_len: 64 };
-    let mut acc = StatsAccumulator::new(&model, stats_id).unwrap();
-    for batch in train.chunks(64) {
-        acc.add_texts(&model, &tok, batch).unwrap();
-    }
-    let covs = pollster::block_on(acc.covariances(&model)).unwrap();
+    let covs = world.covariances(&model, &tok, &hp);
     let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &["{}".to_string()], &covs, &mut |_| {})).unwrap();
     let shifts: Vec<(f32, usize, f64)> = outcome.updates.iter().map(|u| (u.solve_shift, u.solve_refinements, u.solve_correction)).collect();
 
@@ -432,6 +455,53 @@ fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
     assert_eq!(took, 50, "only {took}/50 edits made the new city the prediction");
     assert!(generalised as f64 >= 0.9 * paraphrases.len() as f64, "only {generalised}/{} paraphrases follow the edits", paraphrases.len());
     assert!(kept as f64 >= 0.98 * known_before as f64, "only {kept}/{known_before} unrelated facts kept");
+}
+
+/// Mass editing: 1,000 facts at once (every attribute of the first 200
+/// people), against the same run of the PyTorch MEMIT
+/// (tests/fixtures/world_edits_reference.py --people 200 --relations all).
+#[test]
+fn a_thousand_edits_at_once_take_generalise_and_leave_other_people_alone() {
+    let world = World::open();
+    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
+    let (mut model, tok) = (loaded.model, loaded.tokenizer.expect("the world model ships a tokenizer"));
+    let edits = world.edits(0..200, &world.relations());
+    assert_eq!(edits.len(), 1000);
+    let requests: Vec<EditRequest> = edits.iter().map(|e| e.request.clone()).collect();
+    let efficacy: Vec<(String, String)> = requests.iter().map(|r| (r.prompt.replace("{}", &r.subject), r.target_new.text.clone())).collect();
+    let paraphrases: Vec<(String, String)> = edits.iter().flat_map(|e| e.paraphrases.iter().map(|p| (p.clone(), e.request.target_new.text.clone()))).collect();
+    let unrelated = world.facts_of(&world.people()[200..], |_| true);
+    let known_before = agreeing(&model, &tok, &unrelated);
+    assert_eq!(agreeing(&model, &tok, &efficacy), 0, "a new object was already the prediction");
+
+    let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(world.dir.join("memit-hparams.json")).unwrap()).unwrap();
+    let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
+    let covs = world.covariances(&model, &tok, &hp);
+    let start = std::time::Instant::now();
+    let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &["{}".to_string()], &covs, &mut |_| {})).unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    let took = agreeing(&model, &tok, &efficacy);
+    let generalised = agreeing(&model, &tok, &paraphrases);
+    let kept = agreeing(&model, &tok, &unrelated);
+    let solves: Vec<(f32, usize, f64)> = outcome.updates.iter().map(|u| (u.solve_shift, u.solve_refinements, u.solve_correction)).collect();
+    eprintln!(
+        "1000 edits in {seconds:.1} s: took {took}/1000; paraphrases {generalised}/{}; other people's facts kept {kept}/{known_before}; solves {solves:?}",
+        paraphrases.len()
+    );
+    // The PyTorch MEMIT on the same edits, statistics and hparams took
+    // 316/1000, generalised 326/3000 and kept 97/500 (this code: 309, 330,
+    // 102). A thousand facts in two 512-wide MLPs of a 128-wide model is
+    // past what MEMIT can write without interference at λ = 100 (λ = 1000
+    // keeps 326/500 but takes 196/1000); the test pins that this code does
+    // what the reference does at that scale, within a few percent.
+    let near = |got: usize, reference: usize, slack: usize, what: &str| {
+        assert!(got.abs_diff(reference) <= slack, "{what}: {got}, the PyTorch MEMIT {reference} (±{slack})");
+    };
+    near(took, 316, 40, "edits that took of 1000");
+    near(generalised, 326, 100, "paraphrases of 3000");
+    near(kept, 97, 30, "other people's facts kept of 500");
+    // Far above chance (about one in nine objects per relation).
+    assert!(took >= 250, "only {took}/1000 edits took");
 }
 
 #[test]
