@@ -13,6 +13,7 @@ mod counterfact;
 mod forward;
 mod memit;
 mod profile;
+mod shaped;
 
 #[derive(Parser)]
 #[command(about = "Benchmark memit-wgpu kernels on the current adapter")]
@@ -77,10 +78,37 @@ enum Command {
         /// what caching the rows before each subject saves).
         #[arg(long)]
         no_prefix_cache: bool,
+        /// Hyperparameter overrides over the model's preset, as JSON (e.g.
+        /// '{"layers": [0, 1], "v_num_grad_steps": 2}').
+        #[arg(long)]
+        hparams: Option<String>,
+        /// Weight matrices in f16 on the GPU.
+        #[arg(long)]
+        f16: bool,
         #[arg(long)]
         torch_python: Option<PathBuf>,
         #[arg(long, default_value = "target/bench/memit.json")]
         out: PathBuf,
+    },
+    /// Writes a randomly initialised model with GPT-J 6B's widths and a few
+    /// layers (f16 safetensors, the GPT-2 tokenizer), for `memit` runs on
+    /// real shapes.
+    MakeGptj {
+        /// The new model folder (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        layers: usize,
+        #[arg(long, default_value_t = 4096)]
+        d_model: usize,
+        #[arg(long, default_value_t = 16384)]
+        d_ff: usize,
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        #[arg(long, default_value_t = 50400)]
+        vocab: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// GPU time per kernel (timestamp queries) for one forward pass and one
     /// target-vector step, and the GFLOP/s of every matrix-product shape.
@@ -181,9 +209,10 @@ fn main() -> Result<()> {
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
         }
-        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, torch_python, out } => {
-            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, torch_python, out })
+        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, hparams, f16, torch_python, out } => {
+            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, hparams, f16, torch_python, out })
         }
+        Command::MakeGptj { out, layers, d_model, d_ff, heads, vocab, seed } => shaped::run(shaped::Options { out, layers, d_model, d_ff, heads, vocab, seed }),
         Command::All { torch_python, seconds } => {
             let budget = Duration::from_secs_f64(seconds);
             kernels(&[256, 512, 1024], budget, &PathBuf::from("target/bench/kernels.json"))?;
@@ -196,6 +225,8 @@ fn main() -> Result<()> {
                 cases: "tests/fixtures/facts-gpt2/counterfact.json".into(),
                 sizes: vec![1, 10, 100],
                 no_prefix_cache: false,
+                hparams: None,
+                f16: false,
                 torch_python,
                 out: "target/bench/memit.json".into(),
             })

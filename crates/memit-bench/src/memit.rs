@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{compute_targets_with, spread_over_layers, EditRequest, Hparams, Phases, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
-use memit_gpu::{CostCounters, GpuContext};
+use memit_core::{compute_targets_with, spread_over_layers, EditRequest, Hparams, Phases, Progress, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
+use memit_gpu::{CostCounters, DType, GpuContext};
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
 use serde::Serialize;
 
@@ -26,6 +26,10 @@ pub struct Options {
     pub sizes: Vec<usize>,
     /// Run every prompt row in every target-vector step.
     pub no_prefix_cache: bool,
+    /// JSON overrides over the model's preset.
+    pub hparams: Option<String>,
+    /// Weight matrices in f16.
+    pub f16: bool,
     pub torch_python: Option<PathBuf>,
     pub out: PathBuf,
 }
@@ -59,6 +63,10 @@ struct EditResult {
 struct Report {
     adapter: AdapterReport,
     model: String,
+    f16: bool,
+    load_seconds: f64,
+    /// GPU tensor bytes of the loaded weights.
+    weights_mib: f64,
     hparams: Hparams,
     stats: StatsResult,
     edits: Vec<EditResult>,
@@ -67,9 +75,10 @@ struct Report {
     torch_error: Option<String>,
 }
 
-fn load(path: &Path) -> Result<(Model, TextTokenizer)> {
+fn load(path: &Path, f16: bool) -> Result<(Model, TextTokenizer)> {
     let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
-    let loaded = load_model_path(ctx, path, LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?;
+    let options = LoadOptions { matrix_dtype: if f16 { DType::F16 } else { DType::F32 }, ..Default::default() };
+    let loaded = load_model_path(ctx, path, options).with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = loaded.tokenizer.with_context(|| format!("{} has no tokenizer", path.display()))?;
     Ok((loaded.model, tokenizer))
 }
@@ -114,8 +123,15 @@ fn torch_reference(python: &Path, o: &Options, hp: &Hparams, texts_file: &Path) 
 }
 
 pub fn run(o: Options) -> Result<()> {
-    let (model, tok) = load(&o.model)?;
-    let hp = Hparams::for_model(&model.config);
+    let load_start = Instant::now();
+    let (model, tok) = load(&o.model, o.f16)?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
+    let weights_mib = model.ctx.memory().live_bytes as f64 / (1 << 20) as f64;
+    let mut hp = Hparams::for_model(&model.config);
+    if let Some(json) = &o.hparams {
+        hp = hp.with_overrides(&serde_json::from_str(json).context("--hparams is not JSON")?)?;
+        hp.validate(&model.config)?;
+    }
     let texts: Vec<String> = std::fs::read_to_string(&o.corpus)
         .with_context(|| format!("reading {}", o.corpus.display()))?
         .lines()
@@ -164,8 +180,9 @@ pub fn run(o: Options) -> Result<()> {
         let start = Instant::now();
         let templates = ["{}".to_string()];
         let options = TargetOptions { prefix_cache: !o.no_prefix_cache, ..Default::default() };
-        let (prepared, targets, target_cost) = pollster::block_on(compute_targets_with(&edited, &tok, &all[..n], &hp, &templates, &options, &mut |_| {}))?;
-        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &mut |_| {}))?;
+        let mut log = ProgressLog::new();
+        let (prepared, targets, target_cost) = pollster::block_on(compute_targets_with(&edited, &tok, &all[..n], &hp, &templates, &options, &mut |p| log.report(p)))?;
+        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &mut |p| log.report(p)))?;
         phases.target_vectors = target_cost;
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("edits: {n:>4} in {seconds:8.2} s = {:8.3} edits/s", n as f64 / seconds);
@@ -195,7 +212,7 @@ pub fn run(o: Options) -> Result<()> {
     }
     let _ = std::fs::remove_file(&texts_file);
     print_table(&stats, &edits);
-    let report = Report { adapter: adapter_report(&model.ctx), model: o.model.display().to_string(), hparams: hp, stats, edits, torch_device, torch_error };
+    let report = Report { adapter: adapter_report(&model.ctx), model: o.model.display().to_string(), f16: o.f16, load_seconds, weights_mib, hparams: hp, stats, edits, torch_device, torch_error };
     write_report(&o.out, &report)
 }
 
@@ -229,6 +246,28 @@ fn print_table(stats: &StatsResult, edits: &[EditResult]) {
         let p = &e.phases;
         for (name, phase) in [("target vectors", p.target_vectors), ("keys", p.keys), ("solve", p.solve), ("update", p.update)] {
             row(format!("{} edit(s): {name}", e.edits), &phase.counters.gpu, Some(phase.counters.steps));
+        }
+    }
+}
+
+/// Progress of a long edit on stderr: each stage as it starts, then at most
+/// one line every ten seconds.
+struct ProgressLog {
+    stage: &'static str,
+    last: Instant,
+    start: Instant,
+}
+
+impl ProgressLog {
+    fn new() -> ProgressLog {
+        ProgressLog { stage: "", last: Instant::now(), start: Instant::now() }
+    }
+
+    fn report(&mut self, p: Progress) {
+        if p.stage != self.stage || self.last.elapsed().as_secs() >= 10 {
+            eprintln!("  {} {}/{} after {:.0} s", p.stage, p.done, p.total, self.start.elapsed().as_secs_f64());
+            self.stage = p.stage;
+            self.last = Instant::now();
         }
     }
 }

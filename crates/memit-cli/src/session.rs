@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use memit_core::{load_cache, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
-use memit_models::{finish_interrupted_rewrite, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, ModelConfig, Recovery, StoredTensor, TextTokenizer, WeightSource};
+use memit_models::{finish_interrupted_rewrite, SplitMix64, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, ModelConfig, Recovery, StoredTensor, TextTokenizer, WeightSource};
 use sha2::{Digest, Sha256};
 
 /// `--model` and how to hold its weights.
@@ -304,24 +304,6 @@ pub fn read_corpus(path: &Path, limit: usize, seed: u64) -> Result<Vec<String>> 
     }
     sample.sort_by_key(|&(at, _)| at);
     Ok(sample.into_iter().map(|(_, text)| text).collect())
-}
-
-/// A small seeded generator (SplitMix64) for corpus sampling.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n.
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() as u128 * n as u128) >> 64) as usize
-    }
 }
 
 fn corpus_fingerprint(texts: &[String]) -> String {
