@@ -80,6 +80,9 @@ try {
   if (!r.error) {
     check(r.before[0].token === " French" && r.after[0].token === " English", `package edit: ${r.before[0].token} -> ${r.after[0].token}`);
     check(r.reverted && r.restored[0].token === " French" && Math.abs(r.restored[0].prob - r.before[0].prob) < 1e-6, "package revert restores the original prediction exactly");
+    check(r.second.method === "memit-seq" && r.second.edits_so_far === 2, `memit-seq counts the edits of a sequence: ${r.second.method} ${r.second.edits_so_far}`);
+    const space = r.alpha.null_space_dimensions;
+    check(r.alpha.method === "alphaedit" && space.length === 1 && space[0][0] === 3 && space[0][1] > 0 && space[0][1] < 512, `AlphaEdit's null space: ${JSON.stringify(space)}`);
   }
 } finally {
   await context.close();

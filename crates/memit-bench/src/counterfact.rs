@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use memit_core::{compute_targets_with, context_templates, spread_over_layers, Hparams, PhaseCounters, StatsAccumulator, StatsIdentity, TargetOptions};
+use memit_core::{compute_targets_with, context_templates, spread_over_layers, EditState, Hparams, PhaseCounters, StatsAccumulator, StatsIdentity, TargetOptions};
 use memit_eval::{score_counterfact, summarize, CounterFactCase, CounterFactSummary};
 use memit_gpu::GpuContext;
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
@@ -131,7 +131,7 @@ pub fn run(o: Options) -> Result<()> {
         let hp_lambda = Hparams { mom2_update_weight: lambda, ..hp.clone() };
         let mut edited = model.clone();
         let t = Instant::now();
-        let (_, layer_phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &mut |_| {}))?;
+        let (_, layer_phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &EditState::memit(), &mut |_| {}))?;
         let layer_updates_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let scores = summarize(&pollster::block_on(score_counterfact(&edited, &tok, &cases))?);

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{compute_targets_with, spread_over_layers, EditRequest, Hparams, Phases, Progress, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
+use memit_core::{compute_targets_with, spread_over_layers, EditState, EditRequest, Hparams, Phases, Progress, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
 use memit_gpu::{CostCounters, DType, GpuContext};
 use memit_models::{load_model_path, LoadOptions, Model, TextTokenizer};
 use serde::Serialize;
@@ -182,7 +182,7 @@ pub fn run(o: Options) -> Result<()> {
         let options = TargetOptions { prefix_cache: !o.no_prefix_cache, ..Default::default() };
         let mut log = ProgressLog::new();
         let (prepared, targets, target_cost) = pollster::block_on(compute_targets_with(&edited, &tok, &all[..n], &hp, &templates, &options, &mut |p| log.report(p)))?;
-        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &mut |p| log.report(p)))?;
+        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &EditState::memit(), &mut |p| log.report(p)))?;
         phases.target_vectors = target_cost;
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("edits: {n:>4} in {seconds:8.2} s = {:8.3} edits/s", n as f64 / seconds);

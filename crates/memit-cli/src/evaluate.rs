@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use memit_core::{apply_memit, context_templates, EditRequest, Phases};
+use memit_core::{apply_edit, context_templates, EditMethod, EditRequest, EditState, Phases, TargetOptions};
 use memit_eval::{mean_generation_entropy, score_counterfact, score_zsre, summarize, summarize_zsre, CounterFactCase, ZsreRecord, ZsreTarget};
 use memit_models::{Model, TextTokenizer};
 use serde::Serialize;
 
 use crate::patching::Templates;
 use crate::plot::{line_chart, Series};
-use crate::session::{spinner, write_atomic, EditProgress, ModelArgs, Session, StatsArgs};
+use crate::session::{spinner, write_atomic, EditProgress, MethodArg, ModelArgs, Session, StatsArgs};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +61,11 @@ pub struct EvalArgs {
     pub hparams: Option<String>,
     #[arg(long, value_enum, default_value_t = Templates::Generated)]
     pub templates: Templates,
+    /// Editing methods to compare, each from the unedited model (e.g.
+    /// memit,memit-seq,alphaedit); sequential mode keeps each method's
+    /// state across its steps.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "memit")]
+    pub method: Vec<MethodArg>,
     /// zsRE: the answer each edit teaches: `answer` (answers[0], as the
     /// MEMIT and AlphaEdit authors) or `alt` (MEND's counterfactual).
     #[arg(long, value_enum, default_value_t = ZsreTargetArg::Answer)]
@@ -170,6 +175,7 @@ impl Cases {
 
 #[derive(Serialize)]
 struct Point {
+    method: EditMethod,
     edits: usize,
     metrics: serde_json::Map<String, serde_json::Value>,
     edit_seconds: f64,
@@ -216,45 +222,59 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
     let s = spinner("scoring the unedited model");
     let pre = cases.score(model, tok, n, args.gen_tokens)?;
     s.finish_and_clear();
+    let mut methods: Vec<EditMethod> = args.method.iter().map(|m| m.method()).collect();
+    methods.dedup();
+    let mode = if args.mode == Mode::Batch { "batch" } else { "sequential" };
     let mut points = Vec::new();
-    let mut current = model.clone();
-    for &(from, to) in &steps {
-        if args.mode == Mode::Batch {
-            current = model.clone();
+    let mut null_spaces = serde_json::Map::new();
+    for &method in &methods {
+        let fresh_state = || pollster::block_on(EditState::new(&model.ctx, method, &hp, &covariances, &mut |_| {}));
+        let mut state = fresh_state()?;
+        null_spaces.insert(method.name().into(), serde_json::json!(state.null_space_dimensions()));
+        let mut current = model.clone();
+        for (step, &(from, to)) in steps.iter().enumerate() {
+            if args.mode == Mode::Batch {
+                current = model.clone();
+                if step > 0 {
+                    state = fresh_state()?;
+                }
+            }
+            eprintln!("{}: editing cases {from}..{to} ({mode} mode)", method.name());
+            let mut progress = EditProgress::new();
+            let start = Instant::now();
+            let outcome = pollster::block_on(apply_edit(&mut current, tok, &requests[from..to], &hp, &templates, &covariances, &mut state, &TargetOptions::default(), &mut |p| progress.report(p)))?;
+            progress.finish();
+            let edit_seconds = start.elapsed().as_secs_f64();
+            let start = Instant::now();
+            let s = spinner(&format!("scoring {to} edited case(s)"));
+            let metrics = cases.score(&current, tok, to, args.gen_tokens)?;
+            s.finish_and_clear();
+            points.push(Point { method, edits: to, metrics: as_map(metrics), edit_seconds, phases: outcome.phases, score_seconds: start.elapsed().as_secs_f64() });
         }
-        eprintln!("editing cases {from}..{to} ({} mode)", if args.mode == Mode::Batch { "batch" } else { "sequential" });
-        let mut progress = EditProgress::new();
-        let start = Instant::now();
-        let outcome = pollster::block_on(apply_memit(&mut current, tok, &requests[from..to], &hp, &templates, &covariances, &mut |p| progress.report(p)))?;
-        progress.finish();
-        let edit_seconds = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        let s = spinner(&format!("scoring {to} edited case(s)"));
-        let metrics = cases.score(&current, tok, to, args.gen_tokens)?;
-        s.finish_and_clear();
-        points.push(Point { edits: to, metrics: as_map(metrics), edit_seconds, phases: outcome.phases, score_seconds: start.elapsed().as_secs_f64() });
     }
 
     let report = serde_json::json!({
         "model": session.path, "model_fingerprint": session.fingerprint, "adapter": model.ctx.adapter_info().name,
         "dataset": args.dataset, "data": args.data, "offset": args.offset, "cases": n, "skipped": skipped,
-        "mode": args.mode, "hparams": hp, "stats": stats_path, "n_stats_tokens": covariances[0].n_tokens,
+        "mode": args.mode, "methods": methods, "null_space_dimensions": null_spaces, "hparams": hp, "stats": stats_path, "n_stats_tokens": covariances[0].n_tokens,
         "unedited": as_map(pre.clone()), "points": points,
         "zsre_target": (args.dataset == Dataset::Zsre).then(|| args.zsre_target.target()),
     });
     write_atomic(&args.report, serde_json::to_string_pretty(&report)?.as_bytes())?;
     if let Some(plot) = &args.plot {
         let names: Vec<String> = pre.iter().map(|(k, _)| k.clone()).filter(|k| k != "efficacy_magnitude" && k != "generation_entropy").collect();
-        let series: Vec<Series> = names
+        let unedited = |name: &str| pre.iter().find(|(k, _)| k == name).map_or(0.0, |m| m.1);
+        let series: Vec<Series> = methods
             .iter()
-            .map(|name| Series {
-                name: name.clone(),
-                points: std::iter::once((0.0, pre.iter().find(|(k, _)| k == name).map_or(0.0, |m| m.1)))
-                    .chain(points.iter().map(|p| (p.edits as f64, p.metrics[name].as_f64().unwrap_or(0.0))))
+            .flat_map(|&method| names.iter().map(move |name| (method, name)))
+            .map(|(method, name)| Series {
+                name: if methods.len() > 1 { format!("{} {name}", method.name()) } else { name.clone() },
+                points: std::iter::once((0.0, unedited(name)))
+                    .chain(points.iter().filter(|p| p.method == method).map(|p| (p.edits as f64, p.metrics[name].as_f64().unwrap_or(0.0))))
                     .collect(),
             })
             .collect();
-        let title = format!("MEMIT on {} — {} mode", session.path.display(), if args.mode == Mode::Batch { "batch" } else { "sequential" });
+        let title = format!("{} on {} — {mode} mode", methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "), session.path.display());
         write_atomic(plot, line_chart(&title, "number of edits (0 = unedited)", "score (%)", &series).as_bytes())?;
     }
     if json {
@@ -264,7 +284,7 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
         row("unedited".into(), &pre);
         for p in &points {
             let metrics: Vec<(String, f64)> = p.metrics.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0))).collect();
-            row(format!("{} edits", p.edits), &metrics);
+            row(format!("{} {} edits", p.method.name(), p.edits), &metrics);
         }
         println!("report: {}{}", args.report.display(), args.plot.as_ref().map(|p| format!(", plot: {}", p.display())).unwrap_or_default());
     }

@@ -12,7 +12,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use memit_core::TargetOptions;
+use memit_core::{EditMethod, TargetOptions};
 
 use crate::patching::Destination;
 use crate::session::{ModelArgs, Session, StatsArgs, StatsOutcome};
@@ -177,7 +177,7 @@ fn quiet_headless_drivers() {
 }
 
 fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, stop_after_batches: Option<usize>, gpu_memory: Option<String>, json: bool) -> Result<()> {
-    let preflight = plan::Preflight { model: &model.model, f16: model.f16, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), target: TargetOptions::default(), max_len: stats.max_len, requests: None };
+    let preflight = plan::Preflight { model: &model.model, f16: model.f16, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), target: TargetOptions::default(), max_len: stats.max_len, requests: None, method: EditMethod::Memit };
     let hp = plan::hparams_of(&model.model, hparams.as_deref())?;
     // The blocks above the last edited layer are not needed.
     let session = Session::open_checked(&model, Some(hp.last_layer() + 1), |ctx| plan::preflight(&preflight, ctx))?;

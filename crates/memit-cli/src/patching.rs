@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{apply_memit_with, context_templates, EditRequest, Patch};
+use memit_core::{apply_edit, context_templates, EditRequest, EditState, Patch};
 use memit_eval::target_nll;
 use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor, TextTokenizer};
 use serde::Serialize;
 
 use crate::plan::{self, Preflight};
-use crate::session::{describe_phases, spinner, write_atomic, EditProgress, ModelArgs, Session, StatsArgs};
+use crate::session::{describe_phases, spinner, write_atomic, EditProgress, MethodArg, ModelArgs, Session, StatsArgs};
 
 /// Context templates for target vectors.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,6 +37,10 @@ pub struct EditArgs {
     pub hparams: Option<String>,
     #[arg(long, value_enum, default_value_t = Templates::Generated)]
     pub templates: Templates,
+    /// How each layer's update is solved. In one edit memit-seq equals
+    /// memit (it differs from the second edit of a sequential run on).
+    #[arg(long, value_enum, default_value_t = MethodArg::Memit)]
+    pub method: MethodArg,
     /// Edited model folder to write (default: <model>-edited). Only for
     /// safetensors models; GGUF models get the patch file only.
     #[arg(long)]
@@ -282,6 +286,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         target: plan::target_options(&args.target_batch_memory)?,
         max_len: args.stats.max_len,
         requests: Some((&requests, args.templates)),
+        method: args.method.method(),
     };
     // Statistics run on the blocks up to the last edited layer; the rest of
     // the model is loaded once they are at hand.
@@ -356,7 +361,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     let nll_before = pollster::block_on(target_nll(model, tok, &tests.pairs))?;
     let mut progress = EditProgress::new();
     let start = Instant::now();
-    let outcome = pollster::block_on(apply_memit_with(&mut session.model, tok, &requests, &hp, &templates, &covariances, &planned.target, &mut |p| progress.report(p)))?;
+    let method = args.method.method();
+    let mut state = pollster::block_on(EditState::new(&session.model.ctx, method, &hp, &covariances, &mut |p| progress.report(p)))?;
+    let outcome = pollster::block_on(apply_edit(&mut session.model, tok, &requests, &hp, &templates, &covariances, &mut state, &planned.target, &mut |p| progress.report(p)))?;
     let edited_model = &session.model;
     progress.finish();
     let edit_seconds = start.elapsed().as_secs_f64();
@@ -393,7 +400,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     if !args.dry_run {
         let originals = hp.layers.iter().map(|&l| session.stored_mlp_out(l)).collect::<Result<Vec<_>>>()?;
         let layout = edited_model.blocks[hp.layers[0]].mlp_out.layout;
-        let (patch, edited) = Patch::build(session.fingerprint.clone(), requests.clone(), serde_json::to_value(&hp)?, &outcome.updates, &originals, layout)?;
+        let mut recorded = serde_json::to_value(&hp)?;
+        recorded["method"] = method.name().into();
+        let (patch, edited) = Patch::build(session.fingerprint.clone(), requests.clone(), recorded, &outcome.updates, &originals, layout)?;
         let patch_bytes = patch.to_bytes()?;
         // A patch outside the folder is written first: a folder never
         // appears on disk without the patch that undoes it.
@@ -415,7 +424,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     }
     if json {
         let report = serde_json::json!({
-            "layers": hp.layers, "stats": stats_path, "edit_seconds": edit_seconds,
+            "method": method.name(), "null_space_dimensions": state.null_space_dimensions(), "layers": hp.layers, "stats": stats_path, "edit_seconds": edit_seconds,
             "phases": outcome.phases,
             "counters": outcome.phases.counters(),
             "solve_shifts": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift})).collect::<Vec<_>>(),
@@ -433,7 +442,10 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             println!("  {verdict}: P(new) {:.3} -> {:.3} per token; P({:?}) after {:.3}", o.p_new_before, o.p_new_after, o.original, o.p_original_after);
         }
         let took = outcomes.iter().filter(|o| o.took).count();
-        println!("{took} of {} edit(s) took; edited layers {:?} in {edit_seconds:.1} s ({})", requests.len(), hp.layers, describe_phases(&outcome.phases));
+        println!("{took} of {} edit(s) took; {} edited layers {:?} in {edit_seconds:.1} s ({})", requests.len(), method.name(), hp.layers, describe_phases(&outcome.phases));
+        for (layer, dimension) in state.null_space_dimensions() {
+            println!("layer {layer}: null space of {dimension:.0} dimensions (eigenvalues of C under {:e})", hp.nullspace_threshold);
+        }
         for (what, path) in &written {
             println!("wrote {what}: {}", path.as_str().unwrap_or_default());
         }

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{gib, DeviceLimits, EditRequest, Hparams, MemoryPlan, PlanOptions, RequestShape, TargetOptions};
+use memit_core::{gib, DeviceLimits, EditMethod, EditRequest, Hparams, MemoryPlan, PlanOptions, RequestShape, TargetOptions};
 use memit_gpu::{DType, GpuContext};
 use memit_models::{read_config, GgufSource, TextTokenizer};
 
 use crate::patching::Templates;
-use crate::session::resolve_hparams;
+use crate::session::{resolve_hparams, MethodArg};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -42,6 +42,9 @@ pub struct PlanArgs {
     /// Use this machine's GPU adapter's limits instead of wgpu's defaults.
     #[arg(long)]
     pub adapter: bool,
+    /// The editing method (AlphaEdit holds more).
+    #[arg(long, value_enum, default_value_t = MethodArg::Memit)]
+    pub method: MethodArg,
 }
 
 /// "48GiB", "80 GB", "512MiB", "1.5TiB" or plain bytes.
@@ -99,6 +102,7 @@ pub fn plan(args: PlanArgs, json: bool) -> Result<()> {
         target: target_options(&args.target_batch_memory)?,
         stats_max_len: args.max_len,
         keep_original_weights: false,
+        method: args.method.method(),
     };
     let plan = MemoryPlan::new(&config, &hp, &options)?;
     let budget = args.gpu_memory.as_deref().map(parse_bytes).transpose()?;
@@ -155,6 +159,7 @@ pub struct Preflight<'a> {
     /// The requests and their templates (`edit`); None plans the
     /// statistics only (`stats`).
     pub requests: Option<(&'a [EditRequest], Templates)>,
+    pub method: EditMethod,
 }
 
 /// Prints the plan (stderr) and refuses a run that does not fit
@@ -183,6 +188,7 @@ pub fn preflight(p: &Preflight<'_>, ctx: &GpuContext) -> Result<()> {
         target: p.target,
         stats_max_len: p.max_len,
         keep_original_weights: false,
+        method: p.method,
     };
     let mut plan = MemoryPlan::new(&config, &hp, &options)?;
     if p.requests.is_none() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
-use memit_core::{load_cache, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
+use memit_core::{load_cache, EditMethod, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
 use memit_models::{finish_interrupted_rewrite, SplitMix64, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, ModelConfig, Recovery, StoredTensor, TextTokenizer, WeightSource};
 use sha2::{Digest, Sha256};
@@ -486,7 +486,7 @@ impl EditProgress {
     pub fn report(&mut self, p: Progress) {
         if self.bar.as_ref().is_none_or(|(_, stage)| *stage != p.stage) {
             self.finish();
-            let unit = if p.stage == "layers" { "layers" } else { "requests" };
+            let unit = if p.stage == "layers" || p.stage == "null-space projectors" { "layers" } else { "requests" };
             self.bar = Some((progress_bar(p.total as u64, p.stage, unit), p.stage));
         }
         if let Some((bar, _)) = &self.bar {
@@ -502,6 +502,29 @@ impl EditProgress {
 }
 
 /// "target vectors 1.2 s (peak 3 MiB), keys …" for text output.
+/// `--method`: how each layer's update is solved.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum MethodArg {
+    /// MEMIT: each edit against the preserved statistics alone.
+    Memit,
+    /// MEMIT whose solve also keeps the keys of the earlier edits of a
+    /// sequential run (eval --mode sequential).
+    MemitSeq,
+    /// AlphaEdit: updates projected onto the null space of the preserved
+    /// keys (hparams nullspace_threshold, l2), earlier edits' keys kept.
+    Alphaedit,
+}
+
+impl MethodArg {
+    pub fn method(self) -> EditMethod {
+        match self {
+            MethodArg::Memit => EditMethod::Memit,
+            MethodArg::MemitSeq => EditMethod::MemitSeq,
+            MethodArg::Alphaedit => EditMethod::AlphaEdit,
+        }
+    }
+}
+
 pub fn describe_phases(p: &Phases) -> String {
     [("target vectors", p.target_vectors), ("keys", p.keys), ("solve", p.solve), ("update", p.update)]
         .iter()

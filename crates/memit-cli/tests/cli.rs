@@ -272,7 +272,7 @@ fn eval_reports_counterfact_and_zsre_scores() {
     std::fs::write(&hp, r#"{"layers": [0, 1, 2]}"#).unwrap();
     let zsre = dir.join("zsre.json");
     ok(memit(&dir)
-        .args(["eval", "--dataset", "zsre", "--templates", "plain", "--n", "3", "--mode", "sequential", "--model"])
+        .args(["eval", "--dataset", "zsre", "--templates", "plain", "--n", "3", "--mode", "sequential", "--method", "memit,alphaedit", "--model"])
         .arg(facts_model())
         .args(STATS)
         .arg("--hparams")
@@ -284,10 +284,20 @@ fn eval_reports_counterfact_and_zsre_scores() {
         .output()
         .unwrap());
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&zsre).unwrap()).unwrap();
-    assert_eq!(r["points"].as_array().unwrap().len(), 3, "one point per sequential step");
-    for key in ["efficacy", "paraphrase", "specificity"] {
-        let v = r["points"][2]["metrics"][key].as_f64().unwrap();
-        assert!((0.0..=100.0).contains(&v), "{key} = {v}");
+    let points = r["points"].as_array().unwrap();
+    let steps = |method: &str| points.iter().filter(|p| p["method"] == method).map(|p| p["edits"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!((steps("memit"), steps("alphaedit")), (vec![1, 2, 3], vec![1, 2, 3]), "one point per sequential step and method");
+    assert_eq!(r["methods"], serde_json::json!(["memit", "alphaedit"]));
+    // AlphaEdit's null space at each edited layer: C's eigenvalues under
+    // 2e-2, some but not all of the 512 dimensions.
+    let null_space = r["null_space_dimensions"]["alphaedit"].as_array().unwrap();
+    assert_eq!(null_space.len(), 3, "{null_space:?}");
+    assert!(null_space.iter().all(|l| (1.0..511.0).contains(&l[1].as_f64().unwrap())), "{null_space:?}");
+    for p in points {
+        for key in ["efficacy", "paraphrase", "specificity"] {
+            let v = p["metrics"][key].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&v), "{key} = {v}");
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -403,6 +413,31 @@ fn edit_never_replaces_what_it_did_not_write() {
     assert_eq!(std::fs::read_to_string(project.join("notes.txt")).unwrap(), "my notes");
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".memit-")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `edit --method alphaedit`: the null space of every edited layer is
+/// reported and the edit runs to its per-request verdicts.
+#[test]
+fn alphaedit_edits_report_their_null_spaces() {
+    let dir = scratch("alphaedit");
+    let out = ok(memit(&dir)
+        .args(["--json", "edit", "--dry-run", "--method", "alphaedit", "--templates", "plain", "--model"])
+        .arg(facts_model())
+        .arg("--requests")
+        .arg(facts_model().join("example-requests.json"))
+        .args(STATS)
+        .output()
+        .unwrap());
+    let report = json(&out);
+    assert_eq!(report["method"], "alphaedit");
+    let layers: Vec<u64> = report["layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect();
+    let null_space = report["null_space_dimensions"].as_array().unwrap();
+    assert_eq!(null_space.iter().map(|l| l[0].as_u64().unwrap()).collect::<Vec<_>>(), layers, "one null space per edited layer");
+    assert!(null_space.iter().all(|l| (1.0..511.0).contains(&l[1].as_f64().unwrap())), "{null_space:?}");
+    assert_eq!(report["outcomes"].as_array().unwrap().len(), 2);
+    let bad = memit(&dir).args(["edit", "--method", "rome", "--model"]).arg(facts_model()).arg("--requests").arg(facts_model().join("example-requests.json")).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("memit-seq"), "{}", String::from_utf8_lossy(&bad.stderr));
     std::fs::remove_dir_all(&dir).ok();
 }
 

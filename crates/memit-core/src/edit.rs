@@ -2,8 +2,8 @@
 //! by layer, keys, residuals spread over the remaining layers, the solve and
 //! the weight update — keys recomputed after each layer's update.
 
-use memit_gpu::{BinaryOp, CostCounters, DType};
-use serde::Serialize;
+use memit_gpu::{BinaryOp, CostCounters, DType, MatmulSpec};
+use serde::{Deserialize, Serialize};
 use web_time::Instant;
 use memit_models::{Model, TextTokenizer, WeightLayout};
 
@@ -11,7 +11,8 @@ use crate::error::{MemitError, Result};
 use crate::hparams::Hparams;
 use crate::keys::keys_and_outputs;
 use crate::request::{EditRequest, PreparedRequest};
-use crate::solve::solve_layer;
+use crate::nullspace::{null_space_projector, NullSpaceProjector};
+use crate::solve::{solve_system, LayerSystem};
 use crate::target::{compute_target_vectors, TargetOptions, TargetVector};
 
 /// Where a long job is; `done` of `total` units of `stage`.
@@ -160,10 +161,160 @@ pub async fn apply_memit_with(
     options: &TargetOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<EditOutcome> {
+    apply_edit(model, tokenizer, requests, hp, templates, covariances, &mut EditState::memit(), options, progress).await
+}
+
+/// Edits `model` in place with `state`'s method, and adds these edits to
+/// what `state` remembers for the next edit of the same model.
+#[allow(clippy::too_many_arguments)]
+pub async fn apply_edit(
+    model: &mut Model,
+    tokenizer: &TextTokenizer,
+    requests: &[EditRequest],
+    hp: &Hparams,
+    templates: &[String],
+    covariances: &[LayerCovariance],
+    state: &mut EditState,
+    options: &TargetOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<EditOutcome> {
     let (prepared, targets, target_cost) = compute_targets_with(model, tokenizer, requests, hp, templates, options, progress).await?;
-    let (updates, mut phases) = spread_over_layers(model, tokenizer, &prepared, &targets, hp, templates, covariances, progress).await?;
+    let (updates, mut phases) = spread_over_layers(model, tokenizer, &prepared, &targets, hp, templates, covariances, state, progress).await?;
     phases.target_vectors = target_cost;
+    if state.method != EditMethod::Memit {
+        let clock = PhaseClock::start(&model.ctx);
+        state.remember(model, tokenizer, &prepared, templates, hp).await?;
+        clock.stop(&mut phases.keys);
+    }
+    state.edits += prepared.len();
     Ok(EditOutcome { targets, updates, phases })
+}
+
+/// How each layer's update is solved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum EditMethod {
+    /// MEMIT: each edit is solved against the preserved statistics alone.
+    #[default]
+    #[serde(rename = "memit")]
+    Memit,
+    /// MEMIT whose solve also holds the keys of the earlier edits of the
+    /// same model (Σ KᵀK beside λC), as sequential-editing work does.
+    #[serde(rename = "memit-seq")]
+    MemitSeq,
+    /// AlphaEdit (Fang et al., ICLR 2025): the update is projected onto the
+    /// null space of the preserved keys (C's eigenvalues under
+    /// `nullspace_threshold`), with the earlier edits' keys kept and an
+    /// `l2`·I ridge in place of λC.
+    #[serde(rename = "alphaedit")]
+    AlphaEdit,
+}
+
+impl EditMethod {
+    pub const ALL: [EditMethod; 3] = [EditMethod::Memit, EditMethod::MemitSeq, EditMethod::AlphaEdit];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EditMethod::Memit => "memit",
+            EditMethod::MemitSeq => "memit-seq",
+            EditMethod::AlphaEdit => "alphaedit",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<EditMethod> {
+        Self::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| MemitError::Hparams(format!("unknown method `{name}` (known: memit, memit-seq, alphaedit)")))
+    }
+}
+
+/// What a method carries from one edit of a model to the next: for each
+/// edited layer the keys of the edits made so far (Σ KᵀK, for memit-seq and
+/// AlphaEdit) and AlphaEdit's null-space projector. Host memory: one
+/// d_ff² matrix per layer and kind.
+pub struct EditState {
+    method: EditMethod,
+    layers: Vec<LayerState>,
+    edits: usize,
+}
+
+struct LayerState {
+    layer: usize,
+    /// Σ KᵀK of earlier edits, [d_ff, d_ff]; empty before the first.
+    accumulated: Vec<f32>,
+    projector: Option<NullSpaceProjector>,
+}
+
+impl EditState {
+    /// Plain MEMIT: nothing to remember.
+    pub fn memit() -> EditState {
+        EditState { method: EditMethod::Memit, layers: Vec::new(), edits: 0 }
+    }
+
+    /// A fresh state for `method` on a model not yet edited by it; AlphaEdit
+    /// computes each layer's projector here (on the GPU).
+    pub async fn new(ctx: &std::sync::Arc<memit_gpu::GpuContext>, method: EditMethod, hp: &Hparams, covariances: &[LayerCovariance], progress: &mut dyn FnMut(Progress)) -> Result<EditState> {
+        let mut layers = Vec::new();
+        if method != EditMethod::Memit {
+            for (i, &layer) in hp.layers.iter().enumerate() {
+                let projector = if method == EditMethod::AlphaEdit {
+                    progress(Progress { stage: "null-space projectors", done: i, total: hp.layers.len() });
+                    Some(null_space_projector(ctx, covariance_of(covariances, layer)?, hp.nullspace_threshold).await?)
+                } else {
+                    None
+                };
+                layers.push(LayerState { layer, accumulated: Vec::new(), projector });
+            }
+            if method == EditMethod::AlphaEdit {
+                progress(Progress { stage: "null-space projectors", done: hp.layers.len(), total: hp.layers.len() });
+            }
+        }
+        Ok(EditState { method, layers, edits: 0 })
+    }
+
+    pub fn method(&self) -> EditMethod {
+        self.method
+    }
+
+    /// Requests edited through this state so far.
+    pub fn edits(&self) -> usize {
+        self.edits
+    }
+
+    /// Each layer's null-space dimension (trace of P), AlphaEdit only.
+    pub fn null_space_dimensions(&self) -> Vec<(usize, f64)> {
+        self.layers.iter().filter_map(|l| l.projector.as_ref().map(|p| (l.layer, p.dimension))).collect()
+    }
+
+    /// The linear system of `layer` under this method.
+    fn system<'a>(&'a self, cov: &'a LayerCovariance, hp: &Hparams) -> Result<LayerSystem<'a>> {
+        let layer_state = || self.layers.iter().find(|l| l.layer == cov.layer).ok_or_else(|| MemitError::Hparams(format!("the {} state has no layer {}: it was made for other hparams", self.method.name(), cov.layer)));
+        let accumulated = |l: &'a LayerState| (!l.accumulated.is_empty()).then_some(&l.accumulated[..]);
+        Ok(match self.method {
+            EditMethod::Memit => LayerSystem::memit(cov, hp.mom2_update_weight),
+            EditMethod::MemitSeq => LayerSystem { accumulated: accumulated(layer_state()?), ..LayerSystem::memit(cov, hp.mom2_update_weight) },
+            EditMethod::AlphaEdit => {
+                let l = layer_state()?;
+                let projector = l.projector.as_ref().expect("AlphaEdit states hold projectors");
+                LayerSystem { layer: cov.layer, covariance: None, accumulated: accumulated(l), projector: Some(&projector.matrix), identity: hp.l2 }
+            }
+        })
+    }
+
+    /// Adds the keys of `prepared`, read from the edited model at every
+    /// edited layer, to Σ KᵀK (as the authors do after each edit).
+    async fn remember(&mut self, model: &Model, tokenizer: &TextTokenizer, prepared: &[PreparedRequest], templates: &[String], hp: &Hparams) -> Result<()> {
+        let (ctx, d_ff, n) = (&model.ctx, model.config.d_ff, prepared.len());
+        for l in &mut self.layers {
+            let ko = keys_and_outputs(model, tokenizer, prepared, templates, l.layer, hp.last_layer()).await?;
+            let sum = if l.accumulated.is_empty() { ctx.zeros(&[d_ff, d_ff], DType::F32)? } else { ctx.upload(&[d_ff, d_ff], &l.accumulated, DType::F32)? };
+            let keys = ctx.upload(&[n, d_ff], &ko.keys, DType::F32)?;
+            ctx.matmul_into(&keys, &keys, &sum, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+            l.accumulated = ctx.read(&sum).await?;
+        }
+        Ok(())
+    }
+}
+
+fn covariance_of(covariances: &[LayerCovariance], layer: usize) -> Result<&LayerCovariance> {
+    covariances.iter().find(|c| c.layer == layer).ok_or_else(|| MemitError::Hparams(format!("no covariance statistics for layer {layer}")))
 }
 
 /// Step 2 for every request: its target vector z at the last edited layer.
@@ -205,8 +356,9 @@ pub async fn compute_targets_with(
     Ok((prepared, targets, cost))
 }
 
-/// Step 3: spreads z − h over the layers of `hp.layers`, solving and
-/// updating one layer at a time (keys recomputed after each update).
+/// Step 3: spreads z − h over the layers of `hp.layers`, solving (as
+/// `state`'s method does) and updating one layer at a time (keys
+/// recomputed after each update).
 /// `targets` come from [`compute_targets`] with the same `hp.layers`;
 /// the returned phases leave `target_vectors` empty.
 #[allow(clippy::too_many_arguments)]
@@ -218,6 +370,7 @@ pub async fn spread_over_layers(
     hp: &Hparams,
     templates: &[String],
     covariances: &[LayerCovariance],
+    state: &EditState,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Vec<LayerUpdate>, Phases)> {
     let (d, d_ff) = (model.config.d_model, model.config.d_ff);
@@ -230,7 +383,7 @@ pub async fn spread_over_layers(
     let mut updates = Vec::with_capacity(hp.layers.len());
     for (i, &layer) in hp.layers.iter().enumerate() {
         progress(Progress { stage: "layers", done: i, total: hp.layers.len() });
-        let cov = covariances.iter().find(|c| c.layer == layer).ok_or_else(|| MemitError::Hparams(format!("no covariance statistics for layer {layer}")))?;
+        let cov = covariance_of(covariances, layer)?;
         if cov.matrix.len() != d_ff * d_ff {
             return Err(MemitError::Hparams(format!("covariance of layer {layer} is not {d_ff}x{d_ff}")));
         }
@@ -245,7 +398,7 @@ pub async fn spread_over_layers(
             }
         }
         let clock = PhaseClock::start(&model.ctx);
-        let solved = solve_layer(model, cov, &ko.keys, n, hp.mom2_update_weight).await?;
+        let solved = solve_system(&model.ctx, d_ff, &state.system(cov, hp)?, &ko.keys, n).await?;
         clock.stop(&mut phases.solve);
         let update = LayerUpdate { layer, resid, x: solved.x, solve_shift: solved.shift, solve_refinements: solved.refinements, solve_correction: solved.last_correction };
         let clock = PhaseClock::start(&model.ctx);

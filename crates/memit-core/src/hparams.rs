@@ -24,6 +24,22 @@ pub struct Hparams {
     pub v_loss_threshold: f32,
     /// Generated context templates per prefix and their length in tokens.
     pub context_template_length: usize,
+    /// AlphaEdit: eigenvalues of C under this span the null space the
+    /// update is projected onto (the authors' 2e-2 for every model).
+    #[serde(default = "default_nullspace_threshold")]
+    pub nullspace_threshold: f32,
+    /// AlphaEdit: the ridge weight in P(KKᵀ + Σ earlier KKᵀ)P + l2·I (the
+    /// authors' `L2`).
+    #[serde(default = "default_l2")]
+    pub l2: f32,
+}
+
+fn default_nullspace_threshold() -> f32 {
+    2e-2
+}
+
+fn default_l2() -> f32 {
+    10.0
 }
 
 impl Hparams {
@@ -39,6 +55,8 @@ impl Hparams {
             mom2_n_samples: 100_000,
             v_loss_threshold: 0.05,
             context_template_length: 10,
+            nullspace_threshold: default_nullspace_threshold(),
+            l2: default_l2(),
         }
     }
 
@@ -50,6 +68,9 @@ impl Hparams {
             "gpt2" | "gpt2-small" => Self::base(vec![3, 4, 5, 6, 7], 20000.0, 20),
             "gpt-j-6b" => Self::base(vec![3, 4, 5, 6, 7, 8], 15000.0, 25),
             "gpt-neox-20b" => Self::base(vec![6, 7, 8, 9, 10], 6000.0, 25),
+            // The AlphaEdit authors' Llama3-8B (Instruct) setting, for MEMIT
+            // and AlphaEdit alike.
+            "llama3-8b" => Hparams { v_lr: 0.1, ..Self::base(vec![4, 5, 6, 7, 8], 15000.0, 25) },
             // λ chosen on CounterFact cases 100-109 with statistics over
             // 3,000 WikiText texts: 15000 (GPT-J's) left 3/10 edits
             // untaken; 500 took all 10 with the same neighbourhood score.
@@ -61,7 +82,7 @@ impl Hparams {
             "tiny-facts" => Self::base(vec![0, 1, 2, 3], 10.0, 20),
             other => {
                 return Err(MemitError::Hparams(format!(
-                    "unknown preset `{other}` (known: gpt2, gpt2-medium, gpt2-xl, gpt-j-6b, gpt-neox-20b, smollm2-135m, tiny-facts)"
+                    "unknown preset `{other}` (known: gpt2, gpt2-medium, gpt2-xl, gpt-j-6b, gpt-neox-20b, llama3-8b, smollm2-135m, tiny-facts)"
                 )))
             }
         })
@@ -78,6 +99,7 @@ impl Hparams {
             (Arch::Gpt2, 12, 768) => Some("gpt2"),
             (Arch::Gptj, 28, 4096) => Some("gpt-j-6b"),
             (Arch::GptNeox, 44, 6144) => Some("gpt-neox-20b"),
+            (Arch::Llama, 32, 4096) if config.vocab_size == 128_256 => Some("llama3-8b"),
             (Arch::Llama, 30, 576) => Some("smollm2-135m"),
             (Arch::Gpt2, 4, 128) => Some("tiny-facts"),
             _ => None,
@@ -113,7 +135,13 @@ impl Hparams {
         if self.layers.windows(2).any(|w| w[1] <= w[0]) {
             return Err(MemitError::Hparams(format!("layers {:?} must be strictly increasing", self.layers)));
         }
-        let positive = [("mom2_update_weight", self.mom2_update_weight), ("v_lr", self.v_lr), ("clamp_norm_factor", self.clamp_norm_factor)];
+        let positive = [
+            ("mom2_update_weight", self.mom2_update_weight),
+            ("v_lr", self.v_lr),
+            ("clamp_norm_factor", self.clamp_norm_factor),
+            ("nullspace_threshold", self.nullspace_threshold),
+            ("l2", self.l2),
+        ];
         if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
             return Err(MemitError::Hparams(format!("{name} = {v} must be a positive number")));
         }

@@ -32,6 +32,7 @@ use memit_models::{Arch, ModelConfig, Residual, TextTokenizer};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::edit::EditMethod;
 use crate::error::MemitError;
 use crate::hparams::Hparams;
 use crate::request::{subject_last_index, EditRequest};
@@ -146,6 +147,10 @@ pub struct PlanOptions {
     /// The caller keeps the unedited model alive during the edit (the CLI's
     /// `edit` does, to compare predictions), so updated W_out are extra.
     pub keep_original_weights: bool,
+    /// memit-seq holds Σ KᵀK per layer on the host; AlphaEdit also its
+    /// projectors, computed on the GPU before the edit and multiplied into
+    /// each solve.
+    pub method: EditMethod,
 }
 
 /// One phase's peaks.
@@ -199,6 +204,9 @@ impl MemoryPlan {
         let weight_bytes = sim.live;
         let mut phases = vec![stats];
         phases.push(sim.phase("load", largest_matrix(config) * (4 + m.esize) as u64, format!("weights {}", gib(weight_bytes))));
+        if options.method == EditMethod::AlphaEdit {
+            phases.push(projector_phase(&m, hp, options, &mut sim));
+        }
         let (target, batch) = target_phase(&m, hp, options, &mut sim);
         phases.push(target);
         for phase in [keys_phase, solve_phase, update_phase] {
@@ -273,6 +281,12 @@ impl MemoryPlan {
         }
         if phase.name == "load" {
             advice.push("a GPU with more memory (the weights alone do not fit)".to_string());
+        }
+        if phase.name == "projectors" || (phase.name == "solve" && options.method == EditMethod::AlphaEdit) {
+            let memit = PlanOptions { method: EditMethod::MemitSeq, ..*options };
+            if fits(&memit) {
+                advice.push("--method memit-seq (AlphaEdit holds P and a product beside the d_ff² system)".to_string());
+            }
         }
         let others: Vec<&str> = self.phases.iter().filter(|p| p.name != phase.name && p.gpu_buffer_bytes + pool > budget).map(|p| p.name).collect();
         if !others.is_empty() {
@@ -899,7 +913,22 @@ fn target_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> (Pha
 /// Host bytes every edit phase after statistics holds: C of every layer
 /// (read for the solve) and the updates of the layers already done.
 fn edit_host(m: &Shape, hp: &Hparams, o: &PlanOptions, updates_done: usize) -> u64 {
-    square_bytes(m.ff) * hp.layers.len() as u64 + (updates_done * o.n_requests * (m.d + m.ff) * 4) as u64
+    let squares_per_layer = match o.method {
+        EditMethod::Memit => 1,
+        EditMethod::MemitSeq => 2,
+        EditMethod::AlphaEdit => 3,
+    };
+    square_bytes(m.ff) * squares_per_layer * hp.layers.len() as u64 + (updates_done * o.n_requests * (m.d + m.ff) * 4) as u64
+}
+
+/// AlphaEdit's projectors (`null_space_projector`), one layer at a time
+/// before the edit: the Newton–Schulz iterate, its square and the next
+/// iterate, and on the host the sign read back beside P.
+fn projector_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhasePlan {
+    let held: Vec<Buf> = (0..3).map(|_| sim.f32(m.ff, m.ff)).collect();
+    sim.free_all(held);
+    let host = edit_host(m, hp, o, 0) + 2 * square_bytes(m.ff);
+    sim.phase("projectors", host, format!("3 × d_ff² {}", gib(3 * square_bytes(m.ff))))
 }
 
 /// One of the phases after the target vectors, planned with the earlier
@@ -940,6 +969,12 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
     let a = sim.tensor_blocks(ff, ff, 4, SOLVE_BLOCK, "λC + KKᵀ");
     let k = sim.f32(n, ff);
     sim.free(k);
+    let alphaedit = o.method == EditMethod::AlphaEdit;
+    if alphaedit {
+        // P·(S·P): P and S·P beside S.
+        let (p, sp) = (sim.f32(ff, ff), sim.f32(ff, ff));
+        sim.free_all([p, sp]);
+    }
     let panel_rows = (((sim.chunk / (ff as u64 * 4)) as usize / SOLVE_BLOCK * SOLVE_BLOCK).max(SOLVE_BLOCK)).min(ff);
     let block = SOLVE_BLOCK.min(ff);
     let diag_inv = sim.f32(ff.div_ceil(SOLVE_BLOCK) * SOLVE_BLOCK, SOLVE_BLOCK);
@@ -954,10 +989,17 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
         at += rows;
     }
     let rhs = |sim: &mut Sim| sim.tensor_blocks(ff, n, 4, panel_rows, "solve right-hand side (fewer requests per edit)");
-    let (x, scratch) = (rhs(sim), rhs(sim));
+    let x = rhs(sim);
+    if alphaedit {
+        // B = P·Kᵀ formed in place.
+        let (p, k_t) = (sim.f32(ff, ff), sim.f32(ff, n));
+        sim.free_all([p, k_t]);
+    }
+    let scratch = rhs(sim);
     sim.free_all([x, scratch]);
     sim.free_all(held);
-    let solve_host = (n * ff * 80 + n * m.d * 4 + 256 * ff * 8) as u64 + 8 * (n as u64 * n as u64);
+    let refinement_arrays = if alphaedit { 12 } else { 10 };
+    let solve_host = (n * ff * 8 * refinement_arrays + n * m.d * 4 + 256 * ff * 8) as u64 + 8 * (n as u64 * n as u64);
     let host = edit_host(m, hp, o, hp.layers.len() - 1) + solve_host;
     let detail = format!("λC + KKᵀ {}, then 2 × n·d_ff {}", gib(square_bytes(ff)), gib(2 * (n * ff * 4) as u64));
     sim.phase("solve", host, detail)

@@ -5,7 +5,9 @@
 //! C goes to the GPU once per factorisation, already scaled into λC + KKᵀ's
 //! storage; refinements run against the host's C.
 
-use memit_gpu::{DType, GpuError, MatmulSpec, SpdFactor};
+use std::sync::Arc;
+
+use memit_gpu::{DType, GpuContext, GpuError, MatmulSpec, SpdFactor, Tensor};
 use memit_models::Model;
 
 use crate::edit::LayerCovariance;
@@ -47,16 +49,48 @@ pub struct LayerSolve {
 /// Rows of λC computed on the host per upload (bounds the scratch).
 const C_ROWS_PER_UPLOAD: usize = 1024;
 
-/// Solves layer `cov.layer`'s system for `keys` ([n, d_ff]). The GPU holds
-/// at most λC + KKᵀ (built in the solver's layout, then factored in place)
-/// with K beside it while it is formed, then two [d_ff, n] tensors per
-/// solve: the right-hand side, overwritten by the solution, and one
-/// scratch. C itself is never on the GPU twice.
+/// One layer's linear system A·X = B, by editing method:
+/// - MEMIT: A = λC + KᵀK, B = Kᵀ;
+/// - MEMIT with accumulated keys: A = λC + Σ earlier KᵀK + KᵀK, B = Kᵀ;
+/// - AlphaEdit: A = P(Σ earlier KᵀK + KᵀK)P + l2·I, B = P·Kᵀ, with P the
+///   projector onto C's null space. The authors solve the unsymmetric
+///   (P·S + l2·I)·X = P·Kᵀ; its solution lies in P's range (multiply by
+///   I − P), where it equals that of this symmetric, definite system.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerSystem<'a> {
+    pub layer: usize,
+    /// C ([d_ff, d_ff]) and its weight λ, for the MEMIT methods.
+    pub covariance: Option<(&'a [f32], f32)>,
+    /// The keys of earlier edits, Σ KᵀK ([d_ff, d_ff]).
+    pub accumulated: Option<&'a [f32]>,
+    /// P ([d_ff, d_ff], symmetric) for AlphaEdit.
+    pub projector: Option<&'a [f32]>,
+    /// The weight of I (AlphaEdit's L2).
+    pub identity: f32,
+}
+
+impl<'a> LayerSystem<'a> {
+    /// MEMIT's λC + KᵀK for `cov`.
+    pub fn memit(cov: &'a LayerCovariance, lambda: f32) -> LayerSystem<'a> {
+        LayerSystem { layer: cov.layer, covariance: Some((&cov.matrix, lambda)), accumulated: None, projector: None, identity: 0.0 }
+    }
+}
+
+/// Solves layer `cov.layer`'s MEMIT system λC + KᵀK for `keys` ([n, d_ff]).
 pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: usize, lambda: f32) -> Result<LayerSolve> {
-    let ctx = &model.ctx;
-    let d = model.config.d_ff;
-    if keys.len() != n * d || cov.matrix.len() != d * d {
-        return Err(MemitError::Hparams(format!("solve of layer {}: {} keys and a {}-entry C for {n} requests of width {d}", cov.layer, keys.len(), cov.matrix.len())));
+    solve_system(&model.ctx, model.config.d_ff, &LayerSystem::memit(cov, lambda), keys, n).await
+}
+
+/// Solves `system` for `keys` ([n, d]). The GPU holds at most A (built in
+/// the solver's layout, then factored in place) with K beside it while it
+/// is formed (and, for AlphaEdit, P and one product), then two [d, n]
+/// tensors per solve: the right-hand side, overwritten by the solution,
+/// and one scratch. No d×d matrix is on the GPU twice.
+pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<LayerSolve> {
+    let layer = system.layer;
+    let square = [system.covariance.map(|c| c.0), system.accumulated, system.projector];
+    if keys.len() != n * d || square.iter().flatten().any(|m| m.len() != d * d) {
+        return Err(MemitError::Hparams(format!("solve of layer {layer}: {} keys for {n} requests of width {d}, or a matrix that is not {d}x{d}", keys.len())));
     }
     let mut k_t = vec![0.0f64; d * n];
     for r in 0..n {
@@ -65,26 +99,35 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
         }
     }
     let k_t32: Vec<f32> = k_t.iter().map(|&v| v as f32).collect();
-    let trace = (0..d).map(|i| lambda as f64 * cov.matrix[i * d + i] as f64).sum::<f64>() + keys.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+    // B in f64: Kᵀ, or P·Kᵀ.
+    let b = match system.projector {
+        None => k_t.clone(),
+        Some(p) => {
+            let mut b = vec![0.0f64; d * n];
+            multiply_streamed(p, 1.0, &k_t, n, &mut b);
+            b
+        }
+    };
+    let diagonal = |m: &[f32], w: f64| (0..d).map(|i| w * m[i * d + i] as f64).sum::<f64>();
+    let trace = system.covariance.map_or(0.0, |(c, l)| diagonal(c, l as f64))
+        + system.accumulated.map_or(0.0, |a| diagonal(a, 1.0))
+        + keys.iter().map(|&v| v as f64 * v as f64).sum::<f64>()
+        + system.identity as f64 * d as f64;
     let mean_diagonal = trace / d as f64;
     let mut first_failure = None;
     for relative in SOLVE_SHIFTS {
         let shift = relative as f64 * mean_diagonal;
-        // λC rounded to f32 on the host (as a GPU product would round it),
-        // then KᵀK added on the GPU; K goes before the factorisation.
-        let a = ctx.solver_matrix(d, d)?;
-        for row0 in (0..d).step_by(C_ROWS_PER_UPLOAD) {
-            let rows = C_ROWS_PER_UPLOAD.min(d - row0);
-            let scaled: Vec<f32> = cov.matrix[row0 * d..(row0 + rows) * d].iter().map(|&v| lambda * v).collect();
-            ctx.write(&a.slice_rows(row0..row0 + rows)?, &scaled)?;
-        }
-        {
-            let k = ctx.upload(&[n, d], keys, DType::F32)?;
-            ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
-        }
-        let factor = ctx.factor_spd(a, shift as f32)?;
+        let a = assemble(ctx, d, system, keys, n)?;
+        let factor = ctx.factor_spd(a, (shift + system.identity as f64) as f32)?;
         let x0 = ctx.solver_rhs(&factor, n)?;
-        ctx.write(&x0, &k_t32)?;
+        match system.projector {
+            None => ctx.write(&x0, &k_t32)?,
+            Some(p) => {
+                let p = ctx.upload(&[d, d], p, DType::F32)?;
+                let k_t = ctx.upload(&[d, n], &k_t32, DType::F32)?;
+                ctx.matmul_into(&p, &k_t, &x0, MatmulSpec::default())?;
+            }
+        }
         ctx.solve_factored_in_place(&factor, &x0)?;
         let mut read = ctx.read_all(&[&x0, factor.status()]).await?;
         drop(x0);
@@ -102,7 +145,7 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
         // precision (and may be indefinite there when read exactly), so the
         // smallest shift that makes it definite in f32 is kept as a ridge.
         let ridge = if relative > 0.0 { RIDGE * mean_diagonal } else { 0.0 };
-        let system = System { c: &cov.matrix, lambda: lambda as f64, shift: ridge, keys, n, d };
+        let exact = System { terms: system, identity: system.identity as f64 + ridge, keys, n, d };
         let factor = &factor;
         let precondition = |r: &[f64]| {
             let values: Vec<f32> = r.iter().map(|&v| v as f32).collect();
@@ -113,7 +156,7 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
                 Ok::<_, MemitError>(ctx.read(&r).await?.into_iter().map(f64::from).collect::<Vec<f64>>())
             }
         };
-        let (x, refinements, last_correction) = conjugate_gradients(&system, &k_t, x0, n, precondition).await?;
+        let (x, refinements, last_correction) = conjugate_gradients(&exact, &b, x0, n, precondition).await?;
         let mut out = vec![0.0f32; n * d];
         for i in 0..d {
             for r in 0..n {
@@ -122,12 +165,44 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
         }
         return Ok(LayerSolve { x: out, shift: relative, refinements, last_correction });
     }
+    let advice = if system.projector.is_some() { "raise l2" } else { "collect statistics over more text or raise mom2_update_weight" };
     Err(MemitError::Stats(format!(
-        "λC + KKᵀ of layer {} is not positive definite (pivot {}, still with a diagonal shift of {:e} of its mean diagonal): collect statistics over more text or raise mom2_update_weight",
-        cov.layer,
+        "the system of layer {layer} is not positive definite (pivot {}, still with a diagonal shift of {:e} of its mean diagonal): {advice}",
         first_failure.unwrap_or_default(),
         SOLVE_SHIFTS[SOLVE_SHIFTS.len() - 1]
     )))
+}
+
+/// A of `system` (without its identity term, which the factorisation
+/// adds as a shift) on the GPU in the solver's layout: λC (+ Σ earlier
+/// KᵀK) rounded to f32 on the host, as a GPU product would round it, then
+/// KᵀK added on the GPU; for AlphaEdit the sum is then sandwiched by P.
+fn assemble(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<Tensor> {
+    let a = ctx.solver_matrix(d, d)?;
+    if system.covariance.is_some() || system.accumulated.is_some() {
+        for row0 in (0..d).step_by(C_ROWS_PER_UPLOAD) {
+            let rows = C_ROWS_PER_UPLOAD.min(d - row0);
+            let span = row0 * d..(row0 + rows) * d;
+            let mut block = vec![0.0f32; rows * d];
+            if let Some((c, lambda)) = system.covariance {
+                block.iter_mut().zip(&c[span.clone()]).for_each(|(o, &v)| *o = lambda * v);
+            }
+            if let Some(acc) = system.accumulated {
+                block.iter_mut().zip(&acc[span]).for_each(|(o, &v)| *o += v);
+            }
+            ctx.write(&a.slice_rows(row0..row0 + rows)?, &block)?;
+        }
+    }
+    {
+        let k = ctx.upload(&[n, d], keys, DType::F32)?;
+        ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+    }
+    if let Some(p) = system.projector {
+        let p = ctx.upload(&[d, d], p, DType::F32)?;
+        let sp = ctx.matmul(&a, &p, false, false)?;
+        ctx.matmul_into(&p, &sp, &a, MatmulSpec::default())?;
+    }
+    Ok(a)
 }
 
 /// Conjugate gradients preconditioned by the f32 factor on the n columns of A·X = B at once
@@ -188,55 +263,80 @@ where
     Ok((x, iterations, last_correction))
 }
 
-/// λC + KᵀK + sI with C in f32 (as stored) and K [n, d], evaluated in f64.
+/// A of a [`LayerSystem`] plus `identity`·I (the AlphaEdit weight and any
+/// ridge), with its matrices as stored in f32 and K [n, d], evaluated in
+/// f64.
 struct System<'a> {
-    c: &'a [f32],
-    lambda: f64,
-    shift: f64,
+    terms: &'a LayerSystem<'a>,
+    identity: f64,
     keys: &'a [f32],
     n: usize,
     d: usize,
 }
 
-/// Rows of C converted to f64 per product, bounding the scratch memory.
+/// Rows of a d×d matrix converted to f64 per product, bounding the scratch.
 const C_ROWS_PER_BLOCK: usize = 256;
+
+/// out += w·M·X for M [d, d] in f32 (streamed in row blocks) and X, out
+/// [d, n] in f64.
+fn multiply_streamed(m: &[f32], w: f64, x: &[f64], n: usize, out: &mut [f64]) {
+    let d = x.len() / n.max(1);
+    let mut block = vec![0.0f64; C_ROWS_PER_BLOCK * d];
+    for row0 in (0..d).step_by(C_ROWS_PER_BLOCK) {
+        let rows = C_ROWS_PER_BLOCK.min(d - row0);
+        for (dst, &src) in block.iter_mut().zip(&m[row0 * d..(row0 + rows) * d]) {
+            *dst = src as f64;
+        }
+        dgemm(rows, d, n, w, (&block[..rows * d], d, 1), (x, n, 1), 1.0, (&mut out[row0 * n..(row0 + rows) * n], n));
+    }
+}
 
 impl System<'_> {
     /// B − A·X for B, X [d, n], in f64.
     fn residual(&self, b: &[f64], x: &[f64]) -> Vec<f64> {
-        let mut r = b.to_vec();
-        self.subtract_product(x, &mut r);
+        let mut r = self.apply(x);
+        r.iter_mut().zip(b).for_each(|(r, b)| *r = b - *r);
         r
     }
 
     /// A·X.
     fn apply(&self, x: &[f64]) -> Vec<f64> {
-        let mut out = vec![0.0; x.len()];
-        self.subtract_product(x, &mut out);
-        out.iter_mut().for_each(|v| *v = -*v);
-        out
-    }
-
-    /// r −= A·X.
-    fn subtract_product(&self, x: &[f64], r: &mut [f64]) {
         let (n, d) = (self.n, self.d);
-        for (ri, xi) in r.iter_mut().zip(x) {
-            *ri -= self.shift * xi;
-        }
-        // r −= λ·C·X, C streamed in row blocks.
-        let mut block = vec![0.0f64; C_ROWS_PER_BLOCK * d];
-        for row0 in (0..d).step_by(C_ROWS_PER_BLOCK) {
-            let rows = C_ROWS_PER_BLOCK.min(d - row0);
-            for (dst, &src) in block.iter_mut().zip(&self.c[row0 * d..(row0 + rows) * d]) {
-                *dst = src as f64;
+        // AlphaEdit: P·(S·(P·X)) + l2·X.
+        let projected;
+        let y = match self.terms.projector {
+            Some(p) => {
+                let mut px = vec![0.0; x.len()];
+                multiply_streamed(p, 1.0, x, n, &mut px);
+                projected = px;
+                &projected
             }
-            dgemm(rows, d, n, -self.lambda, (&block[..rows * d], d, 1), (x, n, 1), 1.0, (&mut r[row0 * n..(row0 + rows) * n], n));
+            None => x,
+        };
+        let mut s = vec![0.0; x.len()];
+        if let Some((c, lambda)) = self.terms.covariance {
+            multiply_streamed(c, lambda as f64, y, n, &mut s);
         }
-        // r −= Kᵀ·(K·X).
+        if let Some(acc) = self.terms.accumulated {
+            multiply_streamed(acc, 1.0, y, n, &mut s);
+        }
+        // + Kᵀ·(K·Y).
         let k: Vec<f64> = self.keys.iter().map(|&v| v as f64).collect();
-        let mut kx = vec![0.0f64; n * n];
-        dgemm(n, d, n, 1.0, (&k, d, 1), (x, n, 1), 0.0, (&mut kx, n));
-        dgemm(d, n, n, -1.0, (&k, 1, d), (&kx, n, 1), 1.0, (r, n));
+        let mut ky = vec![0.0f64; n * n];
+        dgemm(n, d, n, 1.0, (&k, d, 1), (y, n, 1), 0.0, (&mut ky, n));
+        dgemm(d, n, n, 1.0, (&k, 1, d), (&ky, n, 1), 1.0, (&mut s, n));
+        let mut out = match self.terms.projector {
+            Some(p) => {
+                let mut ps = vec![0.0; x.len()];
+                multiply_streamed(p, 1.0, &s, n, &mut ps);
+                ps
+            }
+            None => s,
+        };
+        for (o, xi) in out.iter_mut().zip(x) {
+            *o += self.identity * xi;
+        }
+        out
     }
 }
 
@@ -264,7 +364,8 @@ mod tests {
         let keys: Vec<f32> = (0..n * d).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
         let x: Vec<f64> = (0..d * n).map(|i| ((i * 3 % 7) as f64 - 3.0) / 2.0).collect();
         let b: Vec<f64> = (0..d * n).map(|i| i as f64 / 10.0).collect();
-        let system = System { c: &c, lambda: 2.5, shift: 0.125, keys: &keys, n, d };
+        let terms = LayerSystem { layer: 0, covariance: Some((&c, 2.5)), accumulated: None, projector: None, identity: 0.0 };
+        let system = System { terms: &terms, identity: 0.125, keys: &keys, n, d };
         let got = system.residual(&b, &x);
         for i in 0..d {
             for j in 0..n {

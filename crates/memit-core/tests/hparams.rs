@@ -37,6 +37,22 @@ fn reference_presets_match_the_paper() {
     let neox = Hparams::preset("gpt-neox-20b").unwrap();
     assert_eq!((neox.layers.clone(), neox.mom2_update_weight), (vec![6, 7, 8, 9, 10], 6000.0));
     assert!(Hparams::preset("gpt-5").unwrap_err().to_string().contains("unknown preset"));
+    // The AlphaEdit authors' settings (hparams/AlphaEdit/*.json in their
+    // code): τ = 2e-2 and L2 = 10 for GPT-2 XL, GPT-J and Llama3-8B, whose
+    // MEMIT part takes v_lr 0.1 at layers 4-8.
+    for preset in [&xl, &gptj] {
+        assert_eq!((preset.nullspace_threshold, preset.l2), (2e-2, 10.0));
+    }
+    let llama3 = Hparams::for_model(&ModelConfig { vocab_size: 128_256, ..config(Arch::Llama, 32, 4096) });
+    assert_eq!((llama3.layers.clone(), llama3.v_lr, llama3.mom2_update_weight, llama3.v_num_grad_steps), (vec![4, 5, 6, 7, 8], 0.1, 15000.0, 25));
+    assert_eq!((llama3.nullspace_threshold, llama3.l2), (2e-2, 10.0));
+    // A Llama-2-7B (same widths, another vocabulary) is not Llama3-8B.
+    assert_ne!(Hparams::for_model(&ModelConfig { vocab_size: 32_000, ..config(Arch::Llama, 32, 4096) }).v_lr, 0.1);
+    // Hparams written before these fields existed (patch files) still read.
+    let mut old = serde_json::to_value(&xl).unwrap();
+    old.as_object_mut().unwrap().retain(|k, _| k != "nullspace_threshold" && k != "l2");
+    assert_eq!(serde_json::from_value::<Hparams>(old).unwrap(), xl);
+    assert!(xl.with_overrides(&serde_json::json!({"l2": -1.0})).unwrap().validate(&config(Arch::Gpt2, 48, 1600)).unwrap_err().to_string().contains("l2"));
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use memit_core::{apply_memit, compute_target_vectors, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetOptions, TargetText, TargetVector};
+use memit_core::{apply_edit, apply_memit, compute_target_vectors, null_space_projector, EditMethod, EditState, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetOptions, TargetText, TargetVector};
 use memit_gpu::GpuContext;
 use memit_models::{argmax, load_hf_dir, LoadOptions, Model, TextTokenizer};
 use safetensors::SafeTensors;
@@ -380,6 +380,12 @@ impl World {
         out
     }
 
+    /// The world model's hparams (tests/fixtures/world-gpt2/memit-hparams.json).
+    fn hparams(&self, config: &memit_models::ModelConfig) -> Hparams {
+        let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("memit-hparams.json")).unwrap()).unwrap();
+        Hparams::for_model(config).with_overrides(&overrides).unwrap()
+    }
+
     /// Statistics over the model's own training text (its "Wikipedia").
     fn covariances(&self, model: &Model, tok: &TextTokenizer, hp: &Hparams) -> Vec<LayerCovariance> {
         let train: Vec<String> = std::fs::read_to_string(self.dir.join("train.txt")).unwrap().lines().map(String::from).collect();
@@ -434,8 +440,7 @@ fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
     assert!(known_before as f64 >= 0.99 * unrelated.len() as f64, "the world model recalls only {known_before}/{} facts", unrelated.len());
     assert_eq!(agreeing(&model, &tok, &efficacy), 0, "a new city was already the prediction");
 
-    let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(world.dir.join("memit-hparams.json")).unwrap()).unwrap();
-    let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
+    let hp = world.hparams(&model.config);
     let covs = world.covariances(&model, &tok, &hp);
     let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &["{}".to_string()], &covs, &mut |_| {})).unwrap();
     let shifts: Vec<(f32, usize, f64)> = outcome.updates.iter().map(|u| (u.solve_shift, u.solve_refinements, u.solve_correction)).collect();
@@ -474,8 +479,7 @@ fn a_thousand_edits_at_once_take_generalise_and_leave_other_people_alone() {
     let known_before = agreeing(&model, &tok, &unrelated);
     assert_eq!(agreeing(&model, &tok, &efficacy), 0, "a new object was already the prediction");
 
-    let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(world.dir.join("memit-hparams.json")).unwrap()).unwrap();
-    let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
+    let hp = world.hparams(&model.config);
     let covs = world.covariances(&model, &tok, &hp);
     let start = std::time::Instant::now();
     let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &["{}".to_string()], &covs, &mut |_| {})).unwrap();
@@ -533,4 +537,137 @@ fn target_steps_allocate_nothing_and_wait_rarely() {
         assert!(c.bytes_from_device < 4 * model.config.vocab_size as u64, "{c:?}");
     }
     assert_eq!(one.dispatches, eight.dispatches, "dispatches grow with the number of requests");
+}
+
+/// Eigenvalues (ascending) and eigenvectors (column k of the row-major
+/// result) of a symmetric matrix, by cyclic Jacobi rotations in f64.
+fn jacobi_eigen(matrix: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut a: Vec<f64> = matrix.iter().map(|&v| v as f64).collect();
+    let mut v = vec![0.0; d * d];
+    (0..d).for_each(|i| v[i * d + i] = 1.0);
+    let total: f64 = a.iter().map(|x| x * x).sum();
+    for _sweep in 0..50 {
+        let off: f64 = (0..d).flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * d + j].powi(2)).sum();
+        if off <= 1e-26 * total {
+            break;
+        }
+        for p in 0..d {
+            for q in p + 1..d {
+                let apq = a[p * d + q];
+                if apq.abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[q * d + q] - a[p * d + p]) / (2.0 * apq);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for k in 0..d {
+                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
+                    a[k * d + p] = c * akp - s * akq;
+                    a[k * d + q] = s * akp + c * akq;
+                }
+                for k in 0..d {
+                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
+                    a[p * d + k] = c * apk - s * aqk;
+                    a[q * d + k] = s * apk + c * aqk;
+                }
+                for k in 0..d {
+                    let (vkp, vkq) = (v[k * d + p], v[k * d + q]);
+                    v[k * d + p] = c * vkp - s * vkq;
+                    v[k * d + q] = s * vkp + c * vkq;
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..d).collect();
+    order.sort_by(|&i, &j| a[i * d + i].total_cmp(&a[j * d + j]));
+    let values = order.iter().map(|&k| a[k * d + k]).collect();
+    let mut vectors = vec![0.0; d * d];
+    for (col, &k) in order.iter().enumerate() {
+        for i in 0..d {
+            vectors[i * d + col] = v[i * d + k];
+        }
+    }
+    (values, vectors)
+}
+
+/// AlphaEdit's projector on the world model's real statistics, against a
+/// float64 Jacobi eigendecomposition of the same covariance: every
+/// eigenvector outside the threshold's band is kept or removed as its
+/// eigenvalue says.
+#[test]
+fn null_space_projector_of_real_statistics_matches_a_float64_eigendecomposition() {
+    let world = World::open();
+    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
+    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let hp = world.hparams(&model.config);
+    let cov = world.covariances(&model, &tok, &hp).remove(1);
+    let d = model.config.d_ff;
+    let tau = hp.nullspace_threshold as f64;
+    let (values, vectors) = jacobi_eigen(&cov.matrix, d);
+    let projector = pollster::block_on(null_space_projector(&model.ctx, &cov, hp.nullspace_threshold)).unwrap();
+    let below = values.iter().filter(|&&v| v < tau).count();
+    let near = values.iter().filter(|&&v| (v - tau).abs() < 1e-2 * tau).count();
+    eprintln!(
+        "layer {}: eigenvalues {:.3e} .. {:.3e}, {below} of {d} under τ = {tau:e} ({near} within 1% of it); trace(P) {:.3} after {} steps",
+        cov.layer,
+        values[0],
+        values[d - 1],
+        projector.dimension,
+        projector.steps
+    );
+    let mut worst: f64 = 0.0;
+    for k in 0..d {
+        if (values[k] - tau).abs() < 1e-2 * tau {
+            continue;
+        }
+        let u: Vec<f64> = (0..d).map(|i| vectors[i * d + k]).collect();
+        let want = if values[k] < tau { 1.0 } else { 0.0 };
+        // ‖P·u − [λ < τ]·u‖
+        let err = (0..d).map(|i| ((0..d).map(|j| projector.matrix[i * d + j] as f64 * u[j]).sum::<f64>() - want * u[i]).powi(2)).sum::<f64>().sqrt();
+        worst = worst.max(err);
+    }
+    eprintln!("worst ‖P·u − [λ < τ]·u‖ over eigenvectors outside the band: {worst:.2e}");
+    assert!(worst < 1e-3, "P misplaces an eigenvector by {worst:e}");
+    assert!((projector.dimension - below as f64).abs() <= near as f64 + 1e-2, "trace(P) {} for {below} eigenvalues under τ", projector.dimension);
+}
+
+/// Sequential editing: 60 edits of the world model in chunks of 20 by each
+/// method, facts of the 240 people not edited checked after every chunk.
+#[test]
+fn sequential_methods_edit_chunk_after_chunk() {
+    let world = World::open();
+    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
+    let (base, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let hp = world.hparams(&base.config);
+    let covs = world.covariances(&base, &tok, &hp);
+    let edits = world.edits(0..60, &["city"]);
+    let unrelated = world.facts_of(&world.people()[60..], |_| true);
+    let known_before = agreeing(&base, &tok, &unrelated);
+    let mut first_chunk = Vec::new();
+    for method in EditMethod::ALL {
+        let mut model = base.clone();
+        let mut state = pollster::block_on(EditState::new(&model.ctx, method, &hp, &covs, &mut |_| {})).unwrap();
+        let mut line = Vec::new();
+        for (i, chunk) in edits.chunks(20).enumerate() {
+            let requests: Vec<EditRequest> = chunk.iter().map(|e| e.request.clone()).collect();
+            let outcome = pollster::block_on(apply_edit(&mut model, &tok, &requests, &hp, &["{}".to_string()], &covs, &mut state, &TargetOptions::default(), &mut |_| {})).unwrap();
+            if i == 0 {
+                first_chunk.push(outcome.updates);
+            }
+            let so_far: Vec<(String, String)> = edits[..(i + 1) * 20].iter().map(|e| (e.request.prompt.replace("{}", &e.request.subject), e.request.target_new.text.clone())).collect();
+            let latest = &so_far[i * 20..];
+            line.push((agreeing(&model, &tok, &so_far), agreeing(&model, &tok, latest), agreeing(&model, &tok, &unrelated)));
+        }
+        assert_eq!(state.edits(), 60);
+        eprintln!("{}: after each chunk (edits so far that hold, of the latest 20, unrelated kept of {known_before}): {line:?}; null space {:?}", method.name(), state.null_space_dimensions());
+        for (chunk, &(_, latest, _)) in line.iter().enumerate() {
+            assert!(latest >= 16, "{}: only {latest}/20 edits of chunk {chunk} took", method.name());
+        }
+    }
+    // Before any edit is remembered, memit-seq is MEMIT.
+    for (a, b) in first_chunk[0].iter().zip(&first_chunk[1]) {
+        let diff = a.x.iter().zip(&b.x).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-6 * a.x.iter().fold(0.0f32, |m, v| m.max(v.abs())), "layer {}: memit-seq's first chunk differs from MEMIT's by {diff}", a.layer);
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use memit_core::{apply_memit, gib, DeviceLimits, EditRequest, Hparams, MemoryPlan, PlanError, PlanOptions, RequestShape, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
+use memit_core::{apply_memit, gib, DeviceLimits, EditMethod, EditRequest, Hparams, MemoryPlan, PlanError, PlanOptions, RequestShape, StatsAccumulator, StatsIdentity, TargetOptions, TargetText};
 use memit_gpu::{DType, GpuContext};
 use memit_models::{load_hf_dir, read_config, LoadOptions, ModelConfig};
 
@@ -41,6 +41,7 @@ fn options(n: usize, templates: usize, requests: RequestShape) -> PlanOptions {
         target: TargetOptions::default(),
         stats_max_len: None,
         keep_original_weights: true,
+        method: EditMethod::Memit,
     }
 }
 
@@ -106,6 +107,15 @@ impl Hand {
         let panels = ff * 64 * 4;
         let misc = ff.div_ceil(64) * 64 * 64 * 4 + 4 + 64 * 64 * 4;
         self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (n * ff * 4).max(panels + misc + 2 * n * ff * 4)
+    }
+
+    /// AlphaEdit's solve: P and S·P beside S while P·S·P is formed, then P
+    /// and Kᵀ beside the factor and the right-hand side while B = P·Kᵀ is.
+    fn alphaedit_solve(&self, n: u64) -> u64 {
+        let ff = self.ff;
+        let panels = ff * 64 * 4;
+        let misc = ff.div_ceil(64) * 64 * 64 * 4 + 4 + 64 * 64 * 4;
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + 2 * ff * ff * 4 + (ff * ff * 4).max(panels + misc + 2 * n * ff * 4)
     }
 
     fn update(&self, n: u64) -> u64 {
@@ -206,6 +216,13 @@ fn gpt_j_6b_with_10000_requests_in_f16_fits_48_gib() {
     assert_eq!(plan.peak().name, "statistics");
     assert!(plan.fits(48 * GIB), "GPT-J peak {}", gib(plan.peak().gpu_buffer_bytes));
     plan.check(48 * GIB, &config, &hp, &options(10_000, 6, shape)).unwrap();
+
+    // AlphaEdit: three d_ff² iterates for the projectors, P beside the solve.
+    let alpha = PlanOptions { method: EditMethod::AlphaEdit, ..options(10_000, 6, shape) };
+    let plan = MemoryPlan::new(&config, &hp, &alpha).unwrap();
+    assert_eq!(phase(&plan, "projectors"), weights + 3 * ff * ff * 4);
+    assert_eq!(phase(&plan, "solve"), hand.alphaedit_solve(10_000));
+    assert!(plan.fits(48 * GIB), "GPT-J AlphaEdit peak {}", gib(plan.peak().gpu_buffer_bytes));
 }
 
 #[test]
@@ -292,6 +309,7 @@ fn planned_peaks_match_the_measured_ones_on_the_world_model() {
         target: TargetOptions::default(),
         stats_max_len: None,
         keep_original_weights: false,
+        method: EditMethod::Memit,
     };
     let plan = MemoryPlan::new(&model.config, &hp, &o).unwrap();
     eprintln!("{}", plan.summary(None));

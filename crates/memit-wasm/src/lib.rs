@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Function, Promise, Reflect, Uint8Array};
-use memit_core::{apply_memit, context_templates, read_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity};
+use memit_core::{apply_edit, context_templates, read_cache, EditMethod, EditRequest, EditState, Hparams, TargetOptions, LayerCovariance, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext, Tensor};
 use memit_models::{GenerateOptions, LoadOptions, Model, ModelConfig, Sampling, TextTokenizer};
 use serde::Serialize;
@@ -35,9 +35,9 @@ export interface EditRequest { prompt: string; subject: string; target_new: { st
 export interface Prediction { token: string; prob: number }
 export interface StatsOptions { nTexts?: number; maxLen?: number; batchSize?: number; onProgress?: (p: Progress) => void }
 export interface StatsSummary { layers: number[]; n_tokens: number; texts: number; seconds: number }
-export interface EditOptions { templates?: "plain" | "generated"; hparams?: Record<string, unknown>; onProgress?: (p: Progress) => void }
+export interface EditOptions { templates?: "plain" | "generated"; hparams?: Record<string, unknown>; method?: "memit" | "memit-seq" | "alphaedit"; onProgress?: (p: Progress) => void }
 export interface EditedRequest { prompt: string; target_new: string; target_prob: number; before: Prediction[]; after: Prediction[] }
-export interface EditResult { layers: number[]; seconds: number; requests: EditedRequest[]; warnings: string[] }
+export interface EditResult { method: string; edits_so_far: number; null_space_dimensions: [number, number][]; layers: number[]; seconds: number; requests: EditedRequest[]; warnings: string[] }
 export interface ModelInfo { adapter: string; arch: string; layers: number; d_model: number; d_ff: number; vocab: number; fingerprint: string; hparams: Record<string, unknown>; has_stats: boolean; edited: boolean }
 "#;
 
@@ -50,6 +50,10 @@ struct State {
     /// W_out of every layer some edit changed, as it was before the first
     /// edit: `revert` puts these GPU tensors back, so undo is exact.
     originals: Vec<(usize, Tensor)>,
+    /// What the method of the edits so far carries to the next one (the
+    /// earlier edits' keys, AlphaEdit's projectors), with the hparams it
+    /// was made for; a change of either starts afresh.
+    method_state: Option<(EditState, Hparams)>,
 }
 
 /// A model on the GPU that can be edited with MEMIT and reverted.
@@ -162,7 +166,7 @@ impl Editor {
             let fingerprint = memit_models::WeightSource::fingerprint(&uploaded);
             drop(uploaded);
             let hparams = Hparams::for_model(&model.config);
-            let state = State { model, tokenizer, fingerprint, hparams, covariances: None, originals: Vec::new() };
+            let state = State { model, tokenizer, fingerprint, hparams, covariances: None, originals: Vec::new(), method_state: None };
             Ok(Editor { state: Rc::new(RefCell::new(Some(state))) }.into())
         })
     }
@@ -203,6 +207,7 @@ impl Editor {
                 let covariances = acc.covariances(&s.model).await.map_err(err)?;
                 let summary = serde_json::json!({"layers": s.hparams.layers, "n_tokens": acc.n_tokens, "texts": texts.len(), "seconds": (js_sys::Date::now() - start) / 1000.0});
                 s.covariances = Some(covariances);
+                s.method_state = None;
                 to_js(&summary)
             }
             .await;
@@ -223,6 +228,7 @@ impl Editor {
             return Err(err(format!("this statistics file has no layer {layer} (it has {:?})", identity.layers)));
         }
         s.covariances = Some(covariances);
+        s.method_state = None;
         Ok(())
     }
 
@@ -266,11 +272,21 @@ impl Editor {
                 for p in &prompts {
                     before.push(predictions(&s.model, &s.tokenizer, p, 5).await?);
                 }
+                let method = match get(&options, "method").and_then(|m| m.as_string()) {
+                    Some(name) => EditMethod::parse(&name).map_err(err)?,
+                    None => EditMethod::Memit,
+                };
                 let start = js_sys::Date::now();
+                if !s.method_state.as_ref().is_some_and(|(state, made_for)| state.method() == method && *made_for == hp) {
+                    let state = EditState::new(&s.model.ctx, method, &hp, covariances, &mut |p| report(&cb, p.stage, p.done, p.total)).await.map_err(err)?;
+                    s.method_state = Some((state, hp.clone()));
+                }
+                let (state, _) = s.method_state.as_mut().expect("set above");
                 let mut edited = s.model.clone();
-                let outcome = apply_memit(&mut edited, &s.tokenizer, &requests, &hp, &templates, covariances, &mut |p| report(&cb, p.stage, p.done, p.total))
+                let outcome = apply_edit(&mut edited, &s.tokenizer, &requests, &hp, &templates, covariances, state, &TargetOptions::default(), &mut |p| report(&cb, p.stage, p.done, p.total))
                     .await
                     .map_err(err)?;
+                let (edits_so_far, null_spaces) = (state.edits(), state.null_space_dimensions());
                 let seconds = (js_sys::Date::now() - start) / 1000.0;
                 for &layer in &hp.layers {
                     if !s.originals.iter().any(|(l, _)| *l == layer) {
@@ -288,7 +304,7 @@ impl Editor {
                     let after = predictions(&s.model, &s.tokenizer, prompt, 5).await?;
                     rows.push(serde_json::json!({"prompt": prompt, "target_new": r.target_new.text, "target_prob": target_prob, "before": to_value(&before), "after": to_value(&after)}));
                 }
-                to_js(&serde_json::json!({"layers": hp.layers, "seconds": seconds, "requests": rows, "warnings": warnings}))
+                to_js(&serde_json::json!({"method": method.name(), "edits_so_far": edits_so_far, "null_space_dimensions": null_spaces, "layers": hp.layers, "seconds": seconds, "requests": rows, "warnings": warnings}))
             }
             .await;
             (s, result)
@@ -330,6 +346,7 @@ impl Editor {
         let mut guard = self.state.borrow_mut();
         let s = guard.as_mut().ok_or_else(|| err("the editor is busy"))?;
         let any = !s.originals.is_empty();
+        s.method_state = None;
         for (layer, weight) in s.originals.drain(..) {
             s.model.blocks[layer].mlp_out.weight = weight;
         }
