@@ -71,8 +71,8 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = ZsreTargetArg::Answer)]
     pub zsre_target: ZsreTargetArg,
     /// Tokens generated per prompt for the generation entropy (CounterFact;
-    /// 0 skips it).
-    #[arg(long, default_value_t = 20)]
+    /// the paper's 100; 0 skips it).
+    #[arg(long, default_value_t = 100)]
     pub gen_tokens: usize,
     /// JSON report path.
     #[arg(long, default_value = "memit-eval.json")]
@@ -141,8 +141,8 @@ impl Cases {
         }
     }
 
-    /// Scores the first `k` cases; metric name → value (%, or bits for
-    /// entropy).
+    /// Scores the first `k` cases; metric name → value (%, and the
+    /// generation entropy in bits ×100, as the paper's tables).
     fn score(&self, model: &Model, tok: &TextTokenizer, k: usize, gen_tokens: usize) -> Result<Vec<(String, f64)>> {
         let mut metrics = Vec::new();
         match self {
@@ -152,16 +152,15 @@ impl Cases {
                     ("efficacy_score", s.efficacy_score),
                     ("efficacy_magnitude", s.efficacy_magnitude),
                     ("paraphrase_score", s.paraphrase_score),
+                    ("paraphrase_magnitude", s.paraphrase_magnitude),
                     ("neighborhood_score", s.neighborhood_score),
+                    ("neighborhood_magnitude", s.neighborhood_magnitude),
                     ("score", s.score),
                 ]
                 .map(|(n, v)| (n.to_string(), v as f64)));
                 if gen_tokens > 0 {
-                    let prompts: Vec<String> = c[..k]
-                        .iter()
-                        .flat_map(|c| std::iter::once(c.requested_rewrite.prompt.replace("{}", &c.requested_rewrite.subject)).chain(c.paraphrase_prompts.iter().cloned()))
-                        .collect();
-                    metrics.push(("generation_entropy".into(), pollster::block_on(mean_generation_entropy(model, tok, &prompts, gen_tokens, 0))?));
+                    let prompts: Vec<String> = c[..k].iter().flat_map(generation_prompts).collect();
+                    metrics.push(("generation_entropy".into(), 100.0 * pollster::block_on(mean_generation_entropy(model, tok, &prompts, gen_tokens, 0))?));
                 }
             }
             Cases::Zsre(r, which) => {
@@ -170,6 +169,28 @@ impl Cases {
             }
         }
         Ok(metrics)
+    }
+}
+
+/// A case's prompts for the fluency test: its generation prompts, or,
+/// where the data has none (the MEMIT-like CounterFact copy), its rewrite
+/// and paraphrase prompts.
+fn generation_prompts(c: &CounterFactCase) -> Vec<String> {
+    if !c.generation_prompts.is_empty() {
+        return c.generation_prompts.clone();
+    }
+    std::iter::once(c.requested_rewrite.prompt.replace("{}", &c.requested_rewrite.subject)).chain(c.paraphrase_prompts.iter().cloned()).collect()
+}
+
+impl Cases {
+    /// Which prompts the generation entropy uses, for the report.
+    fn generation_source(&self) -> Option<&'static str> {
+        match self {
+            Cases::CounterFact(c) if c.iter().all(|c| !c.generation_prompts.is_empty()) => Some("generation prompts"),
+            Cases::CounterFact(c) if c.iter().all(|c| c.generation_prompts.is_empty()) => Some("rewrite and paraphrase prompts (the data has no generation prompts)"),
+            Cases::CounterFact(_) => Some("generation prompts where a case has them, else its rewrite and paraphrase prompts"),
+            Cases::Zsre(..) => None,
+        }
     }
 }
 
@@ -259,10 +280,11 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
         "mode": args.mode, "methods": methods, "null_space_dimensions": null_spaces, "hparams": hp, "stats": stats_path, "n_stats_tokens": covariances[0].n_tokens,
         "unedited": as_map(pre.clone()), "points": points,
         "zsre_target": (args.dataset == Dataset::Zsre).then(|| args.zsre_target.target()),
+        "generation_entropy_from": (args.gen_tokens > 0).then(|| cases.generation_source()).flatten(),
     });
     write_atomic(&args.report, serde_json::to_string_pretty(&report)?.as_bytes())?;
     if let Some(plot) = &args.plot {
-        let names: Vec<String> = pre.iter().map(|(k, _)| k.clone()).filter(|k| k != "efficacy_magnitude" && k != "generation_entropy").collect();
+        let names: Vec<String> = pre.iter().map(|(k, _)| k.clone()).filter(|k| !k.ends_with("_magnitude") && k != "generation_entropy").collect();
         let unedited = |name: &str| pre.iter().find(|(k, _)| k == name).map_or(0.0, |m| m.1);
         let series: Vec<Series> = methods
             .iter()

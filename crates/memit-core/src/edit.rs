@@ -146,22 +146,7 @@ pub async fn apply_memit(
     covariances: &[LayerCovariance],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<EditOutcome> {
-    apply_memit_with(model, tokenizer, requests, hp, templates, covariances, &TargetOptions::default(), progress).await
-}
-
-/// As [`apply_memit`], with the target vectors batched as `options` says.
-#[allow(clippy::too_many_arguments)]
-pub async fn apply_memit_with(
-    model: &mut Model,
-    tokenizer: &TextTokenizer,
-    requests: &[EditRequest],
-    hp: &Hparams,
-    templates: &[String],
-    covariances: &[LayerCovariance],
-    options: &TargetOptions,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<EditOutcome> {
-    apply_edit(model, tokenizer, requests, hp, templates, covariances, &mut EditState::memit(), options, progress).await
+    apply_edit(model, tokenizer, requests, hp, templates, covariances, &mut EditState::memit(), &TargetOptions::default(), progress).await
 }
 
 /// Edits `model` in place with `state`'s method, and adds these edits to

@@ -16,7 +16,7 @@ mod stats;
 mod target;
 mod templates;
 
-pub use edit::{apply_edit, apply_memit, apply_memit_with, EditMethod, EditState, apply_update, compute_targets, compute_targets_with, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, PhaseCounters, Phases, Progress};
+pub use edit::{apply_edit, apply_memit, apply_update, EditMethod, EditState, compute_targets, compute_targets_with, spread_over_layers, EditOutcome, LayerCovariance, LayerUpdate, PhaseCost, PhaseCounters, Phases, Progress};
 pub use error::{MemitError, Result};
 pub use hparams::Hparams;
 pub use patch::{LayerChange, Patch, PatchLayer};

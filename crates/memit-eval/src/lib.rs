@@ -19,6 +19,10 @@ pub struct CounterFactCase {
     pub paraphrase_prompts: Vec<String>,
     #[serde(default)]
     pub neighborhood_prompts: Vec<String>,
+    /// Prompts for the fluency test (the full CounterFact has them; the
+    /// MEMIT-like copy here does not).
+    #[serde(default)]
+    pub generation_prompts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,8 +118,12 @@ pub struct CaseScore {
     pub efficacy_magnitude: f32,
     /// Fraction of paraphrase prompts where new beats true.
     pub paraphrase: Option<f32>,
+    /// Mean P(new) − P(true) over the paraphrase prompts.
+    pub paraphrase_magnitude: Option<f32>,
     /// Fraction of neighbourhood prompts where TRUE beats new.
     pub neighborhood: Option<f32>,
+    /// Mean P(true) − P(new) over the neighbourhood prompts.
+    pub neighborhood_magnitude: Option<f32>,
 }
 
 /// Aggregate scores in %, as in the paper's tables.
@@ -125,7 +133,11 @@ pub struct CounterFactSummary {
     pub efficacy_score: f32,
     pub efficacy_magnitude: f32,
     pub paraphrase_score: f32,
+    /// Paraphrase magnitude PM: mean P(new) − P(true), ×100.
+    pub paraphrase_magnitude: f32,
     pub neighborhood_score: f32,
+    /// Neighbourhood magnitude NM: mean P(true) − P(new), ×100.
+    pub neighborhood_magnitude: f32,
     /// Harmonic mean of the three scores.
     pub score: f32,
 }
@@ -151,10 +163,19 @@ pub async fn score_counterfact(model: &Model, tokenizer: &TextTokenizer, cases: 
             (new, old)
         };
         let (new, old) = next();
-        let fraction = |results: Vec<bool>| (!results.is_empty()).then(|| results.iter().filter(|&&b| b).count() as f32 / results.len() as f32);
-        let paraphrase = fraction(c.paraphrase_prompts.iter().map(|_| { let (n, o) = next(); n < o }).collect());
-        let neighborhood = fraction(c.neighborhood_prompts.iter().map(|_| { let (n, o) = next(); o < n }).collect());
-        scores.push(CaseScore { case_id: c.case_id, efficacy: new < old, efficacy_magnitude: (-new).exp() - (-old).exp(), paraphrase, neighborhood });
+        let fraction = |results: &[(f32, f32)], wins: fn(f32, f32) -> bool| (!results.is_empty()).then(|| results.iter().filter(|&&(n, o)| wins(n, o)).count() as f32 / results.len() as f32);
+        let magnitude = |results: &[(f32, f32)], sign: f32| (!results.is_empty()).then(|| results.iter().map(|&(n, o)| sign * ((-n).exp() - (-o).exp())).sum::<f32>() / results.len() as f32);
+        let paraphrases: Vec<(f32, f32)> = c.paraphrase_prompts.iter().map(|_| next()).collect();
+        let neighbours: Vec<(f32, f32)> = c.neighborhood_prompts.iter().map(|_| next()).collect();
+        scores.push(CaseScore {
+            case_id: c.case_id,
+            efficacy: new < old,
+            efficacy_magnitude: (-new).exp() - (-old).exp(),
+            paraphrase: fraction(&paraphrases, |n, o| n < o),
+            paraphrase_magnitude: magnitude(&paraphrases, 1.0),
+            neighborhood: fraction(&neighbours, |n, o| o < n),
+            neighborhood_magnitude: magnitude(&neighbours, -1.0),
+        });
     }
     Ok(scores)
 }
@@ -165,9 +186,11 @@ pub fn summarize(scores: &[CaseScore]) -> CounterFactSummary {
     let es = 100.0 * scores.iter().filter(|s| s.efficacy).count() as f32 / n;
     let em = 100.0 * mean(scores.iter().map(|s| s.efficacy_magnitude).collect());
     let ps = 100.0 * mean(scores.iter().filter_map(|s| s.paraphrase).collect());
+    let pm = 100.0 * mean(scores.iter().filter_map(|s| s.paraphrase_magnitude).collect());
     let ns = 100.0 * mean(scores.iter().filter_map(|s| s.neighborhood).collect());
+    let nm = 100.0 * mean(scores.iter().filter_map(|s| s.neighborhood_magnitude).collect());
     let score = if es > 0.0 && ps > 0.0 && ns > 0.0 { 3.0 / (1.0 / es + 1.0 / ps + 1.0 / ns) } else { 0.0 };
-    CounterFactSummary { cases: scores.len(), efficacy_score: es, efficacy_magnitude: em, paraphrase_score: ps, neighborhood_score: ns, score }
+    CounterFactSummary { cases: scores.len(), efficacy_score: es, efficacy_magnitude: em, paraphrase_score: ps, paraphrase_magnitude: pm, neighborhood_score: ns, neighborhood_magnitude: nm, score }
 }
 
 /// Entropy (bits) of the n-gram frequency distribution of `words`.
@@ -180,29 +203,47 @@ fn ngram_entropy(words: &[String], n: usize) -> f64 {
     counts.values().map(|&c| c as f64 / total).map(|p| -p * p.log2()).sum()
 }
 
-/// The MEMIT paper's fluency measure of one text: bigram and trigram
-/// entropies weighted 2/3 and 4/3 and averaged. Words are the text's
-/// lowercased alphanumeric runs and punctuation marks.
+/// The MEMIT paper's fluency measure of one text, in bits: bigram and
+/// trigram entropies weighted 2/3 and 4/3 and averaged (the paper's tables
+/// show it ×100). Words as nltk's `word_tokenize` splits them, case kept:
+/// runs of letters and digits, each punctuation mark, and clitics split off
+/// ("John's" → John 's, "don't" → do n't).
 pub fn generation_entropy(text: &str) -> f64 {
+    let words = split_words(text);
+    let weights = [(2, 2.0 / 3.0), (3, 4.0 / 3.0)];
+    weights.iter().map(|&(n, w)| w * ngram_entropy(&words, n)).sum::<f64>() / weights.len() as f64
+}
+
+fn split_words(text: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word = String::new();
-    for ch in text.chars() {
-        if ch.is_alphanumeric() || ch == '\'' {
-            word.extend(ch.to_lowercase());
-        } else {
-            if !word.is_empty() {
-                words.push(std::mem::take(&mut word));
-            }
-            if !ch.is_whitespace() {
-                words.push(ch.to_string());
-            }
+    let mut chars = text.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if ch.is_alphanumeric() {
+            word.push(ch);
+            continue;
+        }
+        let clitic = ch == '\'' && !word.is_empty();
+        if clitic {
+            // "don't": the n goes with the clitic.
+            let n_t = word.ends_with('n') && word.len() > 1 && chars.peek() == Some(&'t');
+            let tail = if n_t { word.pop().map(String::from).unwrap_or_default() } else { String::new() };
+            words.push(std::mem::take(&mut word));
+            word = tail;
+            word.push(ch);
+            continue;
+        }
+        if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        if !ch.is_whitespace() {
+            words.push(ch.to_string());
         }
     }
     if !word.is_empty() {
         words.push(word);
     }
-    let weights = [(2, 2.0 / 3.0), (3, 4.0 / 3.0)];
-    weights.iter().map(|&(n, w)| w * ngram_entropy(&words, n)).sum::<f64>() / weights.len() as f64
+    words
 }
 
 /// Mean generation entropy of top-k (k = 5, seeded) continuations of

@@ -50,13 +50,19 @@ fn summary_follows_the_paper_definitions() {
         efficacy,
         efficacy_magnitude: magnitude,
         paraphrase: Some(paraphrase),
+        paraphrase_magnitude: Some(magnitude / 2.0),
         neighborhood: Some(neighborhood),
+        neighborhood_magnitude: (neighborhood > 0.5).then_some(0.3),
     };
     let s = summarize(&[case(true, 0.5, 1.0, 0.5), case(false, -0.1, 0.0, 1.0), case(true, 0.2, 0.5, 1.0), case(true, 0.4, 1.0, 0.0)]);
     assert_eq!(s.efficacy_score, 75.0);
     assert!((s.efficacy_magnitude - 25.0).abs() < 1e-4);
     assert_eq!(s.paraphrase_score, 62.5);
     assert_eq!(s.neighborhood_score, 62.5);
+    // PM: mean of 0.25, −0.05, 0.1, 0.2 = 0.125; NM over the cases that
+    // have one (two cases at 0.3).
+    assert!((s.paraphrase_magnitude - 12.5).abs() < 1e-4, "{}", s.paraphrase_magnitude);
+    assert!((s.neighborhood_magnitude - 30.0).abs() < 1e-4, "{}", s.neighborhood_magnitude);
     // Harmonic mean of 75, 62.5, 62.5 = 3 / (1/75 + 2/62.5) = 66.176...
     assert!((s.score - 66.17647).abs() < 1e-3, "{}", s.score);
 }
@@ -93,7 +99,18 @@ fn unedited_facts_model_prefers_true_objects() {
             .unwrap()
         })
         .collect();
-    let summary = summarize(&pollster::block_on(score_counterfact(&model, &tok, &cases)).unwrap());
+    let scores = pollster::block_on(score_counterfact(&model, &tok, &cases)).unwrap();
+    // PM and NM per case from the teacher-forced NLLs (tested above).
+    for (c, s) in cases.iter().zip(&scores).take(4) {
+        let r = &c.requested_rewrite;
+        let pairs: Vec<(String, String)> = [&c.paraphrase_prompts[0], &c.neighborhood_prompts[0]].iter().flat_map(|p| [(p.to_string(), r.target_new.text.clone()), (p.to_string(), r.target_true.text.clone())]).collect();
+        let nll = pollster::block_on(target_nll(&model, &tok, &pairs)).unwrap();
+        let p = |i: usize| (-nll[i]).exp();
+        assert!((s.paraphrase_magnitude.unwrap() - (p(0) - p(1))).abs() < 1e-6, "{s:?}");
+        assert!((s.neighborhood_magnitude.unwrap() - (p(3) - p(2))).abs() < 1e-6, "{s:?}");
+    }
+    let summary = summarize(&scores);
+    assert!(summary.paraphrase_magnitude < 0.0 && summary.neighborhood_magnitude > 0.0, "{summary:?}");
     // The model learned the true objects: before any edit, new loses.
     assert_eq!(summary.cases, 20);
     assert!(summary.efficacy_score <= 10.0, "{summary:?}");
@@ -159,9 +176,15 @@ fn token_accuracy_matches_cpu_argmax_and_zsre_reads_its_format() {
 fn generation_entropy_matches_hand_computed_values() {
     // Words a b a b: bigrams ab ×2, ba ×1 → H2 = 0.918296; trigrams aba,
     // bab → H3 = 1. (2/3·H2 + 4/3·H3) / 2 = 0.972765.
-    assert!((generation_entropy("A b a B") - 0.972765).abs() < 1e-5, "{}", generation_entropy("A b a B"));
-    // Punctuation counts as a word: "a . a ." has the same structure.
+    assert!((generation_entropy("a b a b") - 0.972765).abs() < 1e-5, "{}", generation_entropy("a b a b"));
+    // Case is kept (as nltk does): A b a B has three distinct bigrams and
+    // two trigrams: (2/3·log2 3 + 4/3·1) / 2 = 1.194987.
+    assert!((generation_entropy("A b a B") - 1.194987).abs() < 1e-5, "{}", generation_entropy("A b a B"));
+    // Punctuation counts as a word: "a . a ." has the structure of a b a b.
     assert!((generation_entropy("a. a.") - 0.972765).abs() < 1e-5);
+    // Clitics split off as nltk's word_tokenize does: I do n't know John 's
+    // → five distinct bigrams, four trigrams: (2/3·log2 5 + 4/3·2) / 2.
+    assert!((generation_entropy("I don't know John's") - 2.107309).abs() < 1e-5, "{}", generation_entropy("I don't know John's"));
     // A repeated word has a single bigram and trigram: zero entropy.
     assert_eq!(generation_entropy("the the the the the"), 0.0);
 }
