@@ -11,8 +11,12 @@ const pkg = resolve(process.argv[2]);
 const manifest = JSON.parse(readFileSync(join(pkg, "package.json"), "utf8"));
 const fail = (m) => { console.error(`FAIL ${m}`); process.exit(1); };
 if (manifest.name !== "memit-wgpu") fail(`package name ${manifest.name}`);
+for (const license of ["LICENSE-MIT", "LICENSE-APACHE"]) {
+  if (!manifest.files.includes(license)) fail(`the package does not ship ${license}`);
+  readFileSync(join(pkg, license), "utf8");
+}
 const types = readFileSync(join(pkg, manifest.types), "utf8");
-for (const name of ["class Editor", "static load(files: ModelFiles", "edit(requests: EditRequest[]", "interface EditResult", "revert(): boolean", "computeStats(corpus: string", "loadStats(bytes: Uint8Array)"]) {
+for (const name of ["class Editor", "static load(files: ModelFiles", "edit(requests: EditRequest[] | EasyEditRequests", "method?: \"memit\" | \"memit-seq\" | \"alphaedit\"", "interface EditResult", "revert(): boolean", "computeStats(corpus: string", "loadStats(bytes: Uint8Array)"]) {
   if (!types.includes(name)) fail(`types lack ${JSON.stringify(name)}`);
 }
 const mod = await import(pathToFileURL(join(pkg, manifest.module || manifest.main)).href);

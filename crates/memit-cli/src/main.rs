@@ -40,7 +40,7 @@ enum Command {
     /// Show the GPU adapter memit-wgpu would use, its limits, and optionally
     /// a model's shape.
     Info {
-        #[arg(long)]
+        #[arg(long, value_parser = session::model_location)]
         model: Option<PathBuf>,
     },
     /// Continue a prompt (greedy), optionally with a patch applied in memory.

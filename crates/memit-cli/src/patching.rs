@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use memit_core::{apply_edit, context_templates, EditRequest, EditState, Patch};
+use memit_core::{apply_edit, context_templates, parse_requests, EditRequest, EditState, Patch};
 use memit_eval::target_nll;
 use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor, TextTokenizer};
 use serde::Serialize;
@@ -158,8 +158,7 @@ pub fn weak_targets(targets: &[memit_core::TargetVector]) -> Vec<(usize, f32)> {
 
 fn read_requests(path: &Path) -> Result<Vec<EditRequest>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let requests: Vec<EditRequest> = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON list of MEMIT requests ({{\"prompt\", \"subject\", \"target_new\": {{\"str\"}}}})", path.display()))?;
+    let requests = parse_requests(&text).with_context(|| format!("{} is not a JSON list of MEMIT requests ({{\"prompt\", \"subject\", \"target_new\": {{\"str\"}}}}) or EasyEdit's lists", path.display()))?;
     ensure!(!requests.is_empty(), "{} holds no requests", path.display());
     Ok(requests)
 }

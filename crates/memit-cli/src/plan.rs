@@ -14,8 +14,9 @@ use crate::session::{resolve_hparams, MethodArg};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
-    /// A Hugging Face model folder (config.json is enough) or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model folder (config.json is enough), a .gguf file,
+    /// or a repo id in the Hugging Face cache.
+    #[arg(long, value_parser = crate::session::model_location)]
     pub model: PathBuf,
     /// Requests edited at once.
     #[arg(long)]

@@ -19,8 +19,9 @@ use sha2::{Digest, Sha256};
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
     /// A Hugging Face model folder (config.json, tokenizer.json,
-    /// safetensors) or a llama-architecture .gguf file.
-    #[arg(long)]
+    /// safetensors), a llama-architecture .gguf file, or a repo id
+    /// (ORG/NAME) already in the Hugging Face cache.
+    #[arg(long, value_parser = model_location)]
     pub model: PathBuf,
     /// Keep weight matrices in f16 on the GPU (half the memory; arithmetic
     /// stays f32).
@@ -502,6 +503,36 @@ impl EditProgress {
 }
 
 /// "target vectors 1.2 s (peak 3 MiB), keys …" for text output.
+/// `--model`: a path as given, or, for a repo id (`ORG/NAME`) that is not a
+/// path here, its snapshot in the Hugging Face cache (`$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`): the revision
+/// `refs/main` names, or the newest snapshot. Nothing is downloaded.
+pub fn model_location(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    let repo_id = text.split('/').count() == 2 && !text.starts_with('.') && !text.ends_with(".gguf") && text.split('/').all(|p| !p.is_empty());
+    if path.exists() || !repo_id {
+        return Ok(path);
+    }
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let hub = env("HF_HUB_CACHE")
+        .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| env("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")));
+    let Some(entry) = hub.map(|hub| hub.join(format!("models--{}", text.replace('/', "--")))) else {
+        return Ok(path);
+    };
+    let snapshots = entry.join("snapshots");
+    let pinned = std::fs::read_to_string(entry.join("refs/main")).ok().map(|r| snapshots.join(r.trim())).filter(|p| p.is_dir());
+    let newest = || {
+        std::fs::read_dir(&snapshots).ok()?.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok()).map(|e| e.path())
+    };
+    match pinned.or_else(newest) {
+        Some(snapshot) => Ok(snapshot),
+        None if entry.exists() => Err(format!("{text}: the Hugging Face cache entry {} has no snapshot (this tool never downloads; fetch it with huggingface-cli first)", entry.display())),
+        None => Ok(path),
+    }
+}
+
 /// `--method`: how each layer's update is solved.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum MethodArg {

@@ -593,3 +593,44 @@ fn edit_and_stats_print_the_plan_and_stop_before_loading_when_it_does_not_fit() 
     fails_with(stats, "statistics needs");
     assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("stats-")));
 }
+
+/// `--model ORG/NAME` opens the snapshot a Hugging Face cache holds (its
+/// files symlinked to blobs, as the hub client lays them out), from
+/// `$HF_HOME/hub`, without any download.
+#[test]
+fn a_model_in_the_hugging_face_cache_opens_by_repo_id() {
+    let dir = scratch("hub");
+    let entry = dir.join("hf/hub/models--memit--facts-gpt2");
+    let snapshot = entry.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(entry.join("blobs")).unwrap();
+    std::fs::create_dir_all(entry.join("refs")).unwrap();
+    std::fs::write(entry.join("refs/main"), "0123abcd").unwrap();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let blob = entry.join("blobs").join(format!("blob-{name}"));
+        std::fs::copy(facts_model().join(name), &blob).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&blob, snapshot.join(name)).unwrap();
+        #[cfg(not(unix))]
+        std::fs::copy(&blob, snapshot.join(name)).unwrap();
+    }
+    let hub = |c: &mut Command| {
+        c.env("HF_HOME", dir.join("hf")).env_remove("HF_HUB_CACHE");
+    };
+    let mut c = memit(&dir);
+    hub(&mut c);
+    let out = ok(c.current_dir(&dir).args(["--json", "info", "--model", "memit/facts-gpt2"]).output().unwrap());
+    let info = json(&out);
+    assert_eq!(info["model"]["path"].as_str().unwrap(), snapshot.to_str().unwrap());
+    assert_eq!((info["model"]["arch"].as_str().unwrap(), info["model"]["layers"].as_u64().unwrap()), ("Gpt2", 4));
+    // An entry without a snapshot says so; a repo id nowhere stays a path
+    // that does not exist.
+    std::fs::create_dir_all(dir.join("hf/hub/models--memit--empty")).unwrap();
+    let mut c = memit(&dir);
+    hub(&mut c);
+    fails_with(c.current_dir(&dir).args(["info", "--model", "memit/empty"]).output().unwrap(), "has no snapshot");
+    let mut c = memit(&dir);
+    hub(&mut c);
+    assert!(!c.current_dir(&dir).args(["info", "--model", "memit/absent"]).output().unwrap().status.success());
+    std::fs::remove_dir_all(&dir).ok();
+}

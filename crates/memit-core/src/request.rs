@@ -1,4 +1,4 @@
-//! Edit requests in MEMIT's JSON format.
+//! Edit requests in MEMIT's JSON format (and EasyEdit's, read into it).
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +55,53 @@ impl EditRequest {
         }
         Ok(PreparedRequest { request: self.clone(), target_text, target_ids })
     }
+}
+
+/// Requests from JSON in MEMIT's format, a list of
+/// `{"prompt": "... {} ...", "subject", "target_new": {"str"}}`, or in
+/// EasyEdit's, an object of parallel lists (or single strings):
+/// `{"prompts": ["Ray Charles, the"], "subject": ["Ray Charles"],
+/// "target_new": ["violin"], "ground_truth": ["piano"]}`, where each prompt
+/// holds its subject (its first occurrence becomes the `{}`).
+pub fn parse_requests(text: &str) -> Result<Vec<EditRequest>> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| MemitError::Request { index: 0, detail: format!("not JSON: {e}") })?;
+    if value.is_array() {
+        return serde_json::from_value(value).map_err(|e| MemitError::Request { index: 0, detail: format!("not a list of MEMIT requests ({{\"prompt\", \"subject\", \"target_new\": {{\"str\"}}}}): {e}") });
+    }
+    let Some(fields) = value.as_object().filter(|o| o.contains_key("prompts")) else {
+        return Err(MemitError::Request { index: 0, detail: "neither a list of MEMIT requests nor an EasyEdit object with \"prompts\"".into() });
+    };
+    let list = |name: &str| -> Result<Option<Vec<String>>> {
+        match fields.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(vec![s.clone()])),
+            Some(other) => serde_json::from_value(other.clone()).map(Some).map_err(|_| MemitError::Request { index: 0, detail: format!("EasyEdit field \"{name}\" must be a string or a list of strings") }),
+        }
+    };
+    let need = |name: &str| list(name)?.ok_or_else(|| MemitError::Request { index: 0, detail: format!("EasyEdit requests need \"{name}\"") });
+    let (prompts, subjects, targets) = (need("prompts")?, need("subject")?, need("target_new")?);
+    let truths = list("ground_truth")?;
+    if subjects.len() != prompts.len() || targets.len() != prompts.len() || truths.as_ref().is_some_and(|t| t.len() != prompts.len()) {
+        return Err(MemitError::Request { index: 0, detail: format!("EasyEdit lists differ in length: {} prompts, {} subjects, {} targets", prompts.len(), subjects.len(), targets.len()) });
+    }
+    prompts
+        .iter()
+        .zip(&subjects)
+        .zip(&targets)
+        .enumerate()
+        .map(|(index, ((prompt, subject), target))| {
+            if subject.is_empty() || !prompt.contains(subject.as_str()) {
+                return Err(MemitError::Request { index, detail: format!("prompt {prompt:?} does not contain its subject {subject:?}") });
+            }
+            Ok(EditRequest {
+                case_id: None,
+                prompt: prompt.replacen(subject.as_str(), "{}", 1),
+                subject: subject.clone(),
+                target_new: TargetText { text: target.clone() },
+                target_true: truths.as_ref().map(|t| TargetText { text: t[index].clone() }),
+            })
+        })
+        .collect()
 }
 
 /// Token index of the subject's last token in `template` (one `{}`) filled

@@ -1,6 +1,6 @@
 //! Presets, defaults for unknown shapes, JSON overrides and validation.
 
-use memit_core::{EditRequest, Hparams, TargetText};
+use memit_core::{parse_requests, EditRequest, Hparams, TargetText};
 use memit_models::{Arch, ModelConfig, Residual};
 
 fn config(arch: Arch, n_layers: usize, d_model: usize) -> ModelConfig {
@@ -105,6 +105,33 @@ fn malformed_requests_are_refused_with_their_index() {
     }
     let parsed: Result<EditRequest, _> = serde_json::from_str(r#"{"prompt": "{} is", "subject": "x"}"#);
     assert!(parsed.is_err(), "target_new is required");
+}
+
+#[test]
+fn easyedit_requests_read_as_memit_requests() {
+    let easy = r#"{"prompts": ["Ray Charles, the", "The mother tongue of Danielle Darrieux is"],
+                   "subject": ["Ray Charles", "Danielle Darrieux"], "target_new": ["violin", "English"], "ground_truth": ["piano", "French"]}"#;
+    let got = parse_requests(easy).unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].prompt.as_str(), got[0].subject.as_str(), got[0].target_new.text.as_str()), ("{}, the", "Ray Charles", "violin"));
+    assert_eq!(got[1].prompt, "The mother tongue of {} is");
+    assert_eq!(got[1].target_true.as_ref().unwrap().text, "French");
+    // Single strings, no ground truth.
+    let one = parse_requests(r#"{"prompts": "Paris is in", "subject": "Paris", "target_new": "Italy"}"#).unwrap();
+    assert_eq!((one[0].prompt.as_str(), one[0].target_true.clone()), ("{} is in", None));
+    // MEMIT's list is read as before.
+    let memit = parse_requests(r#"[{"prompt": "{} is in", "subject": "Paris", "target_new": {"str": "Italy"}}]"#).unwrap();
+    assert_eq!(memit, one);
+    for (bad, why) in [
+        (r#"{"prompts": ["Paris is in"], "subject": ["Rome"], "target_new": ["Italy"]}"#, "does not contain its subject"),
+        (r#"{"prompts": ["Paris is in", "x"], "subject": ["Paris"], "target_new": ["Italy"]}"#, "differ in length"),
+        (r#"{"prompts": ["Paris is in"], "subject": ["Paris"]}"#, "need \"target_new\""),
+        (r#"{"prompt": "{} is"}"#, "neither"),
+        (r#"{"prompts": [1], "subject": ["Paris"], "target_new": ["Italy"]}"#, "string or a list"),
+    ] {
+        let err = parse_requests(bad).unwrap_err().to_string();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
 }
 
 #[test]

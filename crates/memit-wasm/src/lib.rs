@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Function, Promise, Reflect, Uint8Array};
-use memit_core::{apply_edit, context_templates, read_cache, EditMethod, EditRequest, EditState, Hparams, TargetOptions, LayerCovariance, StatsAccumulator, StatsIdentity};
+use memit_core::{apply_edit, context_templates, parse_requests, read_cache, EditMethod, EditRequest, EditState, Hparams, TargetOptions, LayerCovariance, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext, Tensor};
 use memit_models::{GenerateOptions, LoadOptions, Model, ModelConfig, Sampling, TextTokenizer};
 use serde::Serialize;
@@ -35,6 +35,7 @@ export interface EditRequest { prompt: string; subject: string; target_new: { st
 export interface Prediction { token: string; prob: number }
 export interface StatsOptions { nTexts?: number; maxLen?: number; batchSize?: number; onProgress?: (p: Progress) => void }
 export interface StatsSummary { layers: number[]; n_tokens: number; texts: number; seconds: number }
+export interface EasyEditRequests { prompts: string | string[]; subject: string | string[]; target_new: string | string[]; ground_truth?: string | string[] }
 export interface EditOptions { templates?: "plain" | "generated"; hparams?: Record<string, unknown>; method?: "memit" | "memit-seq" | "alphaedit"; onProgress?: (p: Progress) => void }
 export interface EditedRequest { prompt: string; target_new: string; target_prob: number; before: Prediction[]; after: Prediction[] }
 export interface EditResult { method: string; edits_so_far: number; null_space_dimensions: [number, number][]; layers: number[]; seconds: number; requests: EditedRequest[]; warnings: string[] }
@@ -237,13 +238,15 @@ impl Editor {
     #[wasm_bindgen(unchecked_return_type = "Promise<EditResult>")]
     pub fn edit(
         &self,
-        #[wasm_bindgen(unchecked_param_type = "EditRequest[]")] requests: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "EditRequest[] | EasyEditRequests")] requests: JsValue,
         #[wasm_bindgen(unchecked_param_type = "EditOptions | undefined")] options: JsValue,
     ) -> Promise {
         self.run(move |mut s| async move {
             let result = async {
                 let cb = callback(&options);
-                let requests: Vec<EditRequest> = serde_wasm_bindgen::from_value(requests).map_err(|e| err(format!("requests must be [{{prompt, subject, target_new: {{str}}}}]: {e}")))?;
+                // MEMIT's list or EasyEdit's object of lists.
+                let requests: serde_json::Value = serde_wasm_bindgen::from_value(requests).map_err(|e| err(format!("requests must be [{{prompt, subject, target_new: {{str}}}}] or EasyEdit's {{prompts, subject, target_new}}: {e}")))?;
+                let requests: Vec<EditRequest> = parse_requests(&requests.to_string()).map_err(err)?;
                 if requests.is_empty() {
                     return Err(err("no requests"));
                 }
