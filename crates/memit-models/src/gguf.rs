@@ -1,5 +1,6 @@
 //! GGUF files (llama.cpp's format) for Llama-architecture models: metadata,
-//! tensors dequantised on load (F32, F16, BF16, Q8_0, Q4_0, Q4_1), and the
+//! tensors dequantised on load (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
+//! Q5_K, Q6_K), and the
 //! embedded BPE tokenizer. Tensors are exposed under their Hugging Face
 //! names, with llama.cpp's rotary permutation of q/k undone, so the model
 //! code is the same as for a safetensors checkpoint.
@@ -139,7 +140,13 @@ const GGML_F16: u32 = 1;
 const GGML_Q4_0: u32 = 2;
 const GGML_Q4_1: u32 = 3;
 const GGML_Q8_0: u32 = 8;
+const GGML_Q4_K: u32 = 12;
+const GGML_Q5_K: u32 = 13;
+const GGML_Q6_K: u32 = 14;
 const GGML_BF16: u32 = 30;
+
+/// Elements per K-quant super-block.
+const QK_K: usize = 256;
 
 /// Bytes of `n` elements of a GGML type, or None for unsupported types.
 fn type_size(ggml_type: u32, n: usize) -> Option<usize> {
@@ -149,6 +156,9 @@ fn type_size(ggml_type: u32, n: usize) -> Option<usize> {
         GGML_Q4_0 => Some(n / 32 * 18),
         GGML_Q4_1 => Some(n / 32 * 20),
         GGML_Q8_0 => Some(n / 32 * 34),
+        GGML_Q4_K => Some(n / QK_K * 144),
+        GGML_Q5_K => Some(n / QK_K * 176),
+        GGML_Q6_K => Some(n / QK_K * 210),
         _ => None,
     }
 }
@@ -187,8 +197,81 @@ fn dequantize(ggml_type: u32, raw: &[u8], n: usize) -> HostData {
             }
             HostData::F32(out)
         }
+        GGML_Q4_K | GGML_Q5_K => HostData::F32(dequantize_q45_k(ggml_type == GGML_Q5_K, raw, n)),
+        GGML_Q6_K => HostData::F32(dequantize_q6_k(raw, n)),
         _ => unreachable!("checked when the file was opened"),
     }
+}
+
+/// Sub-block `j`'s 6-bit scale and min from a Q4_K/Q5_K block's 12 packed
+/// bytes: the first four pairs in the low 6 bits of bytes 0-7, the last
+/// four split over bytes 8-11 and the top 2 bits of bytes 0-7.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+    } else {
+        (((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4)) as f32, ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as f32)
+    }
+}
+
+/// Q4_K (d, dmin, 12 scale bytes, 128 bytes of nibbles) and Q5_K (the
+/// same with 32 bytes of fifth bits before the nibbles): eight sub-blocks
+/// of 32, x = d·scale·q − dmin·min; each 32 nibble bytes hold two
+/// sub-blocks (low nibbles, then high).
+fn dequantize_q45_k(five_bits: bool, raw: &[u8], n: usize) -> Vec<f32> {
+    let block_bytes = if five_bits { 176 } else { 144 };
+    let mut out = vec![0.0f32; n];
+    for (b, block) in raw.chunks_exact(block_bytes).enumerate() {
+        let (d, dmin) = (f16_at(block), f16_at(&block[2..]));
+        let scales = &block[4..16];
+        let (high, nibbles) = if five_bits { (&block[16..48], &block[48..]) } else { (&block[..0], &block[16..]) };
+        let dst = &mut out[b * QK_K..(b + 1) * QK_K];
+        for pair in 0..4 {
+            let (sc1, m1) = scale_min_k4(2 * pair, scales);
+            let (sc2, m2) = scale_min_k4(2 * pair + 1, scales);
+            let q = &nibbles[pair * 32..pair * 32 + 32];
+            for l in 0..32 {
+                let (mut lo, mut hi) = ((q[l] & 0x0f) as f32, (q[l] >> 4) as f32);
+                if five_bits {
+                    lo += if high[l] & (1 << (2 * pair)) != 0 { 16.0 } else { 0.0 };
+                    hi += if high[l] & (2 << (2 * pair)) != 0 { 16.0 } else { 0.0 };
+                }
+                dst[pair * 64 + l] = d * sc1 * lo - dmin * m1;
+                dst[pair * 64 + 32 + l] = d * sc2 * hi - dmin * m2;
+            }
+        }
+    }
+    out
+}
+
+/// Q6_K (128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed
+/// scales, d): sixteen sub-blocks of 16, x = d·scale·(q − 32), in two
+/// halves of 128 elements.
+fn dequantize_q6_k(raw: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n];
+    for (b, block) in raw.chunks_exact(210).enumerate() {
+        let d = f16_at(&block[208..]);
+        let dst = &mut out[b * QK_K..(b + 1) * QK_K];
+        for half in 0..2 {
+            let ql = &block[half * 64..half * 64 + 64];
+            let qh = &block[128 + half * 32..128 + half * 32 + 32];
+            let sc = &block[192 + half * 8..192 + half * 8 + 8];
+            let y = &mut dst[half * 128..half * 128 + 128];
+            for l in 0..32 {
+                let is = l / 16;
+                let q = [
+                    (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
+                    (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
+                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                ];
+                for (k, &qk) in q.iter().enumerate() {
+                    y[l + 32 * k] = d * (sc[is + 2 * k] as i8) as f32 * (qk as i32 - 32) as f32;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// GGUF name of a Hugging Face Llama tensor name.
@@ -277,10 +360,11 @@ impl GgufSource {
             };
             let size = type_size(info.ggml_type, n).ok_or_else(|| ModelError::UnsupportedDtype {
                 name: tname.clone(),
-                dtype: format!("GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", info.ggml_type),
+                dtype: format!("GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)", info.ggml_type),
             })?;
-            if info.ggml_type >= GGML_Q4_0 && info.ggml_type != GGML_BF16 && n % 32 != 0 {
-                return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` is not whole 32-element blocks") });
+            let block = if matches!(info.ggml_type, GGML_Q4_K | GGML_Q5_K | GGML_Q6_K) { QK_K } else { 32 };
+            if info.ggml_type >= GGML_Q4_0 && info.ggml_type != GGML_BF16 && n % block != 0 {
+                return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` is not whole {block}-element blocks") });
             }
             if data_start.saturating_add(info.offset).saturating_add(size) > data.len() {
                 return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` lies past the end of the file") });

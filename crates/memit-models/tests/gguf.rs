@@ -42,6 +42,26 @@ fn quantised_tensors_match_the_gguf_package() {
     assert_eq!(checked, 2 + 9 * 3, "every tensor of the tiny Llama");
 }
 
+/// Q4_K, Q5_K and Q6_K super-blocks (random bytes, sane scales) against
+/// gguf-py's dequantisation (tests/fixtures/make_tiny_gguf.py).
+#[test]
+fn k_quants_match_the_gguf_package() {
+    let source = GgufSource::open(&fixtures().join("gguf-kquants.gguf")).unwrap();
+    let reference = std::fs::read(fixtures().join("gguf-kquants-reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&reference).unwrap();
+    let mut checked = 0;
+    for (name, want) in reference.tensors() {
+        let got = source.tensor(&name).unwrap().unwrap_or_else(|| panic!("GGUF lacks {name}"));
+        assert_eq!(got.shape, want.shape(), "{name}");
+        let (got, want) = (got.to_f32(), f32s(want.data()));
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-6 * scale, "{name}: max error {err} of {scale}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
 #[test]
 fn llama_from_gguf_matches_transformers_golden() {
     let source = GgufSource::open(&fixtures().join("tiny-llama/model-f32.gguf")).unwrap();
