@@ -38,6 +38,20 @@ fn malformed_tokenizer_is_a_clear_error() {
 }
 
 #[test]
+fn an_unsupported_tokenizer_component_is_named() {
+    let text = std::fs::read_to_string(fixtures().join("tokenizers/gpt2/tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let byte_level = json["pre_tokenizer"].clone();
+    json["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [byte_level, {"type": "FancyNew"}]});
+    let err = TextTokenizer::from_json_bytes(json.to_string().as_bytes()).err().unwrap().to_string();
+    assert!(err.contains("pre_tokenizer `FancyNew` is not supported"), "{err}");
+    json["pre_tokenizer"] = serde_json::Value::Null;
+    json["decoder"] = serde_json::json!({"type": "Futuristic"});
+    let err = TextTokenizer::from_json_bytes(json.to_string().as_bytes()).err().unwrap().to_string();
+    assert!(err.contains("decoder `Futuristic` is not supported"), "{err}");
+}
+
+#[test]
 /// Generation reads cached keys and values and runs one row per step; a
 /// full forward over the whole sequence per step must pick the same tokens,
 /// for every architecture (learned and rotary positions, parallel and
