@@ -85,12 +85,23 @@ struct RequestPrompts {
 
 fn request_prompts(index: usize, req: &PreparedRequest, templates: &[String], tokenizer: &TextTokenizer) -> Result<RequestPrompts> {
     let subject = &req.request.subject;
-    let target_prefix = tokenizer.decode(&req.target_ids[..req.target_ids.len() - 1])?;
+    let target_ids = &req.target_ids[..req.target_ids.len() - 1];
+    let target_prefix = tokenizer.decode(target_ids)?;
     let mut sequences = Vec::new();
     let mut lookups = Vec::new();
     for template in templates {
         let with_prompt = template.replace("{}", &req.request.prompt);
-        sequences.push(tokenizer.encode(&(with_prompt.replace("{}", subject) + &target_prefix))?);
+        let filled = with_prompt.replace("{}", subject);
+        // As MEMIT: the prompt with the decoded target prefix, re-encoded.
+        // A prefix that ends inside a character (an emoji's first byte
+        // tokens) decodes to U+FFFD and re-encodes differently; then the
+        // target's own tokens follow the prompt's, so the loss reads them.
+        let mut sequence = tokenizer.encode(&(filled.clone() + &target_prefix))?;
+        if !sequence.ends_with(target_ids) {
+            sequence = tokenizer.encode(&filled)?;
+            sequence.extend_from_slice(target_ids);
+        }
+        sequences.push(sequence);
         lookups.push(subject_last_index(&with_prompt, subject, tokenizer)?);
     }
     let kl_template = "{} is a";
