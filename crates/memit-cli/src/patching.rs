@@ -259,17 +259,51 @@ fn is_patch_file(path: &Path) -> bool {
     path.is_file() && header().is_ok_and(|h| String::from_utf8_lossy(&h).contains("\"memit-wgpu-patch-v"))
 }
 
+/// The names `write_folder` swaps a replaced `out` through: the complete
+/// new folder, then the old one moved aside. Fixed names (no PID), so a run
+/// killed between the renames is finished by the next one.
+fn swap_names(out: &Path) -> (PathBuf, PathBuf) {
+    let name = out.file_name().unwrap_or_default().to_string_lossy().to_string();
+    (out.with_file_name(format!(".{name}.memit-new")), out.with_file_name(format!(".{name}.memit-old")))
+}
+
+/// Finishes a replacement of `out` that a killed `edit --force` left:
+/// with `out` gone, the complete new folder (it holds the marker) goes into
+/// place, else the old one comes back; then the leftovers are removed
+/// (only folders of these names that hold the marker: ours). Returns what
+/// it did, for a note.
+fn finish_interrupted_swap(out: &Path) -> Result<Option<String>> {
+    let (fresh, old) = swap_names(out);
+    let ours = |p: &Path| p.join(EDIT_MARKER).is_file();
+    let mut done = None;
+    if !out.exists() {
+        for (from, what) in [(&fresh, "the new edited folder moved into place"), (&old, "the previous edited folder restored")] {
+            if ours(from) {
+                std::fs::rename(from, out).with_context(|| format!("moving {} to {}", from.display(), out.display()))?;
+                done = Some(format!("an interrupted `edit --force` into {} was finished: {what}", out.display()));
+                break;
+            }
+        }
+    }
+    for leftover in [&fresh, &old] {
+        if ours(leftover) {
+            std::fs::remove_dir_all(leftover).with_context(|| format!("removing the leftover {}", leftover.display()))?;
+        }
+    }
+    Ok(done)
+}
+
 /// Writes `src` with `tensors` replaced, and `extra_files`, to the new
 /// folder `out`; with `replace`, an existing `out` is swapped out only once
-/// the new folder is complete, so one of the two is always whole on disk.
+/// the new folder is complete, so one of the two is always whole on disk
+/// (and `finish_interrupted_swap` puts it in place after a kill).
 fn write_folder(src: &Path, out: &Path, tensors: &[StoredTensor], extra_files: &[(&str, &[u8])], replace: bool) -> Result<()> {
     if !replace {
         ensure!(!out.exists(), "{} already exists; choose another --out", out.display());
         return write_hf_dir(src, out, tensors, extra_files).with_context(|| format!("writing {}", out.display()));
     }
-    let fresh = sibling(out, &format!(".memit-new-{}", std::process::id()));
+    let (fresh, old) = swap_names(out);
     write_hf_dir(src, &fresh, tensors, extra_files).with_context(|| format!("writing {}", fresh.display()))?;
-    let old = sibling(out, &format!(".memit-old-{}", std::process::id()));
     std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
     std::fs::rename(&fresh, out).with_context(|| format!("renaming {} to {} (the old folder is at {})", fresh.display(), out.display(), old.display()))?;
     std::fs::remove_dir_all(&old).with_context(|| format!("removing the old {}", old.display()))
@@ -317,6 +351,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     let mut out_existed = false;
     if !args.dry_run {
         if let Some(out) = &out {
+            if let Some(note) = finish_interrupted_swap(out)? {
+                eprintln!("note: {note}");
+            }
             check_edit_out(&session.path, out, args.force)?;
             out_existed = out.exists();
             let (out_at, patch_at) = (resolved(out), resolved(&patch_path));

@@ -634,3 +634,49 @@ fn a_model_in_the_hugging_face_cache_opens_by_repo_id() {
     assert!(!c.current_dir(&dir).args(["info", "--model", "memit/absent"]).output().unwrap().status.success());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `edit --force` replacing an edited folder, killed at moments across its
+/// run: afterwards the folder, or the complete new or old folder under the
+/// swap's fixed names, is whole; the next `edit` finishes an interrupted
+/// swap (here forced: both swap folders present, the target gone) and
+/// leaves no leftovers.
+#[test]
+fn killed_folder_replacements_are_finished_by_the_next_edit() {
+    let dir = scratch("kill-edit");
+    let out = dir.join("edited");
+    edit_example(&dir, &out);
+    let whole = |p: &Path| p.join(".memit-wgpu-edit").is_file() && p.join("memit-patch.safetensors").is_file() && p.join("model.safetensors").is_file();
+    let (fresh, old) = (dir.join(".edited.memit-new"), dir.join(".edited.memit-old"));
+    let replace = || {
+        let mut c = memit(&dir);
+        c.args(["edit", "--templates", "plain", "--force", "--replace-patch", "--model"]).arg(facts_model()).arg("--requests").arg(facts_model().join("example-requests.json")).args(STATS).arg("--out").arg(&out);
+        c
+    };
+    for delay_ms in [0u64, 200, 600, 1200, 2000, 3000] {
+        let mut child = replace().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        assert!(whole(&out) || (!out.exists() && (whole(&fresh) || whole(&old))), "killed after {delay_ms} ms: no whole edited folder remains");
+    }
+    // The moment between the two renames, made by hand.
+    if !out.exists() {
+        ok(replace().output().unwrap());
+    }
+    std::fs::rename(&out, &old).unwrap();
+    copy_dir(&old, &fresh);
+    let run = ok(replace().output().unwrap());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("the new edited folder moved into place"), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(whole(&out));
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("memit-new") || n.to_string_lossy().contains("memit-old") || n.to_string_lossy().contains("memit-partial")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
