@@ -131,7 +131,7 @@ pub fn run(o: Options) -> Result<()> {
         let hp_lambda = Hparams { mom2_update_weight: lambda, ..hp.clone() };
         let mut edited = model.clone();
         let t = Instant::now();
-        let (_, layer_phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &EditState::memit(), &mut |_| {}))?;
+        let (_, layer_phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp_lambda, &templates, &covs, &mut EditState::memit(), &mut |_| {}))?;
         let layer_updates_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let scores = summarize(&pollster::block_on(score_counterfact(&edited, &tok, &cases))?);

@@ -182,7 +182,7 @@ pub fn run(o: Options) -> Result<()> {
         let options = TargetOptions { prefix_cache: !o.no_prefix_cache, ..Default::default() };
         let mut log = ProgressLog::new();
         let (prepared, targets, target_cost) = pollster::block_on(compute_targets_with(&edited, &tok, &all[..n], &hp, &templates, &options, &mut |p| log.report(p)))?;
-        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &EditState::memit(), &mut |p| log.report(p)))?;
+        let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &mut EditState::memit(), &mut |p| log.report(p)))?;
         phases.target_vectors = target_cost;
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("edits: {n:>4} in {seconds:8.2} s = {:8.3} edits/s", n as f64 / seconds);

@@ -141,6 +141,16 @@ impl Cases {
         }
     }
 
+    /// Which prompts the generation entropy uses, for the report.
+    fn generation_source(&self) -> Option<&'static str> {
+        match self {
+            Cases::CounterFact(c) if c.iter().all(|c| !c.generation_prompts.is_empty()) => Some("generation prompts"),
+            Cases::CounterFact(c) if c.iter().all(|c| c.generation_prompts.is_empty()) => Some("rewrite and paraphrase prompts (the data has no generation prompts)"),
+            Cases::CounterFact(_) => Some("generation prompts where a case has them, else its rewrite and paraphrase prompts"),
+            Cases::Zsre(..) => None,
+        }
+    }
+
     /// Scores the first `k` cases; metric name → value (%, and the
     /// generation entropy in bits ×100, as the paper's tables).
     fn score(&self, model: &Model, tok: &TextTokenizer, k: usize, gen_tokens: usize) -> Result<Vec<(String, f64)>> {
@@ -180,18 +190,6 @@ fn generation_prompts(c: &CounterFactCase) -> Vec<String> {
         return c.generation_prompts.clone();
     }
     std::iter::once(c.requested_rewrite.prompt.replace("{}", &c.requested_rewrite.subject)).chain(c.paraphrase_prompts.iter().cloned()).collect()
-}
-
-impl Cases {
-    /// Which prompts the generation entropy uses, for the report.
-    fn generation_source(&self) -> Option<&'static str> {
-        match self {
-            Cases::CounterFact(c) if c.iter().all(|c| !c.generation_prompts.is_empty()) => Some("generation prompts"),
-            Cases::CounterFact(c) if c.iter().all(|c| c.generation_prompts.is_empty()) => Some("rewrite and paraphrase prompts (the data has no generation prompts)"),
-            Cases::CounterFact(_) => Some("generation prompts where a case has them, else its rewrite and paraphrase prompts"),
-            Cases::Zsre(..) => None,
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -243,22 +241,23 @@ pub fn eval(args: EvalArgs, json: bool) -> Result<()> {
     let s = spinner("scoring the unedited model");
     let pre = cases.score(model, tok, n, args.gen_tokens)?;
     s.finish_and_clear();
-    let mut methods: Vec<EditMethod> = args.method.iter().map(|m| m.method()).collect();
-    methods.dedup();
+    let mut methods: Vec<EditMethod> = Vec::new();
+    for method in args.method.iter().map(|m| m.method()) {
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+    }
     let mode = if args.mode == Mode::Batch { "batch" } else { "sequential" };
     let mut points = Vec::new();
     let mut null_spaces = serde_json::Map::new();
     for &method in &methods {
-        let fresh_state = || pollster::block_on(EditState::new(&model.ctx, method, &hp, &covariances, &mut |_| {}));
-        let mut state = fresh_state()?;
+        let mut state = pollster::block_on(EditState::new(&model.ctx, method, &hp, &covariances, &mut |_| {}))?;
         null_spaces.insert(method.name().into(), serde_json::json!(state.null_space_dimensions()));
         let mut current = model.clone();
-        for (step, &(from, to)) in steps.iter().enumerate() {
+        for &(from, to) in &steps {
             if args.mode == Mode::Batch {
                 current = model.clone();
-                if step > 0 {
-                    state = fresh_state()?;
-                }
+                state.forget_edits();
             }
             eprintln!("{}: editing cases {from}..{to} ({mode} mode)", method.name());
             let mut progress = EditProgress::new();

@@ -166,11 +166,6 @@ pub async fn apply_edit(
     let (prepared, targets, target_cost) = compute_targets_with(model, tokenizer, requests, hp, templates, options, progress).await?;
     let (updates, mut phases) = spread_over_layers(model, tokenizer, &prepared, &targets, hp, templates, covariances, state, progress).await?;
     phases.target_vectors = target_cost;
-    if state.method != EditMethod::Memit {
-        let clock = PhaseClock::start(&model.ctx);
-        state.remember(model, tokenizer, &prepared, templates, hp).await?;
-        clock.stop(&mut phases.keys);
-    }
     state.edits += prepared.len();
     Ok(EditOutcome { targets, updates, phases })
 }
@@ -283,18 +278,25 @@ impl EditState {
         })
     }
 
-    /// Adds the keys of `prepared`, read from the edited model at every
-    /// edited layer, to Σ KᵀK (as the authors do after each edit).
-    async fn remember(&mut self, model: &Model, tokenizer: &TextTokenizer, prepared: &[PreparedRequest], templates: &[String], hp: &Hparams) -> Result<()> {
-        let (ctx, d_ff, n) = (&model.ctx, model.config.d_ff, prepared.len());
-        for l in &mut self.layers {
-            let ko = keys_and_outputs(model, tokenizer, prepared, templates, l.layer, hp.last_layer()).await?;
-            let sum = if l.accumulated.is_empty() { ctx.zeros(&[d_ff, d_ff], DType::F32)? } else { ctx.upload(&[d_ff, d_ff], &l.accumulated, DType::F32)? };
-            let keys = ctx.upload(&[n, d_ff], &ko.keys, DType::F32)?;
-            ctx.matmul_into(&keys, &keys, &sum, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
-            l.accumulated = ctx.read(&sum).await?;
-        }
+    /// Adds one edit's keys at `layer` ([n, d_ff]) to Σ KᵀK, for the next
+    /// edit. The authors read them again from the edited model once all
+    /// layers are updated; a layer's keys depend only on the layers below
+    /// it, so those are the keys its solve used.
+    async fn remember_keys(&mut self, ctx: &std::sync::Arc<memit_gpu::GpuContext>, layer: usize, keys: &[f32], n: usize) -> Result<()> {
+        let Some(l) = self.layers.iter_mut().find(|l| l.layer == layer) else { return Ok(()) };
+        let d_ff = keys.len() / n.max(1);
+        let sum = if l.accumulated.is_empty() { ctx.zeros(&[d_ff, d_ff], DType::F32)? } else { ctx.upload(&[d_ff, d_ff], &l.accumulated, DType::F32)? };
+        let keys = ctx.upload(&[n, d_ff], keys, DType::F32)?;
+        ctx.matmul_into(&keys, &keys, &sum, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+        l.accumulated = ctx.read(&sum).await?;
         Ok(())
+    }
+
+    /// Forgets the edits made so far (a fresh model, the same statistics):
+    /// the projectors, which depend on C alone, are kept.
+    pub fn forget_edits(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.accumulated.clear());
+        self.edits = 0;
     }
 }
 
@@ -342,8 +344,8 @@ pub async fn compute_targets_with(
 }
 
 /// Step 3: spreads z − h over the layers of `hp.layers`, solving (as
-/// `state`'s method does) and updating one layer at a time (keys
-/// recomputed after each update).
+/// `state`'s method does, which then remembers the keys) and updating one
+/// layer at a time (keys recomputed after each update).
 /// `targets` come from [`compute_targets`] with the same `hp.layers`;
 /// the returned phases leave `target_vectors` empty.
 #[allow(clippy::too_many_arguments)]
@@ -355,7 +357,7 @@ pub async fn spread_over_layers(
     hp: &Hparams,
     templates: &[String],
     covariances: &[LayerCovariance],
-    state: &EditState,
+    state: &mut EditState,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Vec<LayerUpdate>, Phases)> {
     let (d, d_ff) = (model.config.d_model, model.config.d_ff);
@@ -385,6 +387,11 @@ pub async fn spread_over_layers(
         let clock = PhaseClock::start(&model.ctx);
         let solved = solve_system(&model.ctx, d_ff, &state.system(cov, hp)?, &ko.keys, n).await?;
         clock.stop(&mut phases.solve);
+        if state.method != EditMethod::Memit {
+            let clock = PhaseClock::start(&model.ctx);
+            state.remember_keys(&model.ctx, layer, &ko.keys, n).await?;
+            clock.stop(&mut phases.keys);
+        }
         let update = LayerUpdate { layer, resid, x: solved.x, solve_shift: solved.shift, solve_refinements: solved.refinements, solve_correction: solved.last_correction };
         let clock = PhaseClock::start(&model.ctx);
         apply_update(model, &update)?;

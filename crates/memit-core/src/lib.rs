@@ -24,7 +24,7 @@ pub use plan::{gib, DeviceLimits, MemoryPlan, PhasePlan, PlanError, PlanOptions,
 pub use keys::{keys_and_outputs, KeysAndOutputs};
 pub use nullspace::{null_space_projector, NullSpaceProjector, RESOLVED_BAND};
 pub use solve::{solve_layer, solve_system, LayerSolve, LayerSystem};
-pub use request::{parse_requests, subject_last_index, EditRequest, PreparedRequest, TargetText};
+pub use request::{parse_requests, requests_from_json, subject_last_index, EditRequest, PreparedRequest, TargetText};
 pub use stats::{load_cache, read_cache, StatsAccumulator, StatsIdentity};
 pub use target::{compute_target_vectors, StepLoss, TargetCost, TargetOptions, TargetVector};
 pub use templates::context_templates;

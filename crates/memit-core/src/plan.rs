@@ -989,13 +989,7 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
         at += rows;
     }
     let rhs = |sim: &mut Sim| sim.tensor_blocks(ff, n, 4, panel_rows, "solve right-hand side (fewer requests per edit)");
-    let x = rhs(sim);
-    if alphaedit {
-        // B = P·Kᵀ formed in place.
-        let (p, k_t) = (sim.f32(ff, ff), sim.f32(ff, n));
-        sim.free_all([p, k_t]);
-    }
-    let scratch = rhs(sim);
+    let (x, scratch) = (rhs(sim), rhs(sim));
     sim.free_all([x, scratch]);
     sim.free_all(held);
     let refinement_arrays = if alphaedit { 12 } else { 10 };

@@ -64,7 +64,11 @@ impl EditRequest {
 /// "target_new": ["violin"], "ground_truth": ["piano"]}`, where each prompt
 /// holds its subject (its first occurrence becomes the `{}`).
 pub fn parse_requests(text: &str) -> Result<Vec<EditRequest>> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| MemitError::Request { index: 0, detail: format!("not JSON: {e}") })?;
+    requests_from_json(serde_json::from_str(text).map_err(|e| MemitError::Request { index: 0, detail: format!("not JSON: {e}") })?)
+}
+
+/// [`parse_requests`] of JSON already parsed.
+pub fn requests_from_json(value: serde_json::Value) -> Result<Vec<EditRequest>> {
     if value.is_array() {
         return serde_json::from_value(value).map_err(|e| MemitError::Request { index: 0, detail: format!("not a list of MEMIT requests ({{\"prompt\", \"subject\", \"target_new\": {{\"str\"}}}}): {e}") });
     }

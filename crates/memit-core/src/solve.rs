@@ -84,8 +84,9 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
 /// Solves `system` for `keys` ([n, d]). The GPU holds at most A (built in
 /// the solver's layout, then factored in place) with K beside it while it
 /// is formed (and, for AlphaEdit, P and one product), then two [d, n]
-/// tensors per solve: the right-hand side, overwritten by the solution,
-/// and one scratch. No d×d matrix is on the GPU twice.
+/// tensors per solve: the right-hand side (B from the host's float64
+/// copy), overwritten by the solution, and one scratch. No d×d matrix is
+/// on the GPU twice.
 pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<LayerSolve> {
     let layer = system.layer;
     let square = [system.covariance.map(|c| c.0), system.accumulated, system.projector];
@@ -98,16 +99,16 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
             k_t[i * n + r] = keys[r * d + i] as f64;
         }
     }
-    let k_t32: Vec<f32> = k_t.iter().map(|&v| v as f32).collect();
-    // B in f64: Kᵀ, or P·Kᵀ.
+    // B in f64 (Kᵀ, or P·Kᵀ), and rounded to f32 for the first solve.
     let b = match system.projector {
-        None => k_t.clone(),
+        None => k_t,
         Some(p) => {
             let mut b = vec![0.0f64; d * n];
             multiply_streamed(p, 1.0, &k_t, n, &mut b);
             b
         }
     };
+    let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
     let diagonal = |m: &[f32], w: f64| (0..d).map(|i| w * m[i * d + i] as f64).sum::<f64>();
     let trace = system.covariance.map_or(0.0, |(c, l)| diagonal(c, l as f64))
         + system.accumulated.map_or(0.0, |a| diagonal(a, 1.0))
@@ -120,14 +121,7 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
         let a = assemble(ctx, d, system, keys, n)?;
         let factor = ctx.factor_spd(a, (shift + system.identity as f64) as f32)?;
         let x0 = ctx.solver_rhs(&factor, n)?;
-        match system.projector {
-            None => ctx.write(&x0, &k_t32)?,
-            Some(p) => {
-                let p = ctx.upload(&[d, d], p, DType::F32)?;
-                let k_t = ctx.upload(&[d, n], &k_t32, DType::F32)?;
-                ctx.matmul_into(&p, &k_t, &x0, MatmulSpec::default())?;
-            }
-        }
+        ctx.write(&x0, &b32)?;
         ctx.solve_factored_in_place(&factor, &x0)?;
         let mut read = ctx.read_all(&[&x0, factor.status()]).await?;
         drop(x0);

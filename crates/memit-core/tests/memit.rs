@@ -274,8 +274,7 @@ fn batched_target_vectors_equal_one_request_at_a_time() {
     // order of float sums. A loss threshold most requests cross at
     // different steps checks that each freezes where it would alone.
     let world = World::open();
-    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
-    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let (model, tok) = world.model();
     let overrides = serde_json::json!({"layers": [1, 2], "v_loss_threshold": 0.6, "v_num_grad_steps": 12});
     let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
     let mut requests = world.requests()[..10].to_vec();
@@ -444,6 +443,12 @@ impl World {
         out
     }
 
+    /// The world model and its tokenizer, on the shared context.
+    fn model(&self) -> (Model, TextTokenizer) {
+        let loaded = load_hf_dir(ctx(), &self.dir, LoadOptions::default()).unwrap();
+        (loaded.model, loaded.tokenizer.expect("the world model ships a tokenizer"))
+    }
+
     /// The world model's hparams (tests/fixtures/world-gpt2/memit-hparams.json).
     fn hparams(&self, config: &memit_models::ModelConfig) -> Hparams {
         let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("memit-hparams.json")).unwrap()).unwrap();
@@ -488,8 +493,7 @@ fn agreeing(model: &Model, tok: &TextTokenizer, cases: &[(String, String)]) -> u
 #[test]
 fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
     let world = World::open();
-    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
-    let (mut model, tok) = (loaded.model, loaded.tokenizer.expect("the world model ships a tokenizer"));
+    let (mut model, tok) = world.model();
     let requests = world.requests();
     let efficacy: Vec<(String, String)> = requests.iter().map(|r| (r.prompt.replace("{}", &r.subject), r.target_new.text.clone())).collect();
     let paraphrases: Vec<(String, String)> = requests
@@ -532,8 +536,7 @@ fn fifty_edits_take_generalise_and_leave_other_facts_alone() {
 #[test]
 fn a_thousand_edits_at_once_take_generalise_and_leave_other_people_alone() {
     let world = World::open();
-    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
-    let (mut model, tok) = (loaded.model, loaded.tokenizer.expect("the world model ships a tokenizer"));
+    let (mut model, tok) = world.model();
     let edits = world.edits(0..200, &world.relations());
     assert_eq!(edits.len(), 1000);
     let requests: Vec<EditRequest> = edits.iter().map(|e| e.request.clone()).collect();
@@ -662,8 +665,7 @@ fn jacobi_eigen(matrix: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
 #[test]
 fn null_space_projector_of_real_statistics_matches_a_float64_eigendecomposition() {
     let world = World::open();
-    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
-    let (model, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let (model, tok) = world.model();
     let hp = world.hparams(&model.config);
     let cov = world.covariances(&model, &tok, &hp).remove(1);
     let d = model.config.d_ff;
@@ -701,8 +703,7 @@ fn null_space_projector_of_real_statistics_matches_a_float64_eigendecomposition(
 #[test]
 fn sequential_methods_edit_chunk_after_chunk() {
     let world = World::open();
-    let loaded = load_hf_dir(ctx(), &world.dir, LoadOptions::default()).unwrap();
-    let (base, tok) = (loaded.model, loaded.tokenizer.unwrap());
+    let (base, tok) = world.model();
     let hp = world.hparams(&base.config);
     let covs = world.covariances(&base, &tok, &hp);
     let edits = world.edits(0..60, &["city"]);

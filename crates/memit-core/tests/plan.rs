@@ -109,13 +109,14 @@ impl Hand {
         self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (n * ff * 4).max(panels + misc + 2 * n * ff * 4)
     }
 
-    /// AlphaEdit's solve: P and S·P beside S while P·S·P is formed, then P
-    /// and Kᵀ beside the factor and the right-hand side while B = P·Kᵀ is.
+    /// AlphaEdit's solve: P and S·P beside S while P·S·P is formed (then
+    /// the same factor and right-hand sides as MEMIT's, B = P·Kᵀ coming
+    /// from the host).
     fn alphaedit_solve(&self, n: u64) -> u64 {
         let ff = self.ff;
         let panels = ff * 64 * 4;
         let misc = ff.div_ceil(64) * 64 * 64 * 4 + 4 + 64 * 64 * 4;
-        self.weights + (self.r - 1) * self.d * self.ff * 2 + 2 * ff * ff * 4 + (ff * ff * 4).max(panels + misc + 2 * n * ff * 4)
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (2 * ff * ff * 4).max(panels + misc + 2 * n * ff * 4)
     }
 
     fn update(&self, n: u64) -> u64 {

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Function, Promise, Reflect, Uint8Array};
-use memit_core::{apply_edit, context_templates, parse_requests, read_cache, EditMethod, EditRequest, EditState, Hparams, TargetOptions, LayerCovariance, StatsAccumulator, StatsIdentity};
+use memit_core::{apply_edit, context_templates, read_cache, requests_from_json, EditMethod, EditRequest, EditState, Hparams, TargetOptions, LayerCovariance, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext, Tensor};
 use memit_models::{GenerateOptions, LoadOptions, Model, ModelConfig, Sampling, TextTokenizer};
 use serde::Serialize;
@@ -246,7 +246,7 @@ impl Editor {
                 let cb = callback(&options);
                 // MEMIT's list or EasyEdit's object of lists.
                 let requests: serde_json::Value = serde_wasm_bindgen::from_value(requests).map_err(|e| err(format!("requests must be [{{prompt, subject, target_new: {{str}}}}] or EasyEdit's {{prompts, subject, target_new}}: {e}")))?;
-                let requests: Vec<EditRequest> = parse_requests(&requests.to_string()).map_err(err)?;
+                let requests: Vec<EditRequest> = requests_from_json(requests).map_err(err)?;
                 if requests.is_empty() {
                     return Err(err("no requests"));
                 }
@@ -349,7 +349,10 @@ impl Editor {
         let mut guard = self.state.borrow_mut();
         let s = guard.as_mut().ok_or_else(|| err("the editor is busy"))?;
         let any = !s.originals.is_empty();
-        s.method_state = None;
+        // The original weights again: a new sequence (the projectors stay).
+        if let Some((state, _)) = s.method_state.as_mut() {
+            state.forget_edits();
+        }
         for (layer, weight) in s.originals.drain(..) {
             s.model.blocks[layer].mlp_out.weight = weight;
         }
