@@ -535,9 +535,12 @@ impl GpuContext {
         p.readback.unmap();
     }
 
+    /// The web cannot wait for a readback here, so a profile there fails
+    /// clearly rather than passing with dispatches missing.
     #[cfg(target_arch = "wasm32")]
     fn read_timestamps(&self, p: &mut Profiler) {
         p.pending.clear();
+        p.failure.get_or_insert_with(|| "kernel timestamps are read back on native only".into());
     }
 
     /// Submits all recorded work to the GPU without waiting for it.

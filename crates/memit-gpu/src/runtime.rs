@@ -196,7 +196,8 @@ pub(crate) struct Profiler {
     /// QUERY_RESOLVE target, then copied into `readback` for mapping.
     pub resolve: wgpu::Buffer,
     pub readback: wgpu::Buffer,
-    /// Nanoseconds per timestamp tick.
+    /// Nanoseconds per timestamp tick (timestamps are read on native only).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub period: f64,
     /// Dispatches recorded since the last submit, in query order.
     pub pending: Vec<(String, Option<Work>)>,
