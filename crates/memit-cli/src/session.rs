@@ -184,7 +184,13 @@ impl Session {
         while (acc.texts_done as usize) < texts.len() {
             let from = acc.texts_done as usize;
             let batch = &texts[from..(from + args.batch_size.max(1)).min(texts.len())];
+            let passes = acc.passes;
             acc.add_texts(&self.model, &self.tokenizer, batch)?;
+            if acc.passes > passes {
+                // Show texts the GPU has finished, not texts queued for it
+                // (one host wait per pass of ~4k tokens).
+                pollster::block_on(self.model.ctx.sync())?;
+            }
             batches += 1;
             bar.set_position(acc.texts_done);
             bar.set_message(format!("{} tokens", acc.n_tokens));
@@ -199,6 +205,7 @@ impl Session {
             }
         }
         // The last pass runs here, so the time is taken after it.
+        bar.set_message(format!("{} tokens, running the last pass", acc.n_tokens));
         let (covariances, cache) = pollster::block_on(acc.finish(&self.model))?;
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
@@ -487,7 +494,11 @@ impl EditProgress {
     pub fn report(&mut self, p: Progress) {
         if self.bar.as_ref().is_none_or(|(_, stage)| *stage != p.stage) {
             self.finish();
-            let unit = if p.stage == "layers" || p.stage == "null-space projectors" { "layers" } else { "requests" };
+            let unit = match p.stage {
+                "layers" | "null-space projectors" => "layers",
+                "target vectors" => "steps",
+                _ => "requests",
+            };
             self.bar = Some((progress_bar(p.total as u64, p.stage, unit), p.stage));
         }
         if let Some((bar, _)) = &self.bar {

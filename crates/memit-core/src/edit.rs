@@ -15,7 +15,8 @@ use crate::nullspace::{null_space_projector, NullSpaceProjector};
 use crate::solve::{solve_system, LayerSystem};
 use crate::target::{compute_target_vectors, TargetOptions, TargetVector};
 
-/// Where a long job is; `done` of `total` units of `stage`.
+/// Where a long job is; `done` of `total` units of `stage` (layers;
+/// optimisation steps for "target vectors").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
     pub stage: &'static str,
@@ -334,10 +335,8 @@ pub async fn compute_targets_with(
     }
     let mut cost = PhaseCost::default();
     let clock = PhaseClock::start(&model.ctx);
-    let total = prepared.len();
-    progress(Progress { stage: "target vectors", done: 0, total });
     let (targets, target_cost) =
-        compute_target_vectors(model, tokenizer, &prepared, templates, hp, options, &mut |done| progress(Progress { stage: "target vectors", done, total })).await?;
+        compute_target_vectors(model, tokenizer, &prepared, templates, hp, options, &mut |done, total| progress(Progress { stage: "target vectors", done, total })).await?;
     clock.stop(&mut cost);
     cost.counters.steps = target_cost.steps;
     Ok((prepared, targets, cost))

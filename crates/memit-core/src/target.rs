@@ -177,7 +177,9 @@ fn plan_batches(model: &Model, prompts: &[RequestPrompts], layer: usize, options
     batches
 }
 
-/// Optimises z at layer `hp.last_layer()` for every request.
+/// Optimises z at layer `hp.last_layer()` for every request. `progress`
+/// gets (steps done, steps at most) over all batches, so a single request's
+/// optimisation moves too; a batch that stops early counts all its steps.
 pub async fn compute_target_vectors(
     model: &Model,
     tokenizer: &TextTokenizer,
@@ -185,7 +187,7 @@ pub async fn compute_target_vectors(
     templates: &[String],
     hp: &Hparams,
     options: &TargetOptions,
-    progress: &mut dyn FnMut(usize),
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<TargetVector>, TargetCost)> {
     let layer = hp.last_layer();
     let prompts = requests.iter().enumerate().map(|(i, r)| request_prompts(i, r, templates, tokenizer)).collect::<Result<Vec<_>>>()?;
@@ -208,13 +210,18 @@ pub async fn compute_target_vectors(
     }
     let mut targets = Vec::with_capacity(requests.len());
     let mut cost = TargetCost::default();
-    for range in plan_batches(model, &prompts, layer, options) {
-        let (batch_targets, batch_cost) = optimise_batch(model, &requests[range.clone()], &prompts[range.clone()], hp, options, &mut |done| progress(range.start + done)).await?;
+    let batches = plan_batches(model, &prompts, layer, options);
+    let steps_per_batch = hp.v_num_grad_steps.max(1);
+    let total = batches.len() * steps_per_batch;
+    progress(0, total);
+    for (i, range) in batches.into_iter().enumerate() {
+        let before = i * steps_per_batch;
+        let (batch_targets, batch_cost) = optimise_batch(model, &requests[range.clone()], &prompts[range.clone()], hp, options, &mut |steps| progress(before + steps, total)).await?;
         targets.extend(batch_targets);
         cost.steps += batch_cost.steps;
         cost.after_first_step.add(&batch_cost.after_first_step);
+        progress(before + steps_per_batch, total);
     }
-    progress(requests.len());
     Ok((targets, cost))
 }
 
@@ -308,7 +315,7 @@ async fn optimise_batch(
         if !last && step % options.check_every.max(1) == 0 {
             let stopped = read_stops(model, &record, n).await?;
             let done = stopped.iter().filter(|&&s| s > 0.0).count();
-            progress(done);
+            progress(step + 1);
             if done == n {
                 break;
             }

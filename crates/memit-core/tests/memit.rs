@@ -221,7 +221,7 @@ fn golden_covariances(golden: &Golden, layers: &[usize]) -> Vec<LayerCovariance>
 
 fn target_vectors(model: &Model, tok: &TextTokenizer, requests: &[EditRequest], templates: &[String], hp: &Hparams, options: TargetOptions) -> Vec<TargetVector> {
     let prepared: Vec<_> = requests.iter().enumerate().map(|(i, r)| r.prepare(i, tok).unwrap()).collect();
-    pollster::block_on(compute_target_vectors(model, tok, &prepared, templates, hp, &options, &mut |_| {})).unwrap().0
+    pollster::block_on(compute_target_vectors(model, tok, &prepared, templates, hp, &options, &mut |_, _| {})).unwrap().0
 }
 
 #[test]
@@ -592,7 +592,7 @@ fn target_steps_allocate_nothing_and_wait_rarely() {
     let hp = Hparams::for_model(&model.config).with_overrides(&overrides).unwrap();
     let cost = |n: usize| {
         let prepared: Vec<_> = world.requests()[..n].iter().enumerate().map(|(i, r)| r.prepare(i, &tok).unwrap()).collect();
-        let (targets, cost) = pollster::block_on(compute_target_vectors(&model, &tok, &prepared, &templates, &hp, &TargetOptions::default(), &mut |_| {})).unwrap();
+        let (targets, cost) = pollster::block_on(compute_target_vectors(&model, &tok, &prepared, &templates, &hp, &TargetOptions::default(), &mut |_, _| {})).unwrap();
         assert!(targets.iter().all(|t| t.losses.len() == steps) && cost.steps == steps as u64);
         cost.after_first_step
     };
