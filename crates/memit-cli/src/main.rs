@@ -84,7 +84,10 @@ enum Command {
     Apply {
         #[command(flatten)]
         model: ModelArgs,
-        /// Default: the model folder's memit-patch.safetensors.
+        /// Default: the model folder's memit-patch.safetensors; in a folder
+        /// edited several times (a stack memit-patch.safetensors,
+        /// memit-patch.1.safetensors, …, newest first), revert undoes the
+        /// newest patch still applied and apply redoes the oldest one not.
         #[arg(long)]
         patch: Option<PathBuf>,
         #[command(flatten)]
@@ -94,7 +97,10 @@ enum Command {
     Revert {
         #[command(flatten)]
         model: ModelArgs,
-        /// Default: the model folder's memit-patch.safetensors.
+        /// Default: the model folder's memit-patch.safetensors; in a folder
+        /// edited several times (a stack memit-patch.safetensors,
+        /// memit-patch.1.safetensors, …, newest first), revert undoes the
+        /// newest patch still applied and apply redoes the oldest one not.
         #[arg(long)]
         patch: Option<PathBuf>,
         #[command(flatten)]

@@ -341,7 +341,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     let patch_path = match (&args.patch, &out) {
         (Some(p), Some(out)) if p.parent().is_none_or(|d| d.as_os_str().is_empty()) => out.join(p),
         (Some(p), _) => p.clone(),
-        (None, Some(out)) => out.join("memit-patch.safetensors"),
+        (None, Some(out)) => out.join(PATCH_NAME),
         (None, None) => sibling(&session.path, ".patch.safetensors"),
     };
     // Everything about where the edit writes is settled here, before any
@@ -360,8 +360,9 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             if patch_at.starts_with(&out_at) {
                 ensure!(patch_at.parent() == Some(out_at.as_path()), "--patch {}: a patch inside --out goes directly in it, not in a subfolder", patch_path.display());
                 let name = patch_at.file_name().and_then(|n| n.to_str()).context("--patch needs a file name")?.to_string();
-                if name == EDIT_MARKER || session.path.join(&name).exists() {
-                    bail!("--patch {name} would overwrite a file of the edited model; choose another name");
+                let inherited_patch = name == PATCH_NAME && is_patch_file(&session.path.join(&name));
+                if name == EDIT_MARKER || (session.path.join(&name).exists() && !inherited_patch) || stack_level(&name).is_some_and(|n| n > 0) {
+                    bail!("--patch {name} would overwrite a file of the edited model or of its patch stack; choose another name");
                 }
                 patch_inside = Some(name);
             }
@@ -451,7 +452,11 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
                 bail!("{} changed while the edit ran (it appeared, vanished or lost its {EDIT_MARKER}); nothing was written there", out.display());
             }
             let marker = format!("written by memit-wgpu edit from {}\n", resolved(&session.path).display());
+            // An edited folder edited again keeps the patches it holds, one
+            // level down the stack, under the new one.
+            let stack = if patch_inside.as_deref() == Some(PATCH_NAME) { pushed_stack(&session.path)? } else { Vec::new() };
             let mut extra: Vec<(&str, &[u8])> = vec![(EDIT_MARKER, marker.as_bytes())];
+            extra.extend(stack.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())));
             extra.extend(patch_inside.as_deref().map(|name| (name, patch_bytes.as_slice())));
             write_folder(&session.path, out, &edited, &extra, out_existed)?;
             written.insert("model".into(), out.display().to_string().into());
@@ -496,35 +501,105 @@ enum State {
     Edited,
 }
 
-/// Reads a patch and checks it against the model's weights.
-fn open_patch(session: &Session, path: &Path) -> Result<(Patch, Vec<StoredTensor>, State)> {
+/// A patch, the model's current weights of its layers, and which of the
+/// patch's two sides they are (None: neither).
+type PatchFit = (Patch, Vec<StoredTensor>, Option<State>);
+
+fn read_patch(session: &Session, path: &Path) -> Result<PatchFit> {
     let bytes = std::fs::read(path).with_context(|| format!("reading the patch {}", path.display()))?;
     let patch = Patch::from_bytes(&bytes).with_context(|| format!("patch {}", path.display()))?;
     let current = patch.layers.iter().map(|l| session.stored_mlp_out(l.layer)).collect::<Result<Vec<_>>>()?;
     let all = |f: &dyn Fn(&memit_core::PatchLayer, &str) -> bool| patch.layers.iter().zip(&current).all(|(l, t)| f(l, &t.sha256()));
     let state = if all(&|l, sha| l.base_sha256 == sha) {
-        State::Original
+        Some(State::Original)
     } else if all(&|l, sha| l.edited_sha256 == sha) {
-        State::Edited
+        Some(State::Edited)
     } else {
-        bail!(
-            "patch {} does not fit the model at {}: its weights are neither the ones the patch was made from nor the edited ones (another model, or edited since)",
-            path.display(),
-            session.path.display()
-        );
+        None
     };
     Ok((patch, current, state))
 }
 
+/// Reads a patch and checks it against the model's weights.
+fn open_patch(session: &Session, path: &Path) -> Result<(Patch, Vec<StoredTensor>, State)> {
+    match read_patch(session, path)? {
+        (patch, current, Some(state)) => Ok((patch, current, state)),
+        (_, _, None) => bail!(
+            "patch {} does not fit the model at {}: its weights are neither the ones the patch was made from nor the edited ones (another model, or edited since)",
+            path.display(),
+            session.path.display()
+        ),
+    }
+}
+
+/// The patch file an edit writes into its folder; the top of the stack.
+const PATCH_NAME: &str = "memit-patch.safetensors";
+
+/// Level of a stack file: 0 for `memit-patch.safetensors`, n for
+/// `memit-patch.n.safetensors` (the patch n edits below the newest).
+fn stack_level(name: &str) -> Option<usize> {
+    if name == PATCH_NAME {
+        return Some(0);
+    }
+    name.strip_prefix("memit-patch.")?.strip_suffix(".safetensors")?.parse().ok().filter(|&n| n > 0)
+}
+
+fn stack_name(level: usize) -> String {
+    if level == 0 { PATCH_NAME.to_string() } else { format!("memit-patch.{level}.safetensors") }
+}
+
+/// The patch stack of a model folder, newest first: the patches of the
+/// edits that led to it, each made on the model the one after it left.
+fn patch_stack(dir: &Path) -> Vec<PathBuf> {
+    (0..).map(|level| dir.join(stack_name(level))).take_while(|p| p.is_file()).collect()
+}
+
+/// The stack of `dir` one level down (each file's new name and bytes),
+/// making room for a new patch on top.
+fn pushed_stack(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    patch_stack(dir)
+        .iter()
+        .enumerate()
+        .map(|(level, path)| Ok((stack_name(level + 1), std::fs::read(path).with_context(|| format!("reading the patch {}", path.display()))?)))
+        .collect()
+}
+
 fn default_patch(model: &Path, patch: Option<PathBuf>) -> PathBuf {
-    patch.unwrap_or_else(|| if model.is_dir() { model.join("memit-patch.safetensors") } else { sibling(model, ".patch.safetensors") })
+    patch.unwrap_or_else(|| if model.is_dir() { model.join(PATCH_NAME) } else { sibling(model, ".patch.safetensors") })
+}
+
+/// The patch `apply`/`revert` use without `--patch`: in a folder whose
+/// stack holds several, `revert` undoes the newest one still applied and
+/// `apply` redoes the oldest one not applied, so repeated calls walk the
+/// stack in order.
+fn stack_patch(session: &Session, model: &Path, forward: bool) -> Result<PathBuf> {
+    let stack = if model.is_dir() { patch_stack(model) } else { Vec::new() };
+    if stack.len() < 2 {
+        return Ok(default_patch(model, None));
+    }
+    let wanted = if forward { State::Original } else { State::Edited };
+    let order: Vec<&PathBuf> = if forward { stack.iter().rev().collect() } else { stack.iter().collect() };
+    for path in order {
+        if read_patch(session, path)?.2 == Some(wanted) {
+            return Ok(path.clone());
+        }
+    }
+    bail!(
+        "none of the {} patches of {}'s stack {} (the weights match no step of it)",
+        stack.len(),
+        model.display(),
+        if forward { "can be applied: they are all applied" } else { "is applied: the model is the original one" }
+    )
 }
 
 /// `apply` (forward) and `revert` (backward).
 pub fn apply_or_revert(model: ModelArgs, patch: Option<PathBuf>, dest: Destination, forward: bool, json: bool) -> Result<()> {
     ensure!(!is_gguf(&model.model), "apply/revert rewrite safetensors model folders; for GGUF models use `generate --patch`");
-    let patch_path = default_patch(&model.model, patch);
     let session = Session::open(&model)?;
+    let patch_path = match patch {
+        Some(path) => path,
+        None => stack_patch(&session, &model.model, forward)?,
+    };
     let (patch, current, state) = open_patch(&session, &patch_path)?;
     let wanted = if forward { State::Original } else { State::Edited };
     if state != wanted {

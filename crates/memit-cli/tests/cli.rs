@@ -680,3 +680,185 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
     }
 }
+
+/// Editing an edited folder again keeps every patch: the new one on top
+/// (memit-patch.safetensors), the earlier ones one level down each; repeated
+/// `revert --in-place` walks back to the original weights bitwise, and
+/// repeated `apply --in-place` forward to the last edit.
+#[test]
+fn chained_edits_keep_a_patch_stack_that_reverts_in_order() {
+    let dir = scratch("stack");
+    let facts = [("Danielle Darrieux", "English"), ("Toko Yasuda", "German"), ("Edwin of Northumbria", "Islam")];
+    let mut models = vec![facts_model()];
+    for (i, (subject, target)) in facts.iter().enumerate() {
+        let requests = dir.join(format!("requests-{i}.json"));
+        std::fs::write(&requests, serde_json::json!([{"prompt": "{}", "subject": subject, "target_new": {"str": target}}]).to_string()).unwrap();
+        let out = dir.join(format!("edit-{i}"));
+        ok(memit(&dir).args(["edit", "--templates", "plain", "--model"]).arg(models.last().unwrap()).arg("--requests").arg(&requests).args(STATS).arg("--out").arg(&out).output().unwrap());
+        models.push(out);
+    }
+    let last = models.last().unwrap().clone();
+    let stack: Vec<_> = ["memit-patch.safetensors", "memit-patch.1.safetensors", "memit-patch.2.safetensors"].iter().map(|n| last.join(n)).collect();
+    assert!(stack.iter().all(|p| p.is_file()) && !last.join("memit-patch.3.safetensors").exists(), "three edits, three patches");
+    // Each level is the patch its edit wrote, byte for byte.
+    assert_eq!(std::fs::read(&stack[1]).unwrap(), std::fs::read(models[2].join("memit-patch.safetensors")).unwrap());
+    assert_eq!(std::fs::read(&stack[2]).unwrap(), std::fs::read(models[1].join("memit-patch.safetensors")).unwrap());
+    assert_eq!(std::fs::read(&stack[2]).unwrap(), std::fs::read(models[2].join("memit-patch.1.safetensors")).unwrap());
+
+    for back in (0..3).rev() {
+        let out = ok(memit(&dir).args(["revert", "--in-place", "--model"]).arg(&last).output().unwrap());
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&stack[2 - back].display().to_string()), "revert undoes the newest applied patch first");
+        assert!(tensors(&last) == tensors(&models[back]), "after reverting down to step {back} the weights are that step's, bitwise");
+    }
+    fails_with(memit(&dir).args(["revert", "--in-place", "--model"]).arg(&last).output().unwrap(), "the model is the original one");
+    for forward in 1..=3 {
+        ok(memit(&dir).args(["apply", "--in-place", "--model"]).arg(&last).output().unwrap());
+        assert!(tensors(&last) == tensors(&models[forward]), "apply redoes step {forward}");
+    }
+    fails_with(memit(&dir).args(["apply", "--in-place", "--model"]).arg(&last).output().unwrap(), "they are all applied");
+    // A stack level is never taken as a new patch's name.
+    let mut c = memit(&dir);
+    c.args(["edit", "--templates", "plain", "--model"]).arg(&last).arg("--requests").arg(dir.join("requests-0.json")).args(STATS).arg("--out").arg(dir.join("edit-x")).args(["--patch", "memit-patch.1.safetensors"]);
+    fails_with(c.output().unwrap(), "of its patch stack");
+    assert!(tensors(&models[0]) == tensors(&facts_model()));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A small tmpfs, unmounted when dropped; None where mounting is not
+/// allowed (it needs root, as in CI).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, bytes: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"]).arg(path).status().is_ok_and(|s| s.success());
+        mounted.then(|| Tmpfs(path.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Full disks at several points of `apply --out`, `apply --in-place` (then
+/// `revert --in-place` when it applied) and `edit`: each run succeeds or
+/// fails naming the full disk, the model on that disk keeps its bytes, and
+/// nothing half-written stays behind.
+#[test]
+fn full_disks_end_in_clear_errors_and_leave_models_whole() {
+    let dir = scratch("full-disk");
+    let edited = dir.join("edited");
+    edit_example(&dir, &edited);
+    let patch = dir.join("memit-patch.safetensors");
+    std::fs::copy(edited.join("memit-patch.safetensors"), &patch).unwrap();
+    let files = ["config.json", "tokenizer.json", "model.safetensors", "example-requests.json"];
+    let model_bytes: u64 = files.iter().map(|f| std::fs::metadata(facts_model().join(f)).unwrap().len()).sum();
+    let mut ran = 0;
+    // Free space after the model is copied: almost none, half a model, and
+    // room for every copy the three commands write.
+    for (i, free) in [100_000, 2_500_000, 3 * model_bytes].into_iter().enumerate() {
+        let Some(disk) = Tmpfs::mount(&dir.join(format!("disk-{i}")), model_bytes + free) else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        let model = disk.0.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        for f in files {
+            std::fs::copy(facts_model().join(f), model.join(f)).unwrap();
+        }
+        let runs: Vec<(&str, Vec<std::ffi::OsString>)> = vec![
+            ("apply --out", vec!["apply".into(), "--model".into(), model.clone().into(), "--patch".into(), patch.clone().into(), "--out".into(), disk.0.join("applied").into()]),
+            ("apply --in-place", vec!["apply".into(), "--model".into(), model.clone().into(), "--patch".into(), patch.clone().into(), "--in-place".into()]),
+            ("revert --in-place", vec!["revert".into(), "--model".into(), model.clone().into(), "--patch".into(), patch.clone().into(), "--in-place".into()]),
+        ];
+        let mut outcomes: Vec<(&str, bool)> = Vec::new();
+        for (name, args) in runs {
+            if name == "revert --in-place" && outcomes.last().is_some_and(|(_, applied)| !applied) {
+                continue;
+            }
+            let out = memit(&dir).args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || stderr.contains("No space left on device"), "{name} with {free} bytes free: neither success nor a full-disk error:\n{stderr}");
+            outcomes.push((name, out.status.success()));
+            ran += 1;
+        }
+        let mut c = memit(&dir);
+        c.args(["edit", "--templates", "plain", "--model"]).arg(&model).arg("--requests").arg(model.join("example-requests.json")).args(STATS).arg("--corpus").arg(facts_model().join("train.txt")).arg("--out").arg(disk.0.join("edited"));
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() || stderr.contains("No space left on device"), "edit with {free} bytes free:\n{stderr}");
+        outcomes.push(("edit", out.status.success()));
+        eprintln!("{free} bytes free: {outcomes:?}");
+        // The model is the original or, after a successful apply not yet
+        // reverted, the edited one; bitwise either way.
+        let now = tensors(&model);
+        assert!(now == tensors(&facts_model()) || now == tensors(&edited), "{free} bytes free: the model on the disk was damaged");
+        for f in ["config.json", "tokenizer.json"] {
+            assert_eq!(std::fs::read(model.join(f)).unwrap(), std::fs::read(facts_model().join(f)).unwrap());
+        }
+        let leftovers: Vec<_> = walk(&disk.0).into_iter().filter(|p| p.to_string_lossy().contains(".memit-") && !p.ends_with(".memit-wgpu-edit")).collect();
+        assert!(leftovers.is_empty(), "{free} bytes free: left behind {leftovers:?}");
+        if free > model_bytes {
+            assert!(outcomes.iter().all(|(_, ok)| *ok), "with room for a second copy everything succeeds: {outcomes:?}");
+        } else {
+            assert!(outcomes.iter().any(|(_, ok)| !*ok), "a nearly full disk makes something fail: {outcomes:?}");
+        }
+    }
+    assert!(ran >= 7, "{ran} apply/revert runs");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}
+
+/// `stats` killed (SIGKILL) at a spread of moments, checkpointing after
+/// every batch, then run to the end: the covariances are bitwise those of
+/// an uninterrupted run, and no temporary file is left.
+#[test]
+fn killed_stats_runs_resume_to_the_same_covariances() {
+    let dir = scratch("stats-kill");
+    let stats = |cache: &Path| {
+        let mut c = memit(&dir);
+        c.args(["--quiet", "stats", "--batch-size", "16", "--checkpoint-every", "1", "--model"]).arg(facts_model()).args(STATS).arg("--stats").arg(cache);
+        c
+    };
+    let straight = dir.join("straight.safetensors");
+    ok(stats(&straight).output().unwrap());
+    let cache = dir.join("killed.safetensors");
+    let mut kills = 0;
+    for delay_ms in [400, 800, 1200, 1600, 2000, 2500, 3000, 3600] {
+        if cache.exists() {
+            break;
+        }
+        let mut child = stats(&cache).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    let out = ok(stats(&cache).output().unwrap());
+    assert!(kills >= 2, "the runs were killed before they finished ({kills} kills): {}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) = (std::fs::read(&cache).unwrap(), std::fs::read(&straight).unwrap());
+    let (a, b) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
+    for layer in 0..4 {
+        let name = format!("layer.{layer}.mom2");
+        assert!(a.tensor(&name).unwrap().data() == b.tensor(&name).unwrap().data(), "{name} differs after {kills} kills");
+    }
+    let temporaries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("memit-tmp") || n.to_string_lossy().ends_with(".partial")).collect();
+    assert!(temporaries.is_empty(), "{temporaries:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
