@@ -57,19 +57,32 @@ struct TensorInfo {
     offset: usize,
 }
 
-pub struct GgufSource {
-    bytes: FileBytes,
+/// What a GGUF file's header says: its metadata and where each tensor
+/// lies. Parsed from the file's first bytes alone, so a browser can stream
+/// the tensors after it one at a time.
+pub struct GgufHeader {
     name: String,
     metadata: HashMap<String, GgufValue>,
     tensors: HashMap<String, TensorInfo>,
     data_start: usize,
 }
 
-/// A little-endian reader over the file with positioned errors.
+/// A whole GGUF file in memory (or mapped): its header and its bytes.
+pub struct GgufSource {
+    bytes: FileBytes,
+    header: GgufHeader,
+}
+
+/// A little-endian reader over the file's first bytes with positioned
+/// errors; lengths are checked against the whole file's size.
 struct Reader<'a> {
     bytes: &'a [u8],
+    file_len: usize,
     pos: usize,
     file: &'a str,
+    /// Set when a read ran past `bytes` but not past the file: the header
+    /// goes on beyond the bytes given.
+    truncated: bool,
 }
 
 impl Reader<'_> {
@@ -78,7 +91,11 @@ impl Reader<'_> {
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| self.fail("unexpected end of file"))?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.file_len).ok_or_else(|| self.fail("unexpected end of file"))?;
+        if end > self.bytes.len() {
+            self.truncated = true;
+            return Err(self.fail("header continues past the bytes read"));
+        }
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -94,7 +111,7 @@ impl Reader<'_> {
 
     fn len(&mut self) -> Result<usize> {
         let n = self.u64()?;
-        usize::try_from(n).ok().filter(|&n| n <= self.bytes.len()).ok_or_else(|| self.fail("implausible length"))
+        usize::try_from(n).ok().filter(|&n| n <= self.file_len).ok_or_else(|| self.fail("implausible length"))
     }
 
     fn string(&mut self) -> Result<String> {
@@ -274,32 +291,43 @@ fn dequantize_q6_k(raw: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
+/// Hugging Face Llama names and their GGUF names: whole-model tensors,
+/// then per-block ones under `model.layers.N.` / `blk.N.`.
+const MODEL_NAMES: [(&str, &str); 3] = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+const BLOCK_NAMES: [(&str, &str); 9] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+];
+
+/// Renames through the tables above: Hugging Face to GGUF or back.
+fn rename(name: &str, hf_to_gguf: bool) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| if hf_to_gguf { (pair.0, pair.1) } else { (pair.1, pair.0) };
+    if let Some((_, to)) = MODEL_NAMES.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (prefix, to_prefix) = if hf_to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
+    let (layer, part) = name.strip_prefix(prefix)?.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (_, to) = BLOCK_NAMES.iter().map(pick).find(|(from, _)| *from == part)?;
+    Some(format!("{to_prefix}{layer}.{to}"))
+}
+
 /// GGUF name of a Hugging Face Llama tensor name.
 fn gguf_name(hf: &str) -> Option<String> {
-    let direct = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(d) = direct {
-        return Some(d.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let mapped = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{mapped}"))
+    rename(hf, true)
+}
+
+/// Hugging Face name of a GGUF tensor the model uses (None for others,
+/// such as precomputed rotary tables).
+fn hf_name(gguf: &str) -> Option<String> {
+    rename(gguf, false)
 }
 
 /// llama.cpp stores q/k rows of each head reordered so rotary pairs are
@@ -320,10 +348,20 @@ fn unpermute_rows(values: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-impl GgufSource {
-    pub fn from_bytes(name: String, bytes: FileBytes) -> Result<GgufSource> {
-        let data = bytes.bytes();
-        let mut r = Reader { bytes: data, pos: 0, file: &name };
+impl GgufHeader {
+    /// Parses the header from `prefix`, the first bytes of a `file_len`-byte
+    /// file. `Ok(None)`: the header goes on past `prefix`; read more.
+    pub fn parse(name: &str, prefix: &[u8], file_len: u64) -> Result<Option<GgufHeader>> {
+        let file_len = usize::try_from(file_len).unwrap_or(usize::MAX);
+        let mut r = Reader { bytes: prefix, file_len, pos: 0, file: name, truncated: false };
+        match GgufHeader::read(&mut r) {
+            Err(_) if r.truncated => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    fn read(r: &mut Reader) -> Result<GgufHeader> {
+        let name = r.file.to_string();
         if r.take(4)? != b"GGUF" {
             return Err(r.fail("not a GGUF file (bad magic)"));
         }
@@ -366,16 +404,61 @@ impl GgufSource {
             if info.ggml_type >= GGML_Q4_0 && info.ggml_type != GGML_BF16 && n % block != 0 {
                 return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` is not whole {block}-element blocks") });
             }
-            if data_start.saturating_add(info.offset).saturating_add(size) > data.len() {
+            if data_start.saturating_add(info.offset).saturating_add(size) > r.file_len {
                 return Err(ModelError::Checkpoint { path: PathBuf::from(&name), detail: format!("tensor `{tname}` lies past the end of the file") });
             }
         }
-        Ok(GgufSource { bytes, name, metadata, tensors, data_start })
+        Ok(GgufHeader { name, metadata, tensors, data_start })
     }
 
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn open(path: &std::path::Path) -> Result<GgufSource> {
-        GgufSource::from_bytes(path.display().to_string(), FileBytes::map(path)?)
+    /// Every tensor's GGUF name and byte range in the file, in file order.
+    fn tensor_ranges(&self) -> Vec<(String, std::ops::Range<u64>)> {
+        let mut ranges: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(name, info)| {
+                let start = (self.data_start + info.offset) as u64;
+                (name.clone(), start..start + self.size_of(info) as u64)
+            })
+            .collect();
+        ranges.sort_by_key(|(_, range)| (range.start, range.end));
+        ranges
+    }
+
+    fn size_of(&self, info: &TensorInfo) -> usize {
+        type_size(info.ggml_type, info.shape.iter().product()).expect("checked when parsed")
+    }
+
+    /// GGUF tensor `name` from its `raw` bytes: dequantised, with the q/k
+    /// rotary permutation undone.
+    pub fn decode(&self, name: &str, raw: &[u8]) -> Result<HostTensor> {
+        let info = self.tensors.get(name).ok_or_else(|| ModelError::Checkpoint { path: PathBuf::from(&self.name), detail: format!("no tensor `{name}`") })?;
+        let n: usize = info.shape.iter().product();
+        if raw.len() != self.size_of(info) {
+            return Err(ModelError::Checkpoint { path: PathBuf::from(&self.name), detail: format!("tensor `{name}` needs {} bytes, got {}", self.size_of(info), raw.len()) });
+        }
+        let mut values = dequantize(info.ggml_type, raw, n);
+        let heads_key = if name.ends_with("attn_q.weight") {
+            Some("llama.attention.head_count")
+        } else if name.ends_with("attn_k.weight") {
+            Some("llama.attention.head_count_kv")
+        } else {
+            None
+        };
+        if let Some(key) = heads_key {
+            let heads = self.metadata(key).or_else(|| self.metadata("llama.attention.head_count")).and_then(GgufValue::as_u64).unwrap_or(1) as usize;
+            if heads == 0 || info.shape.len() != 2 || info.shape[0] % heads != 0 {
+                return Err(ModelError::Config { field: "gguf metadata", detail: format!("`{key}` = {heads} does not divide the rows of `{name}` {:?}", info.shape) });
+            }
+            let f32s = HostTensor { shape: info.shape.clone(), data: values }.to_f32();
+            values = HostData::F32(unpermute_rows(&f32s, heads, info.shape[1]));
+        }
+        Ok(HostTensor { shape: info.shape.clone(), data: values })
+    }
+
+    /// Whether the file holds tensor `name`.
+    fn has_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 
     pub fn metadata(&self, key: &str) -> Option<&GgufValue> {
@@ -425,7 +508,7 @@ impl GgufSource {
             rope_theta: self.metadata("llama.rope.freq_base").and_then(GgufValue::as_f64).unwrap_or(10000.0),
             residual: Residual::Sequential,
             activation: Activation::Silu,
-            tie_word_embeddings: !self.tensors.contains_key("output.weight"),
+            tie_word_embeddings: !self.has_tensor("output.weight"),
             bos_token_id: self.metadata("tokenizer.ggml.bos_token_id").and_then(GgufValue::as_u64).map(|v| v as u32),
             eos_token_id: self.metadata("tokenizer.ggml.eos_token_id").and_then(GgufValue::as_u64).map(|v| v as u32),
         };
@@ -483,38 +566,112 @@ impl GgufSource {
     }
 }
 
+impl GgufSource {
+    pub fn from_bytes(name: String, bytes: FileBytes) -> Result<GgufSource> {
+        let data = bytes.bytes();
+        let header = GgufHeader::parse(&name, data, data.len() as u64)?.expect("the whole file was given");
+        Ok(GgufSource { bytes, header })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open(path: &std::path::Path) -> Result<GgufSource> {
+        GgufSource::from_bytes(path.display().to_string(), FileBytes::map(path)?)
+    }
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&GgufValue> {
+        self.header.metadata(key)
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        self.header.config()
+    }
+
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        self.header.tokenizer()
+    }
+}
+
 impl WeightSource for GgufSource {
     fn tensor(&self, hf_name: &str) -> Result<Option<HostTensor>> {
         let Some(name) = gguf_name(hf_name) else { return Ok(None) };
-        let Some(info) = self.tensors.get(&name) else { return Ok(None) };
-        let n: usize = info.shape.iter().product();
-        let start = self.data_start + info.offset;
-        let size = type_size(info.ggml_type, n).expect("checked when opened");
-        let data = &self.bytes.bytes()[start..start + size];
-        let mut values = dequantize(info.ggml_type, data, n);
-        let heads_key = if name.ends_with("attn_q.weight") {
-            Some("llama.attention.head_count")
-        } else if name.ends_with("attn_k.weight") {
-            Some("llama.attention.head_count_kv")
-        } else {
-            None
-        };
-        if let Some(key) = heads_key {
-            let heads = self.metadata(key).or_else(|| self.metadata("llama.attention.head_count")).and_then(GgufValue::as_u64).unwrap_or(1) as usize;
-            if heads == 0 || info.shape.len() != 2 || info.shape[0] % heads != 0 {
-                return Err(ModelError::Config { field: "gguf metadata", detail: format!("`{key}` = {heads} does not divide the rows of `{name}` {:?}", info.shape) });
-            }
-            let f32s = HostTensor { shape: info.shape.clone(), data: values }.to_f32();
-            values = HostData::F32(unpermute_rows(&f32s, heads, info.shape[1]));
-        }
-        Ok(Some(HostTensor { shape: info.shape.clone(), data: values }))
+        let Some(info) = self.header.tensors.get(&name) else { return Ok(None) };
+        let start = self.header.data_start + info.offset;
+        let raw = &self.bytes.bytes()[start..start + self.header.size_of(info)];
+        self.header.decode(&name, raw).map(Some)
     }
 
     fn describe(&self) -> String {
-        self.name.clone()
+        self.header.name.clone()
     }
 
     fn fingerprint(&self) -> String {
         crate::weights::hex(&<sha2::Sha256 as sha2::Digest>::digest(self.bytes.bytes()))
     }
+}
+
+/// Reads a `file_len`-byte GGUF file through `read(start, end)` with only
+/// its header and one tensor in memory at a time (a browser streaming a
+/// model to the GPU): the header first, in growing reads, then every
+/// tensor in file order. `each` gets each tensor the model uses, under its
+/// Hugging Face name, and the bytes read so far. Returns the header and
+/// the SHA-256 of the whole file, the fingerprint `GgufSource` gives, so
+/// statistics caches made natively are recognised.
+pub async fn stream_gguf<Read, ReadFuture>(
+    name: &str,
+    file_len: u64,
+    mut read: Read,
+    mut each: impl FnMut(String, HostTensor, u64) -> Result<()>,
+) -> Result<(GgufHeader, String)>
+where
+    Read: FnMut(u64, u64) -> ReadFuture,
+    ReadFuture: std::future::Future<Output = std::result::Result<Vec<u8>, String>>,
+{
+    let failed = |detail: String| ModelError::Checkpoint { path: PathBuf::from(name), detail };
+    let mut prefix_len: u64 = 1 << 20;
+    let (header, prefix) = loop {
+        let end = prefix_len.min(file_len);
+        let prefix = read(0, end).await.map_err(failed)?;
+        if prefix.len() as u64 != end {
+            return Err(failed(format!("read {} bytes where {end} were asked for", prefix.len())));
+        }
+        match GgufHeader::parse(name, &prefix, file_len)? {
+            Some(header) => break (header, prefix),
+            None if end == file_len => return Err(failed("the header runs past the end of the file".into())),
+            None => prefix_len = prefix_len.saturating_mul(4),
+        }
+    };
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut pos = 0u64;
+    // Bytes pos..end, from the prefix already read where it covers them.
+    let mut next = async |pos: u64, end: u64| -> Result<Vec<u8>> {
+        let held = prefix.len() as u64;
+        let mut bytes = prefix[pos.min(held) as usize..end.min(held) as usize].to_vec();
+        if end > held {
+            let rest = read(pos.max(held), end).await.map_err(failed)?;
+            if rest.len() as u64 != end - pos.max(held) {
+                return Err(failed(format!("the file ended early: wanted bytes up to {end}")));
+            }
+            bytes.extend(rest);
+        }
+        Ok(bytes)
+    };
+    for (tensor, range) in header.tensor_ranges() {
+        if range.start < pos {
+            return Err(failed(format!("tensor `{tensor}` overlaps the one before it")));
+        }
+        let chunk = next(pos, range.end).await?;
+        sha2::Digest::update(&mut hasher, &chunk);
+        if let Some(hf) = hf_name(&tensor) {
+            each(hf, header.decode(&tensor, &chunk[(range.start - pos) as usize..])?, range.end)?;
+        }
+        pos = range.end;
+    }
+    if pos < file_len {
+        sha2::Digest::update(&mut hasher, &next(pos, file_len).await?);
+    }
+    Ok((header, crate::weights::hex(&sha2::Digest::finalize(hasher))))
 }

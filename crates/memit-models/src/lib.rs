@@ -16,7 +16,7 @@ pub use backward::Trace;
 pub use config::{Arch, ModelConfig, Residual};
 pub use error::{ModelError, Result};
 pub use forward::{Batch, BatchIndices, BlockOutput, ForwardOutput, Padding, SuffixPass};
-pub use gguf::{GgufSource, GgufValue};
+pub use gguf::{stream_gguf, GgufHeader, GgufSource, GgufValue};
 pub use generate::{argmax, GenerateOptions, Sampling};
 pub use rng::SplitMix64;
 pub use model::{mlp_out_name, resolve_name, rope_table, Block, Head, Linear, LoadOptions, Model, Norm, WeightLayout};

@@ -180,3 +180,58 @@ fn corrupted_headers_give_errors_not_panics() {
     }
     assert!(loaded < 600, "some flips must be refused");
 }
+
+/// Streams `path` as the browser does (ranged reads, one tensor at a time)
+/// and checks every tensor and the fingerprint against the whole-file
+/// reader; returns how many tensors came and how many reads it took.
+fn streams_like_the_whole_file_reader(path: &std::path::Path) -> (usize, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let whole = GgufSource::open(path).unwrap();
+    let reads = std::cell::Cell::new(0);
+    let read = |start: u64, end: u64| {
+        reads.set(reads.get() + 1);
+        let slice = bytes.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(|| format!("bytes {start}..{end} out of range"));
+        std::future::ready(slice)
+    };
+    let mut seen = 0;
+    let mut last_done = 0;
+    let (header, fingerprint) = pollster::block_on(memit_models::stream_gguf("streamed.gguf", bytes.len() as u64, read, |name, tensor, done| {
+        let want = whole.tensor(&name).unwrap().unwrap_or_else(|| panic!("{name} streamed but not in the file"));
+        assert_eq!(tensor.shape, want.shape, "{name}");
+        assert!(tensor.to_f32().iter().zip(want.to_f32()).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs");
+        assert!(done > last_done, "progress moves forward");
+        last_done = done;
+        seen += 1;
+        Ok(())
+    }))
+    .unwrap();
+    assert_eq!(fingerprint, whole.fingerprint(), "the same fingerprint as the whole-file reader, so CLI statistics caches match");
+    assert_eq!(header.config().unwrap().n_layers, whole.config().unwrap().n_layers);
+    assert_eq!(last_done, bytes.len() as u64);
+    (seen, reads.get())
+}
+
+#[test]
+fn streamed_gguf_matches_the_whole_file() {
+    let (tensors, reads) = streams_like_the_whole_file_reader(&fixtures().join("tiny-llama/model-quant.gguf"));
+    assert_eq!(tensors, 2 + 9 * 3, "every tensor of the tiny Llama (it ties its output to the embedding)");
+    assert_eq!(reads, 1, "a tiny file is read whole with the header");
+
+    // A header read in parts: no answer until the prefix holds all of it.
+    let bytes = std::fs::read(fixtures().join("tiny-llama/model-quant.gguf")).unwrap();
+    let whole = (1..bytes.len()).find(|&n| memit_models::GgufHeader::parse("x.gguf", &bytes[..n], bytes.len() as u64).unwrap().is_some()).unwrap();
+    assert!(whole > 1000, "the header (with its tokenizer) is {whole} bytes");
+    // A file cut short is refused, not read past its end.
+    let cut = &bytes[..bytes.len() - 100];
+    let read = |s: u64, e: u64| std::future::ready(cut.get(s as usize..e as usize).map(<[u8]>::to_vec).ok_or_else(|| "out of range".to_string()));
+    let err = pollster::block_on(memit_models::stream_gguf("cut.gguf", cut.len() as u64, read, |_, _, _| Ok(()))).err().unwrap();
+    assert!(err.to_string().contains("past the end"), "{err}");
+}
+
+#[test]
+#[ignore = "slow (real 135M-parameter model); tests/run.sh downloads the weights and runs it"]
+fn smollm2_streams_like_it_loads() {
+    let (tensors, reads) = streams_like_the_whole_file_reader(&smollm2_path());
+    assert_eq!(tensors, 2 + 30 * 9, "SmolLM2-135M: embedding, final norm and 30 blocks of 9");
+    assert!(reads > 272, "its 1.8 MB header takes a second, larger read: {reads} reads");
+}

@@ -15,7 +15,7 @@ use serde::Serialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
-use crate::source::{stream_safetensors, ByteSource};
+use crate::source::{stream_gguf_file, stream_safetensors, ByteSource};
 
 #[wasm_bindgen(start)]
 fn start() {
@@ -26,8 +26,8 @@ fn start() {
 const TYPES: &str = r#"
 /** A file the editor can read: a picked `File`/`Blob`, a URL, or bytes. */
 export type FileInput = Blob | string | Uint8Array;
-/** A Hugging Face model: config.json, tokenizer.json and its safetensors file(s). */
-export interface ModelFiles { config: FileInput; tokenizer: FileInput; weights: FileInput | FileInput[] }
+/** A Hugging Face model (config.json, tokenizer.json and its safetensors file(s)), or a llama-architecture GGUF file (its tokenizer inside). */
+export type ModelFiles = { config: FileInput; tokenizer: FileInput; weights: FileInput | FileInput[] } | { gguf: FileInput };
 export interface Progress { stage: string; done: number; total: number }
 export interface LoadOptions { /** keep weight matrices in f16 on the GPU */ f16?: boolean; onProgress?: (p: Progress) => void }
 /** MEMIT's request format; `prompt` contains `{}` where the subject goes. */
@@ -145,27 +145,38 @@ impl Editor {
     pub fn load(#[wasm_bindgen(unchecked_param_type = "ModelFiles")] files: JsValue, #[wasm_bindgen(unchecked_param_type = "LoadOptions | undefined")] options: JsValue) -> Promise {
         future_to_promise(async move {
             let cb = callback(&options);
-            let field = |key: &str| get(&files, key).ok_or_else(|| err(format!("model files need `{key}`")));
-            let config_bytes = ByteSource::from_js(field("config")?).map_err(err)?.read_all().await.map_err(err)?;
-            let config_json: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| err(format!("config.json is not valid JSON: {e}")))?;
-            let config = ModelConfig::from_hf_json(&config_json).map_err(err)?;
-            let tokenizer_bytes = ByteSource::from_js(field("tokenizer")?).map_err(err)?.read_all().await.map_err(err)?;
-            let tokenizer = TextTokenizer::from_json_bytes(&tokenizer_bytes).map_err(err)?;
-            let weights = field("weights")?;
-            let weights: Vec<JsValue> = if js_sys::Array::is_array(&weights) { js_sys::Array::from(&weights).iter().collect() } else { vec![weights] };
-            let files = weights
-                .into_iter()
-                .enumerate()
-                .map(|(i, w)| Ok((w.as_string().unwrap_or_else(|| format!("weights file {}", i + 1)), ByteSource::from_js(w).map_err(err)?)))
-                .collect::<Result<Vec<_>, JsValue>>()?;
-            report(&cb, "opening WebGPU", 0, 1);
-            let ctx = GpuContext::from_env().await.map_err(|e| err(format!("{e}. This page needs a browser with WebGPU (Chrome/Edge 113+, or Safari/Firefox with WebGPU enabled).")))?;
             let matrix_dtype = if get(&options, "f16").and_then(|v| v.as_bool()).unwrap_or(false) { DType::F16 } else { DType::F32 };
             let mut on_bytes = |done: u64, total: u64| report(&cb, "loading weights", (done >> 10) as usize, (total >> 10) as usize);
-            let uploaded = stream_safetensors(&ctx, &files, matrix_dtype, &mut on_bytes).await.map_err(err)?;
-            let model = Model::load(ctx, config, &uploaded, LoadOptions { matrix_dtype, ..Default::default() }).map_err(err)?;
-            let fingerprint = memit_models::WeightSource::fingerprint(&uploaded);
-            drop(uploaded);
+            let open_webgpu = async || {
+                report(&cb, "opening WebGPU", 0, 1);
+                GpuContext::from_env().await.map_err(|e| err(format!("{e}. This page needs a browser with WebGPU (Chrome/Edge 113+, or Safari/Firefox with WebGPU enabled).")))
+            };
+            let (model, tokenizer, fingerprint) = if let Some(gguf) = get(&files, "gguf") {
+                let name = gguf.as_string().or_else(|| gguf.dyn_ref::<web_sys::File>().map(|f| f.name())).unwrap_or_else(|| "the GGUF file".into());
+                let source = ByteSource::from_js(gguf).map_err(err)?;
+                let ctx = open_webgpu().await?;
+                let streamed = stream_gguf_file(&ctx, &name, &source, matrix_dtype, &mut on_bytes).await.map_err(err)?;
+                let model = Model::load(ctx, streamed.config, &streamed.weights, LoadOptions { matrix_dtype, ..Default::default() }).map_err(err)?;
+                (model, streamed.tokenizer, memit_models::WeightSource::fingerprint(&streamed.weights))
+            } else {
+                let field = |key: &str| get(&files, key).ok_or_else(|| err(format!("model files need `{key}` (or `gguf` for a GGUF file)")));
+                let config_bytes = ByteSource::from_js(field("config")?).map_err(err)?.read_all().await.map_err(err)?;
+                let config_json: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| err(format!("config.json is not valid JSON: {e}")))?;
+                let config = ModelConfig::from_hf_json(&config_json).map_err(err)?;
+                let tokenizer_bytes = ByteSource::from_js(field("tokenizer")?).map_err(err)?.read_all().await.map_err(err)?;
+                let tokenizer = TextTokenizer::from_json_bytes(&tokenizer_bytes).map_err(err)?;
+                let weights = field("weights")?;
+                let weights: Vec<JsValue> = if js_sys::Array::is_array(&weights) { js_sys::Array::from(&weights).iter().collect() } else { vec![weights] };
+                let files = weights
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, w)| Ok((w.as_string().unwrap_or_else(|| format!("weights file {}", i + 1)), ByteSource::from_js(w).map_err(err)?)))
+                    .collect::<Result<Vec<_>, JsValue>>()?;
+                let ctx = open_webgpu().await?;
+                let uploaded = stream_safetensors(&ctx, &files, matrix_dtype, &mut on_bytes).await.map_err(err)?;
+                let model = Model::load(ctx, config, &uploaded, LoadOptions { matrix_dtype, ..Default::default() }).map_err(err)?;
+                (model, tokenizer, memit_models::WeightSource::fingerprint(&uploaded))
+            };
             let hparams = Hparams::for_model(&model.config);
             let state = State { model, tokenizer, fingerprint, hparams, covariances: None, originals: Vec::new(), method_state: None };
             Ok(Editor { state: Rc::new(RefCell::new(Some(state))) }.into())

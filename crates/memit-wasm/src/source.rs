@@ -1,5 +1,5 @@
-//! Streaming safetensors checkpoints into the GPU from the browser: only a
-//! file's header and one tensor at a time are ever in wasm memory. Bytes
+//! Streaming checkpoints (safetensors, GGUF) into the GPU from the browser:
+//! only a file's header and one tensor at a time are ever in wasm memory. Bytes
 //! come from user-picked files (`Blob` slices) or URLs (HTTP range requests;
 //! a server that ignores ranges is read once into a `Blob`).
 
@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use js_sys::Uint8Array;
 use memit_gpu::{DType, GpuContext, Tensor};
-use memit_models::{decode_safetensors, upload_weight, HostTensor, ModelError, Result as ModelResult, WeightSource};
+use memit_models::{decode_safetensors, stream_gguf, upload_weight, HostTensor, ModelConfig, ModelError, Result as ModelResult, TextTokenizer, WeightSource};
 use safetensors::Dtype;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -99,6 +99,40 @@ impl ByteSource {
         }
     }
 
+    /// The file's size in bytes; for a URL, from the `Content-Range` of a
+    /// one-byte ranged request.
+    pub async fn len(&self) -> Result<u64, String> {
+        let url = match self {
+            ByteSource::Blob(blob) => return Ok(blob.size() as u64),
+            ByteSource::Bytes(bytes) => return Ok(bytes.length() as u64),
+            ByteSource::Url(state) => match &*state.borrow() {
+                Err(blob) => return Ok(blob.size() as u64),
+                Ok(url) => url.clone(),
+            },
+        };
+        let init = web_sys::RequestInit::new();
+        let headers = web_sys::Headers::new().map_err(|e| js_error("headers", e))?;
+        headers.set("Range", "bytes=0-0").map_err(|e| js_error("headers", e))?;
+        init.set_headers(&headers);
+        let request = web_sys::Request::new_with_str_and_init(&url, &init).map_err(|e| js_error(&url, e))?;
+        let response: web_sys::Response = JsFuture::from(global_fetch(&request)).await.map_err(|e| js_error(&format!("fetching {url}"), e))?.unchecked_into();
+        match response.status() {
+            206 => {
+                let range = response.headers().get("Content-Range").map_err(|e| js_error(&url, e))?.unwrap_or_default();
+                range
+                    .rsplit_once('/')
+                    .and_then(|(_, total)| total.trim().parse().ok())
+                    .ok_or_else(|| format!("{url}: the server gave no file size (Content-Range {range:?}); pick the file from disk instead"))
+            }
+            200 => {
+                let blob: web_sys::Blob = JsFuture::from(response.blob().map_err(|e| js_error(&url, e))?).await.map_err(|e| js_error(&url, e))?.unchecked_into();
+                *state_of(self).borrow_mut() = Err(blob.clone());
+                Ok(blob.size() as u64)
+            }
+            status => Err(format!("fetching {url}: HTTP {status}")),
+        }
+    }
+
     /// The whole file (for small files: config.json, tokenizer.json).
     pub async fn read_all(&self) -> Result<Vec<u8>, String> {
         match self {
@@ -120,6 +154,14 @@ impl ByteSource {
                 Ok(Uint8Array::new(&buffer).to_vec())
             }
         }
+    }
+}
+
+/// The URL state of a `ByteSource::Url`.
+fn state_of(source: &ByteSource) -> &RefCell<Result<String, web_sys::Blob>> {
+    match source {
+        ByteSource::Url(state) => state,
+        _ => unreachable!("only called for URLs"),
     }
 }
 
@@ -215,4 +257,29 @@ pub async fn stream_safetensors(
     let fingerprint = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let files = files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
     Ok(UploadedWeights { tensors, fingerprint, files })
+}
+
+/// A GGUF model streamed to the GPU: its weights, configuration and
+/// embedded tokenizer.
+pub struct StreamedGguf {
+    pub weights: UploadedWeights,
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+}
+
+/// Reads a GGUF file tensor by tensor (each dequantised in wasm memory,
+/// uploaded, then dropped) and hashes it whole as `GgufSource` does
+/// natively, so statistics caches made by the CLI are recognised here.
+pub async fn stream_gguf_file(ctx: &GpuContext, name: &str, source: &ByteSource, matrix_dtype: DType, progress: &mut dyn FnMut(u64, u64)) -> Result<StreamedGguf, String> {
+    let total = source.len().await?;
+    let mut tensors = HashMap::new();
+    let mut upload = |hf_name: String, host: HostTensor, done: u64| {
+        tensors.insert(hf_name, upload_weight(ctx, &host, matrix_dtype)?);
+        progress(done, total);
+        Ok(())
+    };
+    let (header, fingerprint) = stream_gguf(name, total, |start, end| source.read(start, end), &mut upload).await.map_err(|e| e.to_string())?;
+    let config = header.config().map_err(|e| e.to_string())?;
+    let tokenizer = header.tokenizer().map_err(|e| e.to_string())?;
+    Ok(StreamedGguf { weights: UploadedWeights { tensors, fingerprint, files: name.to_string() }, config, tokenizer })
 }
