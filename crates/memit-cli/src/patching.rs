@@ -11,7 +11,7 @@ use memit_models::{write_hf_dir, GenerateOptions, Model, Sampling, StoredTensor,
 use serde::Serialize;
 
 use crate::plan::{self, Preflight};
-use crate::session::{describe_phases, spinner, write_atomic, EditProgress, MethodArg, ModelArgs, Session, StatsArgs};
+use crate::session::{check_writable, describe_phases, spinner, write_atomic, EditProgress, MethodArg, ModelArgs, Session, StatsArgs};
 
 /// Context templates for target vectors.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -355,6 +355,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
                 eprintln!("note: {note}");
             }
             check_edit_out(&session.path, out, args.force)?;
+            check_writable(out, "--out")?;
             out_existed = out.exists();
             let (out_at, patch_at) = (resolved(out), resolved(&patch_path));
             if patch_at.starts_with(&out_at) {
@@ -376,6 +377,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
         }
         if patch_inside.is_none() {
             check_patch_path(&session.path, &patch_path, args.replace_patch)?;
+            check_writable(&patch_path, "--patch")?;
         }
     }
     let (covariances, stats_path) = session.covariances(&hp, &args.stats)?;

@@ -144,7 +144,11 @@ impl Session {
 
     pub fn collect_stats(&self, hp: &Hparams, args: &StatsArgs, stop_after_batches: Option<usize>) -> Result<StatsOutcome> {
         let n_texts = args.n_texts.unwrap_or(hp.mom2_n_samples);
-        let corpus = args.corpus.clone().unwrap_or_else(|| self.path.join("train.txt"));
+        let corpus = match &args.corpus {
+            Some(corpus) => corpus.clone(),
+            None if self.path.is_dir() => self.path.join("train.txt"),
+            None => bail!("{} is a single file with no corpus beside it: pass --corpus (a text file, one text per line, or a folder of .txt files); it is read even with --stats, to check the cache was made from the same texts", self.path.display()),
+        };
         let texts = read_corpus(&corpus, n_texts, args.seed)?;
         let max_len = args.max_len.unwrap_or_else(|| self.model.config.max_positions.min(self.model.tokens_per_pass()));
         ensure!(max_len > 0, "--max-len is 0: texts need at least one token");
@@ -165,6 +169,8 @@ impl Session {
             let covariances = load_cache(&bytes, &identity, d_ff).with_context(|| format!("statistics cache {}", path.display()))?;
             return Ok(StatsOutcome::Done { n_tokens: covariances[0].n_tokens, covariances, path, seconds: 0.0, from_cache: true, counters: PhaseCounters::default() });
         }
+        // Found out now rather than after the whole corpus has been read.
+        check_writable(&path, "statistics cache")?;
         let partial = partial_path(&path);
         let mut acc = if partial.exists() {
             let bytes = std::fs::read(&partial).with_context(|| format!("reading {}", partial.display()))?;
@@ -328,6 +334,19 @@ fn corpus_fingerprint(texts: &[String]) -> String {
 /// temporary name is fixed and ours (`.<name>.memit-tmp`), so one left by a
 /// killed run is overwritten by the next instead of piling up, and no file
 /// of the user's is taken for it.
+/// Fails before any work when `path` (a file or folder still to be
+/// written) could not be created: its nearest existing folder must take a
+/// new file (not a read-only file system, not without permission). Probes
+/// with a file of its own name, removed at once; creates no folder.
+pub fn check_writable(path: &Path, what: &str) -> Result<()> {
+    let absolute = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().context("the working directory")?.join(path) };
+    let dir = absolute.ancestors().skip(1).find(|d| d.is_dir()).context("no existing folder above the path")?;
+    let probe = dir.join(format!(".memit-write-probe-{}", std::process::id()));
+    std::fs::File::create(&probe).with_context(|| format!("{what} {}: its folder {} cannot take new files", path.display(), dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -724,19 +724,30 @@ fn chained_edits_keep_a_patch_stack_that_reverts_in_order() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A small tmpfs, unmounted when dropped; None where mounting is not
-/// allowed (it needs root, as in CI).
-struct Tmpfs(PathBuf);
+/// A mount made for a test, unmounted when dropped; None where mounting is
+/// not allowed (it needs root, as in CI).
+struct Mount(PathBuf);
 
-impl Tmpfs {
-    fn mount(path: &Path, bytes: u64) -> Option<Tmpfs> {
+impl Mount {
+    fn run(args: &[&str], path: &Path) -> bool {
+        Command::new("mount").args(args).arg(path).status().is_ok_and(|s| s.success())
+    }
+
+    /// A tmpfs of `bytes`.
+    fn tmpfs(path: &Path, bytes: u64) -> Option<Mount> {
         std::fs::create_dir_all(path).unwrap();
-        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"]).arg(path).status().is_ok_and(|s| s.success());
-        mounted.then(|| Tmpfs(path.to_path_buf()))
+        Mount::run(&["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"], path).then(|| Mount(path.to_path_buf()))
+    }
+
+    /// `path` itself, read-only (root ignores permission bits, not this).
+    fn read_only(path: &Path) -> Option<Mount> {
+        let bound = Command::new("mount").arg("--bind").arg(path).arg(path).status().is_ok_and(|s| s.success());
+        let mount = bound.then(|| Mount(path.to_path_buf()))?;
+        Mount::run(&["-o", "remount,bind,ro"], path).then_some(mount)
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
@@ -759,7 +770,7 @@ fn full_disks_end_in_clear_errors_and_leave_models_whole() {
     // Free space after the model is copied: almost none, half a model, and
     // room for every copy the three commands write.
     for (i, free) in [100_000, 2_500_000, 3 * model_bytes].into_iter().enumerate() {
-        let Some(disk) = Tmpfs::mount(&dir.join(format!("disk-{i}")), model_bytes + free) else {
+        let Some(disk) = Mount::tmpfs(&dir.join(format!("disk-{i}")), model_bytes + free) else {
             eprintln!("skipped: mounting a tmpfs needs root");
             return;
         };
@@ -860,5 +871,45 @@ fn killed_stats_runs_resume_to_the_same_covariances() {
     }
     let temporaries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("memit-tmp") || n.to_string_lossy().ends_with(".partial")).collect();
     assert!(temporaries.is_empty(), "{temporaries:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A read-only folder (a read-only bind mount): `edit --out` and `stats`
+/// into it are refused before any statistics are computed, and an in-place
+/// apply there fails naming the read-only file system, the model intact.
+#[test]
+fn read_only_folders_are_refused_before_any_work() {
+    let dir = scratch("read-only");
+    let ro = dir.join("ro");
+    let model = ro.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors", "example-requests.json", "train.txt"] {
+        std::fs::copy(facts_model().join(f), model.join(f)).unwrap();
+    }
+    let edited = dir.join("edited");
+    edit_example(&dir, &edited);
+    let Some(mount) = Mount::read_only(&ro) else {
+        eprintln!("skipped: a read-only bind mount needs root");
+        return;
+    };
+    assert!(std::fs::write(ro.join("x"), b"").is_err(), "the mount is read-only");
+    let cache = dir.join("cache");
+    let started = std::time::Instant::now();
+    let mut c = memit(&cache);
+    c.args(["edit", "--templates", "plain", "--model"]).arg(&model).arg("--requests").arg(model.join("example-requests.json")).args(STATS).arg("--out").arg(ro.join("edited"));
+    fails_with(c.output().unwrap(), "cannot take new files");
+    let mut c = memit(&cache);
+    c.args(["stats", "--model"]).arg(&model).args(STATS).arg("--stats-dir").arg(ro.join("cache"));
+    let out = c.output().unwrap();
+    fails_with(out.clone(), "cannot take new files");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("statistics: "), "refused before reading the corpus");
+    assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none(), "no statistics were computed for the refused edit");
+    eprintln!("both refused in {:.1} s", started.elapsed().as_secs_f64());
+    let out = memit(&dir).args(["apply", "--in-place", "--model"]).arg(&model).arg("--patch").arg(edited.join("memit-patch.safetensors")).output().unwrap();
+    fails_with(out.clone(), "Read-only file system");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("Read-only file system").count(), 1, "the cause is named once: {stderr}");
+    assert!(tensors(&model) == tensors(&facts_model()), "the model is intact");
+    drop(mount);
     std::fs::remove_dir_all(&dir).ok();
 }
