@@ -5,8 +5,14 @@ layer at once; edits by phase). The MEMIT math is the independent reference
 implementation in tests/fixtures/make_memit_golden.py. Runs on the GPU when
 torch sees one (CUDA), else on the CPU. Prints JSON.
 
-    python tests/bench/torch_memit.py MODEL_DIR TEXTS.txt COUNTERFACT.json \\
+    python tests/bench/torch_memit.py MODEL TEXTS.txt COUNTERFACT.json \\
         --max-len 64 --sizes 1,10,100 --hparams '{"layers": [0, 1, 2, 3], ...}'
+
+MODEL is a Hugging Face folder of a GPT-2-style model (W_out = Conv1D
+`transformer.h.{l}.mlp.c_proj`) or a Llama-style one (`model.layers.{l}.mlp.
+down_proj`), or a Llama `.gguf` file, loaded with transformers' GGUF loader
+(needs `gguf` and `accelerate`; the file is dequantised to float32, and its
+embedded tokenizer is used the way memit-wgpu rebuilds it, see `load`).
 """
 
 import argparse
@@ -16,7 +22,7 @@ import sys
 import time
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
@@ -32,6 +38,42 @@ def now():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def gguf_string(path, key):
+    """A string field of a GGUF file's metadata, or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def load(path, dtype=torch.float32):
+    """(model, tokenizers.Tokenizer) from a Hugging Face folder or a Llama
+    .gguf file. For GGUF, transformers' loader dequantises the weights (and
+    undoes llama.cpp's rotary row permutation of q/k) and rebuilds the
+    embedded byte-level BPE; its pre-tokeniser is then set as memit-wgpu's
+    GGUF loader sets it (crates/memit-models/src/gguf.rs: for
+    `tokenizer.ggml.pre` = "smollm", single digits, then byte-level), so
+    both sides tokenise every text alike. No special tokens are added (MEMIT
+    prompts carry no BOS)."""
+    if path.endswith(".gguf"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        folder, name = os.path.split(os.path.abspath(path))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name).backend_tokenizer
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        if gguf_string(path, "tokenizer.ggml.pre") == "smollm":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
+        tok.post_processor = None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    return model.eval().to(DEVICE), tok
 
 
 def stats(model, tok, lines, layers, max_len):
@@ -56,7 +98,7 @@ def stats(model, tok, lines, layers, max_len):
 def edit(model, tok, requests, covs, hp):
     """MEMIT with the reference functions; seconds per phase."""
     phases = {"target_vectors": 0.0, "keys": 0.0, "solve": 0.0, "update": 0.0}
-    saved = {l: model.transformer.h[l].mlp.c_proj.weight.clone() for l in hp["layers"]}
+    saved = {l: ref.w_out(model, l).weight.clone() for l in hp["layers"]}
     t = now()
     zs = [ref.compute_z(model, tok, r, ref.enc(tok, " " + r["target_new"]["str"]))[0] for r in requests]
     phases["target_vectors"] = now() - t
@@ -72,10 +114,10 @@ def edit(model, tok, requests, covs, hp):
         X = torch.linalg.solve(A, K.T)
         phases["solve"] += now() - t
         t = now()
-        model.transformer.h[layer].mlp.c_proj.weight.add_(X @ resid)  # Conv1D [d_ff, d]
+        ref.add_delta_w(model, layer, resid.T @ X.T)  # ΔW [d, d_ff]
         phases["update"] += now() - t
     for l, w in saved.items():
-        model.transformer.h[l].mlp.c_proj.weight.copy_(w)
+        ref.w_out(model, l).weight.copy_(w)
     return phases
 
 
@@ -89,10 +131,7 @@ def main():
     p.add_argument("--hparams", required=True)
     a = p.parse_args()
     hp = json.loads(a.hparams)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval().to(DEVICE)
-    if not hasattr(model, "transformer"):
-        sys.exit("torch_memit.py implements MEMIT for GPT-2-style models (model.transformer.h[*].mlp.c_proj)")
-    tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
+    model, tok = load(a.model)
     ref.HP = dict(hp, max_len=a.max_len)
     ref.TEMPLATES = ["{}"]
     lines = [l for l in open(a.texts).read().split("\n") if l.strip()]
