@@ -1,7 +1,8 @@
 //! MEMIT on the bundled facts model against an independent PyTorch
 //! implementation (tests/fixtures/make_memit_golden.py): covariance
 //! statistics, target vectors, per-layer updates and the edited model's
-//! predictions; plus stats checkpoint/resume and cache validation. And
+//! predictions (and the realistic scenario on a tiny Llama with its own
+//! tokenizer); plus stats checkpoint/resume and cache validation. And
 //! behaviour tests on the world model, whose facts live where MEMIT edits:
 //! 50 edits, and 1,000 at once beside the same run of the PyTorch MEMIT.
 
@@ -23,11 +24,18 @@ fn fixtures() -> PathBuf {
 }
 
 fn load() -> (Model, TextTokenizer) {
-    let loaded = load_hf_dir(ctx(), &fixtures().join("facts-gpt2"), LoadOptions::default()).unwrap();
-    (loaded.model, loaded.tokenizer.expect("facts model ships a tokenizer"))
+    load_folder("facts-gpt2")
+}
+
+/// A fixture model folder with its tokenizer.
+fn load_folder(folder: &str) -> (Model, TextTokenizer) {
+    let loaded = load_hf_dir(ctx(), &fixtures().join(folder), LoadOptions::default()).unwrap();
+    (loaded.model, loaded.tokenizer.unwrap_or_else(|| panic!("{folder} ships a tokenizer")))
 }
 
 struct Golden {
+    /// The fixture folder of the model the golden was made on.
+    folder: &'static str,
     json: serde_json::Value,
     bytes: Vec<u8>,
 }
@@ -35,19 +43,20 @@ struct Golden {
 impl Golden {
     /// One-token targets after prompts ending with the subject, λ = 10.
     fn open() -> Golden {
-        Golden::named("memit-golden")
+        Golden::named("facts-gpt2", "memit-golden")
     }
 
     /// make_memit_golden.py --scenario realistic: subjects inside the
     /// prompts, multi-token targets, λ = 20000 at three layers, templates
     /// shaped like generated ones.
-    fn realistic() -> Golden {
-        Golden::named("memit-golden-realistic")
+    fn realistic(folder: &'static str) -> Golden {
+        Golden::named(folder, "memit-golden-realistic")
     }
 
-    fn named(stem: &str) -> Golden {
-        let dir = fixtures().join("facts-gpt2");
+    fn named(folder: &'static str, stem: &str) -> Golden {
+        let dir = fixtures().join(folder);
         Golden {
+            folder,
             json: serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap()).unwrap(),
             bytes: std::fs::read(dir.join(format!("{stem}.safetensors"))).unwrap(),
         }
@@ -81,12 +90,13 @@ impl Golden {
     }
 }
 
-/// max |got − want| ≤ rel · max |want|.
-fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+/// max |got − want| ≤ rel · max |want|; returns max |got − want| / max |want|.
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) -> f32 {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
     let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err <= rel * scale, "{what}: max error {err:e} vs scale {scale:e} (rel {:e})", err / scale);
+    err / scale
 }
 
 fn corpus() -> Vec<String> {
@@ -319,23 +329,54 @@ fn full_edit_matches_torch() {
 /// λ = 20000 keeps these edits from taking, in both implementations.
 #[test]
 fn realistic_edit_matches_torch() {
-    let golden = Golden::realistic();
-    let requests = golden.requests();
-    assert!(requests.iter().all(|r| !r.prompt.starts_with("{}")), "subjects inside the prompts");
-    check_full_edit(&golden, false);
+    check_realistic_edit(&Golden::realistic("facts-gpt2"));
 }
 
-/// Edits the facts model as `golden` records and compares every layer's
+/// The same realistic scenario on a Llama layout (RMSNorm, rotary
+/// attention with grouped key/value heads, gated SiLU MLP whose
+/// down-projection input is the key, untied unembedding): the random tiny
+/// Llama of tests/fixtures/make_tiny_llama_tok.py with its own byte-level
+/// BPE tokenizer, run through the same PyTorch MEMIT
+/// (make_memit_golden.py --scenario realistic --model tests/fixtures/tiny-llama-tok).
+/// Its covariance statistics from the corpus are checked too, since
+/// Llama's keys (silu(gate) ⊙ up) take another path than GPT-2's.
+#[test]
+fn realistic_llama_edit_matches_torch() {
+    let golden = Golden::realistic("tiny-llama-tok");
+    let (model, tok) = load_folder(golden.folder);
+    assert_eq!(model.config.arch, memit_models::Arch::Llama);
+    assert!(model.config.n_kv_heads < model.config.n_heads && !model.config.tie_word_embeddings, "grouped key/value heads, untied unembedding");
+    let mut acc = collect(&model, &tok, golden.hparams(&model).layers, golden.max_len());
+    assert_eq!(acc.n_tokens, golden.json["n_tokens"].as_u64().unwrap());
+    for c in pollster::block_on(acc.covariances(&model)).unwrap() {
+        let rel = assert_close(&c.matrix, &golden.tensor(&format!("layer.{}.mom2", c.layer)), 1e-5, &format!("C of layer {}", c.layer));
+        eprintln!("{}: C of layer {}: max error {rel:.2e} of max |C|", golden.folder, c.layer);
+    }
+    check_realistic_edit(&golden);
+}
+
+/// Subjects inside the prompts and targets of more than one token, then
+/// the full edit as the golden records it.
+fn check_realistic_edit(golden: &Golden) {
+    let tok = TextTokenizer::from_file(&fixtures().join(golden.folder).join("tokenizer.json")).unwrap();
+    let requests = golden.requests();
+    assert!(requests.iter().all(|r| !r.prompt.starts_with("{}")), "subjects inside the prompts");
+    assert!(requests.iter().all(|r| r.prepare(0, &tok).unwrap().target_ids.len() > 1), "targets of more than one token");
+    check_full_edit(golden, false);
+}
+
+/// Edits the golden's model as `golden` records and compares every layer's
 /// residual and ΔW and the edited predictions; `taken`: the golden's edits
 /// make each new object the prediction.
 fn check_full_edit(golden: &Golden, taken: bool) {
-    let (mut model, tok) = load();
+    let (mut model, tok) = load_folder(golden.folder);
     let hp = golden.hparams(&model);
     let covs = golden_covariances(golden, &hp.layers);
     let requests = golden.requests();
     let outcome = pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &golden.templates(), &covs, &mut |_| {})).unwrap();
+    let mut errors = Vec::new();
     for (i, target) in outcome.targets.iter().enumerate() {
-        assert_close(&target.z, &golden.tensor(&format!("request.{i}.z")), 2e-3, &format!("z of request {i}"));
+        errors.push((format!("z{i}"), assert_close(&target.z, &golden.tensor(&format!("request.{i}.z")), 2e-3, &format!("z of request {i}"))));
     }
     let (d, d_ff) = (model.config.d_model, model.config.d_ff);
     assert_eq!(outcome.updates.iter().map(|u| u.layer).collect::<Vec<_>>(), hp.layers);
@@ -349,15 +390,19 @@ fn check_full_edit(golden: &Golden, taken: bool) {
                 }
             }
         }
-        assert_close(&update.resid, &golden.tensor(&format!("layer.{}.resid", update.layer)), 2e-3, "residual");
-        assert_close(&delta, &golden.tensor(&format!("layer.{}.delta", update.layer)), 3e-3, &format!("ΔW of layer {}", update.layer));
+        errors.push((format!("resid{}", update.layer), assert_close(&update.resid, &golden.tensor(&format!("layer.{}.resid", update.layer)), 2e-3, "residual")));
+        errors.push((format!("ΔW{}", update.layer), assert_close(&delta, &golden.tensor(&format!("layer.{}.delta", update.layer)), 3e-3, &format!("ΔW of layer {}", update.layer))));
     }
+    eprintln!("{}: max error / max |golden| {}", golden.folder, errors.iter().map(|(what, rel)| format!("{what} {rel:.2e}")).collect::<Vec<_>>().join(", "));
     let want_logits = golden.tensor("edited.last_logits");
     let vocab = model.config.vocab_size;
     for (i, req) in requests.iter().enumerate() {
         let ids = tok.encode(&req.prompt.replace("{}", &req.subject)).unwrap();
         let logits = pollster::block_on(model.last_token_logits(&[ids])).unwrap().remove(0);
         let want = &want_logits[i * vocab..][..vocab];
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = logits.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{}: edited logits for {:?}: max error {:.2e} of max |logit|", golden.folder, req.subject, err / scale);
         assert_eq!(argmax(&logits), argmax(want), "edited prediction for {:?}", req.subject);
         if taken {
             let target = tok.encode(&format!(" {}", req.target_new.text)).unwrap()[0];
