@@ -47,6 +47,16 @@ async fn blob_range(blob: &web_sys::Blob, start: u64, end: u64) -> Result<Vec<u8
     Ok(bytes)
 }
 
+/// GET `url` asking for bytes `start..end` (an HTTP `Range` request).
+async fn fetch_range(url: &str, start: u64, end: u64) -> Result<web_sys::Response, String> {
+    let init = web_sys::RequestInit::new();
+    let headers = web_sys::Headers::new().map_err(|e| js_error("headers", e))?;
+    headers.set("Range", &format!("bytes={start}-{}", end - 1)).map_err(|e| js_error("headers", e))?;
+    init.set_headers(&headers);
+    let request = web_sys::Request::new_with_str_and_init(url, &init).map_err(|e| js_error(url, e))?;
+    Ok(JsFuture::from(global_fetch(&request)).await.map_err(|e| js_error(&format!("fetching {url}"), e))?.unchecked_into())
+}
+
 impl ByteSource {
     /// A `File`/`Blob`, a URL string or a `Uint8Array`.
     pub fn from_js(value: JsValue) -> Result<ByteSource, String> {
@@ -77,12 +87,7 @@ impl ByteSource {
                     Err(blob) => return blob_range(blob, start, end).await,
                     Ok(url) => url.clone(),
                 };
-                let init = web_sys::RequestInit::new();
-                let headers = web_sys::Headers::new().map_err(|e| js_error("headers", e))?;
-                headers.set("Range", &format!("bytes={start}-{}", end - 1)).map_err(|e| js_error("headers", e))?;
-                init.set_headers(&headers);
-                let request = web_sys::Request::new_with_str_and_init(&url, &init).map_err(|e| js_error(&url, e))?;
-                let response: web_sys::Response = JsFuture::from(global_fetch(&request)).await.map_err(|e| js_error(&format!("fetching {url}"), e))?.unchecked_into();
+                let response = fetch_range(&url, start, end).await?;
                 match response.status() {
                     206 => {
                         let buffer = JsFuture::from(response.array_buffer().map_err(|e| js_error(&url, e))?).await.map_err(|e| js_error(&url, e))?;
@@ -110,12 +115,7 @@ impl ByteSource {
                 Ok(url) => url.clone(),
             },
         };
-        let init = web_sys::RequestInit::new();
-        let headers = web_sys::Headers::new().map_err(|e| js_error("headers", e))?;
-        headers.set("Range", "bytes=0-0").map_err(|e| js_error("headers", e))?;
-        init.set_headers(&headers);
-        let request = web_sys::Request::new_with_str_and_init(&url, &init).map_err(|e| js_error(&url, e))?;
-        let response: web_sys::Response = JsFuture::from(global_fetch(&request)).await.map_err(|e| js_error(&format!("fetching {url}"), e))?.unchecked_into();
+        let response = fetch_range(&url, 0, 1).await?;
         match response.status() {
             206 => {
                 let range = response.headers().get("Content-Range").map_err(|e| js_error(&url, e))?.unwrap_or_default();
