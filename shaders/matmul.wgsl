@@ -10,11 +10,17 @@
 // unroll them and keep the accumulators in registers.
 // f16 operands are stored two per u32 and read with unpack2x16float, which
 // every adapter supports (no shader-f16 needed); accumulation is f32.
+// An activated product also writes act(C) (or, GATED, act(gate) * up from
+// B's gate | up rows) to `keys` in its epilogue, so an MLP's input
+// projection and activation are one dispatch.
 
 const TRANS_A: bool = {{TRANS_A}};
 const TRANS_B: bool = {{TRANS_B}};
 const A_F16: bool = {{A_F16}};
 const B_F16: bool = {{B_F16}};
+// B (stored [N, K] or [K, N]) holds the gate rows 0..n and the up rows
+// n..2n of n features; C is [M, 2n] (gate | up before the activation).
+const GATED: bool = {{GATED}};
 
 const TILE_M: u32 = 64u;
 const TILE_N: u32 = 64u;
@@ -30,7 +36,9 @@ struct Params {
     // its diagonal are skipped.
     lower_only: u32,
     alpha: f32, beta: f32, col_base: u32, add_off: u32,
-    add_ld: u32, bias_off: u32, _pad0: u32, _pad1: u32,
+    add_ld: u32, bias_off: u32,
+    // Where an activated product writes its activations, and their row stride.
+    key_off: u32, key_ld: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -43,6 +51,11 @@ struct Params {
 // when they are in another buffer than c.
 @group(0) @binding(5) var<storage, read> extra: array<f32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
+// The activations of an activated product (only its spliced store uses it).
+@group(0) @binding(7) var<storage, read_write> keys: array<f32>;
+
+{{ACTIVATIONS}}
+{{ACTIVATION_FN}}
 
 var<workgroup> tile_a: array<vec4<f32>, 256>;  // [TILE_K][TILE_M / 4]
 var<workgroup> tile_b: array<vec4<f32>, 256>;  // [TILE_K][TILE_N / 4]
@@ -77,10 +90,24 @@ fn b_at(b_base: u32, k: u32, n: u32) -> f32 {
     if (k >= p.k || n >= p.n) {
         return 0.0;
     }
+    return b_load(b_base, k, n);
+}
+
+// op(B)[k, n] for n < p.n (and n < 2 * p.n when GATED), k < p.k.
+fn b_load(b_base: u32, k: u32, n: u32) -> f32 {
     if (TRANS_B) {
         return load_b(b_base + n * p.ldb + k);
     }
     return load_b(b_base + k * p.ldb + n);
+}
+
+// The gate (up = 0) or up (up = p.n) weight of feature f at k, zero
+// outside the matrix.
+fn gated_b_at(b_base: u32, k: u32, f: u32, up: u32) -> f32 {
+    if (k >= p.k || f >= p.n) {
+        return 0.0;
+    }
+    return b_load(b_base, k, f + up);
 }
 
 // Accumulates this invocation's 8x8 block of op(A)[row0.., :] * op(B)[:, col0..]:
@@ -102,8 +129,18 @@ fn accumulate_tile_range(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32
             let k = k0 + v / 16u;
             let m = row0 + 4u * (v % 16u);
             tile_a[v] = vec4<f32>(a_at(a_base, m, k), a_at(a_base, m + 1u, k), a_at(a_base, m + 2u, k), a_at(a_base, m + 3u, k));
-            let n = col0 + 4u * (v % 16u);
-            tile_b[v] = vec4<f32>(b_at(b_base, k, n), b_at(b_base, k, n + 1u), b_at(b_base, k, n + 2u), b_at(b_base, k, n + 3u));
+            if (GATED) {
+                // Groups of four columns alternate between the gate and the
+                // up rows of the same four features, so each invocation's
+                // b_lo / b_hi below are a feature's gate and up.
+                let g = v % 16u;
+                let f = col0 / 2u + 4u * (g / 2u);
+                let up = (g % 2u) * p.n;
+                tile_b[v] = vec4<f32>(gated_b_at(b_base, k, f, up), gated_b_at(b_base, k, f + 1u, up), gated_b_at(b_base, k, f + 2u, up), gated_b_at(b_base, k, f + 3u, up));
+            } else {
+                let n = col0 + 4u * (v % 16u);
+                tile_b[v] = vec4<f32>(b_at(b_base, k, n), b_at(b_base, k, n + 1u), b_at(b_base, k, n + 2u), b_at(b_base, k, n + 3u));
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
@@ -146,16 +183,47 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
     let acc = accumulate_tile(row0, col0, p.a_off + wid.z * p.a_bstride, p.b_off + wid.z * p.b_bstride, li, lid);
     let c_base = p.c_off + wid.z * p.c_bstride;
+    if (GATED) {
+        // This invocation holds features col0 / 2 + 4 * lid.x + j: their
+        // gate in acc[2i][j], their up in acc[2i + 1][j].
+        for (var i = 0u; i < 8u; i++) {
+            let gm = row0 + 8u * lid.y + i;
+            for (var j = 0u; j < 4u; j++) {
+                let gn = col0 / 2u + 4u * lid.x + j;
+                if (gm < p.m && gn < p.n) {
+                    store_gated(c_base + gm * p.ldc + gn, gm, gn, acc[2u * i][j], acc[2u * i + 1u][j]);
+                }
+            }
+        }
+        return;
+    }
     for (var i = 0u; i < 8u; i++) {
         let gm = row0 + 8u * lid.y + i;
         for (var j = 0u; j < 8u; j++) {
             let gn = col0 + 8u * lid.x + j;
             if (gm < p.m && gn < p.n) {
-                let idx = c_base + gm * p.ldc + gn;
-                c[idx] = epilogue(idx, gm, gn, acc[2u * i + j / 4u][j % 4u]);
+                store(c_base + gm * p.ldc + gn, gm, gn, acc[2u * i + j / 4u][j % 4u]);
             }
         }
     }
+}
+
+// Element (gm, gn) of C at c[idx], and its activation when the product is
+// activated.
+fn store(idx: u32, gm: u32, gn: u32, product: f32) {
+    let v = epilogue(idx, gm, gn, product);
+    c[idx] = v;
+    {{ACT_STORE}}
+}
+
+// Feature gn of row gm of a gated product: its gate at c[idx], its up at
+// c[idx + p.n], and act(gate) * up in `keys`.
+fn store_gated(idx: u32, gm: u32, gn: u32, gate_product: f32, up_product: f32) {
+    let g = epilogue(idx, gm, gn, gate_product);
+    let u = epilogue(idx + p.n, gm, gn + p.n, up_product);
+    c[idx] = g;
+    c[idx + p.n] = u;
+    {{GATED_STORE}}
 }
 
 // Rows of A that `matmul_rows` handles: products with this few rows (one
@@ -172,8 +240,9 @@ fn a_row_at(a_base: u32, m: u32, k: u32) -> f32 {
 }
 
 // C = alpha * A * op(B) + beta * C for at most FEW_ROWS rows of A (not
-// transposed): each invocation owns one column of C and walks k once,
-// reading each element of B once for all rows, with no tile padding.
+// transposed): each invocation owns one column of C (GATED: one feature,
+// its gate and up columns) and walks k once, reading each element of B
+// once for all rows, with no tile padding.
 @compute @workgroup_size(64, 1, 1)
 fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n = gid.x;
@@ -182,30 +251,40 @@ fn matmul_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
+    var up_lo = vec4<f32>(0.0);
+    var up_hi = vec4<f32>(0.0);
     for (var k = 0u; k < p.k; k++) {
-        var bv: f32;
-        if (TRANS_B) {
-            bv = load_b(p.b_off + n * p.ldb + k);
-        } else {
-            bv = load_b(p.b_off + k * p.ldb + n);
-        }
+        let bv = vec4<f32>(b_load(p.b_off, k, n));
         let a_lo = vec4<f32>(a_row_at(p.a_off, 0u, k), a_row_at(p.a_off, 1u, k), a_row_at(p.a_off, 2u, k), a_row_at(p.a_off, 3u, k));
-        lo = fma(a_lo, vec4<f32>(bv), lo);
+        lo = fma(a_lo, bv, lo);
+        var a_hi = vec4<f32>(0.0);
         if (p.m > 4u) {
-            let a_hi = vec4<f32>(a_row_at(p.a_off, 4u, k), a_row_at(p.a_off, 5u, k), a_row_at(p.a_off, 6u, k), a_row_at(p.a_off, 7u, k));
-            hi = fma(a_hi, vec4<f32>(bv), hi);
+            a_hi = vec4<f32>(a_row_at(p.a_off, 4u, k), a_row_at(p.a_off, 5u, k), a_row_at(p.a_off, 6u, k), a_row_at(p.a_off, 7u, k));
+            hi = fma(a_hi, bv, hi);
+        }
+        if (GATED) {
+            let uv = vec4<f32>(b_load(p.b_off, k, n + p.n));
+            up_lo = fma(a_lo, uv, up_lo);
+            up_hi = fma(a_hi, uv, up_hi);
         }
     }
     for (var i = 0u; i < FEW_ROWS; i++) {
         if (i < p.m) {
             let idx = p.c_off + i * p.ldc + n;
             var v: f32;
+            var u: f32;
             if (i < 4u) {
                 v = lo[i];
+                u = up_lo[i];
             } else {
                 v = hi[i - 4u];
+                u = up_hi[i - 4u];
             }
-            c[idx] = epilogue(idx, i, n, v);
+            if (GATED) {
+                store_gated(idx, i, n, v, u);
+            } else {
+                store(idx, i, n, v);
+            }
         }
     }
 }

@@ -65,9 +65,11 @@ impl ShaderFamily {
 
 /// Helpers pasted where a family writes `{{COMMON}}`.
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+/// The activation functions, pasted where a family writes `{{ACTIVATIONS}}`.
+const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
-/// Replaces every `{{KEY}}` in `source` with its value (`COMMON` is always
-/// available); a key left without a value is an error rather than a
+/// Replaces every `{{KEY}}` in `source` with its value (`COMMON` and
+/// `ACTIVATIONS` are always available); a key left without a value is an error rather than a
 /// confusing WGSL parse failure later.
 pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
@@ -86,6 +88,7 @@ pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Resul
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.as_str())
             .or((key == "COMMON").then_some(COMMON))
+            .or((key == "ACTIVATIONS").then_some(ACTIVATIONS))
             .ok_or_else(|| GpuError::Template { shader: family.name(), key: key.to_string() })?;
         out.push_str(value);
         rest = &after[end + 2..];

@@ -168,6 +168,63 @@ fn linear_epilogue_adds_bias_and_residual_once() {
     }
 }
 
+/// An MLP's input projection with its activation in the epilogue: the
+/// pre-activations against a float64 product, the activations against the
+/// reference formula applied to them; gated (gate | up rows, act(gate)·up)
+/// and plain, tiled and few-row kernels, both weight layouts, f16 weights,
+/// bias, 3-D inputs, feature counts that are not tile multiples, and
+/// weights that span several bindings (the two-dispatch fallback). The
+/// fused path takes one dispatch.
+#[test]
+fn activated_linear_matches_product_then_activation() {
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    let tanh_gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+    for (chunked, ctx) in [(false, ctx()), (true, tiny_chunk_ctx())] {
+        for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200)].iter().enumerate() {
+            if chunked && batch > 1 {
+                continue; // a [9, 200] output row is wider than a 4 KiB chunk
+            }
+            for (tb, w_dtype, with_bias) in [(true, DType::F32, false), (false, DType::F32, true), (true, DType::F16, true)] {
+                for (gated, act, f) in [(true, Activation::Silu, &silu as &dyn Fn(f64) -> f64), (false, Activation::GeluTanh, &tanh_gelu)] {
+                    let what = format!("activated {batch}x{m}x{k}x{n} tb={tb} {w_dtype:?} bias={with_bias} gated={gated} chunked={chunked}");
+                    let rows = batch * m;
+                    let mut rng = Rng::new(900 + i as u64);
+                    let (x, w, bias) = (rng.vec(rows * k, 1.0), rng.vec(k * n, 1.0), rng.vec(n, 1.0));
+                    let x_shape = if batch > 1 { vec![batch, m, k] } else { vec![m, k] };
+                    let gx = ctx.upload(&x_shape, &x, DType::F32).unwrap();
+                    let gw = ctx.upload(&stored_shape(k, n, tb), &w, w_dtype).unwrap();
+                    let gbias = ctx.upload(&[n], &bias, DType::F32).unwrap();
+                    let before = ctx.counters().dispatches;
+                    let (pre, keys) = ctx.linear_activated(&gx, &gw, tb, with_bias.then_some(&gbias), act, gated).unwrap();
+                    let dispatches = ctx.counters().dispatches - before;
+                    let width = if gated { n / 2 } else { n };
+                    let mut want_shape = x_shape.clone();
+                    *want_shape.last_mut().unwrap() = width;
+                    assert_eq!(keys.shape(), &want_shape[..], "{what}");
+                    if !chunked {
+                        assert_eq!(dispatches, 1, "{what}: one fused dispatch");
+                    }
+                    let w_ref = if w_dtype == DType::F16 { f16_round(&w) } else { w.clone() };
+                    let (prod, mag) = cpu_matmul(&x, &w_ref, rows, k, n, false, tb);
+                    let extra = |j: usize| if with_bias { bias[j % n] as f64 } else { 0.0 };
+                    let want: Vec<f64> = prod.iter().enumerate().map(|(j, p)| p + extra(j)).collect();
+                    let mag: Vec<f64> = mag.iter().enumerate().map(|(j, g)| g + extra(j).abs()).collect();
+                    let got_pre = read(&ctx, &pre);
+                    assert_dot_close(&got_pre, &want, &mag, k + 1, &what);
+                    let want_keys: Vec<f64> = (0..rows * width)
+                        .map(|j| {
+                            let (r, c) = (j / width, j % width);
+                            let at = |col: usize| got_pre[r * n + col] as f64;
+                            if gated { f(at(c)) * at(c + width) } else { f(at(c)) }
+                        })
+                        .collect();
+                    assert_close(&read(&ctx, &keys), &want_keys, 2e-6, 2e-7, &what);
+                }
+            }
+        }
+    }
+}
+
 /// Rows of several tensors copied after one another, across storage
 /// chunks, in f32 and f16.
 #[test]

@@ -397,8 +397,8 @@ impl Model {
 
     fn mlp(&self, block: &Block, m: &Tensor) -> Result<MlpTrace> {
         let ctx = &self.ctx;
-        let up = block.mlp_in.forward(ctx, m)?;
-        let key = if block.mlp_gated { ctx.gated_activation(&up, self.config.activation)? } else { ctx.activation(&up, self.config.activation)? };
+        // One dispatch: the product's epilogue applies the activation.
+        let (up, key) = block.mlp_in.forward_activated(ctx, m, self.config.activation, block.mlp_gated)?;
         Ok(MlpTrace { up, key })
     }
 

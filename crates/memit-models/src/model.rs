@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use memit_gpu::{DType, Epilogue, GpuContext, Tensor};
+use memit_gpu::{Activation, DType, Epilogue, GpuContext, Tensor};
 
 use crate::config::{Arch, ModelConfig, Residual};
 use crate::error::{ModelError, Result};
@@ -27,6 +27,12 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
         self.forward_plus(ctx, x, None)
+    }
+
+    /// (x·W + b, its activation), or for a gated MLP's gate | up weights
+    /// (gate | up, act(gate)·up), from one product's epilogue.
+    pub fn forward_activated(&self, ctx: &GpuContext, x: &Tensor, act: Activation, gated: bool) -> Result<(Tensor, Tensor)> {
+        Ok(ctx.linear_activated(x, &self.weight, self.layout == WeightLayout::OutIn, self.bias.as_ref(), act, gated)?)
     }
 
     /// x·W + b + residual, the bias and residual added by the product's

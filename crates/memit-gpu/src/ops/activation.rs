@@ -33,7 +33,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn wgsl_fn(self) -> &'static str {
+    pub(crate) fn wgsl_fn(self) -> &'static str {
         match self {
             Activation::GeluTanh => "gelu_tanh",
             Activation::GeluErf => "gelu_erf",

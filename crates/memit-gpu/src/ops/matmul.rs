@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::activation::Activation;
 use super::{require_f32, u32_of};
 use crate::context::{GpuContext, Kernel};
 use crate::runtime::Work;
@@ -43,7 +44,8 @@ struct Params {
     add_off: u32,
     add_ld: u32,
     bias_off: u32,
-    _pad: [u32; 2],
+    key_off: u32,
+    key_ld: u32,
 }
 
 /// How to combine A and B into C.
@@ -80,11 +82,30 @@ pub struct Epilogue<'a> {
     pub residual: Option<&'a Tensor>,
 }
 
-fn defines(spec: &MatmulSpec, a: DType, b: DType) -> Vec<(&'static str, String)> {
-    epilogue_defines(spec, a, b, false, false)
+/// The activation an MLP's input projection applies in its epilogue, and
+/// where the activations go ([M, N], or [M, N/2] for a gated product).
+#[derive(Clone, Copy)]
+struct Activated<'a> {
+    keys: &'a Tensor,
+    act: Activation,
+    gated: bool,
 }
 
-fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: bool) -> Vec<(&'static str, String)> {
+fn defines(spec: &MatmulSpec, a: DType, b: DType) -> Vec<(&'static str, String)> {
+    epilogue_defines(spec, a, b, false, false, None)
+}
+
+fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: bool, activated: Option<(Activation, bool)>) -> Vec<(&'static str, String)> {
+    // The stores of the activations are spliced in only where they run, so
+    // other products do not bind `keys`.
+    let (act_fn, act_store, gated_store) = match activated {
+        None => (String::new(), String::new(), String::new()),
+        Some((act, gated)) => {
+            let store = "keys[p.key_off + gm * p.key_ld + gn] = ";
+            let (plain, gate) = if gated { (String::new(), format!("{store}act(g) * u;")) } else { (format!("{store}act(v);"), String::new()) };
+            (format!("fn act(v: f32) -> f32 {{ return {}(v); }}", act.wgsl_fn()), plain, gate)
+        }
+    };
     let mut terms = String::new();
     if addend {
         terms.push_str("v += extra[p.add_off + gm * p.add_ld + gn];");
@@ -98,6 +119,10 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
         ("A_F16", flag(a == DType::F16)),
         ("B_F16", flag(b == DType::F16)),
         ("EPILOGUE_TERMS", terms),
+        ("GATED", flag(activated.is_some_and(|(_, gated)| gated))),
+        ("ACTIVATION_FN", act_fn),
+        ("ACT_STORE", act_store),
+        ("GATED_STORE", gated_store),
     ]
 }
 
@@ -190,13 +215,40 @@ impl GpuContext {
 
     /// C = alpha * op(A)·op(B) + beta * C, with C already allocated.
     pub fn matmul_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec) -> Result<()> {
-        self.matmul_epilogue_into(a, b, c, spec, Epilogue::default())
+        self.matmul_epilogue_into(a, b, c, spec, Epilogue::default(), None)
     }
 
     /// x·op(W) + bias + residual into a new tensor, for a 2-D `x` (or 3-D,
     /// folded into rows), with both sums in the product's epilogue.
     pub fn linear(&self, x: &Tensor, w: &Tensor, trans_b: bool, epilogue: Epilogue<'_>) -> Result<Tensor> {
         self.product(x, w, MatmulSpec::new(false, trans_b), epilogue)
+    }
+
+    /// An MLP's input projection and its activation in one dispatch:
+    /// (x·op(W) + bias, act of it), or for `gated`, where W holds the gate
+    /// rows then the up rows of N/2 features, (gate | up, act(gate)·up).
+    /// When W spans several bindings (or K is 0) the activation runs as a
+    /// dispatch of its own.
+    pub fn linear_activated(&self, x: &Tensor, w: &Tensor, trans_b: bool, bias: Option<&Tensor>, act: Activation, gated: bool) -> Result<(Tensor, Tensor)> {
+        let spec = MatmulSpec::new(false, trans_b);
+        let (m, k, n) = product_dims(x, w, &spec)?;
+        if gated && n % 2 != 0 {
+            return Err(GpuError::shape("linear_activated", format!("gate | up weights with an odd number ({n}) of outputs")));
+        }
+        let epilogue = Epilogue { bias, residual: None };
+        if k == 0 || w.single("linear_activated").is_err() {
+            let pre = self.linear(x, w, trans_b, epilogue)?;
+            let key = if gated { self.gated_activation(&pre, act)? } else { self.activation(&pre, act)? };
+            return Ok((pre, key));
+        }
+        let rows_shape = |width| match x.shape().len() {
+            3 => vec![x.shape()[0], m, width],
+            _ => vec![m, width],
+        };
+        let pre = self.empty(&rows_shape(n), DType::F32)?;
+        let keys = self.empty(&rows_shape(if gated { n / 2 } else { n }), DType::F32)?;
+        self.matmul_epilogue_into(x, w, &pre, spec, epilogue, Some(Activated { keys: &keys, act, gated }))?;
+        Ok((pre, keys))
     }
 
     /// op(A)·op(B) plus the epilogue's terms into a new f32 tensor.
@@ -208,13 +260,13 @@ impl GpuContext {
         };
         if k > 0 {
             let c = self.empty(&shape, DType::F32)?;
-            self.matmul_epilogue_into(a, b, &c, spec, epilogue)?;
+            self.matmul_epilogue_into(a, b, &c, spec, epilogue, None)?;
             return Ok(c);
         }
         // An empty inner dimension launches nothing: C is zero (the call
         // still checks the shapes), and the epilogue's terms are added here.
         let mut c = self.zeros(&shape, DType::F32)?;
-        self.matmul_epilogue_into(a, b, &c, spec, Epilogue::default())?;
+        self.matmul_epilogue_into(a, b, &c, spec, Epilogue::default(), None)?;
         for term in [epilogue.residual, epilogue.bias].into_iter().flatten() {
             c = self.binary(crate::BinaryOp::Add, &c, term)?;
         }
@@ -222,8 +274,8 @@ impl GpuContext {
     }
 
     /// `matmul_into` plus an epilogue (2-D products, or 3-D A with 2-D B;
-    /// K > 0, see `product`).
-    fn matmul_epilogue_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, epilogue: Epilogue<'_>) -> Result<()> {
+    /// K > 0, see `product`), and the activations when `activated`.
+    fn matmul_epilogue_into(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, epilogue: Epilogue<'_>, activated: Option<Activated<'_>>) -> Result<()> {
         require_f32("matmul (output)", &[c])?;
         let (m, k, n) = product_dims(a, b, &spec)?;
         if let Some(bias) = epilogue.bias {
@@ -238,11 +290,11 @@ impl GpuContext {
                 return Err(GpuError::shape("matmul", format!("residual of shape {:?} for an output of shape {:?}", r.shape(), c.shape())));
             }
         }
-        let has_epilogue = epilogue.bias.is_some() || epilogue.residual.is_some();
+        let has_epilogue = epilogue.bias.is_some() || epilogue.residual.is_some() || activated.is_some();
         match (a.shape().len(), b.shape().len()) {
             (2, 2) => {
                 expect_shape(c, &[m, n])?;
-                self.matmul_2d(a, b, c, spec, (m, k, n), epilogue)
+                self.matmul_2d(a, b, c, spec, (m, k, n), epilogue, activated)
             }
             (3, 2) if !spec.trans_a => {
                 // A shared weight: fold the batch into the rows of A and C.
@@ -251,7 +303,9 @@ impl GpuContext {
                 let a2 = a.reshape(&[batch * m, k])?;
                 let c2 = c.reshape(&[batch * m, n])?;
                 let r2 = epilogue.residual.map(|r| r.reshape(&[batch * m, n])).transpose()?;
-                self.matmul_2d(&a2, b, &c2, spec, (batch * m, k, n), Epilogue { residual: r2.as_ref(), ..epilogue })
+                let keys2 = activated.map(|act| act.keys.reshape(&[batch * m, act.keys.numel() / (batch * m)])).transpose()?;
+                let activated2 = activated.zip(keys2.as_ref()).map(|(act, keys)| Activated { keys, ..act });
+                self.matmul_2d(&a2, b, &c2, spec, (batch * m, k, n), Epilogue { residual: r2.as_ref(), ..epilogue }, activated2)
             }
             _ if has_epilogue => Err(GpuError::shape("matmul", "an epilogue needs a 2-D B")),
             (3, 3) => {
@@ -270,12 +324,14 @@ impl GpuContext {
     /// the residual), K at those of A (when transposed) and B (when not), N
     /// at those of B (when transposed), and accumulates the K pieces into C;
     /// the first K piece carries the epilogue.
-    fn matmul_2d(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, (m, k, n): (usize, usize, usize), epilogue: Epilogue<'_>) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_2d(&self, a: &Tensor, b: &Tensor, c: &Tensor, spec: MatmulSpec, (m, k, n): (usize, usize, usize), epilogue: Epilogue<'_>, activated: Option<Activated<'_>>) -> Result<()> {
         let mut row_cuts = vec![c];
         if !spec.trans_a {
             row_cuts.push(a);
         }
         row_cuts.extend(epilogue.residual);
+        row_cuts.extend(activated.map(|act| act.keys));
         let m_spans = chunk_spans(m, &row_cuts);
         let bias = epilogue.bias.map(|t| t.single("matmul (bias)")).transpose()?;
         let k_spans = match (spec.trans_a, spec.trans_b) {
@@ -285,11 +341,19 @@ impl GpuContext {
             (false, true) => vec![(0, k)],
         };
         let n_spans = if spec.trans_b { chunk_spans(n, &[b]) } else { vec![(0, n)] };
+        if activated.is_some() && (k_spans.len() > 1 || n_spans.len() > 1) {
+            return Err(GpuError::shape("matmul", "an activated product needs its weight in one binding"));
+        }
+        let gated = activated.is_some_and(|act| act.gated);
+        // Columns the kernels index: a gated product's features.
+        let n_cols = if gated { n / 2 } else { n };
         let plain = defines(&spec, a.dtype(), b.dtype());
-        let with_epilogue = epilogue_defines(&spec, a.dtype(), b.dtype(), epilogue.residual.is_some(), bias.is_some());
+        let with_epilogue = epilogue_defines(&spec, a.dtype(), b.dtype(), epilogue.residual.is_some(), bias.is_some(), activated.map(|act| (act.act, act.gated)));
         for &(m0, mlen) in &m_spans {
             let residual = epilogue.residual.map(|r| r.locate(m0));
+            let keys = activated.map(|act| act.keys.locate(m0));
             for &(n0, nlen) in &n_spans {
+                let nlen = if gated { n_cols } else { nlen };
                 let (c_buf, c_off) = c.locate(m0);
                 for (ki, &(k0, klen)) in k_spans.iter().enumerate() {
                     let kernel = Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: if ki == 0 { &with_epilogue } else { &plain } };
@@ -312,19 +376,24 @@ impl GpuContext {
                         add_off: u32_of(residual.as_ref().map_or(0, |r| r.1 + n0), "matmul")?,
                         add_ld: u32_of(n, "matmul")?,
                         bias_off: u32_of(bias.map_or(0, |b| b.1 + n0), "matmul")?,
+                        key_off: u32_of(keys.as_ref().map_or(0, |k| k.1), "matmul")?,
+                        key_ld: u32_of(n_cols, "matmul")?,
                         ..Default::default()
                     };
+                    // A gated tile covers 32 features (their 64 gate and up columns).
+                    let tile_cols = if gated { TILE / 2 } else { TILE };
                     let (kernel, grid) = if !spec.trans_a && mlen <= FEW_ROWS {
                         (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
                     } else {
-                        (kernel, groups(mlen, nlen, 1))
+                        (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1])
                     };
                     let mut buffers: Vec<(u32, &wgpu::Buffer)> = vec![(1, &a_buf), (2, &b_buf), (3, &c_buf)];
                     if ki == 0 {
                         buffers.extend(residual.as_ref().map(|r| (5, &**r.0)));
                         buffers.extend(bias.map(|b| (6, b.0)));
+                        buffers.extend(keys.as_ref().map(|k| (7, &**k.0)));
                     }
-                    let work = Work::matmul(mlen, nlen, klen, 1);
+                    let work = Work::matmul(mlen, if gated { n } else { nlen }, klen, 1);
                     self.dispatch_work(kernel, bytemuck::bytes_of(&params), &buffers, grid, Some(work))?;
                 }
             }
