@@ -54,7 +54,6 @@ struct Params {
 // The activations of an activated product (only its spliced store uses it).
 @group(0) @binding(7) var<storage, read_write> keys: array<f32>;
 
-{{ACTIVATIONS}}
 {{ACTIVATION_FN}}
 
 var<workgroup> tile_a: array<vec4<f32>, 256>;  // [TILE_K][TILE_M / 4]

@@ -66,7 +66,7 @@ impl ShaderFamily {
 /// Helpers pasted where a family writes `{{COMMON}}`.
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 /// The activation functions, pasted where a family writes `{{ACTIVATIONS}}`.
-const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
+pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON` and
 /// `ACTIVATIONS` are always available); a key left without a value is an error rather than a

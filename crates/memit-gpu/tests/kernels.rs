@@ -179,7 +179,10 @@ fn linear_epilogue_adds_bias_and_residual_once() {
 fn activated_linear_matches_product_then_activation() {
     let silu = |v: f64| v / (1.0 + (-v).exp());
     let tanh_gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
-    for (chunked, ctx) in [(false, ctx()), (true, tiny_chunk_ctx())] {
+    // A context of its own: tests running beside this one would add their
+    // dispatches to a shared context's counters.
+    let own = pollster::block_on(GpuContext::new(Default::default())).expect("a GPU adapter");
+    for (chunked, ctx) in [(false, own), (true, tiny_chunk_ctx())] {
         for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200)].iter().enumerate() {
             if chunked && batch > 1 {
                 continue; // a [9, 200] output row is wider than a 4 KiB chunk

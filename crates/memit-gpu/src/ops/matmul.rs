@@ -103,7 +103,7 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
         Some((act, gated)) => {
             let store = "keys[p.key_off + gm * p.key_ld + gn] = ";
             let (plain, gate) = if gated { (String::new(), format!("{store}act(g) * u;")) } else { (format!("{store}act(v);"), String::new()) };
-            (format!("fn act(v: f32) -> f32 {{ return {}(v); }}", act.wgsl_fn()), plain, gate)
+            (format!("{}\nfn act(v: f32) -> f32 {{ return {}(v); }}", crate::shader::ACTIVATIONS, act.wgsl_fn()), plain, gate)
         }
     };
     let mut terms = String::new();
