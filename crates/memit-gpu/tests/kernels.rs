@@ -177,8 +177,6 @@ fn linear_epilogue_adds_bias_and_residual_once() {
 /// fused path takes one dispatch.
 #[test]
 fn activated_linear_matches_product_then_activation() {
-    let silu = |v: f64| v / (1.0 + (-v).exp());
-    let tanh_gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
     // A context of its own: tests running beside this one would add their
     // dispatches to a shared context's counters.
     let own = pollster::block_on(GpuContext::new(Default::default())).expect("a GPU adapter");
@@ -188,7 +186,7 @@ fn activated_linear_matches_product_then_activation() {
                 continue; // a [9, 200] output row is wider than a 4 KiB chunk
             }
             for (tb, w_dtype, with_bias) in [(true, DType::F32, false), (false, DType::F32, true), (true, DType::F16, true)] {
-                for (gated, act, f) in [(true, Activation::Silu, &silu as &dyn Fn(f64) -> f64), (false, Activation::GeluTanh, &tanh_gelu)] {
+                for (gated, act, f) in [(true, Activation::Silu, cpu_silu as fn(f64) -> f64), (false, Activation::GeluTanh, cpu_gelu_tanh)] {
                     let what = format!("activated {batch}x{m}x{k}x{n} tb={tb} {w_dtype:?} bias={with_bias} gated={gated} chunked={chunked}");
                     let rows = batch * m;
                     let mut rng = Rng::new(900 + i as u64);
@@ -389,6 +387,15 @@ fn axpby_affine_fill_and_casts() {
     }
 }
 
+fn cpu_silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+/// GPT-2's tanh-approximated GELU.
+fn cpu_gelu_tanh(v: f64) -> f64 {
+    0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+}
+
 fn cpu_erf(z: f64) -> f64 {
     let a = z.abs();
     let value = if a < 2.5 {
@@ -418,12 +425,10 @@ fn activations_match_reference_formulas() {
     let mut x = rng.vec(3001, 6.0);
     x.extend([0.0, 1e-4, -1e-4, 30.0, -30.0, 100.0, -100.0]);
     let gx = ctx.upload(&[x.len()], &x, DType::F32).unwrap();
-    let tanh_gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
     let erf_gelu = |v: f64| 0.5 * v * (1.0 + cpu_erf(v / std::f64::consts::SQRT_2));
-    let silu = |v: f64| v / (1.0 + (-v).exp());
     let relu = |v: f64| v.max(0.0);
     let cases: [(Activation, &dyn Fn(f64) -> f64); 4] =
-        [(Activation::GeluTanh, &tanh_gelu), (Activation::GeluErf, &erf_gelu), (Activation::Silu, &silu), (Activation::Relu, &relu)];
+        [(Activation::GeluTanh, &cpu_gelu_tanh), (Activation::GeluErf, &erf_gelu), (Activation::Silu, &cpu_silu), (Activation::Relu, &relu)];
     for (act, f) in cases {
         let got = read(&ctx, &ctx.activation(&gx, act).unwrap());
         let want: Vec<f64> = x.iter().map(|&v| f(v as f64)).collect();
@@ -435,7 +440,7 @@ fn activations_match_reference_formulas() {
     let gate_up: Vec<f32> = (0..rows).flat_map(|r| x[r * f..(r + 1) * f].iter().chain(&up[r * f..(r + 1) * f]).copied()).collect();
     let g_gate_up = ctx.upload(&[rows, 2 * f], &gate_up, DType::F32).unwrap();
     let got = read(&ctx, &ctx.gated_activation(&g_gate_up, Activation::Silu).unwrap());
-    let want: Vec<f64> = x.iter().zip(&up).map(|(&g, &u)| silu(g as f64) * u as f64).collect();
+    let want: Vec<f64> = x.iter().zip(&up).map(|(&g, &u)| cpu_silu(g as f64) * u as f64).collect();
     assert_close(&got, &want, 2e-6, 2e-7, "swiglu");
 }
 
