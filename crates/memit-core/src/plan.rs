@@ -45,8 +45,10 @@ const MAX_TOKENS_PER_PASS: usize = 4096;
 /// Most requests a plan is made for: far beyond any edit that fits a GPU,
 /// and small enough that no byte count overflows.
 const MAX_REQUESTS: usize = 10_000_000;
-/// Row block of the blocked Cholesky factorisation (`SOLVE_BLOCK`).
+/// Row block of the blocked Cholesky factorisation (`SOLVE_BLOCK`), and
+/// the width of its column scratch (`FACTOR_PANEL`).
 const SOLVE_BLOCK: usize = memit_gpu::SOLVE_BLOCK;
+const FACTOR_PANEL: usize = memit_gpu::FACTOR_PANEL;
 
 #[derive(Debug, Error)]
 pub enum PlanError {
@@ -976,7 +978,7 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
         sim.free_all([p, sp]);
     }
     let panel_rows = (((sim.chunk / (ff as u64 * 4)) as usize / SOLVE_BLOCK * SOLVE_BLOCK).max(SOLVE_BLOCK)).min(ff);
-    let block = SOLVE_BLOCK.min(ff);
+    let (block, panel) = (SOLVE_BLOCK.min(ff), FACTOR_PANEL.min(ff));
     let diag_inv = sim.f32(ff.div_ceil(SOLVE_BLOCK) * SOLVE_BLOCK, SOLVE_BLOCK);
     if (ff.div_ceil(SOLVE_BLOCK) * SOLVE_BLOCK * SOLVE_BLOCK * 4) as u64 > sim.chunk {
         sim.problem(format!("solve: the diagonal block inverses of a {ff}×{ff} system exceed one storage binding"));
@@ -985,7 +987,7 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
     let mut at = 0;
     while at < ff {
         let rows = panel_rows.min(ff - at);
-        held.push(sim.f32(rows, block));
+        held.push(sim.f32(rows, panel));
         at += rows;
     }
     let rhs = |sim: &mut Sim| sim.tensor_blocks(ff, n, 4, panel_rows, "solve right-hand side (fewer requests per edit)");

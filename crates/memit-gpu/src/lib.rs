@@ -21,7 +21,7 @@ pub use ops::elementwise::BinaryOp;
 pub use ops::matmul::{Epilogue, MatmulSpec, MatrixView};
 pub use ops::reduce::ReduceOp;
 pub use ops::softmax::Causal;
-pub use ops::solve::{SpdFactor, SOLVE_BLOCK};
+pub use ops::solve::{SpdFactor, FACTOR_PANEL, SOLVE_BLOCK};
 pub use ops::target::{LossRow, TargetHyper, TargetPlan};
 pub use shader::ShaderFamily;
 pub use runtime::{CostCounters, KernelTiming, Work};

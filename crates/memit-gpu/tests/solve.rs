@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::*;
-use memit_gpu::{DType, GpuContext, GpuError, GpuOptions};
+use memit_gpu::{DType, GpuContext, GpuError, GpuOptions, FACTOR_PANEL, SpdFactor};
 
 /// Panels of 64 rows for d ≈ 130, so factorisation crosses buffers.
 fn panel_ctx() -> Arc<GpuContext> {
@@ -13,9 +13,17 @@ fn panel_ctx() -> Arc<GpuContext> {
     CTX.get_or_init(|| pollster::block_on(GpuContext::new(GpuOptions { max_chunk_bytes: Some(64 * 1024), ..Default::default() })).unwrap()).clone()
 }
 
-/// A = λ·MᵀM/m + KᵀK: MEMIT's shape of system, moderately ill-conditioned.
+/// Bindings of 256 KiB: 64-row panels for d = 600, so the 256-column
+/// factor panels straddle buffers.
+fn wide_panel_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(GpuOptions { max_chunk_bytes: Some(256 * 1024), ..Default::default() })).unwrap()).clone()
+}
+
+/// A = λ·MᵀM/m + KᵀK: MEMIT's shape of system, moderately ill-conditioned
+/// (m = 1.5·d samples keep the condition number in the hundreds at every d).
 fn spd(d: usize, rng: &mut Rng) -> Vec<f64> {
-    let m = d + 5;
+    let m = d + 5 + d / 2;
     let mm: Vec<f32> = rng.vec(m * d, 1.0);
     let k: Vec<f32> = rng.vec(3 * d, 1.0);
     let mut a = vec![0.0f64; d * d];
@@ -65,7 +73,7 @@ fn cpu_solve(a: &[f64], b: &[f64], d: usize, n: usize) -> Vec<f64> {
 
 #[test]
 fn cholesky_solve_matches_f64_reference() {
-    for (ctx, d, n) in [(ctx(), 1, 2), (ctx(), 63, 3), (ctx(), 64, 1), (ctx(), 65, 4), (ctx(), 200, 5), (panel_ctx(), 130, 3), (panel_ctx(), 250, 2)] {
+    for (ctx, d, n) in [(ctx(), 1, 2), (ctx(), 63, 3), (ctx(), 64, 1), (ctx(), 65, 4), (ctx(), 200, 5), (panel_ctx(), 130, 3), (panel_ctx(), 250, 2), (ctx(), 300, 3), (wide_panel_ctx(), 600, 2)] {
         let mut rng = Rng::new(d as u64);
         let a = spd(d, &mut rng);
         let b: Vec<f32> = rng.vec(d * n, 1.0);
@@ -127,4 +135,63 @@ fn shifted_solve_handles_a_semidefinite_matrix() {
     let got = project(&|i| x[i] as f64);
     let want = project(&|i| want[i]);
     assert_close(&got.iter().map(|&v| v as f32).collect::<Vec<_>>(), &want, 1e-3, 1e-4, "K·X of the shifted solve");
+}
+
+/// A + α·KᵀK on the lower triangle, with A in 64-row bindings and K
+/// spanning two bindings, against float64.
+#[test]
+fn gram_of_keys_is_added_to_the_lower_triangle() {
+    let ctx = panel_ctx();
+    let (d, n, alpha) = (130, 200, 0.75);
+    let mut rng = Rng::new(11);
+    let base: Vec<f32> = rng.vec(d * d, 1.0);
+    let keys: Vec<f32> = rng.vec(n * d, 1.0);
+    let a = ctx.solver_matrix(d, d).unwrap();
+    ctx.write(&a, &base).unwrap();
+    let k = ctx.upload(&[n, d], &keys, DType::F32).unwrap();
+    assert!(a.n_chunks() > 1 && k.n_chunks() > 1, "A in {} and K in {} bindings", a.n_chunks(), k.n_chunks());
+    ctx.add_gram_lower(&a, &k, alpha).unwrap();
+    let got = read(&ctx, &a);
+    let (mut lower, mut want) = (Vec::new(), Vec::new());
+    for i in 0..d {
+        for j in 0..=i {
+            let kk: f64 = (0..n).map(|r| keys[r * d + i] as f64 * keys[r * d + j] as f64).sum();
+            lower.push(got[i * d + j]);
+            want.push(base[i * d + j] as f64 + alpha as f64 * kk);
+        }
+    }
+    assert_close(&lower, &want, 1e-5, 1e-4, "lower triangle of A + αKᵀK");
+}
+
+/// The checked factorisation stops at the panel holding a bad pivot (a
+/// fraction of the dispatches of the whole), and factors a definite
+/// matrix as the unchecked one does.
+#[test]
+fn checked_factorisation_stops_at_the_first_bad_pivot() {
+    // A context of its own, so other tests' dispatches are not counted.
+    let ctx = pollster::block_on(GpuContext::new(GpuOptions::default())).unwrap();
+    let d = 1300;
+    let diagonal = |bad: Option<usize>| {
+        let mut a = vec![0.0f32; d * d];
+        for i in 0..d {
+            a[i * d + i] = if Some(i) == bad { -1.0 } else { 2.0 + (i % 7) as f32 };
+        }
+        ctx.upload(&[d, d], &a, DType::F32).unwrap()
+    };
+    let dispatches = |f: &dyn Fn() -> Result<(), GpuError>| {
+        let before = ctx.counters().dispatches;
+        let outcome = f();
+        (outcome, ctx.counters().dispatches - before)
+    };
+    let (whole, all) = dispatches(&|| ctx.factor_spd(diagonal(Some(10)), 0.0).map(drop));
+    whole.unwrap();
+    let (checked, stopped) = dispatches(&|| pollster::block_on(ctx.factor_spd_checked(diagonal(Some(10)), 0.0)).map(drop));
+    assert_eq!(checked.unwrap_err(), GpuError::NotPositiveDefinite { pivot: 10 });
+    assert!(stopped * 3 < all, "stopped after {stopped} of {all} dispatches (first panel: {FACTOR_PANEL} columns)");
+    let factor = pollster::block_on(ctx.factor_spd_checked(diagonal(None), 0.0)).unwrap();
+    let b: Vec<f32> = (0..d).map(|i| i as f32).collect();
+    let x = ctx.solve_factored(&factor, &ctx.upload(&[d, 1], &b, DType::F32).unwrap()).unwrap();
+    let want: Vec<f64> = (0..d).map(|i| i as f64 / (2.0 + (i % 7) as f64)).collect();
+    assert_close(&read(&ctx, &x), &want, 1e-6, 1e-6, "solve with the checked factor");
+    SpdFactor::check(read(&ctx, factor.status())[0]).unwrap();
 }

@@ -1,7 +1,8 @@
 //! SPD systems A X = B of any size on the GPU: a blocked right-looking
 //! Cholesky factorisation in place in A's lower triangle (row panels within
-//! one storage binding each, boundaries on the 64-wide block grid, trailing
-//! updates over the lower triangle only), which also inverts every diagonal
+//! one storage binding each, boundaries on the 64-wide block grid; columns
+//! factored 256 at a time, 64 by 64 inside, before the trailing matrix is
+//! updated over its lower triangle only), which also inverts every diagonal
 //! block, so the triangular solves are right-looking sequences of matmuls.
 
 use bytemuck::{Pod, Zeroable};
@@ -11,11 +12,21 @@ use crate::context::{GpuContext, Kernel};
 use crate::error::{GpuError, Result};
 use crate::ops::matmul::{MatmulSpec, MatrixView};
 use crate::shader::ShaderFamily;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{chunk_spans, DType, Tensor};
 
 /// Block size of the factorisation (the kernels' workgroup width).
 pub const SOLVE_BLOCK: usize = 64;
 const NB: usize = SOLVE_BLOCK;
+/// Columns factored before the trailing matrix is updated: the inner
+/// dimension of the trailing products, which are most of the work
+/// (64 → 256 about doubles their rate on lavapipe, where a workgroup's
+/// fixed cost dominates a 64-deep tile, and quarters the trailing
+/// matrix's reads and writes on a GPU). Also the width of the column
+/// scratch.
+pub const FACTOR_PANEL: usize = 4 * NB;
+/// `factor_spd_checked` stops reading the status once fewer rows than this
+/// remain: the rest costs less than a host wait is worth.
+const CHECKED_ROWS: usize = 1024;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -110,6 +121,17 @@ impl SpdFactor {
     }
 }
 
+/// A factorisation in progress: the factor and the scratch its kernels
+/// write (dropped when it ends).
+struct Factoring {
+    factor: SpdFactor,
+    /// The factored diagonal block.
+    block: Tensor,
+    /// The current panel's columns of L, in L's row panels.
+    columns: Panels,
+    shift: f32,
+}
+
 impl GpuContext {
     /// A zeroed [d, width] matrix laid out for the solver: storage chunks
     /// of whole 64-row blocks.
@@ -117,10 +139,67 @@ impl GpuContext {
         self.zeros_in_row_blocks(&[d, width], NB)
     }
 
+    /// A += `alpha`·KᵀK over A's lower triangle (the part `factor_spd`
+    /// reads), for A [d, d] from [`GpuContext::solver_matrix`] and K
+    /// [n, d]: one product per row panel of A and binding of K, tiles above
+    /// the diagonal skipped, so about half the work of the full product.
+    pub fn add_gram_lower(&self, a: &Tensor, keys: &Tensor, alpha: f32) -> Result<()> {
+        require_f32("add_gram_lower", &[a, keys])?;
+        let (n, d) = keys.dims2("add_gram_lower")?;
+        if a.shape() != [d, d] {
+            return Err(GpuError::shape("add_gram_lower", format!("A is {:?} for keys of width {d}", a.shape())));
+        }
+        let l = Panels::of(a).ok_or_else(|| GpuError::shape("add_gram_lower", "A is not in the solver's layout (make it with solver_matrix)"))?;
+        let spec = MatmulSpec { trans_a: true, trans_b: false, alpha, beta: 1.0 };
+        for (t0, rows) in chunk_spans(n, &[keys]) {
+            let k = keys.slice_rows(t0..t0 + rows)?;
+            for (p, panel) in l.tensors.iter().enumerate() {
+                let (i0, i1) = l.range(p, d);
+                let k_rows = MatrixView { tensor: &k, offset: i0, rows, cols: i1 - i0, ld: d };
+                let k_cols = MatrixView { tensor: &k, offset: 0, rows, cols: i1, ld: d };
+                let target = MatrixView { tensor: panel, offset: 0, rows: i1 - i0, cols: i1, ld: d };
+                self.matmul_views_lower(k_rows, k_cols, target, spec, i0, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Factors `a` ([d, d]; only its lower triangle is read) in place:
     /// A + `shift`·I = L·Lᵀ. `a` should come from [`GpuContext::solver_matrix`];
-    /// any other layout is first copied into one. No readback happens here.
+    /// any other layout is first copied into one. No readback happens here:
+    /// a bad pivot shows in [`SpdFactor::status`].
     pub fn factor_spd(&self, a: Tensor, shift: f32) -> Result<SpdFactor> {
+        let factoring = self.begin_factor(a, shift)?;
+        for k0 in (0..factoring.factor.d).step_by(FACTOR_PANEL) {
+            self.factor_panel(&factoring, k0)?;
+            self.update_after_panel(&factoring, k0)?;
+        }
+        Ok(factoring.factor)
+    }
+
+    /// As [`GpuContext::factor_spd`], but reads the status after every
+    /// panel of [`FACTOR_PANEL`] columns (before the trailing matrix is
+    /// updated with it) while at least [`CHECKED_ROWS`] rows remain, so a
+    /// matrix that is not definite fails with `NotPositiveDefinite` at the
+    /// cost of the columns up to its bad pivot, not of the whole
+    /// factorisation (a rank-deficient covariance fails within its first
+    /// few hundred pivots). The last status is left unread: read it with
+    /// the first solution.
+    pub async fn factor_spd_checked(&self, a: Tensor, shift: f32) -> Result<SpdFactor> {
+        let factoring = self.begin_factor(a, shift)?;
+        let d = factoring.factor.d;
+        for k0 in (0..d).step_by(FACTOR_PANEL) {
+            self.factor_panel(&factoring, k0)?;
+            if d - (k0 + FACTOR_PANEL).min(d) >= CHECKED_ROWS {
+                SpdFactor::check(self.read(&factoring.factor.status).await?[0])?;
+            }
+            self.update_after_panel(&factoring, k0)?;
+        }
+        Ok(factoring.factor)
+    }
+
+    /// The factor's storage and the scratch its kernels write.
+    fn begin_factor(&self, a: Tensor, shift: f32) -> Result<Factoring> {
         require_f32("factor_spd", &[&a])?;
         let (d, d2) = a.dims2("factor_spd")?;
         if d != d2 {
@@ -135,36 +214,43 @@ impl GpuContext {
             }
         };
         let l = Panels::of(&a).expect("solver layout");
-        let n_blocks = d.div_ceil(NB);
-        let diag_inv = self.empty(&[n_blocks * NB, NB], DType::F32)?;
+        let diag_inv = self.empty(&[d.div_ceil(NB) * NB, NB], DType::F32)?;
         let status = self.zeros(&[1], DType::F32)?;
         // Scratch copies of the current diagonal block and column panel, so
         // no kernel reads the buffer it writes (WebGPU forbids that).
-        let block = NB.min(d);
-        let factor = self.empty(&[block, block], DType::F32)?;
-        let columns = l.tensors.iter().map(|t| self.empty(&[t.shape()[0], block], DType::F32)).collect::<Result<Vec<_>>>()?;
-        let columns = Panels { rows: l.rows, width: block, tensors: columns };
-        let factor_buf = factor.single("factor_spd")?.0;
-        let (inv_buf, _) = diag_inv.single("factor_spd (diagonal inverses exceed one binding)")?;
-        let (status_buf, _) = status.single("factor_spd")?;
-        for k0 in (0..d).step_by(NB) {
-            let kb = NB.min(d - k0);
-            let (p, local) = l.panel_of(k0);
+        let block = self.empty(&[NB.min(d), NB.min(d)], DType::F32)?;
+        let width = FACTOR_PANEL.min(d);
+        let columns = l.tensors.iter().map(|t| self.empty(&[t.shape()[0], width], DType::F32)).collect::<Result<Vec<_>>>()?;
+        let columns = Panels { rows: l.rows, width, tensors: columns };
+        Ok(Factoring { factor: SpdFactor { d, l, _storage: a, diag_inv, status }, block, columns, shift })
+    }
+
+    /// Factors columns k0 .. k0 + FACTOR_PANEL, block by block: each
+    /// diagonal block, the rows below it, and the panel's later columns.
+    fn factor_panel(&self, f: &Factoring, k0: usize) -> Result<()> {
+        let (d, l, columns) = (f.factor.d, &f.factor.l, &f.columns);
+        let panel_end = (k0 + FACTOR_PANEL).min(d);
+        let block_buf = f.block.single("factor_spd")?.0;
+        let (inv_buf, _) = f.factor.diag_inv.single("factor_spd (diagonal inverses exceed one binding)")?;
+        let (status_buf, _) = f.factor.status.single("factor_spd")?;
+        for j0 in (k0..panel_end).step_by(NB) {
+            let kb = NB.min(d - j0);
+            let (p, local) = l.panel_of(j0);
             let (diag_buf, diag_base) = l.tensors[p].single("factor_spd")?;
             let base = Params {
-                diag_off: u32_of(diag_base + local * d + k0, "factor_spd")?,
+                diag_off: u32_of(diag_base + local * d + j0, "factor_spd")?,
                 ld: u32_of(d, "factor_spd")?,
                 kb: kb as u32,
-                inv_off: u32_of(k0 * NB, "factor_spd")?,
-                global_k0: u32_of(k0, "factor_spd")?,
-                col_ld: block as u32,
-                shift,
+                inv_off: u32_of(j0 * NB, "factor_spd")?,
+                global_k0: u32_of(j0, "factor_spd")?,
+                col_ld: columns.width as u32,
+                shift: f.shift,
                 ..Default::default()
             };
-            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, status_buf), (4, factor_buf), (6, inv_buf)], [1, 1, 1])?;
-            let below = k0 + kb;
+            self.dispatch(kernel("potrf_block"), bytemuck::bytes_of(&base), &[(1, diag_buf), (3, status_buf), (4, block_buf), (6, inv_buf)], [1, 1, 1])?;
+            let below = j0 + kb;
             if below >= d {
-                break;
+                return Ok(());
             }
             // Rows below the block, panel by panel: L[i, block] ← A[i, block]·L_kk⁻ᵀ.
             for q in p..l.tensors.len() {
@@ -176,41 +262,58 @@ impl GpuContext {
                 let (x_buf, x_base) = l.tensors[q].single("factor_spd")?;
                 let params = Params {
                     rows: (q1 - first) as u32,
-                    x_off: u32_of(x_base + (first - q0) * d + k0, "factor_spd")?,
+                    x_off: u32_of(x_base + (first - q0) * d + j0, "factor_spd")?,
                     x_ld: d as u32,
-                    col_off: u32_of((first - q0) * block, "factor_spd")?,
+                    col_off: u32_of((first - q0) * columns.width + (j0 - k0), "factor_spd")?,
                     ..base
                 };
                 self.dispatch(
                     kernel("trsm_rows"),
                     bytemuck::bytes_of(&params),
-                    &[(2, x_buf), (4, factor_buf), (5, columns.tensors[q].single("factor_spd")?.0)],
+                    &[(2, x_buf), (4, block_buf), (5, columns.tensors[q].single("factor_spd")?.0)],
                     [(q1 - first).div_ceil(64) as u32, 1, 1],
                 )?;
             }
-            // Trailing update of the lower triangle: A[i, j] −= L[i, block]·L[j, block]ᵀ, i ≥ j.
-            let spec = MatmulSpec { trans_a: false, trans_b: true, alpha: -1.0, beta: 1.0 };
-            for qi in p..l.tensors.len() {
-                let (i0, i1) = l.range(qi, d);
-                let ri = below.max(i0);
-                if ri >= i1 {
+            // The panel's later columns, with this block's.
+            self.update_lower(l, columns, (j0 - k0, kb), below, panel_end)?;
+        }
+        Ok(())
+    }
+
+    /// The trailing matrix right of the panel at k0, with all of the
+    /// panel's columns as the products' inner dimension.
+    fn update_after_panel(&self, f: &Factoring, k0: usize) -> Result<()> {
+        let (d, panel_end) = (f.factor.d, (k0 + FACTOR_PANEL).min(f.factor.d));
+        if panel_end >= d {
+            return Ok(());
+        }
+        self.update_lower(&f.factor.l, &f.columns, (0, panel_end - k0), panel_end, d)
+    }
+
+    /// A[i, c] −= Σ_k L[i, k]·L[c, k] over the lower triangle (i ≥ c) for
+    /// rows i ≥ `first` and columns c in `first` .. `last`, with the k's
+    /// the `columns` scratch's columns `offset` .. `offset + width`: one
+    /// product per pair of row panels, tiles above the diagonal skipped.
+    fn update_lower(&self, l: &Panels, columns: &Panels, (offset, width): (usize, usize), first: usize, last: usize) -> Result<()> {
+        let d = l.width;
+        let spec = MatmulSpec { trans_a: false, trans_b: true, alpha: -1.0, beta: 1.0 };
+        for qi in l.panel_of(first).0..l.tensors.len() {
+            let (i0, i1) = l.range(qi, d);
+            let ri = first.max(i0);
+            for qj in l.panel_of(first).0..=qi {
+                let (j0, j1) = l.range(qj, d);
+                let rj = first.max(j0);
+                let cols_end = j1.min(i1).min(last);
+                if ri >= i1 || rj >= cols_end {
                     continue;
                 }
-                for qj in p..=qi {
-                    let (j0, j1) = l.range(qj, d);
-                    let rj = below.max(j0);
-                    let cols_end = j1.min(i1);
-                    if rj >= cols_end {
-                        continue;
-                    }
-                    let a_view = columns.view(qi, ri - i0, 0, i1 - ri, kb);
-                    let b_view = columns.view(qj, rj - j0, 0, cols_end - rj, kb);
-                    let c_view = l.view(qi, ri - i0, rj, i1 - ri, cols_end - rj);
-                    self.matmul_views_lower(a_view, b_view, c_view, spec, ri, rj)?;
-                }
+                let a_view = columns.view(qi, ri - i0, offset, i1 - ri, width);
+                let b_view = columns.view(qj, rj - j0, offset, cols_end - rj, width);
+                let c_view = l.view(qi, ri - i0, rj, i1 - ri, cols_end - rj);
+                self.matmul_views_lower(a_view, b_view, c_view, spec, ri, rj)?;
             }
         }
-        Ok(SpdFactor { d, l, _storage: a, diag_inv, status })
+        Ok(())
     }
 
     /// A zeroed [d, n] right-hand side laid out in `f`'s row panels, for
