@@ -415,8 +415,8 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     }
     for u in outcome.updates.iter().filter(|u| u.solve_shift > 0.0) {
         eprintln!(
-            "note: layer {}: λC + KKᵀ was numerically singular in f32 (statistics from little or repetitive text); factored with a diagonal shift of {:e} of its mean diagonal and refined in float64 against λC + KKᵀ + 1e-7·(mean diagonal)·I ({} steps)",
-            u.layer, u.solve_shift, u.solve_refinements
+            "note: layer {}: λC + KKᵀ was numerically singular in f32 (statistics from little or repetitive text); factored with a diagonal shift of {:e} of its mean diagonal and refined in float64 against λC + KKᵀ + {:e}·(mean diagonal)·I ({} steps)",
+            u.layer, u.solve_shift, u.solve_ridge, u.solve_refinements
         );
     }
     let after = prompts.iter().map(|p| top_predictions(edited_model, tok, p, 3)).collect::<Result<Vec<_>>>()?;
@@ -471,7 +471,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
             "phases": outcome.phases,
             "counters": outcome.phases.counters(),
             "solve_shifts": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift})).collect::<Vec<_>>(),
-            "solves": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift, "refinements": u.solve_refinements, "last_correction": u.solve_correction})).collect::<Vec<_>>(),
+            "solves": outcome.updates.iter().map(|u| serde_json::json!({"layer": u.layer, "relative_shift": u.solve_shift, "relative_ridge": u.solve_ridge, "refinements": u.solve_refinements, "last_correction": u.solve_correction})).collect::<Vec<_>>(),
             "written": written, "edits": rows,
             "weak_targets": weak.iter().map(|&(i, p)| serde_json::json!({"request": i, "target_prob": p})).collect::<Vec<_>>(),
             "outcomes": outcomes,

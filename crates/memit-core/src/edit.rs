@@ -46,6 +46,9 @@ pub struct LayerUpdate {
     /// λC + KKᵀ: 0 unless f32 rounding left that matrix with a
     /// non-positive pivot (statistics spanning fewer directions than d_ff).
     pub solve_shift: f32,
+    /// The ridge of the system refined in float64, relative to the same
+    /// mean diagonal (see `LayerSolve::ridge`).
+    pub solve_ridge: f64,
     /// Float64 refinement steps of the solve, and the relative size of the
     /// last correction (an estimate of x's remaining error).
     pub solve_refinements: usize,
@@ -391,7 +394,7 @@ pub async fn spread_over_layers(
             state.remember_keys(&model.ctx, layer, &ko.keys, n).await?;
             clock.stop(&mut phases.keys);
         }
-        let update = LayerUpdate { layer, resid, x: solved.x, solve_shift: solved.shift, solve_refinements: solved.refinements, solve_correction: solved.last_correction };
+        let update = LayerUpdate { layer, resid, x: solved.x, solve_shift: solved.shift, solve_ridge: solved.ridge, solve_refinements: solved.refinements, solve_correction: solved.last_correction };
         let clock = PhaseClock::start(&model.ctx);
         apply_update(model, &update)?;
         model.ctx.sync().await?;

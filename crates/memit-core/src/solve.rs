@@ -20,7 +20,8 @@ const SOLVE_SHIFTS: [f32; 12] = [0.0, 1e-7, 2e-7, 5e-7, 1e-6, 2e-6, 5e-6, 1e-5, 
 
 /// The ridge (relative to the mean diagonal) kept in the refined system
 /// when the f32 factorisation needed a shift: about the rounding level of
-/// C's f32 entries, far below the shift itself.
+/// C's f32 entries, far below the shift itself (unless that system is
+/// indefinite in f64; see `LayerSolve::ridge`).
 const RIDGE: f64 = 1e-7;
 
 /// Refinement stops once a correction changes X by less than this
@@ -38,8 +39,13 @@ pub struct LayerSolve {
     /// Diagonal shift s (relative to the mean diagonal of λC + KKᵀ) the
     /// f32 factorisation needed; 0 unless f32 rounding left the matrix with
     /// a non-positive pivot. The shifted factor then only preconditions the
-    /// float64 refinement of the unshifted system.
+    /// float64 refinement.
     pub shift: f32,
+    /// The ridge (relative to the same mean diagonal) of the system refined
+    /// in float64: 0 without a shift; with one, 1e-7 (C's f32 precision),
+    /// or s itself where λC + KKᵀ + 1e-7·I is indefinite in float64 (C's
+    /// f32 rounding below that: a covariance of rank far below d_ff).
+    pub ridge: f64,
     /// Refinement iterations run, and the relative size of the last
     /// correction (an estimate of X's remaining error).
     pub refinements: usize,
@@ -119,7 +125,17 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
     for relative in SOLVE_SHIFTS {
         let shift = relative as f64 * mean_diagonal;
         let a = assemble(ctx, d, system, keys, n)?;
-        let factor = ctx.factor_spd(a, (shift + system.identity as f64) as f32)?;
+        // A matrix that is not definite in f32 fails here at the cost of
+        // the columns up to its bad pivot (or, for small systems, below
+        // with the first solution's status).
+        let factor = match ctx.factor_spd_checked(a, (shift + system.identity as f64) as f32).await {
+            Ok(factor) => factor,
+            Err(GpuError::NotPositiveDefinite { pivot }) => {
+                first_failure.get_or_insert(pivot);
+                continue;
+            }
+            Err(other) => return Err(other.into()),
+        };
         let x0 = ctx.solver_rhs(&factor, n)?;
         ctx.write(&x0, &b32)?;
         ctx.solve_factored_in_place(&factor, &x0)?;
@@ -134,12 +150,11 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
             Err(other) => return Err(other.into()),
         }
         let x0: Vec<f64> = read.swap_remove(0).into_iter().map(f64::from).collect();
-        // Refined in float64 against the system the factor is of. A shift
-        // means C, known to f32 precision, has directions below that
-        // precision (and may be indefinite there when read exactly), so the
-        // smallest shift that makes it definite in f32 is kept as a ridge.
-        let ridge = if relative > 0.0 { RIDGE * mean_diagonal } else { 0.0 };
-        let exact = System { terms: system, identity: system.identity as f64 + ridge, keys, n, d };
+        // Refined in float64. A shift means C, known to f32 precision, has
+        // directions below that precision, so a ridge at that precision is
+        // kept; where C as stored is indefinite even with it (its f32
+        // rounding negative beyond the ridge: little text behind a wide
+        // C), the system refined is the shifted one the factor is of.
         let factor = &factor;
         let precondition = |r: &[f64]| {
             let values: Vec<f32> = r.iter().map(|&v| v as f32).collect();
@@ -150,14 +165,25 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
                 Ok::<_, MemitError>(ctx.read(&r).await?.into_iter().map(f64::from).collect::<Vec<f64>>())
             }
         };
-        let (x, refinements, last_correction) = conjugate_gradients(&exact, &b, x0, n, precondition).await?;
+        let refine = |ridge: f64, x0: Vec<f64>| {
+            let exact = System { terms: system, identity: system.identity as f64 + ridge * mean_diagonal, keys, n, d };
+            let (b, precondition) = (&b, &precondition);
+            async move { conjugate_gradients(&exact, b, x0, n, precondition).await }
+        };
+        let mut ridge = if relative > 0.0 { RIDGE } else { 0.0 };
+        let mut refined = refine(ridge, x0.clone()).await?;
+        if refined.indefinite && relative > 0.0 {
+            ridge = relative as f64;
+            refined = refine(ridge, x0).await?;
+        }
+        let Refined { x, iterations: refinements, last_correction, .. } = refined;
         let mut out = vec![0.0f32; n * d];
         for i in 0..d {
             for r in 0..n {
                 out[r * d + i] = x[i * n + r] as f32;
             }
         }
-        return Ok(LayerSolve { x: out, shift: relative, refinements, last_correction });
+        return Ok(LayerSolve { x: out, shift: relative, ridge, refinements, last_correction });
     }
     let advice = if system.projector.is_some() { "raise l2" } else { "collect statistics over more text or raise mom2_update_weight" };
     Err(MemitError::Stats(format!(
@@ -170,7 +196,8 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
 /// A of `system` (without its identity term, which the factorisation
 /// adds as a shift) on the GPU in the solver's layout: λC (+ Σ earlier
 /// KᵀK) rounded to f32 on the host, as a GPU product would round it, then
-/// KᵀK added on the GPU; for AlphaEdit the sum is then sandwiched by P.
+/// KᵀK added on the GPU (its lower triangle only, which is all the
+/// factorisation reads); for AlphaEdit the whole sum, then sandwiched by P.
 fn assemble(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<Tensor> {
     let a = ctx.solver_matrix(d, d)?;
     if system.covariance.is_some() || system.accumulated.is_some() {
@@ -187,24 +214,36 @@ fn assemble(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f
             ctx.write(&a.slice_rows(row0..row0 + rows)?, &block)?;
         }
     }
-    {
-        let k = ctx.upload(&[n, d], keys, DType::F32)?;
-        ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
-    }
-    if let Some(p) = system.projector {
-        let p = ctx.upload(&[d, d], p, DType::F32)?;
-        let sp = ctx.matmul(&a, &p, false, false)?;
-        ctx.matmul_into(&p, &sp, &a, MatmulSpec::default())?;
-    }
+    let k = ctx.upload(&[n, d], keys, DType::F32)?;
+    let Some(p) = system.projector else {
+        // The factorisation reads the lower triangle alone.
+        ctx.add_gram_lower(&a, &k, 1.0)?;
+        return Ok(a);
+    };
+    ctx.matmul_into(&k, &k, &a, MatmulSpec { trans_a: true, beta: 1.0, ..Default::default() })?;
+    drop(k);
+    let p = ctx.upload(&[d, d], p, DType::F32)?;
+    let sp = ctx.matmul(&a, &p, false, false)?;
+    ctx.matmul_into(&p, &sp, &a, MatmulSpec::default())?;
     Ok(a)
+}
+
+/// What [`conjugate_gradients`] reached.
+struct Refined {
+    x: Vec<f64>,
+    iterations: usize,
+    /// The relative size of the last correction.
+    last_correction: f64,
+    /// Stopped because the system is not definite along a search
+    /// direction (in f64).
+    indefinite: bool,
 }
 
 /// Conjugate gradients preconditioned by the f32 factor on the n columns of A·X = B at once
 /// (each column with its own step sizes), from `x`, in f64, with
 /// `precondition(r)` ≈ A⁻¹r. Flexible (Polak–Ribière) updates, since the
-/// preconditioner rounds its input to f32. Returns X, the iterations run
-/// and the relative size of the last correction.
-async fn conjugate_gradients<F, Fut>(system: &System<'_>, b: &[f64], mut x: Vec<f64>, n: usize, precondition: F) -> Result<(Vec<f64>, usize, f64)>
+/// preconditioner rounds its input to f32.
+async fn conjugate_gradients<F, Fut>(system: &System<'_>, b: &[f64], mut x: Vec<f64>, n: usize, precondition: F) -> Result<Refined>
 where
     F: Fn(&[f64]) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<f64>>>,
@@ -218,7 +257,7 @@ where
     };
     let mut r = system.residual(b, &x);
     let (mut p, mut z_prev, mut r_prev): (Vec<f64>, Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut iterations, mut last_correction) = (0, f64::INFINITY);
+    let (mut iterations, mut last_correction, mut indefinite) = (0, f64::INFINITY, false);
     while iterations < MAX_REFINEMENTS {
         let z = precondition(&r).await?;
         if iterations == 0 {
@@ -235,6 +274,7 @@ where
         let (rz, pq) = (column_dots(&r, &z), column_dots(&p, &q));
         if pq.iter().any(|&v| !(v > 0.0)) {
             // The system is not definite along p (in f64): stop where we are.
+            indefinite = true;
             break;
         }
         let alpha: Vec<f64> = rz.iter().zip(&pq).map(|(&a, &b)| a / b).collect();
@@ -254,7 +294,7 @@ where
             break;
         }
     }
-    Ok((x, iterations, last_correction))
+    Ok(Refined { x, iterations, last_correction, indefinite })
 }
 
 /// A of a [`LayerSystem`] plus `identity`·I (the AlphaEdit weight and any

@@ -226,3 +226,42 @@ fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     }
     t
 }
+
+/// A covariance of rank far below d_ff (statistics over a dozen tokens),
+/// accumulated in f32 as the GPU does, so that as stored it is indefinite
+/// by its rounding: the f32 factorisation needs a shift and the float64
+/// refinement falls back to the shifted system, which it solves to float64
+/// accuracy (against Gaussian elimination of the same system here).
+#[test]
+fn a_rank_deficient_covariance_is_solved_as_the_shifted_system() {
+    let (d, tokens, n, lambda) = (96, 12, 4, 50.0f32);
+    let mut rng = SplitMix64(23);
+    // Columns of decaying scale, like an MLP's keys.
+    let x: Vec<f32> = normals(&mut rng, tokens * d).iter().enumerate().map(|(i, v)| (*v / (1.0 + (i % d) as f64 / 8.0).sqrt()) as f32).collect();
+    let mut c32 = vec![0.0f32; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            let sum: f32 = (0..tokens).map(|t| x[t * d + i] * x[t * d + j]).sum();
+            c32[i * d + j] = sum / tokens as f32;
+        }
+    }
+    let keys: Vec<f32> = normals(&mut rng, n * d).iter().map(|&v| v as f32).collect();
+    let cov = LayerCovariance { layer: 0, matrix: c32.clone(), n_tokens: tokens as u64 };
+    let got = pollster::block_on(solve_system(&ctx(), d, &LayerSystem::memit(&cov, lambda), &keys, n)).unwrap();
+    eprintln!("shift {:e}, ridge {:e}, {} refinements, last correction {:e}", got.shift, got.ridge, got.refinements, got.last_correction);
+    assert!(got.shift > 0.0, "a rank-{tokens} covariance in {d} dimensions factored without a shift");
+    assert_eq!(got.ridge, got.shift as f64, "the refinement should have fallen back to the shifted system");
+    assert!(got.refinements >= 1 && got.last_correction < 1e-8, "{} refinements, last correction {:e}", got.refinements, got.last_correction);
+
+    // The same system in float64: λC (as stored) + KᵀK + ridge·(mean diagonal)·I.
+    let k: Vec<f64> = keys.iter().map(|&v| v as f64).collect();
+    let kt = transpose(&k, n, d);
+    let ktk = matmul(&kt, &k, d, n, d);
+    let mut a: Vec<f64> = (0..d * d).map(|i| lambda as f64 * c32[i] as f64 + ktk[i]).collect();
+    let mean_diagonal = (0..d).map(|i| a[i * d + i]).sum::<f64>() / d as f64;
+    (0..d).for_each(|i| a[i * d + i] += got.ridge * mean_diagonal);
+    let want = gaussian_solve(&a, &kt, d, n);
+    let got_t = transpose(&got.x.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, d);
+    let err = relative_error(&got_t, &want);
+    assert!(err < 1e-6, "relative error {err:e} against the float64 solve of the shifted system");
+}

@@ -35,7 +35,7 @@ fn request(i: usize) -> EditRequest {
 }
 
 fn update(layer: usize, n: usize, d: usize, d_ff: usize, rng: &mut Rng) -> LayerUpdate {
-    LayerUpdate { layer, resid: (0..n * d).map(|_| rng.next() * 0.3).collect(), x: (0..n * d_ff).map(|_| rng.next() * 0.2).collect(), solve_shift: 0.0, solve_refinements: 0, solve_correction: 0.0 }
+    LayerUpdate { layer, resid: (0..n * d).map(|_| rng.next() * 0.3).collect(), x: (0..n * d_ff).map(|_| rng.next() * 0.2).collect(), solve_shift: 0.0, solve_ridge: 0.0, solve_refinements: 0, solve_correction: 0.0 }
 }
 
 fn build(dtype: StoredDtype, layout: WeightLayout, rng: &mut Rng) -> (Patch, Vec<StoredTensor>, Vec<StoredTensor>, Vec<LayerUpdate>) {
