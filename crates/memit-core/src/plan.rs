@@ -964,8 +964,9 @@ fn keys_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhaseP
 
 /// One layer's solve (`solve_layer`): λC + KKᵀ formed in the solver's
 /// layout with K beside it, K dropped, the matrix factored in place with its
-/// block inverses and panel scratch, then each solve's right-hand side
-/// (overwritten by the solution) and one scratch of the same size.
+/// block inverses and panel scratch (dropped when the factor is done), then
+/// each solve's right-hand side (overwritten by the solution) and one
+/// scratch of the same size.
 fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> PhasePlan {
     let (ff, n) = (m.ff, o.n_requests);
     let a = sim.tensor_blocks(ff, ff, 4, SOLVE_BLOCK, "λC + KKᵀ");
@@ -983,13 +984,16 @@ fn solve_phase(m: &Shape, hp: &Hparams, o: &PlanOptions, sim: &mut Sim) -> Phase
     if (ff.div_ceil(SOLVE_BLOCK) * SOLVE_BLOCK * SOLVE_BLOCK * 4) as u64 > sim.chunk {
         sim.problem(format!("solve: the diagonal block inverses of a {ff}×{ff} system exceed one storage binding"));
     }
-    let mut held = vec![a, diag_inv, sim.f32(1, 1), sim.f32(block, block)];
+    let held = [a, diag_inv, sim.f32(1, 1)];
+    // The factorisation's scratch, gone before the first solve.
+    let mut scratch = vec![sim.f32(block, block)];
     let mut at = 0;
     while at < ff {
         let rows = panel_rows.min(ff - at);
-        held.push(sim.f32(rows, panel));
+        scratch.push(sim.f32(rows, panel));
         at += rows;
     }
+    sim.free_all(scratch);
     let rhs = |sim: &mut Sim| sim.tensor_blocks(ff, n, 4, panel_rows, "solve right-hand side (fewer requests per edit)");
     let (x, scratch) = (rhs(sim), rhs(sim));
     sim.free_all([x, scratch]);

@@ -101,13 +101,13 @@ impl Hand {
     }
 
     /// λC + KKᵀ (K beside it while it is formed, then gone), the factor's
-    /// block inverses and column scratch (256 columns: one factor panel),
-    /// a right-hand side and one scratch.
+    /// block inverses with its scratch (a 256-column panel and a diagonal
+    /// block, gone once factored), then a right-hand side and one scratch.
     fn solve(&self, n: u64) -> u64 {
         let ff = self.ff;
-        let panels = ff * ff.min(256) * 4;
-        let misc = ff.div_ceil(64) * 64 * 64 * 4 + 4 + 64 * 64 * 4;
-        self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (n * ff * 4).max(panels + misc + 2 * n * ff * 4)
+        let scratch = ff * ff.min(256) * 4 + 64 * 64 * 4;
+        let kept = ff.div_ceil(64) * 64 * 64 * 4 + 4;
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (n * ff * 4).max(kept + scratch).max(kept + 2 * n * ff * 4)
     }
 
     /// AlphaEdit's solve: P and S·P beside S while P·S·P is formed (then
@@ -115,9 +115,9 @@ impl Hand {
     /// from the host).
     fn alphaedit_solve(&self, n: u64) -> u64 {
         let ff = self.ff;
-        let panels = ff * ff.min(256) * 4;
-        let misc = ff.div_ceil(64) * 64 * 64 * 4 + 4 + 64 * 64 * 4;
-        self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (2 * ff * ff * 4).max(panels + misc + 2 * n * ff * 4)
+        let scratch = ff * ff.min(256) * 4 + 64 * 64 * 4;
+        let kept = ff.div_ceil(64) * 64 * 64 * 4 + 4;
+        self.weights + (self.r - 1) * self.d * self.ff * 2 + ff * ff * 4 + (2 * ff * ff * 4).max(kept + scratch).max(kept + 2 * n * ff * 4)
     }
 
     fn update(&self, n: u64) -> u64 {
