@@ -14,6 +14,7 @@ mod forward;
 mod memit;
 mod profile;
 mod shaped;
+mod solve;
 
 #[derive(Parser)]
 #[command(about = "Benchmark memit-wgpu kernels on the current adapter")]
@@ -128,6 +129,28 @@ enum Command {
         #[arg(long, default_value = "target/bench/profile.json")]
         out: PathBuf,
     },
+    /// One layer's MEMIT solve (λC + KᵀK, float64-refined) without a model:
+    /// C from random keys, full rank or of the rank a short corpus leaves.
+    Solve {
+        /// Widths d_ff.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+        widths: Vec<usize>,
+        /// Requests (keys) per solve.
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        /// Tokens behind C; 0 means 2·d_ff (full rank).
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        tokens: Vec<usize>,
+        /// λ (GPT-J's preset: 15,000).
+        #[arg(long, default_value_t = 15000.0)]
+        lambda: f32,
+        /// Time the solve alone: no separate factorisation timing and
+        /// profile (each a whole factorisation more).
+        #[arg(long)]
+        solve_only: bool,
+        #[arg(long, default_value = "target/bench/solve.json")]
+        out: PathBuf,
+    },
     /// Everything on the defaults: kernels, forward and memit, one JSON each
     /// under target/bench/ and their tables.
     All {
@@ -231,6 +254,7 @@ fn main() -> Result<()> {
                 out: "target/bench/memit.json".into(),
             })
         }
+        Command::Solve { widths, n, tokens, lambda, solve_only, out } => solve::run(solve::Options { widths, n, tokens, lambda, solve_only, out }),
         Command::Profile { model, cases, n_edits, batch, seq, out } => profile::run(profile::Options { model, cases, n_edits, batch, seq, out }),
         Command::Counterfact { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, no_prefix_cache, out } => {
             counterfact::run(counterfact::Options { model, dataset, corpus, n_edits, offset, lambdas, stats_texts, max_len, no_prefix_cache, out })
