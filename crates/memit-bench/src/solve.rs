@@ -6,11 +6,12 @@
 //! factorisation needed, the refinement steps and the cost counters.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use memit_core::{solve_system, LayerCovariance, LayerSystem};
-use memit_gpu::{CostCounters, DType, GpuContext, Tensor};
+use memit_core::{assemble_system, solve_system, LayerCovariance, LayerSystem};
+use memit_gpu::{CostCounters, GpuContext, Tensor};
 use memit_models::SplitMix64;
 use serde::Serialize;
 
@@ -35,9 +36,9 @@ struct SolveCase {
     tokens: usize,
     lambda: f32,
     seconds: f64,
-    /// The f32 factorisation of λC + KᵀK alone (assembled by hand, timed
-    /// from the factor's first dispatch to its completion), and its rate
-    /// at Cholesky's d³/3 flops.
+    /// The f32 factorisation of λC + KᵀK alone (assembled as the solve
+    /// does, timed from the factor's first dispatch to its completion), and
+    /// its rate at Cholesky's d³/3 flops.
     factor_seconds: Option<f64>,
     factor_gflops: Option<f64>,
     /// One forward and backward substitution for the n columns.
@@ -82,20 +83,18 @@ fn second_moment(x: &[f32], tokens: usize, d: usize) -> Vec<f32> {
     c
 }
 
-/// λC + KᵀK in the solver's layout.
-fn assemble(ctx: &GpuContext, c: &[f32], lambda: f32, keys: &[f32], n: usize, d: usize) -> Result<Tensor> {
-    let a = ctx.solver_matrix(d, d)?;
-    let scaled: Vec<f32> = c.iter().map(|v| lambda * v).collect();
-    ctx.write(&a, &scaled)?;
-    ctx.add_gram_lower(&a, &ctx.upload(&[n, d], keys, DType::F32)?, 1.0)?;
+/// λC + KᵀK in the solver's layout, as `solve_system` assembles it, with
+/// the uploads done.
+fn assemble(ctx: &Arc<GpuContext>, cov: &LayerCovariance, lambda: f32, keys: &[f32], n: usize, d: usize) -> Result<Tensor> {
+    let a = assemble_system(ctx, d, &LayerSystem::memit(cov, lambda), keys, n)?;
     pollster::block_on(ctx.sync())?;
     Ok(a)
 }
 
 /// The factorisation's GPU time per kernel, where the adapter has
 /// timestamp queries.
-fn profile_factor(ctx: &GpuContext, c: &[f32], lambda: f32, keys: &[f32], n: usize, d: usize) -> Result<Vec<KernelShare>> {
-    let a = assemble(ctx, c, lambda, keys, n, d)?;
+fn profile_factor(ctx: &Arc<GpuContext>, cov: &LayerCovariance, lambda: f32, keys: &[f32], n: usize, d: usize) -> Result<Vec<KernelShare>> {
+    let a = assemble(ctx, cov, lambda, keys, n, d)?;
     if ctx.start_profiling().is_err() {
         return Ok(Vec::new());
     }
@@ -126,8 +125,8 @@ fn profile_factor(ctx: &GpuContext, c: &[f32], lambda: f32, keys: &[f32], n: usi
 
 /// Seconds for factoring λC + KᵀK (whatever its pivots) and for one
 /// substitution with the factor, each waited for on its own.
-fn time_factor_and_substitution(ctx: &GpuContext, c: &[f32], lambda: f32, keys: &[f32], n: usize, d: usize) -> Result<(f64, f64)> {
-    let a = assemble(ctx, c, lambda, keys, n, d)?;
+fn time_factor_and_substitution(ctx: &Arc<GpuContext>, cov: &LayerCovariance, lambda: f32, keys: &[f32], n: usize, d: usize) -> Result<(f64, f64)> {
+    let a = assemble(ctx, cov, lambda, keys, n, d)?;
     let start = Instant::now();
     let factor = ctx.factor_spd(a, 0.0)?;
     pollster::block_on(ctx.sync())?;
@@ -154,8 +153,8 @@ pub fn run(options: Options) -> Result<()> {
             let (factor_seconds, substitution_seconds, factor_kernels) = if options.solve_only {
                 (None, None, Vec::new())
             } else {
-                let (factor, substitution) = time_factor_and_substitution(&ctx, &cov.matrix, options.lambda, &keys, options.n, d)?;
-                (Some(factor), Some(substitution), profile_factor(&ctx, &cov.matrix, options.lambda, &keys, options.n, d)?)
+                let (factor, substitution) = time_factor_and_substitution(&ctx, &cov, options.lambda, &keys, options.n, d)?;
+                (Some(factor), Some(substitution), profile_factor(&ctx, &cov, options.lambda, &keys, options.n, d)?)
             };
             for k in &factor_kernels {
                 eprintln!("    {:<28} {:>6} dispatches {:>9.3} s  {}", k.kernel, k.dispatches, k.seconds, k.gflops.map_or(String::new(), |g| format!("{g:.2} GFLOP/s")));

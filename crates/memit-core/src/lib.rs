@@ -23,7 +23,7 @@ pub use patch::{LayerChange, Patch, PatchLayer};
 pub use plan::{gib, DeviceLimits, MemoryPlan, PhasePlan, PlanError, PlanOptions, RequestShape, POOL_BYTES};
 pub use keys::{keys_and_outputs, KeysAndOutputs};
 pub use nullspace::{null_space_projector, NullSpaceProjector, RESOLVED_BAND};
-pub use solve::{solve_layer, solve_system, LayerSolve, LayerSystem};
+pub use solve::{assemble_system, solve_layer, solve_system, LayerSolve, LayerSystem};
 pub use request::{parse_requests, requests_from_json, subject_last_index, EditRequest, PreparedRequest, TargetText};
 pub use stats::{load_cache, read_cache, StatsAccumulator, StatsIdentity};
 pub use target::{compute_target_vectors, StepLoss, TargetCost, TargetOptions, TargetVector};

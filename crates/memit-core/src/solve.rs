@@ -124,7 +124,7 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
     let mut first_failure = None;
     for relative in SOLVE_SHIFTS {
         let shift = relative as f64 * mean_diagonal;
-        let a = assemble(ctx, d, system, keys, n)?;
+        let a = assemble_system(ctx, d, system, keys, n)?;
         // A matrix that is not definite in f32 fails here at the cost of
         // the columns up to its bad pivot (or, for small systems, below
         // with the first solution's status).
@@ -170,12 +170,14 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
             let (b, precondition) = (&b, &precondition);
             async move { conjugate_gradients(&exact, b, x0, n, precondition).await }
         };
-        let mut ridge = if relative > 0.0 { RIDGE } else { 0.0 };
-        let mut refined = refine(ridge, x0.clone()).await?;
-        if refined.indefinite && relative > 0.0 {
-            ridge = relative as f64;
-            refined = refine(ridge, x0).await?;
-        }
+        let (ridge, refined) = if relative > 0.0 {
+            match refine(RIDGE, x0.clone()).await? {
+                refined if refined.indefinite => (relative as f64, refine(relative as f64, x0).await?),
+                refined => (RIDGE, refined),
+            }
+        } else {
+            (0.0, refine(0.0, x0).await?)
+        };
         let Refined { x, iterations: refinements, last_correction, .. } = refined;
         let mut out = vec![0.0f32; n * d];
         for i in 0..d {
@@ -194,11 +196,12 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
 }
 
 /// A of `system` (without its identity term, which the factorisation
-/// adds as a shift) on the GPU in the solver's layout: λC (+ Σ earlier
-/// KᵀK) rounded to f32 on the host, as a GPU product would round it, then
-/// KᵀK added on the GPU (its lower triangle only, which is all the
-/// factorisation reads); for AlphaEdit the whole sum, then sandwiched by P.
-fn assemble(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<Tensor> {
+/// adds as a shift) on the GPU in the solver's layout, ready for
+/// `factor_spd`: λC (+ Σ earlier KᵀK) rounded to f32 on the host, as a GPU
+/// product would round it, then KᵀK added on the GPU (its lower triangle
+/// only, which is all the factorisation reads); for AlphaEdit the whole
+/// sum, then sandwiched by P.
+pub fn assemble_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<Tensor> {
     let a = ctx.solver_matrix(d, d)?;
     if system.covariance.is_some() || system.accumulated.is_some() {
         for row0 in (0..d).step_by(C_ROWS_PER_UPLOAD) {
