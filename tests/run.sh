@@ -40,7 +40,11 @@ export MEMIT_SMOLLM2_GGUF="$PWD/$gguf"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace "$@" -- --include-ignored 2>&1 | tee "$log" || status=$?
+# Release builds: the crates the quick start (README command 1) and the
+# page's statistics hook already compiled are reused instead of compiled a
+# second time in the test profile, and the tests' float64 references run
+# optimised.
+cargo test --release --workspace "$@" -- --include-ignored 2>&1 | tee "$log" || status=$?
 # The browser: demo page and npm package in headless Chromium on WebGPU.
 bash tests/web/run.sh 2>&1 | tee -a "$log" || status=1
 # One closing line for the whole run (cargo prints one per test binary; the
