@@ -30,6 +30,10 @@ enum Command {
         /// Square sizes to measure.
         #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024])]
         sizes: Vec<usize>,
+        /// Further product shapes MxKxN (C is M×N), such as a layer's
+        /// 150x576x1536 in a target-vector step.
+        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<[usize; 3]>,
         /// Minimum measuring time per case, in seconds.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
@@ -204,7 +208,10 @@ pub(crate) struct AdapterReport {
 
 #[derive(Serialize)]
 struct MatmulCase {
-    size: usize,
+    /// C is m × n, the inner dimension k.
+    m: usize,
+    k: usize,
+    n: usize,
     layout: &'static str,
     dtype_a: &'static str,
     dtype_b: &'static str,
@@ -228,7 +235,10 @@ struct KernelReport {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Kernels { sizes, seconds, out } => kernels(&sizes, Duration::from_secs_f64(seconds), &out),
+        Command::Kernels { sizes, shapes, seconds, out } => {
+            let shapes: Vec<[usize; 3]> = sizes.iter().map(|&n| [n, n, n]).chain(shapes).collect();
+            kernels(&shapes, Duration::from_secs_f64(seconds), &out)
+        }
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
         }
@@ -238,7 +248,7 @@ fn main() -> Result<()> {
         Command::MakeGptj { out, layers, d_model, d_ff, heads, vocab, seed } => shaped::run(shaped::Options { out, layers, d_model, d_ff, heads, vocab, seed }),
         Command::All { torch_python, seconds } => {
             let budget = Duration::from_secs_f64(seconds);
-            kernels(&[256, 512, 1024], budget, &PathBuf::from("target/bench/kernels.json"))?;
+            kernels(&[[256; 3], [512; 3], [1024; 3]], budget, &PathBuf::from("target/bench/kernels.json"))?;
             forward::run(Vec::new(), 4, 32, budget, torch_python.clone(), &PathBuf::from("target/bench/forward.json"))?;
             memit::run(memit::Options {
                 model: "tests/fixtures/facts-gpt2".into(),
@@ -287,15 +297,21 @@ pub(crate) fn time_loop(budget: Duration, mut step: impl FnMut() -> Result<()>) 
     Ok((iterations, start.elapsed().as_secs_f64()))
 }
 
-fn gpu_matmul_gflops(ctx: &GpuContext, n: usize, trans_b: bool, dtypes: (DType, DType), budget: Duration) -> Result<(f64, usize)> {
-    let values: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-    let a = ctx.upload(&[n, n], &values, dtypes.0)?;
-    let b = ctx.upload(&[n, n], &values, dtypes.1)?;
-    let c: Tensor = ctx.zeros(&[n, n], DType::F32)?;
+/// Values in [-0.5, 0.5) for benchmark operands.
+fn operand(len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
+}
+
+fn gpu_matmul_gflops(ctx: &GpuContext, [m, k, n]: [usize; 3], trans_b: bool, dtypes: (DType, DType), budget: Duration) -> Result<(f64, usize)> {
+    let a = ctx.upload(&[m, k], &operand(m * k), dtypes.0)?;
+    let b_shape = if trans_b { [n, k] } else { [k, n] };
+    let b = ctx.upload(&b_shape, &operand(k * n), dtypes.1)?;
+    let c: Tensor = ctx.zeros(&[m, n], DType::F32)?;
     let spec = MatmulSpec { trans_b, ..Default::default() };
     // Each timed step queues several products and waits once, the way a
     // forward pass uses the GPU.
-    let per_sync = (64 * 1024 * 1024 * 1024usize / (2 * n * n * n)).clamp(1, 16);
+    let flops_each = 2.0 * (m * k * n) as f64;
+    let per_sync = ((64 << 30) as f64 / flops_each).clamp(1.0, 16.0) as usize;
     let (iterations, secs) = time_loop(budget, || {
         for _ in 0..per_sync {
             ctx.matmul_into(&a, &b, &c, spec)?;
@@ -303,22 +319,22 @@ fn gpu_matmul_gflops(ctx: &GpuContext, n: usize, trans_b: bool, dtypes: (DType, 
         pollster::block_on(ctx.sync())?;
         Ok(())
     })?;
-    let flops = 2.0 * (n * n * n) as f64 * (iterations * per_sync) as f64;
-    Ok((flops / secs / 1e9, iterations * per_sync))
+    Ok((flops_each * (iterations * per_sync) as f64 / secs / 1e9, iterations * per_sync))
 }
 
-fn cpu_matmul_gflops(n: usize, budget: Duration) -> f64 {
-    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-    let mut c = vec![0.0f32; n * n];
+fn cpu_matmul_gflops([m, k, n]: [usize; 3], budget: Duration) -> f64 {
+    let a = operand(m * k);
+    let b = operand(k * n);
+    let mut c = vec![0.0f32; m * n];
     let (iterations, secs) = time_loop(budget, || {
-        // SAFETY: a and c hold n*n elements with the row-major strides given.
+        // SAFETY: a is m×k, b k×n and c m×n, row-major with the strides given.
         unsafe {
-            matrixmultiply::sgemm(n, n, n, 1.0, a.as_ptr(), n as isize, 1, a.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
+            matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
         }
         Ok(())
     })
     .expect("cpu loop cannot fail");
-    2.0 * (n * n * n) as f64 * iterations as f64 / secs / 1e9
+    2.0 * (m * k * n) as f64 * iterations as f64 / secs / 1e9
 }
 
 /// Vendors' dense f32 peaks (boost clock, no tensor cores), GFLOP/s, by
@@ -340,25 +356,37 @@ fn peak_f32_gflops(adapter_name: &str) -> Option<f64> {
     F32_PEAKS.iter().find(|(name, _)| adapter_name.contains(name)).map(|&(_, peak)| peak)
 }
 
-fn kernels(sizes: &[usize], budget: Duration, out: &PathBuf) -> Result<()> {
+/// "MxKxN" as [M, K, N].
+fn parse_shape(text: &str) -> std::result::Result<[usize; 3], String> {
+    let dims: Vec<usize> = text.split('x').map(|d| d.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("{text:?}: {e}"))?;
+    match dims[..] {
+        [m, k, n] if m > 0 && k > 0 && n > 0 => Ok([m, k, n]),
+        _ => Err(format!("{text:?} is not MxKxN with three positive sizes")),
+    }
+}
+
+fn kernels(shapes: &[[usize; 3]], budget: Duration, out: &PathBuf) -> Result<()> {
     let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
     let adapter = adapter_report(&ctx);
     let peak = peak_f32_gflops(&adapter.name);
     eprintln!("adapter: {} ({}, {})", adapter.name, adapter.backend, adapter.device_type);
     let mut cases = Vec::new();
-    for &n in sizes {
-        let cpu = cpu_matmul_gflops(n, budget);
+    for &shape in shapes {
+        let [m, k, n] = shape;
+        let cpu = cpu_matmul_gflops(shape, budget);
         for (layout, trans_b, dtypes, names) in [
             ("A·B", false, (DType::F32, DType::F32), ("f32", "f32")),
             ("A·Bᵀ", true, (DType::F32, DType::F32), ("f32", "f32")),
             ("A·Bᵀ", true, (DType::F32, DType::F16), ("f32", "f16")),
         ] {
-            let (gpu, iterations) = gpu_matmul_gflops(&ctx, n, trans_b, dtypes, budget)?;
+            let (gpu, iterations) = gpu_matmul_gflops(&ctx, shape, trans_b, dtypes, budget)?;
             let percent_of_peak = peak.map(|p| 100.0 * gpu / p);
             let of_peak = percent_of_peak.map_or(String::new(), |p| format!(", {p:.1}% of peak"));
-            eprintln!("matmul {n:>5}^3 {layout:<5} {}x{}: {gpu:8.2} GFLOP/s{of_peak}  (cpu sgemm {cpu:8.2}, ratio {:.2})", names.0, names.1, gpu / cpu);
+            eprintln!("matmul {:>16} {layout:<5} {}x{}: {gpu:8.2} GFLOP/s{of_peak}  (cpu sgemm {cpu:8.2}, ratio {:.2})", format!("{m}x{k}x{n}"), names.0, names.1, gpu / cpu);
             cases.push(MatmulCase {
-                size: n,
+                m,
+                k,
+                n,
                 layout,
                 dtype_a: names.0,
                 dtype_b: names.1,
@@ -388,4 +416,18 @@ pub(crate) fn write_report(out: &std::path::Path, report: &impl Serialize) -> Re
     std::fs::write(out, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shape;
+
+    #[test]
+    fn shapes_are_read_as_m_k_n() {
+        assert_eq!(parse_shape("160x576x1536"), Ok([160, 576, 1536]));
+        assert_eq!(parse_shape(" 1 x2x 3"), Ok([1, 2, 3]));
+        for bad in ["160x576", "1x2x3x4", "0x2x3", "ax2x3", ""] {
+            assert!(parse_shape(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

@@ -116,11 +116,18 @@ const REQUIRED_LIMITS: [(&str, fn(&wgpu::Limits) -> u64, u64); 4] = [
 
 impl GpuContext {
     /// Opens the best adapter with options taken from the environment
-    /// (`MEMIT_ADAPTER` selects an adapter by name).
+    /// (`MEMIT_ADAPTER` selects an adapter by name; `MEMIT_CPU_KERNELS=1|0`
+    /// forces the CPU or the GPU kernel variants, for comparing them).
     pub async fn from_env() -> Result<Arc<Self>> {
         let var = |key: &str| std::env::var(key).ok().filter(|s| !s.is_empty());
         let backends = var("MEMIT_BACKEND").map(|b| parse_backend(&b)).transpose()?;
-        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, ..Default::default() }).await
+        let cpu_kernels = match var("MEMIT_CPU_KERNELS").as_deref() {
+            None => None,
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            Some(other) => return Err(GpuError::UnknownKernelChoice(other.to_string())),
+        };
+        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, cpu_kernels, ..Default::default() }).await
     }
 
     pub async fn new(options: GpuOptions) -> Result<Arc<Self>> {

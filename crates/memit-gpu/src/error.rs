@@ -12,6 +12,9 @@ pub enum GpuError {
     #[error("MEMIT_BACKEND / --backend {0:?} is not a backend: use vulkan, metal, dx12 or gl")]
     UnknownBackend(String),
 
+    #[error("MEMIT_CPU_KERNELS is {0:?}: use 1 (CPU kernel variants) or 0 (GPU variants), or unset it to let the adapter decide")]
+    UnknownKernelChoice(String),
+
     #[error("adapter `{adapter}` limit `{limit}` is {have}, but memit-wgpu needs at least {need}")]
     LimitTooSmall { adapter: String, limit: &'static str, have: u64, need: u64 },
 
