@@ -11,10 +11,10 @@ rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup targe
 
 bindgen=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock)
 installed() { command -v "$1" >/dev/null 2>&1 && "$1" --version 2>/dev/null | grep -q "$2"; }
-# The tools are built unoptimised and without debug info (they drive builds
-# and transform one wasm file; optimising their ~390 crates takes longer
-# than all their runs) into one target folder, so the crates they share
-# compile once.
+# The tools are built unoptimised and without debug info, into one target
+# folder so the ~390 crates they share compile once: they only drive builds
+# and transform one wasm file (wasm-pack's whole package step, wasm-bindgen
+# included, takes ~4 s unoptimised), so optimising them buys nothing.
 install() { CARGO_TARGET_DIR=target/tool-build CARGO_PROFILE_DEV_DEBUG=false cargo install --quiet --debug "$@"; }
 installed trunk " 0.21." || install --locked trunk --version "~0.21"
 installed wasm-bindgen " $bindgen" || install wasm-bindgen-cli --version "$bindgen"

@@ -510,10 +510,10 @@ impl World {
         Hparams::for_model(config).with_overrides(&overrides).unwrap()
     }
 
-    /// Statistics over the model's own training text (its "Wikipedia").
-    /// The statistics of the unedited world model over train.txt at the
-    /// layers of `hp`: collected once per test binary (every world test
-    /// edits the same layers of the same model) and copied to each caller.
+    /// Statistics of the unedited model over its own training text (its
+    /// "Wikipedia") at the layers of `hp`: collected once per test binary
+    /// (every world test edits the same layers of the same model) and
+    /// copied to each caller.
     fn covariances(&self, model: &Model, tok: &TextTokenizer, hp: &Hparams) -> Vec<LayerCovariance> {
         static COLLECTED: Mutex<Vec<(Vec<usize>, Vec<LayerCovariance>)>> = Mutex::new(Vec::new());
         let mut collected = COLLECTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
