@@ -83,6 +83,10 @@ enum Command {
         /// what caching the rows before each subject saves).
         #[arg(long)]
         no_prefix_cache: bool,
+        /// Keep stopped requests in their batch to its last step (to
+        /// measure what dropping them saves).
+        #[arg(long)]
+        no_regroup: bool,
         /// Hyperparameter overrides over the model's preset, as JSON (e.g.
         /// '{"layers": [0, 1], "v_num_grad_steps": 2}').
         #[arg(long)]
@@ -242,8 +246,8 @@ fn main() -> Result<()> {
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
         }
-        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, hparams, f16, torch_python, out } => {
-            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, hparams, f16, torch_python, out })
+        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, no_regroup, hparams, f16, torch_python, out } => {
+            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, no_regroup, hparams, f16, torch_python, out })
         }
         Command::MakeGptj { out, layers, d_model, d_ff, heads, vocab, seed } => shaped::run(shaped::Options { out, layers, d_model, d_ff, heads, vocab, seed }),
         Command::All { torch_python, seconds } => {
@@ -258,6 +262,7 @@ fn main() -> Result<()> {
                 cases: "tests/fixtures/facts-gpt2/counterfact.json".into(),
                 sizes: vec![1, 10, 100],
                 no_prefix_cache: false,
+                no_regroup: false,
                 hparams: None,
                 f16: false,
                 torch_python,

@@ -26,6 +26,8 @@ pub struct Options {
     pub sizes: Vec<usize>,
     /// Run every prompt row in every target-vector step.
     pub no_prefix_cache: bool,
+    /// Keep stopped requests in their batch to its last step.
+    pub no_regroup: bool,
     /// JSON overrides over the model's preset.
     pub hparams: Option<String>,
     /// Weight matrices in f16.
@@ -55,6 +57,9 @@ struct EditResult {
     seconds: f64,
     edits_per_s: f64,
     phases: Phases,
+    /// Optimisation steps each request needed, summed: the fewest request
+    /// steps (`phases.target_vectors.counters.request_steps`) could be.
+    own_steps: usize,
     torch: Option<serde_json::Value>,
     ratio_to_torch: Option<f64>,
 }
@@ -179,14 +184,15 @@ pub fn run(o: Options) -> Result<()> {
         let mut edited = model.clone();
         let start = Instant::now();
         let templates = ["{}".to_string()];
-        let options = TargetOptions { prefix_cache: !o.no_prefix_cache, ..Default::default() };
+        let options = TargetOptions { prefix_cache: !o.no_prefix_cache, regroup: !o.no_regroup, ..Default::default() };
         let mut log = ProgressLog::new();
         let (prepared, targets, target_cost) = pollster::block_on(compute_targets_with(&edited, &tok, &all[..n], &hp, &templates, &options, &mut |p| log.report(p)))?;
         let (_, mut phases) = pollster::block_on(spread_over_layers(&mut edited, &tok, &prepared, &targets, &hp, &templates, &covariances, &mut EditState::memit(), &mut |p| log.report(p)))?;
         phases.target_vectors = target_cost;
+        let own_steps = targets.iter().map(|t| t.losses.len()).sum();
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("edits: {n:>4} in {seconds:8.2} s = {:8.3} edits/s", n as f64 / seconds);
-        edits.push(EditResult { edits: n, seconds, edits_per_s: n as f64 / seconds, phases, torch: None, ratio_to_torch: None });
+        edits.push(EditResult { edits: n, seconds, edits_per_s: n as f64 / seconds, phases, own_steps, torch: None, ratio_to_torch: None });
     }
 
     let (mut torch_error, mut torch_device) = (None, None);
@@ -236,16 +242,17 @@ fn print_table(stats: &StatsResult, edits: &[EditResult]) {
         let cell = |c: memit_core::PhaseCost| format!("{:.2} ({:.1})", c.seconds, c.peak_bytes as f64 / (1 << 20) as f64);
         println!("| {} | {} | {} | {} | {} |", e.edits, cell(p.target_vectors), cell(p.keys), cell(p.solve), cell(p.update));
     }
-    println!("\n| work | dispatches | submits | host waits | bytes to GPU | bytes from GPU | buffers created | steps |\n|---|---|---|---|---|---|---|---|");
-    let row = |what: String, c: &CostCounters, steps: Option<u64>| {
-        let steps = steps.map_or("-".into(), |s| s.to_string());
+    println!("\n| work | dispatches | submits | host waits | bytes to GPU | bytes from GPU | buffers created | steps (request steps of at least, regroups) |\n|---|---|---|---|---|---|---|---|");
+    let row = |what: String, c: &CostCounters, steps: String| {
         println!("| {what} | {} | {} | {} | {} | {} | {} | {steps} |", c.dispatches, c.submits, c.host_waits, c.bytes_to_device, c.bytes_from_device, c.buffers_created);
     };
-    row("statistics".into(), &stats.counters, None);
+    row("statistics".into(), &stats.counters, "-".into());
     for e in edits {
         let p = &e.phases;
         for (name, phase) in [("target vectors", p.target_vectors), ("keys", p.keys), ("solve", p.solve), ("update", p.update)] {
-            row(format!("{} edit(s): {name}", e.edits), &phase.counters.gpu, Some(phase.counters.steps));
+            let c = phase.counters;
+            let steps = if name == "target vectors" { format!("{} ({} of at least {}, {})", c.steps, c.request_steps, e.own_steps, c.regroups) } else { c.steps.to_string() };
+            row(format!("{} edit(s): {name}", e.edits), &c.gpu, steps);
         }
     }
 }

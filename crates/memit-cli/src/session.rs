@@ -221,7 +221,7 @@ impl Session {
         if partial.exists() {
             std::fs::remove_file(&partial).with_context(|| format!("removing {}", partial.display()))?;
         }
-        let counters = PhaseCounters { gpu: self.model.ctx.counters().since(&counters_before), steps: acc.passes - passes_before };
+        let counters = PhaseCounters { gpu: self.model.ctx.counters().since(&counters_before), steps: acc.passes - passes_before, ..Default::default() };
         Ok(StatsOutcome::Done { n_tokens: acc.n_tokens, covariances, path, seconds, from_cache: false, counters })
     }
 }

@@ -77,6 +77,17 @@ pub struct PhaseCounters {
     #[serde(flatten)]
     pub gpu: CostCounters,
     pub steps: u64,
+    /// Target vectors: requests carried by those steps, summed over steps
+    /// (stopped requests still riding in a batch included).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub request_steps: u64,
+    /// Target vectors: times a batch continued without its stopped requests.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub regroups: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Where an edit's time and memory went: target-vector optimisation, key
@@ -342,6 +353,8 @@ pub async fn compute_targets_with(
         compute_target_vectors(model, tokenizer, &prepared, templates, hp, options, &mut |done, total| progress(Progress { stage: "target vectors", done, total })).await?;
     clock.stop(&mut cost);
     cost.counters.steps = target_cost.steps;
+    cost.counters.request_steps = target_cost.request_steps;
+    cost.counters.regroups = target_cost.regroups;
     Ok((prepared, targets, cost))
 }
 

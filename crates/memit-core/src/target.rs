@@ -6,8 +6,8 @@
 //! and the whole optimisation stays on the GPU: the host only checks every
 //! few steps whether every request has stopped.
 
-use memit_gpu::{CostCounters, DType, LossRow, TargetHyper, Tensor};
-use memit_models::{Batch, Model, Padding, TextTokenizer};
+use memit_gpu::{CostCounters, DType, Indices, LossRow, TargetHyper, TargetPlan, Tensor};
+use memit_models::{Batch, Model, Padding, SuffixPass, TextTokenizer};
 
 use crate::error::{MemitError, Result};
 use crate::hparams::Hparams;
@@ -45,8 +45,13 @@ pub struct TargetCost {
     /// Optimisation steps run (each one forward and backward pass over a
     /// batch of requests).
     pub steps: u64,
-    /// The GPU's cost counters over the steps after each batch's first:
-    /// what a steady-state step costs.
+    /// Requests carried by those steps, summed over steps: the work done,
+    /// stopped requests that still ride in a batch included.
+    pub request_steps: u64,
+    /// Times a batch continued without its stopped requests.
+    pub regroups: u64,
+    /// The GPU's cost counters over the steps after each batch's (and each
+    /// regrouped batch's) first: what a steady-state step costs.
     pub after_first_step: CostCounters,
 }
 
@@ -64,11 +69,14 @@ pub struct TargetOptions {
     /// the keys and values of the rows before computed once (they do not
     /// depend on δ). Off: every step runs every row.
     pub prefix_cache: bool,
+    /// Drop stopped requests from a batch (at a check that finds a quarter
+    /// or more of them stopped) instead of carrying them to the end.
+    pub regroup: bool,
 }
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { batch_bytes: 1 << 30, max_requests: usize::MAX, check_every: 5, prefix_cache: true }
+        TargetOptions { batch_bytes: 1 << 30, max_requests: usize::MAX, check_every: 5, prefix_cache: true, regroup: true }
     }
 }
 
@@ -219,6 +227,8 @@ pub async fn compute_target_vectors(
         let (batch_targets, batch_cost) = optimise_batch(model, &requests[range.clone()], &prompts[range.clone()], hp, options, &mut |steps| progress(before + steps, total)).await?;
         targets.extend(batch_targets);
         cost.steps += batch_cost.steps;
+        cost.request_steps += batch_cost.request_steps;
+        cost.regroups += batch_cost.regroups;
         cost.after_first_step.add(&batch_cost.after_first_step);
         progress(before + steps_per_batch, total);
     }
@@ -226,7 +236,11 @@ pub async fn compute_target_vectors(
 }
 
 /// One batch: one padded batch of every request's prompts, one forward and
-/// backward pass per step for all of them.
+/// backward pass per step for all of them. When a check finds that a
+/// quarter or more of the requests still in the batch have stopped (and
+/// `options.regroup`), the rest continue as a smaller batch: their δ, Adam
+/// moments, KL references and initial outputs move over on the GPU, and
+/// only the stopped requests' results are read back.
 async fn optimise_batch(
     model: &Model,
     requests: &[PreparedRequest],
@@ -236,9 +250,134 @@ async fn optimise_batch(
     progress: &mut dyn FnMut(usize),
 ) -> Result<(Vec<TargetVector>, TargetCost)> {
     let ctx = &model.ctx;
-    let layer = hp.last_layer();
     let (d, vocab) = (model.config.d_model, model.config.vocab_size);
     let n = requests.len();
+    let max_steps = hp.v_num_grad_steps.max(1);
+    let hyper = TargetHyper {
+        kl_factor: hp.kl_factor,
+        loss_threshold: hp.v_loss_threshold,
+        weight_decay: hp.v_weight_decay,
+        lr: hp.v_lr,
+        clamp: hp.clamp_norm_factor,
+    };
+    let mut results: Vec<Option<TargetVector>> = vec![None; n];
+    let mut losses: Vec<Vec<StepLoss>> = vec![Vec::new(); n];
+    // Requests still optimising (indices into the batch), and what they
+    // carry from the batch they leave: state [m, 3, d], KL references
+    // [m, vocab] and initial outputs [m, d].
+    let mut live: Vec<usize> = (0..n).collect();
+    let mut carried: Option<(Tensor, Tensor, Tensor)> = None;
+    let mut cost = TargetCost::default();
+    let mut step = 0;
+    while !live.is_empty() {
+        let m = live.len();
+        let group_requests: Vec<&PreparedRequest> = live.iter().map(|&i| &requests[i]).collect();
+        let group_prompts: Vec<&RequestPrompts> = live.iter().map(|&i| &prompts[i]).collect();
+        let setup = set_up_group(model, &group_requests, &group_prompts, hp.last_layer(), options)?;
+        let (state, kl_init, target_init) = match carried.take() {
+            Some(moved) => moved,
+            None => (ctx.zeros(&[m, 3, d], DType::F32)?, ctx.empty(&[m, vocab], DType::F32)?, setup.target_init.clone()),
+        };
+        let record = ctx.zeros(&[m + max_steps * m * 4], DType::F32)?;
+        let first_step = step;
+        let mut after_first = None;
+        // At a regroup, the stop markers the check read.
+        let mut regroup_markers = None;
+        while step < max_steps {
+            let last = step + 1 == max_steps;
+            let hidden = ctx.target_add_delta(&setup.plan, &setup.base, &state)?;
+            let (logits, trace) = match &setup.suffix {
+                Some(pass) => model.forward_traced_suffix(pass, &hidden, Some(&setup.logit_rows))?,
+                None => model.forward_traced(hp.last_layer() + 1, &hidden, &setup.batch, Some(&setup.logit_rows))?,
+            };
+            let log_probs = ctx.softmax(&logits, true, None)?;
+            let (d_logits, row_loss) = ctx.target_loss(&setup.plan, &log_probs, &kl_init, hp.kl_factor, step == 0)?;
+            let d_hidden = if last { None } else { Some(model.backward(&trace, &d_logits, &setup.batch)?) };
+            ctx.target_step(&setup.plan, &hyper, step, last, &state, &record, &row_loss, d_hidden.as_ref(), &target_init)?;
+            step += 1;
+            cost.steps += 1;
+            cost.request_steps += m as u64;
+            if !last && (step - 1) % options.check_every.max(1) == 0 {
+                let markers = read_stops(model, &record, m).await?;
+                let stopped = markers.iter().filter(|&&s| s > 0.0).count();
+                progress(step);
+                if stopped == m {
+                    break;
+                }
+                if options.regroup && 4 * stopped >= m {
+                    regroup_markers = Some(markers);
+                    break;
+                }
+            }
+            after_first.get_or_insert_with(|| ctx.counters());
+        }
+        // The steady-state cost: this group's steps after its first
+        // (not the reads and copies that end it).
+        if let Some(before) = after_first {
+            cost.after_first_step.add(&ctx.counters().since(&before));
+        }
+        // Every request has stopped unless the batch regroups.
+        let stopped: Vec<usize> = match &regroup_markers {
+            Some(markers) => (0..m).filter(|&j| markers[j] > 0.0).collect(),
+            None => (0..m).collect(),
+        };
+        let continuing: Vec<usize> = (0..m).filter(|j| stopped.binary_search(j).is_err()).collect();
+        // The stopped requests' δ (the first d of each [3, d] state block)
+        // and initial outputs, read back; the others' state moves to the
+        // next group on the GPU.
+        let state_rows = state.reshape(&[m, 3 * d])?;
+        let (deltas, inits) = if continuing.is_empty() {
+            (state_rows, target_init)
+        } else {
+            let keep = ctx.indices(&continuing.iter().map(|&j| j as u32).collect::<Vec<_>>())?;
+            carried = Some((
+                ctx.gather_rows(&state_rows, &keep)?.reshape(&[continuing.len(), 3, d])?,
+                ctx.gather_rows(&kl_init, &keep)?,
+                ctx.gather_rows(&target_init, &keep)?,
+            ));
+            let done = ctx.indices(&stopped.iter().map(|&j| j as u32).collect::<Vec<_>>())?;
+            (ctx.gather_rows(&state_rows, &done)?, ctx.gather_rows(&target_init, &done)?)
+        };
+        let mut read = ctx.read_all(&[&record, &deltas, &inits]).await?;
+        let (inits, deltas, record) = (read.pop().expect("three"), read.pop().expect("three"), read.pop().expect("three"));
+        // Stop markers (the number of steps a request ran, 0 while it
+        // optimises), then the losses of step s at m + (s·m + j)·4.
+        for (j, &i) in live.iter().enumerate() {
+            let ran = if record[j] > 0.0 { record[j] as usize } else { step };
+            losses[i].extend((first_step..ran).map(|s| {
+                let at = m + (s * m + j) * 4;
+                StepLoss { nll: record[at], kl: record[at + 1], weight_decay: record[at + 2], target_prob: record[at + 3] }
+            }));
+        }
+        for (k, &j) in stopped.iter().enumerate() {
+            let i = live[j];
+            let target_init = inits[k * d..][..d].to_vec();
+            let z = target_init.iter().zip(&deltas[k * 3 * d..][..d]).map(|(a, b)| a + b).collect();
+            results[i] = Some(TargetVector { z, target_init, losses: std::mem::take(&mut losses[i]) });
+        }
+        cost.regroups += regroup_markers.is_some() as u64;
+        live = continuing.iter().map(|&j| live[j]).collect();
+    }
+    Ok((results.into_iter().map(|r| r.expect("every request stopped")).collect(), cost))
+}
+
+/// A group of requests on the GPU: their prompts' batch, the residual
+/// stream entering the blocks above the edited layer (in the suffix layout
+/// with the prefix cache), and the loss tables.
+struct Group {
+    batch: Batch,
+    suffix: Option<SuffixPass>,
+    base: Tensor,
+    plan: TargetPlan,
+    logit_rows: Indices,
+    /// [requests, d]: the block output at each request's first prompt's
+    /// subject row, before editing.
+    target_init: Tensor,
+}
+
+fn set_up_group(model: &Model, requests: &[&PreparedRequest], prompts: &[&RequestPrompts], layer: usize, options: &TargetOptions) -> Result<Group> {
+    let ctx = &model.ctx;
+    let (d, vocab) = (model.config.d_model, model.config.vocab_size);
     let sequences: Vec<Vec<u32>> = prompts.iter().flat_map(|p| p.sequences.iter().cloned()).collect();
     let batch = Batch::new(&sequences, Padding::Right, 0)?;
     let base = model.forward(&batch, &[layer], false)?.hidden[layer].clone().expect("captured");
@@ -256,8 +395,8 @@ async fn optimise_batch(
     // tokens, then the KL prompt's subject row; subject rows per request.
     let mut loss = Vec::new();
     let mut logit_rows = Vec::new();
-    let mut lookups = Vec::with_capacity(n);
-    let mut first_lookup = Vec::with_capacity(n);
+    let mut lookups = Vec::with_capacity(requests.len());
+    let mut first_lookup = Vec::with_capacity(requests.len());
     let mut b = 0;
     for (j, (req, p)) in requests.iter().zip(prompts).enumerate() {
         let n_target = req.target_ids.len();
@@ -287,60 +426,7 @@ async fn optimise_batch(
     };
     let plan = ctx.target_plan(d, vocab, rows, &loss, &lookups)?;
     let logit_rows = ctx.indices(&logit_rows)?;
-    let state = ctx.zeros(&[n, 3, d], DType::F32)?;
-    let kl_init = ctx.empty(&[n, vocab], DType::F32)?;
-    let max_steps = hp.v_num_grad_steps.max(1);
-    let record = ctx.zeros(&[n + max_steps * n * 4], DType::F32)?;
-    let hyper = TargetHyper {
-        kl_factor: hp.kl_factor,
-        loss_threshold: hp.v_loss_threshold,
-        weight_decay: hp.v_weight_decay,
-        lr: hp.v_lr,
-        clamp: hp.clamp_norm_factor,
-    };
-    let mut steps = 0;
-    let mut first_step_done = None;
-    for step in 0..max_steps {
-        let last = step + 1 == max_steps;
-        let hidden = ctx.target_add_delta(&plan, &base, &state)?;
-        let (logits, trace) = match &suffix {
-            Some(pass) => model.forward_traced_suffix(pass, &hidden, Some(&logit_rows))?,
-            None => model.forward_traced(layer + 1, &hidden, &batch, Some(&logit_rows))?,
-        };
-        let log_probs = ctx.softmax(&logits, true, None)?;
-        let (d_logits, row_loss) = ctx.target_loss(&plan, &log_probs, &kl_init, hp.kl_factor, step == 0)?;
-        let d_hidden = if last { None } else { Some(model.backward(&trace, &d_logits, &batch)?) };
-        ctx.target_step(&plan, &hyper, step, last, &state, &record, &row_loss, d_hidden.as_ref(), &target_init)?;
-        steps += 1;
-        if !last && step % options.check_every.max(1) == 0 {
-            let stopped = read_stops(model, &record, n).await?;
-            let done = stopped.iter().filter(|&&s| s > 0.0).count();
-            progress(step + 1);
-            if done == n {
-                break;
-            }
-        }
-        first_step_done.get_or_insert_with(|| ctx.counters());
-    }
-
-    // (A batch whose every request stopped at its first step has no steady state.)
-    let after_first_step = first_step_done.map(|c| ctx.counters().since(&c)).unwrap_or_default();
-    let mut read = ctx.read_all(&[&record, &state, &target_init]).await?;
-    let (init, delta, record) = (read.pop().expect("three"), read.pop().expect("three"), read.pop().expect("three"));
-    let mut targets = Vec::with_capacity(n);
-    for j in 0..n {
-        let ran = record[j] as usize;
-        let losses = (0..ran)
-            .map(|s| {
-                let at = n + (s * n + j) * 4;
-                StepLoss { nll: record[at], kl: record[at + 1], weight_decay: record[at + 2], target_prob: record[at + 3] }
-            })
-            .collect();
-        let target_init = init[j * d..][..d].to_vec();
-        let z = target_init.iter().zip(&delta[j * 3 * d..][..d]).map(|(a, b)| a + b).collect();
-        targets.push(TargetVector { z, target_init, losses });
-    }
-    Ok((targets, TargetCost { steps, after_first_step }))
+    Ok(Group { batch, suffix, base, plan, logit_rows, target_init })
 }
 
 /// The stop markers of the first `n` requests (0 while optimising).

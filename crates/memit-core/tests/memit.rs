@@ -293,18 +293,25 @@ fn batched_target_vectors_equal_one_request_at_a_time() {
     requests[7].target_new.text = "Oslo Lima Cairo".into();
     requests[5].prompt = world.templates("job")[0].into();
     let templates = vec!["{}".to_string(), "Everyone knows that {}".to_string()];
-    let together = target_vectors(&model, &tok, &requests, &templates, &hp, TargetOptions::default());
+    let prepared: Vec<_> = requests.iter().enumerate().map(|(i, r)| r.prepare(i, &tok).unwrap()).collect();
+    let (together, cost) = pollster::block_on(compute_target_vectors(&model, &tok, &prepared, &templates, &hp, &TargetOptions::default(), &mut |_, _| {})).unwrap();
+    // Requests that stop go no further: the batch goes on without them.
+    assert!(cost.regroups >= 1, "no regroup: {cost:?}");
+    let own_steps: usize = together.iter().map(|t| t.losses.len()).sum();
+    assert!((cost.request_steps as usize) < requests.len() * hp.v_num_grad_steps && cost.request_steps as usize >= own_steps, "{cost:?}, {own_steps} steps needed");
     // Alone: the two multi-token objects, the prompt that goes on after
     // the subject and two plain requests, one optimisation each (a
     // request's δ does not depend on which others share its batch).
     let solo = [0, 3, 5, 7, 9];
     let solo_requests: Vec<EditRequest> = solo.iter().map(|&i| requests[i].clone()).collect();
     let alone = target_vectors(&model, &tok, &solo_requests, &templates, &hp, TargetOptions { max_requests: 1, ..Default::default() });
-    // Every row every step (no cached prefix keys): the same optimisation.
-    let uncached = target_vectors(&model, &tok, &requests, &templates, &hp, TargetOptions { prefix_cache: false, ..Default::default() });
+    // Every row every step (no cached prefix keys) and every request to
+    // the batch's last step (no regrouping): the same optimisation.
+    let uncached = target_vectors(&model, &tok, &requests, &templates, &hp, TargetOptions { prefix_cache: false, regroup: false, ..Default::default() });
     for (i, (a, b)) in together.iter().zip(&uncached).enumerate() {
-        assert_eq!(a.losses.len(), b.losses.len(), "request {i} stops at the same step without the prefix cache");
-        assert_close(&a.z, &b.z, 1e-4, &format!("z of request {i} without the prefix cache"));
+        assert_eq!(a.losses.len(), b.losses.len(), "request {i} stops at the same step without the prefix cache and regrouping");
+        assert_close(&a.target_init, &b.target_init, 1e-6, &format!("target_init of request {i} without the prefix cache and regrouping"));
+        assert_close(&a.z, &b.z, 1e-4, &format!("z of request {i} without the prefix cache and regrouping"));
     }
     let stops: std::collections::BTreeSet<usize> = together.iter().map(|t| t.losses.len()).collect();
     assert!(stops.len() >= 3, "requests should stop at different steps: {stops:?}");
