@@ -87,6 +87,10 @@ enum Command {
         /// measure what dropping them saves).
         #[arg(long)]
         no_regroup: bool,
+        /// Keep the model's top N blocks off the GPU, uploaded from the
+        /// checkpoint each time they run.
+        #[arg(long, default_value_t = 0)]
+        stream_blocks: usize,
         /// Hyperparameter overrides over the model's preset, as JSON (e.g.
         /// '{"layers": [0, 1], "v_num_grad_steps": 2}').
         #[arg(long)]
@@ -246,8 +250,8 @@ fn main() -> Result<()> {
         Command::Forward { models, batch, seq, seconds, torch_python, out } => {
             forward::run(models, batch, seq, Duration::from_secs_f64(seconds), torch_python, &out)
         }
-        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, no_regroup, hparams, f16, torch_python, out } => {
-            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, no_regroup, hparams, f16, torch_python, out })
+        Command::Memit { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, no_regroup, stream_blocks, hparams, f16, torch_python, out } => {
+            memit::run(memit::Options { model, corpus, texts, max_len, cases, sizes, no_prefix_cache, no_regroup, stream_blocks, hparams, f16, torch_python, out })
         }
         Command::MakeGptj { out, layers, d_model, d_ff, heads, vocab, seed } => shaped::run(shaped::Options { out, layers, d_model, d_ff, heads, vocab, seed }),
         Command::All { torch_python, seconds } => {
@@ -263,6 +267,7 @@ fn main() -> Result<()> {
                 sizes: vec![1, 10, 100],
                 no_prefix_cache: false,
                 no_regroup: false,
+                stream_blocks: 0,
                 hparams: None,
                 f16: false,
                 torch_python,

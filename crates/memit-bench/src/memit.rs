@@ -28,6 +28,8 @@ pub struct Options {
     pub no_prefix_cache: bool,
     /// Keep stopped requests in their batch to its last step.
     pub no_regroup: bool,
+    /// The model's top blocks streamed from the checkpoint.
+    pub stream_blocks: usize,
     /// JSON overrides over the model's preset.
     pub hparams: Option<String>,
     /// Weight matrices in f16.
@@ -69,6 +71,7 @@ struct Report {
     adapter: AdapterReport,
     model: String,
     f16: bool,
+    streamed_blocks: usize,
     load_seconds: f64,
     /// GPU tensor bytes of the loaded weights.
     weights_mib: f64,
@@ -80,9 +83,9 @@ struct Report {
     torch_error: Option<String>,
 }
 
-fn load(path: &Path, f16: bool) -> Result<(Model, TextTokenizer)> {
+fn load(path: &Path, f16: bool, streamed_blocks: usize) -> Result<(Model, TextTokenizer)> {
     let ctx = pollster::block_on(GpuContext::from_env()).context("opening a GPU adapter")?;
-    let options = LoadOptions { matrix_dtype: if f16 { DType::F16 } else { DType::F32 }, ..Default::default() };
+    let options = LoadOptions { matrix_dtype: if f16 { DType::F16 } else { DType::F32 }, streamed_blocks, ..Default::default() };
     let loaded = load_model_path(ctx, path, options).with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = loaded.tokenizer.with_context(|| format!("{} has no tokenizer", path.display()))?;
     Ok((loaded.model, tokenizer))
@@ -129,7 +132,7 @@ fn torch_reference(python: &Path, o: &Options, hp: &Hparams, texts_file: &Path) 
 
 pub fn run(o: Options) -> Result<()> {
     let load_start = Instant::now();
-    let (model, tok) = load(&o.model, o.f16)?;
+    let (model, tok) = load(&o.model, o.f16, o.stream_blocks)?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let weights_mib = model.ctx.memory().live_bytes as f64 / (1 << 20) as f64;
     let mut hp = Hparams::for_model(&model.config);
@@ -218,7 +221,7 @@ pub fn run(o: Options) -> Result<()> {
     }
     let _ = std::fs::remove_file(&texts_file);
     print_table(&stats, &edits);
-    let report = Report { adapter: adapter_report(&model.ctx), model: o.model.display().to_string(), f16: o.f16, load_seconds, weights_mib, hparams: hp, stats, edits, torch_device, torch_error };
+    let report = Report { adapter: adapter_report(&model.ctx), model: o.model.display().to_string(), f16: o.f16, streamed_blocks: o.stream_blocks, load_seconds, weights_mib, hparams: hp, stats, edits, torch_device, torch_error };
     write_report(&o.out, &report)
 }
 

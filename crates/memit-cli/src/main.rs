@@ -199,7 +199,7 @@ fn quiet_headless_drivers() {
 }
 
 fn stats_command(model: ModelArgs, stats: StatsArgs, hparams: Option<String>, stop_after_batches: Option<usize>, gpu_memory: Option<String>, json: bool) -> Result<()> {
-    let preflight = plan::Preflight { model: &model.model, f16: model.f16, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), target: TargetOptions::default(), max_len: stats.max_len, requests: None, method: EditMethod::Memit };
+    let preflight = plan::Preflight { model: &model.model, f16: model.f16, streamed_blocks: model.stream_blocks, hparams: hparams.as_deref(), gpu_memory: gpu_memory.as_deref(), target: TargetOptions::default(), max_len: stats.max_len, requests: None, method: EditMethod::Memit };
     let hp = plan::hparams_of(&model.model, hparams.as_deref())?;
     // The blocks above the last edited layer are not needed.
     let session = Session::open_checked(&model, Some(hp.last_layer() + 1), |ctx| plan::preflight(&preflight, ctx))?;
@@ -228,7 +228,7 @@ fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
     let ctx = session::open_gpu()?;
     let model_summary = match &model {
         Some(path) => {
-            let session = Session::open(&ModelArgs { model: path.clone(), f16: false })?;
+            let session = Session::open(&ModelArgs { model: path.clone(), f16: false, stream_blocks: 0 })?;
             let c = &session.model.config;
             Some(serde_json::json!({
                 "path": path, "arch": format!("{:?}", c.arch), "layers": c.n_layers, "d_model": c.d_model, "d_ff": c.d_ff,

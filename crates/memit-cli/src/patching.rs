@@ -314,6 +314,7 @@ pub fn edit(args: EditArgs, json: bool) -> Result<()> {
     let planned = Preflight {
         model: &args.model.model,
         f16: args.model.f16,
+        streamed_blocks: args.model.stream_blocks,
         hparams: args.hparams.as_deref(),
         gpu_memory: args.gpu_memory.as_deref(),
         target: plan::target_options(&args.target_batch_memory)?,

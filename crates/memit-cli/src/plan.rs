@@ -24,6 +24,10 @@ pub struct PlanArgs {
     /// Plan for weight matrices in f16 on the GPU.
     #[arg(long)]
     pub f16: bool,
+    /// Plan for the model's top N blocks streamed from the checkpoint (as
+    /// `edit --stream-blocks`).
+    #[arg(long, default_value_t = 0)]
+    pub stream_blocks: usize,
     /// GPU memory budget (e.g. 48GiB, 80GB, 512MiB); without it the peaks
     /// are printed and nothing is decided.
     #[arg(long)]
@@ -104,6 +108,7 @@ pub fn plan(args: PlanArgs, json: bool) -> Result<()> {
         stats_max_len: args.max_len,
         keep_original_weights: false,
         method: args.method.method(),
+        streamed_blocks: args.stream_blocks,
     };
     let plan = MemoryPlan::new(&config, &hp, &options)?;
     let budget = args.gpu_memory.as_deref().map(parse_bytes).transpose()?;
@@ -152,6 +157,7 @@ pub fn hparams_of(model: &Path, spec: Option<&str>) -> Result<Hparams> {
 pub struct Preflight<'a> {
     pub model: &'a Path,
     pub f16: bool,
+    pub streamed_blocks: usize,
     pub hparams: Option<&'a str>,
     pub gpu_memory: Option<&'a str>,
     /// How the target vectors are batched (`--target-batch-memory`).
@@ -190,6 +196,7 @@ pub fn preflight(p: &Preflight<'_>, ctx: &GpuContext) -> Result<()> {
         stats_max_len: p.max_len,
         keep_original_weights: false,
         method: p.method,
+        streamed_blocks: p.streamed_blocks,
     };
     let mut plan = MemoryPlan::new(&config, &hp, &options)?;
     if p.requests.is_none() {

@@ -27,6 +27,11 @@ pub struct ModelArgs {
     /// stays f32).
     #[arg(long)]
     pub f16: bool,
+    /// Keep the model's top N blocks off the GPU, uploaded from the
+    /// checkpoint each time they run (for a model whose weights do not fit
+    /// the GPU; slower, and MEMIT cannot edit those layers).
+    #[arg(long, default_value_t = 0)]
+    pub stream_blocks: usize,
 }
 
 /// Where the covariance statistics come from.
@@ -69,7 +74,7 @@ pub struct Session {
     pub path: PathBuf,
     pub model: Model,
     pub tokenizer: TextTokenizer,
-    pub source: Box<dyn WeightSource>,
+    pub source: std::sync::Arc<dyn WeightSource>,
     /// SHA-256 of the weights.
     pub fingerprint: String,
 }
@@ -94,7 +99,7 @@ impl Session {
         }
         let ctx = open_gpu()?;
         check(&ctx)?;
-        let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 }, prefix_blocks };
+        let options = LoadOptions { matrix_dtype: if args.f16 { DType::F16 } else { DType::F32 }, prefix_blocks, streamed_blocks: args.stream_blocks };
         let what = match prefix_blocks {
             Some(n) => format!("loading blocks 0..{n} of {}", args.model.display()),
             None => format!("loading {}", args.model.display()),

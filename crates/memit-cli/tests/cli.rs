@@ -569,6 +569,11 @@ fn plan_needs_only_a_config_and_says_what_to_change_when_it_does_not_fit() {
     assert!(small["target_batch"].as_u64() < big["target_batch"].as_u64(), "{} vs {}", small["target_batch"], big["target_batch"]);
     assert!(targets(&small) < targets(&big));
     fails_with(memit(&dir).args(["plan", "--n-requests", "10", "--target-batch-memory", "0", "--model"]).arg(&model).output().unwrap(), "--target-batch-memory");
+    // Streamed blocks: fewer weights on the GPU, said in the plan.
+    let streamed = json(&ok(memit(&dir).args(["--json", "plan", "--n-requests", "100", "--f16", "--stream-blocks", "10", "--model"]).arg(&model).output().unwrap()));
+    assert_eq!(streamed["streamed_blocks"], 10);
+    assert!(streamed["weight_bytes"].as_u64() < big["weight_bytes"].as_u64(), "{} vs {}", streamed["weight_bytes"], big["weight_bytes"]);
+    fails_with(memit(&dir).args(["plan", "--n-requests", "10", "--stream-blocks", "28", "--model"]).arg(&model).output().unwrap(), "at most 19");
 }
 
 #[test]

@@ -137,7 +137,7 @@ pub fn apply_update(model: &mut Model, update: &LayerUpdate) -> Result<()> {
     let n = update.resid.len() / d;
     let resid = ctx.upload(&[n, d], &update.resid, DType::F32)?;
     let x = ctx.upload(&[n, d_ff], &update.x, DType::F32)?;
-    let linear = &mut model.blocks[update.layer].mlp_out;
+    let linear = &mut model.resident_block_mut(update.layer)?.mlp_out;
     let delta = match linear.layout {
         WeightLayout::OutIn => ctx.matmul(&resid, &x, true, false)?,
         WeightLayout::InOut => ctx.matmul(&x, &resid, true, false)?,
@@ -343,6 +343,7 @@ pub async fn compute_targets_with(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Vec<PreparedRequest>, Vec<TargetVector>, PhaseCost)> {
     hp.validate(&model.config)?;
+    check_resident(model, hp)?;
     let prepared: Vec<PreparedRequest> = requests.iter().enumerate().map(|(i, r)| r.prepare(i, tokenizer)).collect::<Result<_>>()?;
     if prepared.is_empty() {
         return Err(MemitError::Request { index: 0, detail: "no requests".into() });
@@ -356,6 +357,19 @@ pub async fn compute_targets_with(
     cost.counters.request_steps = target_cost.request_steps;
     cost.counters.regroups = target_cost.regroups;
     Ok((prepared, targets, cost))
+}
+
+/// The edited layers must stay on the GPU: a streamed block is uploaded
+/// from the checkpoint each time it runs, so an edit to it would not stay.
+fn check_resident(model: &Model, hp: &Hparams) -> Result<()> {
+    match (model.first_streamed_layer(), hp.layers.last()) {
+        (Some(first), Some(&last)) if last >= first => Err(MemitError::Hparams(format!(
+            "layer {last} is edited but streamed from the checkpoint (blocks {first}..{} are): stream at most {} blocks",
+            model.config.n_layers,
+            model.config.n_layers - last - 1
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Step 3: spreads z − h over the layers of `hp.layers`, solving (as
@@ -376,6 +390,7 @@ pub async fn spread_over_layers(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Vec<LayerUpdate>, Phases)> {
     let (d, d_ff) = (model.config.d_model, model.config.d_ff);
+    check_resident(model, hp)?;
     let last = hp.last_layer();
     let n = prepared.len();
     if targets.len() != n {

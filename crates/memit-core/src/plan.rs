@@ -153,6 +153,10 @@ pub struct PlanOptions {
     /// projectors, computed on the GPU before the edit and multiplied into
     /// each solve.
     pub method: EditMethod,
+    /// The model's highest blocks kept off the GPU and uploaded from the
+    /// checkpoint when they run (`LoadOptions::streamed_blocks`); the two
+    /// uploaded last stay on the GPU.
+    pub streamed_blocks: usize,
 }
 
 /// One phase's peaks.
@@ -174,7 +178,9 @@ pub struct MemoryPlan {
     pub n_requests: usize,
     pub layers: Vec<usize>,
     pub f16: bool,
+    /// Weights on the GPU (with two streamed blocks, when blocks stream).
     pub weight_bytes: u64,
+    pub streamed_blocks: usize,
     /// Tokens of one statistics pass.
     pub stats_tokens_per_pass: usize,
     /// Requests per target-vector batch, and batches.
@@ -195,21 +201,39 @@ impl MemoryPlan {
         if !(1..=64).contains(&options.templates) {
             return Err(PlanError::Input(format!("{} context templates: plan for 1 to 64", options.templates)));
         }
+        let streamable = config.n_layers - hp.last_layer() - 1;
+        if options.streamed_blocks > streamable {
+            return Err(PlanError::Input(format!(
+                "{} streamed blocks: at most {streamable} (the blocks above the last edited layer {}) can be",
+                options.streamed_blocks,
+                hp.last_layer()
+            )));
+        }
         let m = Shape::of(config, options.matrix_dtype);
         let mut sim = Sim::new(options.limits);
         // Statistics run on the blocks through the last edited layer; the
-        // rest of the model is loaded after them.
+        // rest of the model is loaded after them, and of streamed blocks
+        // the two uploaded last.
         let prefix_blocks = hp.last_layer() + 1;
         m.load_prefix(&mut sim, prefix_blocks);
         let (stats, tokens) = stats_phase(&m, hp, options, &mut sim);
-        m.load_rest(&mut sim, prefix_blocks);
-        let weight_bytes = sim.live;
+        m.load_rest(&mut sim, prefix_blocks, config.n_layers - options.streamed_blocks);
+        let mut weight_bytes = sim.live;
         let mut phases = vec![stats];
         phases.push(sim.phase("load", largest_matrix(config) * (4 + m.esize) as u64, format!("weights {}", gib(weight_bytes))));
         if options.method == EditMethod::AlphaEdit {
             phases.push(projector_phase(&m, hp, options, &mut sim));
         }
-        let (target, batch) = target_phase(&m, hp, options, &mut sim);
+        // The target vectors run the streamed blocks: two stay uploaded.
+        let before_stream = sim.live;
+        m.load_blocks(&mut sim, 0..options.streamed_blocks.min(2));
+        weight_bytes += sim.live - before_stream;
+        let (mut target, batch) = target_phase(&m, hp, options, &mut sim);
+        if options.streamed_blocks > 0 {
+            // Each streamed tensor passes through the host as it goes up.
+            target.host_bytes += largest_matrix(config) * (4 + m.esize) as u64;
+            target.detail += &format!("; {} streamed blocks uploaded every step", options.streamed_blocks);
+        }
         phases.push(target);
         for phase in [keys_phase, solve_phase, update_phase] {
             phases.push(beside_originals(&m, hp, options, &mut sim, phase));
@@ -219,6 +243,7 @@ impl MemoryPlan {
             layers: hp.layers.clone(),
             f16: options.matrix_dtype == DType::F16,
             weight_bytes,
+            streamed_blocks: options.streamed_blocks,
             stats_tokens_per_pass: tokens,
             target_batch: batch,
             target_batches: options.n_requests.div_ceil(batch),
@@ -281,7 +306,14 @@ impl MemoryPlan {
                 gib(2 * hp.layers.len() as u64 * square_bytes(config.d_ff))
             ));
         }
-        if phase.name == "load" {
+        let streamable = config.n_layers - hp.last_layer() - 1;
+        let streamed = (options.streamed_blocks + 1..=streamable).find(|&k| fits(&PlanOptions { streamed_blocks: k, ..*options }));
+        if let Some(k) = streamed {
+            advice.push(format!(
+                "stream the top {k} blocks from the checkpoint (`--stream-blocks {k}`: then it fits; every target-vector step uploads them again)"
+            ));
+        }
+        if phase.name == "load" && streamed.is_none() {
             advice.push("a GPU with more memory (the weights alone do not fit)".to_string());
         }
         if phase.name == "projectors" || (phase.name == "solve" && options.method == EditMethod::AlphaEdit) {
@@ -300,11 +332,12 @@ impl MemoryPlan {
     /// A short block for people.
     pub fn summary(&self, budget: Option<u64>) -> String {
         let mut out = format!(
-            "memory plan: {} requests, layers {:?}, weights {} ({})\n",
+            "memory plan: {} requests, layers {:?}, weights {} ({}){}\n",
             self.n_requests,
             self.layers,
             if self.f16 { "f16" } else { "f32" },
-            gib(self.weight_bytes)
+            gib(self.weight_bytes),
+            if self.streamed_blocks > 0 { format!(" on the GPU, the top {} blocks streamed from the checkpoint", self.streamed_blocks) } else { String::new() }
         );
         for p in &self.phases {
             out += &format!("  {:<15} GPU {:>10} (buffers {:>10})  host {:>10}  {}\n", p.name, gib(p.gpu_bytes), gib(p.gpu_buffer_bytes), gib(p.host_bytes), p.detail);
@@ -550,10 +583,10 @@ impl Shape {
         }
     }
 
-    /// `Model::load_remaining`: the blocks from `from` on, then the head
-    /// (the unembedding unless tied, and the final norm).
-    fn load_rest(&self, sim: &mut Sim, from: usize) {
-        self.load_blocks(sim, from..self.n_layers);
+    /// `Model::load_remaining`: the blocks `from..to` (those not streamed),
+    /// then the head (the unembedding unless tied, and the final norm).
+    fn load_rest(&self, sim: &mut Sim, from: usize, to: usize) {
+        self.load_blocks(sim, from..to);
         if !self.tied {
             self.linear_weight(sim, self.d, self.vocab, false, self.arch == Arch::Gptj);
         }

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use memit_core::{apply_edit, apply_memit, compute_target_vectors, null_space_projector, EditMethod, EditState, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetOptions, TargetText, TargetVector};
+use memit_core::{apply_edit, apply_memit, compute_target_vectors, compute_targets, null_space_projector, EditMethod, EditState, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetOptions, TargetText, TargetVector};
 use memit_gpu::GpuContext;
 use memit_models::{argmax, load_hf_dir, LoadOptions, Model, TextTokenizer};
 use safetensors::SafeTensors;
@@ -645,6 +645,33 @@ fn a_thousand_edits_at_once_take_generalise_and_leave_other_people_alone() {
     near(kept, 97, 30, "other people's facts kept of 500");
     // Far above chance (about one in nine objects per relation).
     assert!(took >= 250, "only {took}/1000 edits took");
+}
+
+#[test]
+fn an_edit_through_streamed_blocks_equals_the_resident_one() {
+    // The world model's blocks above the edited layers (3, 4 and 5) stay in
+    // the checkpoint and go up at every target-vector step, forward and
+    // backward (block 3's backward follows two other uploads, so it goes
+    // up again): the edit reads the weights the resident model holds.
+    let world = World::open();
+    let (mut resident, tok) = world.model();
+    let mut streamed = load_hf_dir(resident.ctx.clone(), &world.dir, LoadOptions { streamed_blocks: 3, ..Default::default() }).unwrap().model;
+    assert_eq!(streamed.first_streamed_layer(), Some(3));
+    let hp = world.hparams(&resident.config).with_overrides(&serde_json::json!({"v_num_grad_steps": 8})).unwrap();
+    let requests = world.requests()[..4].to_vec();
+    let templates = vec!["{}".to_string()];
+    let covs = world.covariances(&resident, &tok, &hp);
+    let edit = |model: &mut Model| pollster::block_on(apply_memit(model, &tok, &requests, &hp, &templates, &covs, &mut |_| {})).unwrap();
+    let (a, b) = (edit(&mut resident), edit(&mut streamed));
+    for (ua, ub) in a.updates.iter().zip(&b.updates) {
+        assert_close(&ub.resid, &ua.resid, 1e-5, &format!("residual of layer {}", ua.layer));
+        let weights = |m: &Model| pollster::block_on(m.ctx.read(&m.blocks[ua.layer].mlp_out.weight)).unwrap();
+        assert_close(&weights(&streamed), &weights(&resident), 1e-6, &format!("edited W_out of layer {}", ua.layer));
+    }
+    // A streamed layer cannot be edited: refused before any work.
+    let high = hp.with_overrides(&serde_json::json!({"layers": [2, 3]})).unwrap();
+    let err = pollster::block_on(compute_targets(&streamed, &tok, &requests, &high, &templates, &mut |_| {})).err().expect("layer 3 is streamed").to_string();
+    assert!(err.contains("layer 3 is edited but streamed") && err.contains("at most 2 blocks"), "{err}");
 }
 
 #[test]

@@ -42,6 +42,7 @@ fn options(n: usize, templates: usize, requests: RequestShape) -> PlanOptions {
         stats_max_len: None,
         keep_original_weights: true,
         method: EditMethod::Memit,
+        streamed_blocks: 0,
     }
 }
 
@@ -271,19 +272,45 @@ fn gpt_neox_20b_with_10000_requests_in_f16_fits_48_gib() {
         Err(PlanError::DoesNotFit { advice, .. }) => assert!(advice.contains("--f16"), "{advice}"),
         other => panic!("expected DoesNotFit, got {other:?}"),
     }
+
+    // On 44 GiB the solve is over; streaming the top five blocks from the
+    // checkpoint (two of them on the GPU at a time) makes room.
+    match plan.check(44 * GIB, &config, &hp, &o) {
+        Err(PlanError::DoesNotFit { phase: "solve", advice, .. }) => assert!(advice.contains("--stream-blocks 5`: then it fits"), "{advice}"),
+        other => panic!("expected the solve not to fit, got {other:?}"),
+    }
+    let streaming = |k: usize| MemoryPlan::new(&config, &hp, &PlanOptions { streamed_blocks: k, ..o }).unwrap();
+    let (four, five) = (streaming(4), streaming(5));
+    assert_eq!(five.weight_bytes, weights - 3 * per_layer);
+    assert_eq!(phase(&five, "solve"), phase(&plan, "solve") - 3 * per_layer);
+    assert!(five.fits(44 * GIB) && !four.fits(44 * GIB));
+    // Only blocks above the last edited layer can stream.
+    let err = MemoryPlan::new(&config, &hp, &PlanOptions { streamed_blocks: 27, ..o }).err().unwrap().to_string();
+    assert!(err.contains("at most 26"), "{err}");
 }
 
 /// Runs the statistics and an edit of 300 requests on the world model and
 /// compares each phase's measured peak with the plan.
 #[test]
 fn planned_peaks_match_the_measured_ones_on_the_world_model() {
+    check_planned_peaks(0);
+}
+
+/// The same with the top three blocks streamed from the checkpoint: fewer
+/// weights on the GPU, two streamed blocks uploaded at a time.
+#[test]
+fn planned_peaks_match_the_measured_ones_with_streamed_blocks() {
+    check_planned_peaks(3);
+}
+
+fn check_planned_peaks(streamed_blocks: usize) {
     let ctx = pollster::block_on(GpuContext::from_env()).expect("a GPU adapter (install mesa-vulkan-drivers)");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/world-gpt2");
     let overrides: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("memit-hparams.json")).unwrap()).unwrap();
     let hp = Hparams::for_model(&read_config(&dir).unwrap()).with_overrides(&overrides).unwrap().with_overrides(&serde_json::json!({"v_num_grad_steps": 3})).unwrap();
     // As `edit` runs: the blocks through the last edited layer for the
     // statistics, then the rest of the model.
-    let loaded = load_hf_dir(ctx.clone(), &dir, LoadOptions { prefix_blocks: Some(hp.last_layer() + 1), ..Default::default() }).unwrap();
+    let loaded = load_hf_dir(ctx.clone(), &dir, LoadOptions { prefix_blocks: Some(hp.last_layer() + 1), streamed_blocks, ..Default::default() }).unwrap();
     let (mut model, tok) = (loaded.model, loaded.tokenizer.unwrap());
     assert!(model.blocks.len() < model.config.n_layers && model.head.is_none());
     let facts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("facts.json")).unwrap()).unwrap();
@@ -312,6 +339,7 @@ fn planned_peaks_match_the_measured_ones_on_the_world_model() {
         stats_max_len: None,
         keep_original_weights: false,
         method: EditMethod::Memit,
+        streamed_blocks,
     };
     let plan = MemoryPlan::new(&model.config, &hp, &o).unwrap();
     eprintln!("{}", plan.summary(None));

@@ -21,7 +21,7 @@ pub struct LoadedModel {
     /// Present when the folder has a `tokenizer.json`.
     pub tokenizer: Option<TextTokenizer>,
     /// The checkpoint the weights came from, for exact rewriting.
-    pub source: Box<dyn WeightSource>,
+    pub source: Arc<dyn WeightSource>,
 }
 
 /// Loads `config.json`, the safetensors weights (memory-mapped) and, if
@@ -31,11 +31,11 @@ pub fn load_hf_dir(ctx: Arc<GpuContext>, dir: &Path, options: LoadOptions) -> Re
         return Err(ModelError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found") });
     }
     let config = read_config(dir)?;
-    let source = SafetensorsSource::open_dir(dir)?;
-    let model = Model::load(ctx, config, &source, options)?;
+    let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open_dir(dir)?);
+    let model = Model::load_shared(ctx, config, source.clone(), options)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(TextTokenizer::from_file(&tokenizer_path)?) } else { None };
-    Ok(LoadedModel { model, tokenizer, source: Box::new(source) })
+    Ok(LoadedModel { model, tokenizer, source })
 }
 
 /// The shapes of the model at `path` without its weights: a `.gguf`
@@ -62,8 +62,10 @@ pub fn load_model_path(ctx: Arc<GpuContext>, path: &Path, options: LoadOptions) 
     if is_gguf(path) {
         let source = GgufSource::open(path)?;
         let tokenizer = Some(source.tokenizer()?);
-        let model = Model::load(ctx, source.config()?, &source, options)?;
-        Ok(LoadedModel { model, tokenizer, source: Box::new(source) })
+        let config = source.config()?;
+        let source: Arc<dyn WeightSource> = Arc::new(source);
+        let model = Model::load_shared(ctx, config, source.clone(), options)?;
+        Ok(LoadedModel { model, tokenizer, source })
     } else {
         load_hf_dir(ctx, path, options)
     }

@@ -388,7 +388,7 @@ impl Model {
             Residual::ParallelSharedNorm => a,
             Residual::Parallel => block.ln2.as_ref().expect("parallel blocks have ln2").forward(ctx, x)?,
         };
-        let mlp = self.mlp(block, &m)?;
+        let mlp = self.mlp(&block, &m)?;
         // x1 + MLP: the sequential block's x + attn + MLP, or the parallel one's.
         let out = block.mlp_out.forward_plus(ctx, &mlp.key, Some(&x1))?;
         let x1 = (self.config.residual == Residual::Sequential).then_some(x1);

@@ -1,6 +1,6 @@
 //! A model's weights on the GPU, in one layout for all four families.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use memit_gpu::{Activation, DType, Epilogue, GpuContext, Tensor};
 
@@ -91,11 +91,57 @@ pub struct LoadOptions {
     /// model has no head (final norm and unembedding), so asking it for
     /// logits, or running a block it lacks, is an error.
     pub prefix_blocks: Option<usize>,
+    /// Keep the model's highest `streamed_blocks` blocks off the GPU: each
+    /// is uploaded from the checkpoint when it runs (the two uploaded last
+    /// stay), for a model whose weights do not fit the GPU. Needs a shared
+    /// source ([`Model::load_shared`]); MEMIT cannot edit these layers.
+    pub streamed_blocks: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { matrix_dtype: DType::F32, prefix_blocks: None }
+        LoadOptions { matrix_dtype: DType::F32, prefix_blocks: None, streamed_blocks: 0 }
+    }
+}
+
+/// The blocks a model streams from its checkpoint
+/// ([`LoadOptions::streamed_blocks`]).
+#[derive(Clone)]
+struct BlockStream {
+    /// The streamed layers: every block from `first` on, up to `end` (the
+    /// model's block count, or a prefix model's; none while `end` ≤ `first`).
+    first: usize,
+    end: usize,
+    source: Arc<dyn WeightSource>,
+    matrix_dtype: DType,
+    /// The blocks uploaded last, newest first, at most two: a block run
+    /// again right away (the top block's backward after its forward) is
+    /// not uploaded again, and the next block goes up while the GPU still
+    /// works on the one before.
+    recent: Arc<Mutex<Vec<(usize, Block)>>>,
+}
+
+impl std::fmt::Debug for BlockStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockStream").field("first", &self.first).field("source", &self.source.describe()).finish()
+    }
+}
+
+impl BlockStream {
+    fn fetch(&self, ctx: &GpuContext, config: &ModelConfig, layer: usize) -> Result<Block> {
+        let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, block)) = recent.iter().find(|(l, _)| *l == layer) {
+            return Ok(block.clone());
+        }
+        // The older block makes room for this one (its buffers return to
+        // the pool once the work recorded on it no longer holds them), and
+        // the work recorded so far starts while this block goes up.
+        recent.truncate(1);
+        ctx.flush();
+        let loader = Loader { ctx, source: self.source.as_ref(), options: LoadOptions { matrix_dtype: self.matrix_dtype, ..Default::default() } };
+        let block = loader.block(config, &names(config.arch), layer)?;
+        recent.insert(0, (layer, block.clone()));
+        Ok(block)
     }
 }
 
@@ -117,6 +163,9 @@ pub struct Model {
     pub blocks: Vec<Block>,
     /// None for a prefix model (`LoadOptions::prefix_blocks`).
     pub head: Option<Head>,
+    /// Blocks uploaded from the checkpoint each time they run, above
+    /// `blocks` (`LoadOptions::streamed_blocks`).
+    stream: Option<BlockStream>,
     /// [max_positions, rotary_dim/2, 2] of (cos, sin), when rotary is used.
     pub rope_table: Option<Tensor>,
 }
@@ -349,9 +398,29 @@ impl Loader<'_> {
 }
 
 impl Model {
-    /// Block `layer`, or an error when it is beyond a prefix model's blocks.
-    pub fn block_at(&self, layer: usize) -> Result<&Block> {
-        self.blocks.get(layer).ok_or_else(|| self.not_loaded(&format!("block {layer}")))
+    /// Block `layer` (uploaded first when it is streamed), or an error when
+    /// it is beyond a prefix model's blocks.
+    pub fn block_at(&self, layer: usize) -> Result<Block> {
+        if let Some(block) = self.blocks.get(layer) {
+            return Ok(block.clone());
+        }
+        match &self.stream {
+            Some(stream) if (stream.first..stream.end).contains(&layer) => stream.fetch(&self.ctx, &self.config, layer),
+            _ => Err(self.not_loaded(&format!("block {layer}"))),
+        }
+    }
+
+    /// The first streamed layer (`LoadOptions::streamed_blocks`), if any.
+    pub fn first_streamed_layer(&self) -> Option<usize> {
+        self.stream.as_ref().map(|s| s.first)
+    }
+
+    /// Blocks 0..n this model can run (all of them unless it is a prefix).
+    fn loaded_blocks(&self) -> usize {
+        match &self.stream {
+            Some(stream) if stream.first < stream.end => stream.end,
+            _ => self.blocks.len(),
+        }
     }
 
     /// The final norm and unembedding, or an error for a prefix model.
@@ -362,20 +431,35 @@ impl Model {
     fn not_loaded(&self, what: &str) -> ModelError {
         ModelError::Input(format!(
             "{what} not loaded: this model holds blocks 0..{} of {} only (loaded as a prefix for statistics or keys)",
-            self.blocks.len(),
+            self.loaded_blocks(),
             self.config.n_layers
         ))
+    }
+
+    /// Block `layer` to change in place: an error for a layer beyond a
+    /// prefix model's blocks or streamed from the checkpoint (its weights
+    /// are uploaded afresh each time it runs, so a change would not stay).
+    pub fn resident_block_mut(&mut self, layer: usize) -> Result<&mut Block> {
+        if let Some(first) = self.first_streamed_layer().filter(|&first| layer >= first && layer < self.config.n_layers) {
+            return Err(ModelError::Input(format!(
+                "layer {layer} is streamed from the checkpoint (blocks {first}..{} are), so it cannot be edited: stream fewer blocks",
+                self.config.n_layers
+            )));
+        }
+        let held = self.blocks.len();
+        self.blocks.get_mut(layer).ok_or_else(|| ModelError::Input(format!("no layer {layer} loaded (this model holds blocks 0..{held})")))
     }
 
     /// Replaces W_out of `layer` with `weights` (shape as stored in the
     /// checkpoint), keeping the storage dtype the model was loaded with.
     pub fn set_mlp_out(&mut self, layer: usize, weights: &HostTensor) -> Result<()> {
-        let linear = self.blocks.get_mut(layer).map(|b| &mut b.mlp_out).ok_or_else(|| ModelError::Input(format!("no layer {layer}")))?;
+        let ctx = self.ctx.clone();
+        let linear = &mut self.resident_block_mut(layer)?.mlp_out;
         let shape = linear.weight.shape().to_vec();
         if weights.shape != shape {
             return Err(ModelError::ShapeMismatch { name: format!("W_out of layer {layer}"), expected: shape, found: weights.shape.clone() });
         }
-        linear.weight = upload_weight(&self.ctx, weights, linear.weight.dtype())?;
+        linear.weight = upload_weight(&ctx, weights, linear.weight.dtype())?;
         Ok(())
     }
 }
@@ -398,17 +482,42 @@ pub fn rope_table(max_positions: usize, rotary_dim: usize, theta: f64) -> Vec<f3
 
 impl Model {
     /// Uploads a model's weights from `source` according to `config` (all
-    /// of them, or a prefix: `options.prefix_blocks`).
+    /// of them, or a prefix: `options.prefix_blocks`). Streaming blocks
+    /// needs [`Model::load_shared`].
     pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, source: &dyn WeightSource, options: LoadOptions) -> Result<Model> {
+        if options.streamed_blocks > 0 {
+            return Err(ModelError::Input("streamed blocks are uploaded from their checkpoint each time they run: load with Model::load_shared".into()));
+        }
+        Self::load_from(ctx, config, source, None, options)
+    }
+
+    /// As [`Model::load`], keeping `source` to stream the highest
+    /// `options.streamed_blocks` blocks from.
+    pub fn load_shared(ctx: Arc<GpuContext>, config: ModelConfig, source: Arc<dyn WeightSource>, options: LoadOptions) -> Result<Model> {
+        Self::load_from(ctx, config, source.as_ref(), Some(source.clone()), options)
+    }
+
+    fn load_from(ctx: Arc<GpuContext>, config: ModelConfig, source: &dyn WeightSource, shared: Option<Arc<dyn WeightSource>>, options: LoadOptions) -> Result<Model> {
         let c = &config;
         let n_blocks = match options.prefix_blocks {
             Some(n) if n == 0 || n > c.n_layers => return Err(ModelError::Input(format!("a prefix of {n} blocks of a {}-layer model", c.n_layers))),
             Some(n) => n,
             None => c.n_layers,
         };
+        if options.streamed_blocks > c.n_layers {
+            return Err(ModelError::Input(format!("{} streamed blocks of a {}-layer model", options.streamed_blocks, c.n_layers)));
+        }
+        let first_streamed = c.n_layers - options.streamed_blocks;
+        let stream = shared.filter(|_| options.streamed_blocks > 0).map(|source| BlockStream {
+            first: first_streamed,
+            end: n_blocks,
+            source,
+            matrix_dtype: options.matrix_dtype,
+            recent: Arc::default(),
+        });
         let n = names(c.arch);
         let loader = Loader { ctx: &ctx, source, options };
-        let blocks = (0..n_blocks).map(|l| loader.block(c, &n, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks.min(first_streamed)).map(|l| loader.block(c, &n, l)).collect::<Result<Vec<_>>>()?;
         let embed = loader.matrix(&format!("{}.weight", n.embed), [c.vocab_size, c.d_model])?;
         let head = if options.prefix_blocks.is_some() { None } else { Some(loader.head(c, &n, &embed)?) };
         let rope_table = if c.rotary_dim > 0 {
@@ -422,6 +531,7 @@ impl Model {
             embed,
             head,
             blocks,
+            stream,
             rope_table,
             config,
             ctx,
@@ -436,11 +546,15 @@ impl Model {
     pub fn load_remaining(&mut self, source: &dyn WeightSource) -> Result<()> {
         let c = &self.config;
         let n = names(c.arch);
-        let options = LoadOptions { matrix_dtype: self.embed.dtype(), prefix_blocks: None };
+        let options = LoadOptions { matrix_dtype: self.embed.dtype(), ..Default::default() };
         let loader = Loader { ctx: &self.ctx, source, options };
-        for l in self.blocks.len()..c.n_layers {
+        let resident_end = self.stream.as_ref().map_or(c.n_layers, |s| s.first);
+        for l in self.blocks.len()..resident_end {
             let block = loader.block(c, &n, l)?;
             self.blocks.push(block);
+        }
+        if let Some(stream) = &mut self.stream {
+            stream.end = c.n_layers;
         }
         if self.head.is_none() {
             self.head = Some(loader.head(c, &n, &self.embed)?);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use memit_gpu::{DType, GpuContext, Tensor};
-use memit_models::{load_hf_dir, Batch, LoadOptions, Model, Padding};
+use memit_models::{load_hf_dir, Batch, HostData, HostTensor, LoadOptions, Model, Padding};
 use safetensors::SafeTensors;
 
 fn ctx() -> Arc<GpuContext> {
@@ -147,4 +147,52 @@ fn a_prefix_model_matches_transformers_and_loads_the_rest_on_demand() {
         assert_eq!(model.blocks.len(), model.config.n_layers);
         check_against_golden(name, &model, 1e-4);
     }
+}
+
+#[test]
+fn streamed_blocks_match_transformers_and_stay_off_the_gpu() {
+    // The top two blocks stay in the checkpoint and go up when they run;
+    // GPT-J's q, k, v are joined at each upload. Its own context, so the
+    // memory meter sees this model alone.
+    let own = pollster::block_on(GpuContext::from_env()).unwrap();
+    let resident = load_hf_dir(own.clone(), &fixture("gptj"), LoadOptions::default()).unwrap().model;
+    let resident_bytes = own.memory().live_bytes;
+    let one_block = block_bytes(&resident.blocks[2]);
+    drop(resident);
+    let options = LoadOptions { streamed_blocks: 2, ..Default::default() };
+    let streamed = load_hf_dir(own.clone(), &fixture("gptj"), options).unwrap().model;
+    assert_eq!((streamed.blocks.len(), streamed.first_streamed_layer()), (1, Some(1)));
+    assert_eq!(own.memory().live_bytes, resident_bytes - 2 * one_block, "two blocks fewer on the GPU after loading");
+    drop(streamed);
+    let loaded = load_hf_dir(ctx(), &fixture("gptj"), options).unwrap();
+    let mut model = loaded.model;
+    check_against_golden("gptj", &model, 1e-4);
+    // A streamed block cannot be edited: its weights come from the
+    // checkpoint at every run.
+    let (ff, d) = (model.config.d_ff, model.config.d_model);
+    let w = HostTensor { shape: vec![d, ff], data: HostData::F32(vec![0.0; d * ff]) };
+    let err = model.set_mlp_out(2, &w).err().expect("a streamed layer").to_string();
+    assert!(err.contains("layer 2 is streamed"), "{err}");
+    model.set_mlp_out(0, &w).unwrap();
+    // Streaming needs a source the model can keep.
+    let err = Model::load(ctx(), model.config.clone(), loaded.source.as_ref(), LoadOptions { streamed_blocks: 1, ..Default::default() }).err().unwrap().to_string();
+    assert!(err.contains("load_shared"), "{err}");
+
+    // A prefix model with streamed blocks above it: the prefix runs, the
+    // rest (resident and streamed) comes with load_remaining.
+    let loaded = load_hf_dir(ctx(), &fixture("llama"), LoadOptions { prefix_blocks: Some(1), streamed_blocks: 1, ..Default::default() }).unwrap();
+    let mut model = loaded.model;
+    let err = model.forward(&golden_batch(&Golden::open("llama"), "right", Padding::Right).0, &[2], false).err().unwrap().to_string();
+    assert!(err.contains("blocks 0..1"), "{err}");
+    model.load_remaining(loaded.source.as_ref()).unwrap();
+    assert_eq!((model.blocks.len(), model.first_streamed_layer()), (2, Some(2)));
+    check_against_golden("llama", &model, 1e-4);
+}
+
+/// A block's weights and biases, as the memory meter counts them.
+fn block_bytes(block: &memit_models::Block) -> u64 {
+    let linears = [&block.qkv, &block.attn_out, &block.mlp_in, &block.mlp_out];
+    let norms = [Some(&block.ln1), block.ln2.as_ref()].into_iter().flatten();
+    let tensors = linears.iter().flat_map(|l| [Some(&l.weight), l.bias.as_ref()]).chain(norms.flat_map(|n| [Some(&n.weight), n.bias.as_ref()])).flatten();
+    tensors.map(|t| (t.numel() * t.dtype().size()) as u64).sum()
 }
