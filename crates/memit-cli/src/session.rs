@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use memit_core::{load_cache, EditMethod, Hparams, LayerCovariance, PhaseCounters, Phases, Progress, StatsAccumulator, StatsIdentity};
 use memit_gpu::{DType, GpuContext};
-use memit_models::{finish_interrupted_rewrite, SplitMix64, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, ModelConfig, Recovery, StoredTensor, TextTokenizer, WeightSource};
+use memit_models::{finish_interrupted_rewrite, SplitMix64, load_model_path, mlp_out_name, resolve_name, LoadOptions, Model, ModelConfig, Recovery, SharedSource, StoredTensor, TextTokenizer};
 use sha2::{Digest, Sha256};
 
 /// `--model` and how to hold its weights.
@@ -74,7 +74,7 @@ pub struct Session {
     pub path: PathBuf,
     pub model: Model,
     pub tokenizer: TextTokenizer,
-    pub source: std::sync::Arc<dyn WeightSource>,
+    pub source: SharedSource,
     /// SHA-256 of the weights.
     pub fingerprint: String,
 }

@@ -670,7 +670,7 @@ fn an_edit_through_streamed_blocks_equals_the_resident_one() {
     }
     // A streamed layer cannot be edited: refused before any work.
     let high = hp.with_overrides(&serde_json::json!({"layers": [2, 3]})).unwrap();
-    let err = pollster::block_on(compute_targets(&streamed, &tok, &requests, &high, &templates, &mut |_| {})).err().expect("layer 3 is streamed").to_string();
+    let err = pollster::block_on(compute_targets(&streamed, &tok, &requests, &high, &templates, &mut |_| {})).expect_err("layer 3 is streamed").to_string();
     assert!(err.contains("layer 3 is edited but streamed") && err.contains("at most 2 blocks"), "{err}");
 }
 

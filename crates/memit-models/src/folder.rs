@@ -14,14 +14,14 @@ use crate::error::{ModelError, Result};
 use crate::model::{LoadOptions, Model};
 use crate::tokenizer::TextTokenizer;
 use crate::gguf::GgufSource;
-use crate::weights::{FileBytes, SafetensorsSource, StoredDtype, StoredTensor, WeightSource};
+use crate::weights::{FileBytes, SafetensorsSource, SharedSource, StoredDtype, StoredTensor, WeightSource};
 
 pub struct LoadedModel {
     pub model: Model,
     /// Present when the folder has a `tokenizer.json`.
     pub tokenizer: Option<TextTokenizer>,
     /// The checkpoint the weights came from, for exact rewriting.
-    pub source: Arc<dyn WeightSource>,
+    pub source: SharedSource,
 }
 
 /// Loads `config.json`, the safetensors weights (memory-mapped) and, if
@@ -31,7 +31,7 @@ pub fn load_hf_dir(ctx: Arc<GpuContext>, dir: &Path, options: LoadOptions) -> Re
         return Err(ModelError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found") });
     }
     let config = read_config(dir)?;
-    let source: Arc<dyn WeightSource> = Arc::new(SafetensorsSource::open_dir(dir)?);
+    let source: SharedSource = Arc::new(SafetensorsSource::open_dir(dir)?);
     let model = Model::load_shared(ctx, config, source.clone(), options)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(TextTokenizer::from_file(&tokenizer_path)?) } else { None };
@@ -63,7 +63,7 @@ pub fn load_model_path(ctx: Arc<GpuContext>, path: &Path, options: LoadOptions) 
         let source = GgufSource::open(path)?;
         let tokenizer = Some(source.tokenizer()?);
         let config = source.config()?;
-        let source: Arc<dyn WeightSource> = Arc::new(source);
+        let source: SharedSource = Arc::new(source);
         let model = Model::load_shared(ctx, config, source.clone(), options)?;
         Ok(LoadedModel { model, tokenizer, source })
     } else {

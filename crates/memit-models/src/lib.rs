@@ -21,7 +21,7 @@ pub use generate::{argmax, GenerateOptions, Sampling};
 pub use rng::SplitMix64;
 pub use model::{mlp_out_name, resolve_name, rope_table, Block, Head, Linear, LoadOptions, Model, Norm, WeightLayout};
 pub use tokenizer::TextTokenizer;
-pub use weights::{decode_safetensors, upload_weight, FileBytes, HostData, HostTensor, SafetensorsSource, StoredDtype, StoredTensor, WeightSource};
+pub use weights::{decode_safetensors, upload_weight, FileBytes, HostData, HostTensor, SafetensorsSource, SharedSource, StoredDtype, StoredTensor, WeightSource};
 
 #[cfg(not(target_arch = "wasm32"))]
 mod folder;

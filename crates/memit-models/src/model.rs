@@ -6,7 +6,7 @@ use memit_gpu::{Activation, DType, Epilogue, GpuContext, Tensor};
 
 use crate::config::{Arch, ModelConfig, Residual};
 use crate::error::{ModelError, Result};
-use crate::weights::{upload_weight, HostTensor, WeightSource};
+use crate::weights::{upload_weight, HostTensor, SharedSource, WeightSource};
 
 /// How a projection's weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +112,7 @@ struct BlockStream {
     /// model's block count, or a prefix model's; none while `end` ≤ `first`).
     first: usize,
     end: usize,
-    source: Arc<dyn WeightSource>,
+    source: SharedSource,
     matrix_dtype: DType,
     /// The blocks uploaded last, newest first, at most two: a block run
     /// again right away (the top block's backward after its forward) is
@@ -493,11 +493,11 @@ impl Model {
 
     /// As [`Model::load`], keeping `source` to stream the highest
     /// `options.streamed_blocks` blocks from.
-    pub fn load_shared(ctx: Arc<GpuContext>, config: ModelConfig, source: Arc<dyn WeightSource>, options: LoadOptions) -> Result<Model> {
+    pub fn load_shared(ctx: Arc<GpuContext>, config: ModelConfig, source: SharedSource, options: LoadOptions) -> Result<Model> {
         Self::load_from(ctx, config, source.as_ref(), Some(source.clone()), options)
     }
 
-    fn load_from(ctx: Arc<GpuContext>, config: ModelConfig, source: &dyn WeightSource, shared: Option<Arc<dyn WeightSource>>, options: LoadOptions) -> Result<Model> {
+    fn load_from(ctx: Arc<GpuContext>, config: ModelConfig, source: &dyn WeightSource, shared: Option<SharedSource>, options: LoadOptions) -> Result<Model> {
         let c = &config;
         let n_blocks = match options.prefix_blocks {
             Some(n) if n == 0 || n > c.n_layers => return Err(ModelError::Input(format!("a prefix of {n} blocks of a {}-layer model", c.n_layers))),

@@ -164,6 +164,10 @@ pub trait WeightSource {
     }
 }
 
+/// A weight source a model can keep (to stream blocks from) and still be
+/// moved between threads.
+pub type SharedSource = std::sync::Arc<dyn WeightSource + Send + Sync>;
+
 /// Puts a checkpoint tensor on the GPU as the model keeps it: vectors in
 /// f32, matrices in `matrix_dtype` (f16 bits go up unconverted).
 pub fn upload_weight(ctx: &GpuContext, host: &HostTensor, matrix_dtype: DType) -> Result<Tensor> {

@@ -171,7 +171,7 @@ fn streamed_blocks_match_transformers_and_stay_off_the_gpu() {
     // checkpoint at every run.
     let (ff, d) = (model.config.d_ff, model.config.d_model);
     let w = HostTensor { shape: vec![d, ff], data: HostData::F32(vec![0.0; d * ff]) };
-    let err = model.set_mlp_out(2, &w).err().expect("a streamed layer").to_string();
+    let err = model.set_mlp_out(2, &w).expect_err("a streamed layer").to_string();
     assert!(err.contains("layer 2 is streamed"), "{err}");
     model.set_mlp_out(0, &w).unwrap();
     // Streaming needs a source the model can keep.
@@ -187,6 +187,14 @@ fn streamed_blocks_match_transformers_and_stay_off_the_gpu() {
     model.load_remaining(loaded.source.as_ref()).unwrap();
     assert_eq!((model.blocks.len(), model.first_streamed_layer()), (2, Some(2)));
     check_against_golden("llama", &model, 1e-4);
+}
+
+/// A model that keeps its checkpoint (to stream blocks from) can still move
+/// between threads, as it could before.
+#[test]
+fn a_model_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Model>();
 }
 
 /// A block's weights and biases, as the memory meter counts them.
