@@ -362,11 +362,12 @@ pub async fn compute_targets_with(
 /// The edited layers must stay on the GPU: a streamed block is uploaded
 /// from the checkpoint each time it runs, so an edit to it would not stay.
 fn check_resident(model: &Model, hp: &Hparams) -> Result<()> {
-    match (model.first_streamed_layer(), hp.layers.last()) {
-        (Some(first), Some(&last)) if last >= first => Err(MemitError::Hparams(format!(
-            "layer {last} is edited but streamed from the checkpoint (blocks {first}..{} are): stream at most {} blocks",
+    match model.first_streamed_layer() {
+        Some(first) if hp.last_layer() >= first => Err(MemitError::Hparams(format!(
+            "layer {} is edited but streamed from the checkpoint (blocks {first}..{} are): stream at most {} blocks",
+            hp.last_layer(),
             model.config.n_layers,
-            model.config.n_layers - last - 1
+            hp.streamable_blocks(&model.config)
         ))),
         _ => Ok(()),
     }

@@ -161,4 +161,11 @@ impl Hparams {
     pub fn last_layer(&self) -> usize {
         *self.layers.last().expect("validated: non-empty")
     }
+
+    /// The blocks above the last edited layer: the most that can be
+    /// streamed from the checkpoint (`LoadOptions::streamed_blocks`), since
+    /// an edited block must stay on the GPU.
+    pub fn streamable_blocks(&self, config: &ModelConfig) -> usize {
+        config.n_layers - self.last_layer() - 1
+    }
 }

@@ -201,7 +201,7 @@ impl MemoryPlan {
         if !(1..=64).contains(&options.templates) {
             return Err(PlanError::Input(format!("{} context templates: plan for 1 to 64", options.templates)));
         }
-        let streamable = config.n_layers - hp.last_layer() - 1;
+        let streamable = hp.streamable_blocks(config);
         if options.streamed_blocks > streamable {
             return Err(PlanError::Input(format!(
                 "{} streamed blocks: at most {streamable} (the blocks above the last edited layer {}) can be",
@@ -306,8 +306,7 @@ impl MemoryPlan {
                 gib(2 * hp.layers.len() as u64 * square_bytes(config.d_ff))
             ));
         }
-        let streamable = config.n_layers - hp.last_layer() - 1;
-        let streamed = (options.streamed_blocks + 1..=streamable).find(|&k| fits(&PlanOptions { streamed_blocks: k, ..*options }));
+        let streamed = (options.streamed_blocks + 1..=hp.streamable_blocks(config)).find(|&k| fits(&PlanOptions { streamed_blocks: k, ..*options }));
         if let Some(k) = streamed {
             advice.push(format!(
                 "stream the top {k} blocks from the checkpoint (`--stream-blocks {k}`: then it fits; every target-vector step uploads them again)"

@@ -273,10 +273,10 @@ async fn optimise_batch(
         let m = live.len();
         let group_requests: Vec<&PreparedRequest> = live.iter().map(|&i| &requests[i]).collect();
         let group_prompts: Vec<&RequestPrompts> = live.iter().map(|&i| &prompts[i]).collect();
-        let setup = set_up_group(model, &group_requests, &group_prompts, hp.last_layer(), options)?;
+        let setup = set_up_group(model, &group_requests, &group_prompts, hp.last_layer(), options, carried.is_none())?;
         let (state, kl_init, target_init) = match carried.take() {
             Some(moved) => moved,
-            None => (ctx.zeros(&[m, 3, d], DType::F32)?, ctx.empty(&[m, vocab], DType::F32)?, setup.target_init.clone()),
+            None => (ctx.zeros(&[m, 3, d], DType::F32)?, ctx.empty(&[m, vocab], DType::F32)?, setup.target_init.clone().expect("gathered for a batch's first group")),
         };
         let record = ctx.zeros(&[m + max_steps * m * 4], DType::F32)?;
         let first_step = step;
@@ -371,11 +371,12 @@ struct Group {
     plan: TargetPlan,
     logit_rows: Indices,
     /// [requests, d]: the block output at each request's first prompt's
-    /// subject row, before editing.
-    target_init: Tensor,
+    /// subject row, before editing (gathered only for a batch's first
+    /// group: a regrouped one carries its requests' own).
+    target_init: Option<Tensor>,
 }
 
-fn set_up_group(model: &Model, requests: &[&PreparedRequest], prompts: &[&RequestPrompts], layer: usize, options: &TargetOptions) -> Result<Group> {
+fn set_up_group(model: &Model, requests: &[&PreparedRequest], prompts: &[&RequestPrompts], layer: usize, options: &TargetOptions, initial_outputs: bool) -> Result<Group> {
     let ctx = &model.ctx;
     let (d, vocab) = (model.config.d_model, model.config.vocab_size);
     let sequences: Vec<Vec<u32>> = prompts.iter().flat_map(|p| p.sequences.iter().cloned()).collect();
@@ -419,7 +420,7 @@ fn set_up_group(model: &Model, requests: &[&PreparedRequest], prompts: &[&Reques
         lookups.push(rows_of_j);
         b += p.sequences.len();
     }
-    let target_init = ctx.gather_rows(&base, &ctx.indices(&first_lookup)?)?;
+    let target_init = if initial_outputs { Some(ctx.gather_rows(&base, &ctx.indices(&first_lookup)?)?) } else { None };
     let (base, rows) = match &suffix {
         Some(pass) => (pass.gather(ctx, &base)?, pass.rows()),
         None => (base, batch.batch * batch.seq),
