@@ -242,6 +242,67 @@ fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     }
 }
 
+// The same as `attend_backward_query` with one invocation per (query,
+// head, sequence) and no workgroup memory or barriers, for CPU adapters:
+// the scores, P and dS go through this query's rows of the scratch buffers.
+@compute @workgroup_size(64)
+fn attend_backward_query_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    let h = gid.y;
+    let b = gid.z;
+    if (i >= ap.q_seq) {
+        return;
+    }
+    let range = key_range(b, i);
+    let row = b * ap.q_seq + i;
+    let kv = h / ap.kv_group;
+    let q_base = ap.q_off + row * ap.q_row + h * ap.q_head;
+    let dout_base = row * ap.out_row + h * ap.head_dim;
+    let srow = scratch_row(b, h, i);
+    var row_max = neg_inf();
+    for (var j = range.x; j < range.y; j++) {
+        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
+        var s = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            s += q[q_base + d] * k[k_base + d];
+        }
+        s *= ap.scale;
+        probs_all[srow + j] = s;
+        row_max = max(row_max, s);
+    }
+    var total = 0.0;
+    for (var j = range.x; j < range.y; j++) {
+        let e = exp(probs_all[srow + j] - row_max);
+        probs_all[srow + j] = e;
+        total += e;
+    }
+    // P and dP; rowsum(P * dP).
+    var dot = 0.0;
+    for (var j = range.x; j < range.y; j++) {
+        let pj = probs_all[srow + j] / total;
+        let v_base = ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head;
+        var dp = 0.0;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            dp += d_out[dout_base + d] * v[v_base + d];
+        }
+        probs_all[srow + j] = pj;
+        dscores_all[srow + j] = dp;
+        dot += pj * dp;
+    }
+    var acc: array<f32, 256>;
+    for (var j = range.x; j < range.y; j++) {
+        let ds = probs_all[srow + j] * (dscores_all[srow + j] - dot);
+        dscores_all[srow + j] = ds;
+        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
+        for (var d = 0u; d < ap.head_dim; d++) {
+            acc[d] += ds * k[k_base + d];
+        }
+    }
+    for (var d = 0u; d < ap.head_dim; d++) {
+        dq[ap.q_off + row * ap.q_row + h * ap.q_head + d] = ap.scale * acc[d];
+    }
+}
+
 // Gradients of the key with query row i2 (position j), element d: (dk, dv)
 // before dk's scale.
 fn key_grads(i2: u32, kv: u32, b: u32, d: u32) -> vec2<f32> {

@@ -376,3 +376,133 @@ fn mirror_indices(gid: vec3<u32>) -> vec2<u32> {
     }
     return vec2<u32>(p.c_off + r * p.ldc + col, p.a_off + j * p.ldc + row);
 }
+
+// C = alpha * A * op(B) + beta * C (A not transposed) for CPU adapters
+// (lavapipe, SwiftShader), which run workgroup barriers as fibre switches and
+// workgroup memory as plain memory: no barriers, operands read straight from
+// storage. Each invocation owns a 4x4 block of C (GATED: two features, their
+// gate and up columns) and reads k four at a time. An f16 B is read a word
+// (two values) per load, so the host picks this kernel for f16 B only with
+// an even offset and row stride (and, B not transposed, N a multiple of 4).
+// Rows and columns past the matrix repeat its last one, so no load needs a
+// bounds check; their results are not stored. It also serves the blocked
+// solver's views (lower_only included).
+@compute @workgroup_size(64, 1, 1)
+fn matmul_direct(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let m0 = gid.y * 4u;
+    // The first of this invocation's four columns of C (GATED: features).
+    let n0 = gid.x * select(4u, 2u, GATED);
+    if (m0 >= p.m || n0 >= p.n) {
+        return;
+    }
+    // A block wholly above the diagonal of a lower-triangle C.
+    if (p.lower_only != 0u && p.col_base + n0 >= p.row_base + m0 + 4u) {
+        return;
+    }
+    let last_row = p.m - 1u;
+    let ra0 = p.a_off + m0 * p.lda;
+    let ra1 = p.a_off + min(m0 + 1u, last_row) * p.lda;
+    let ra2 = p.a_off + min(m0 + 2u, last_row) * p.lda;
+    let ra3 = p.a_off + min(m0 + 3u, last_row) * p.lda;
+    // The four columns of op(B): GATED, features n0 and n0 + 1, gate then up.
+    let last_col = p.n - 1u;
+    var cols = vec4<u32>(n0, min(n0 + 1u, last_col), min(n0 + 2u, last_col), min(n0 + 3u, last_col));
+    if (GATED) {
+        cols = vec4<u32>(n0, min(n0 + 1u, last_col), n0 + p.n, min(n0 + 1u, last_col) + p.n);
+    }
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    let k4 = p.k & ~3u;
+    if (TRANS_B) {
+        // Row j of B holds column j of op(B): four k at a time along it.
+        let rb = p.b_off + cols * p.ldb;
+        for (var k = 0u; k < k4; k += 4u) {
+            let b0 = b_run4(rb.x + k);
+            let b1 = b_run4(rb.y + k);
+            let b2 = b_run4(rb.z + k);
+            let b3 = b_run4(rb.w + k);
+            c0 += dots4(a_run4(ra0 + k), b0, b1, b2, b3);
+            c1 += dots4(a_run4(ra1 + k), b0, b1, b2, b3);
+            c2 += dots4(a_run4(ra2 + k), b0, b1, b2, b3);
+            c3 += dots4(a_run4(ra3 + k), b0, b1, b2, b3);
+        }
+    } else {
+        // Row k of B holds op(B)[k, :]: the four columns side by side.
+        for (var k = 0u; k < k4; k += 4u) {
+            let b0 = b_cols4(k, cols);
+            let b1 = b_cols4(k + 1u, cols);
+            let b2 = b_cols4(k + 2u, cols);
+            let b3 = b_cols4(k + 3u, cols);
+            c0 += combine4(a_run4(ra0 + k), b0, b1, b2, b3);
+            c1 += combine4(a_run4(ra1 + k), b0, b1, b2, b3);
+            c2 += combine4(a_run4(ra2 + k), b0, b1, b2, b3);
+            c3 += combine4(a_run4(ra3 + k), b0, b1, b2, b3);
+        }
+    }
+    for (var k = k4; k < p.k; k++) {
+        let bv = vec4<f32>(b_load(p.b_off, k, cols.x), b_load(p.b_off, k, cols.y), b_load(p.b_off, k, cols.z), b_load(p.b_off, k, cols.w));
+        c0 = fma(vec4<f32>(load_a(ra0 + k)), bv, c0);
+        c1 = fma(vec4<f32>(load_a(ra1 + k)), bv, c1);
+        c2 = fma(vec4<f32>(load_a(ra2 + k)), bv, c2);
+        c3 = fma(vec4<f32>(load_a(ra3 + k)), bv, c3);
+    }
+    store_direct_row(m0, n0, c0);
+    store_direct_row(m0 + 1u, n0, c1);
+    store_direct_row(m0 + 2u, n0, c2);
+    store_direct_row(m0 + 3u, n0, c3);
+}
+
+// Elements i .. i + 3 of A.
+fn a_run4(i: u32) -> vec4<f32> {
+    return vec4<f32>(load_a(i), load_a(i + 1u), load_a(i + 2u), load_a(i + 3u));
+}
+
+// Elements i .. i + 3 of B (i even when B is f16).
+fn b_run4(i: u32) -> vec4<f32> {
+    if (B_F16) {
+        return vec4<f32>(unpack2x16float(b[i >> 1u]), unpack2x16float(b[(i >> 1u) + 1u]));
+    }
+    return vec4<f32>(bitcast<f32>(b[i]), bitcast<f32>(b[i + 1u]), bitcast<f32>(b[i + 2u]), bitcast<f32>(b[i + 3u]));
+}
+
+// op(B)[k, cols] for B not transposed: consecutive columns when B is f16.
+fn b_cols4(k: u32, cols: vec4<u32>) -> vec4<f32> {
+    let row = p.b_off + k * p.ldb;
+    if (B_F16) {
+        return b_run4(row + cols.x);
+    }
+    return vec4<f32>(bitcast<f32>(b[row + cols.x]), bitcast<f32>(b[row + cols.y]), bitcast<f32>(b[row + cols.z]), bitcast<f32>(b[row + cols.w]));
+}
+
+// (a·b0, a·b1, a·b2, a·b3): a row of A times four columns of op(B).
+fn dots4(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+}
+
+// Σ_t a[t] * bt: four k of a row of A times those rows of op(B).
+fn combine4(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(a.x), b0, fma(vec4<f32>(a.y), b1, fma(vec4<f32>(a.z), b2, vec4<f32>(a.w) * b3)));
+}
+
+// Row gm of this invocation's block: columns n0 .. n0 + 3, or (GATED)
+// features n0 and n0 + 1 with their gate in v.x, v.y and up in v.z, v.w.
+fn store_direct_row(gm: u32, n0: u32, v: vec4<f32>) {
+    if (gm >= p.m) {
+        return;
+    }
+    let row = p.c_off + gm * p.ldc;
+    if (GATED) {
+        store_gated(row + n0, gm, n0, v.x, v.z);
+        if (n0 + 1u < p.n) {
+            store_gated(row + n0 + 1u, gm, n0 + 1u, v.y, v.w);
+        }
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (n0 + j < p.n) {
+            store(row + n0 + j, gm, n0 + j, v[j]);
+        }
+    }
+}

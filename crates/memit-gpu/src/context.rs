@@ -25,6 +25,11 @@ pub struct GpuOptions {
     /// for GPUs (`Some(false)`); by default the adapter type decides.
     /// Tests use it to check both variants on one adapter.
     pub cpu_kernels: Option<bool>,
+    /// The most rows a matrix product may have to take the barrier-free
+    /// `matmul_direct` kernel instead of the tiled one; by default the
+    /// adapter decides (see [`GpuContext::direct_product_rows`]). Tests set
+    /// it to check that kernel at every shape.
+    pub direct_product_rows: Option<usize>,
     /// Backends to consider. Default: Vulkan, Metal, DX12 (and WebGPU in a
     /// browser); OpenGL only when asked for, and never a software OpenGL
     /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
@@ -74,6 +79,7 @@ pub struct GpuContext {
     features: wgpu::Features,
     chunk_bytes: u64,
     cpu_kernels: bool,
+    direct_product_rows: usize,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -181,6 +187,17 @@ impl GpuContext {
         });
         Counters::bump(&runtime.counters.buffers_created, 1);
         let cpu_kernels = options.cpu_kernels.unwrap_or(info.device_type == wgpu::DeviceType::Cpu || info.name.to_lowercase().contains("swiftshader"));
+        let direct_product_rows = options.direct_product_rows.unwrap_or(match (cpu_kernels, info.name.to_lowercase().contains("llvmpipe")) {
+            (false, _) => 0,
+            // Measured (`memit-bench kernels`/`profile`, 2-core host): on
+            // lavapipe the 64x64 tiles win from ~48 rows, and lose below by
+            // the rows they leave empty (0.3 against 0.9 GFLOP/s at 16 rows).
+            (true, true) => 32,
+            // SwiftShader (a browser's fallback adapter) runs workgroup
+            // barriers as fibre switches: the tiles run at 0.1-0.3 GFLOP/s,
+            // the direct kernel at 0.8-1.5, at every shape measured.
+            (true, false) => usize::MAX,
+        });
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -189,6 +206,7 @@ impl GpuContext {
             features,
             chunk_bytes,
             cpu_kernels,
+            direct_product_rows,
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -253,6 +271,14 @@ impl GpuContext {
     /// a whole row, attention a whole query.
     pub fn cpu_kernels(&self) -> bool {
         self.cpu_kernels
+    }
+
+    /// The most rows (of A, not transposed) a matrix product may have to
+    /// take `matmul_direct`, which reads its operands straight from storage
+    /// with no workgroup memory or barriers: 0 on a GPU, 32 on lavapipe,
+    /// unbounded on other CPU adapters (SwiftShader); `GpuOptions` can set it.
+    pub fn direct_product_rows(&self) -> usize {
+        self.direct_product_rows
     }
 
     /// Invocations that cooperate on one row in row-wise kernels (norms,

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, AttentionRows, DType, HeadLayout, RotaryStyle};
+use memit_gpu::{Activation, AttentionRows, DType, GpuContext, HeadLayout, RotaryStyle};
 
 /// Central-difference gradient of a scalar function of `x`, in f64.
 fn numeric_grad(x: &[f32], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
@@ -134,7 +134,12 @@ fn rotary_inverse_undoes_rotary() {
 
 #[test]
 fn attention_backward_matches_numeric_gradient() {
-    let ctx = ctx();
+    for ctx in [ctx(), other_kernels_ctx()] {
+        check_attention_backward(&ctx);
+    }
+}
+
+fn check_attention_backward(ctx: &GpuContext) {
     let (seq, heads, kv_heads, hd) = (6, 4, 2, 5);
     let bounds = [(1u32, 6u32), (0u32, 4u32)];
     let rows = 2 * seq;
@@ -151,5 +156,5 @@ fn attention_backward_matches_numeric_gradient() {
     let v = HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
     ctx.attention_backward((&gx, q), (&gx, k), (&gx, v), &gd, (&grad, &grad, &grad), hd, AttentionRows { q_seq: seq, kv_seq: seq, bounds: &key_bounds(&ctx, &bounds) }, scale).unwrap();
     let want = numeric_grad(&x, |xs| dot(&cpu_attention(xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64), &d_out));
-    assert_grad_close(&read(&ctx, &grad), &want, 1e-4, "attention backward (dq, dk, dv)");
+    assert_grad_close(&read(ctx, &grad), &want, 1e-4, &format!("attention backward (dq, dk, dv; CPU-style kernels: {})", ctx.cpu_kernels()));
 }

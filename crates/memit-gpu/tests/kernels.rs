@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, MatmulSpec, ReduceOp};
+use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, GpuOptions, MatmulSpec, ReduceOp};
 
 const SHAPES: [(usize, usize, usize); 7] =
     [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129)];
@@ -28,32 +28,50 @@ fn check_matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, ta: bool, tb: bo
     assert_dot_close(&read(ctx, &c), &want, &mag, k, &format!("matmul {m}x{k}x{n} ta={ta} tb={tb} {dtypes:?}"));
 }
 
+/// The adapter's own kernels, the other variants (GPU-style on a CPU
+/// adapter, CPU-style on a GPU) and the barrier-free `matmul_direct` at
+/// every row count, so every product kernel is checked on any machine.
+fn kernel_variants() -> [std::sync::Arc<GpuContext>; 3] {
+    [ctx(), other_kernels_ctx(), direct_kernels_ctx()]
+}
+
 #[test]
 fn matmul_all_transposes_f32() {
-    let ctx = ctx();
-    for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            check_matmul(&ctx, m, k, n, ta, tb, (DType::F32, DType::F32), i as u64);
+    for ctx in kernel_variants() {
+        for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                check_matmul(&ctx, m, k, n, ta, tb, (DType::F32, DType::F32), i as u64);
+            }
         }
     }
 }
 
+/// f16 weights in both layouts: the direct kernel reads them a word (two
+/// values) at a time where the column count allows (a multiple of four, B
+/// not transposed) and falls back to the other kernels where it does not.
 #[test]
 fn matmul_f16_storage_accumulates_in_f32() {
-    let ctx = ctx();
-    for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
-        check_matmul(&ctx, m, k, n, false, true, (DType::F32, DType::F16), 100 + i as u64);
-        check_matmul(&ctx, m, k, n, true, false, (DType::F16, DType::F16), 200 + i as u64);
+    for ctx in kernel_variants() {
+        for (i, &(m, k, n)) in SHAPES.iter().chain(&[(9, 13, 132), (70, 66, 8)]).enumerate() {
+            check_matmul(&ctx, m, k, n, false, true, (DType::F32, DType::F16), 100 + i as u64);
+            check_matmul(&ctx, m, k, n, false, false, (DType::F32, DType::F16), 300 + i as u64);
+            check_matmul(&ctx, m, k, n, true, false, (DType::F16, DType::F16), 200 + i as u64);
+        }
     }
 }
 
 /// Products with at most 8 rows of A take the one-column-per-invocation
-/// kernel: every row count up to 8 (and 9, back on the tiles), columns
-/// across several workgroups and a ragged end, both layouts of B, f16 B,
-/// K = 1, and alpha/beta accumulation.
+/// kernel on a GPU (the direct kernel on a CPU adapter): every row count up
+/// to 8 (and 9, back on the tiles), columns across several workgroups and a
+/// ragged end, both layouts of B, f16 B, K = 1, and alpha/beta accumulation.
 #[test]
 fn matmul_with_few_rows() {
-    let ctx = ctx();
+    for ctx in kernel_variants() {
+        check_few_rows(&ctx);
+    }
+}
+
+fn check_few_rows(ctx: &GpuContext) {
     for m in 1..=9 {
         for (k, n) in [(77, 200), (1, 65), (300, 3)] {
             for tb in [false, true] {
@@ -77,7 +95,12 @@ fn matmul_with_few_rows() {
 
 #[test]
 fn matmul_alpha_beta_accumulate() {
-    let ctx = ctx();
+    for ctx in kernel_variants() {
+        check_alpha_beta(&ctx);
+    }
+}
+
+fn check_alpha_beta(ctx: &GpuContext) {
     let (m, k, n) = (37, 45, 70);
     let mut rng = Rng::new(7);
     let (a, b, c0) = (rng.vec(m * k, 1.0), rng.vec(k * n, 1.0), rng.vec(m * n, 1.0));
@@ -144,7 +167,7 @@ fn matmul_over_many_chunks() {
 /// storage chunks differ from the output's.
 #[test]
 fn linear_epilogue_adds_bias_and_residual_once() {
-    for ctx in [ctx(), tiny_chunk_ctx()] {
+    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), tiny_chunk_ctx()] {
         for (i, &(m, k, n)) in [(70, 33, 130), (5, 17, 3), (1, 64, 65), (8, 300, 20), (130, 300, 7)].iter().enumerate() {
             for (tb, w_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::F16)] {
                 let mut rng = Rng::new(500 + i as u64);
@@ -180,7 +203,9 @@ fn activated_linear_matches_product_then_activation() {
     // A context of its own: tests running beside this one would add their
     // dispatches to a shared context's counters.
     let own = pollster::block_on(GpuContext::new(Default::default())).expect("a GPU adapter");
-    for (chunked, ctx) in [(false, own), (true, tiny_chunk_ctx())] {
+    let own_other = pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels: Some(!own.cpu_kernels()), ..Default::default() })).expect("a GPU adapter");
+    let own_direct = pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels: Some(true), direct_product_rows: Some(usize::MAX), ..Default::default() })).expect("a GPU adapter");
+    for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (true, tiny_chunk_ctx())] {
         for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200)].iter().enumerate() {
             if chunked && batch > 1 {
                 continue; // a [9, 200] output row is wider than a 4 KiB chunk

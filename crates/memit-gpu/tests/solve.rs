@@ -73,7 +73,9 @@ fn cpu_solve(a: &[f64], b: &[f64], d: usize, n: usize) -> Vec<f64> {
 
 #[test]
 fn cholesky_solve_matches_f64_reference() {
-    for (ctx, d, n) in [(ctx(), 1, 2), (ctx(), 63, 3), (ctx(), 64, 1), (ctx(), 65, 4), (ctx(), 200, 5), (panel_ctx(), 130, 3), (panel_ctx(), 250, 2), (ctx(), 300, 3), (wide_panel_ctx(), 600, 2)] {
+    // Also with every trailing update and substitution product through
+    // `matmul_direct` (SwiftShader's choice), lower-triangle skips included.
+    for (ctx, d, n) in [(ctx(), 1, 2), (ctx(), 63, 3), (ctx(), 64, 1), (ctx(), 65, 4), (ctx(), 200, 5), (panel_ctx(), 130, 3), (panel_ctx(), 250, 2), (ctx(), 300, 3), (wide_panel_ctx(), 600, 2), (direct_kernels_ctx(), 300, 3)] {
         let mut rng = Rng::new(d as u64);
         let a = spd(d, &mut rng);
         let b: Vec<f32> = rng.vec(d * n, 1.0);

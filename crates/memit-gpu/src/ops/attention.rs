@@ -184,11 +184,16 @@ impl GpuContext {
         let (probs_buf, _) = probs.single("attention_backward (scores scratch too large: use smaller batches)")?;
         let (dscores_buf, _) = dscores.single("attention_backward (scores scratch too large: use smaller batches)")?;
         let bounds = &*rows.bounds.buffer;
+        let (query_entry, query_groups) = if self.cpu_kernels() {
+            ("attend_backward_query_rows", [rows.q_seq.div_ceil(64) as u32, q.1.n_heads as u32, n_seqs as u32])
+        } else {
+            ("attend_backward_query", [rows.q_seq as u32, q.1.n_heads as u32, n_seqs as u32])
+        };
         self.dispatch(
-            kernel("attend_backward_query"),
+            kernel(query_entry),
             bytemuck::bytes_of(&params),
             &[(1, bufs[0].0), (2, bufs[1].0), (3, bufs[2].0), (4, bounds), (9, d_out_buf), (10, bufs[0].1), (13, probs_buf), (14, dscores_buf)],
-            [rows.q_seq as u32, q.1.n_heads as u32, n_seqs as u32],
+            query_groups,
         )?;
         let mut key_bindings = vec![(1, bufs[0].0), (4, bounds), (9, d_out_buf), (11, bufs[1].1), (13, probs_buf), (14, dscores_buf)];
         // A fused dk/dv buffer is bound once (WebGPU forbids a buffer bound writably twice).

@@ -17,6 +17,8 @@ const TILE: usize = 64;
 const FEW_ROWS: usize = 8;
 /// Columns per `matmul_rows` workgroup.
 const ROWS_GROUP: usize = 64;
+/// Invocations per `matmul_direct` workgroup (along the columns of C).
+const DIRECT_GROUP: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -197,11 +199,16 @@ impl GpuContext {
             beta: spec.beta,
             ..Default::default()
         };
+        let (entry, grid) = if m <= self.direct_product_rows() && direct_fits(&spec, b.tensor.dtype(), b_off, b.ld, n, false) {
+            ("matmul_direct", [n.div_ceil(4 * DIRECT_GROUP) as u32, m.div_ceil(4) as u32, 1])
+        } else {
+            ("matmul", groups(m, n, 1))
+        };
         self.dispatch_work(
-            Kernel { family: ShaderFamily::Matmul, entry: "matmul", defines: &defines },
+            Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
             bytemuck::bytes_of(&params),
             &[(1, a_buf), (2, b_buf), (3, c_buf)],
-            groups(m, n, 1),
+            grid,
             Some(Work::matmul(m, n, ka, 1)),
         )
     }
@@ -382,7 +389,12 @@ impl GpuContext {
                     };
                     // A gated tile covers 32 features (their 64 gate and up columns).
                     let tile_cols = if gated { TILE / 2 } else { TILE };
-                    let (kernel, grid) = if !spec.trans_a && mlen <= FEW_ROWS {
+                    let direct = Kernel { entry: "matmul_direct", ..kernel };
+                    let (kernel, grid) = if mlen <= self.direct_product_rows() && direct_fits(&spec, b.dtype(), b_off, b.row_len(), nlen, gated) {
+                        // Four columns (gated: two features) by four rows per invocation.
+                        let per_invocation = if gated { 2 } else { 4 };
+                        (direct, [nlen.div_ceil(per_invocation * DIRECT_GROUP) as u32, mlen.div_ceil(4) as u32, 1])
+                    } else if !spec.trans_a && mlen <= FEW_ROWS {
                         (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
                     } else {
                         (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1])
@@ -528,6 +540,18 @@ impl GpuContext {
         }
         Ok(())
     }
+}
+
+/// Whether `matmul_direct` can take a product (on a CPU adapter, with few
+/// enough rows: `GpuContext::direct_product_rows`): A not
+/// transposed, and an f16 B read a word (two values) at a time, which needs
+/// an even offset and row stride and, B not transposed, whole groups of four
+/// consecutive columns.
+fn direct_fits(spec: &MatmulSpec, b_dtype: DType, b_off: usize, ldb: usize, n: usize, gated: bool) -> bool {
+    if spec.trans_a {
+        return false;
+    }
+    b_dtype == DType::F32 || (b_off % 2 == 0 && ldb % 2 == 0 && (spec.trans_b || (!gated && n % 4 == 0)))
 }
 
 fn shift((buf, off): (std::sync::Arc<PooledBuffer>, usize), by: usize) -> (std::sync::Arc<PooledBuffer>, usize) {

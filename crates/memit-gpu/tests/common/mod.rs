@@ -40,6 +40,18 @@ pub fn other_kernels_ctx() -> Arc<GpuContext> {
     .clone()
 }
 
+/// Same adapter with every product that `matmul_direct` can take taken by
+/// it (CPU-style kernels, no row limit), so that kernel is checked at every
+/// shape whichever adapter is present.
+pub fn direct_kernels_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels: Some(true), direct_product_rows: Some(usize::MAX), ..Default::default() }))
+            .expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+    .clone()
+}
+
 /// Per-sequence (start, end) key bounds of whole sequences as the flat GPU
 /// array attention reads (queries at positions from 0).
 pub fn key_bounds(ctx: &GpuContext, bounds: &[(u32, u32)]) -> memit_gpu::Indices {
