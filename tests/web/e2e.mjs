@@ -88,9 +88,9 @@ try {
   // 2. A real pretrained model in the page: SmolLM2-135M-Instruct streamed
   // from the GGUF that tests/run.sh fetched (web/make-stats.sh put it and a
   // CLI-made statistics file into the dist), one edit, undo.
-  // SwiftShader runs this project's matrix products at ~0.1 GFLOP/s (lavapipe:
-  // 4-5), so this part takes ~13 min on a 2-core host (the edit ~10 min);
-  // MEMIT_E2E_SMOLLM2=0 skips it for a quick local run. Loading SmolLM2
+  // SwiftShader runs this project's matrix products at ~1 GFLOP/s (the
+  // barrier-free CPU-adapter kernels), so this part takes ~2 min on a 2-core
+  // host (the edit ~1.5 min); MEMIT_E2E_SMOLLM2=0 skips it for a quick local run. Loading SmolLM2
   // through the npm package (streaming, fingerprint, statistics file) is
   // checked below in every run.
   const smollm2 = existsSync(join(dist, "models/SmolLM2-135M-Instruct.Q4_1.gguf"));

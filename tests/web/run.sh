@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the demo page (trunk) and the npm package (wasm-pack), imports the
 # package in Node, then drives headless Chromium on WebGPU through both:
-# real edits on the bundled model and on SmolLM2-135M-Instruct (~13 min on
+# real edits on the bundled model and on SmolLM2-135M-Instruct (~2 min on
 # SwiftShader; MEMIT_E2E_SMOLLM2=0 skips that one). Screenshots and the
 # SmolLM2 phase times: target/web-e2e/.
 # Tools: tests/web/setup.sh installs them.
