@@ -93,36 +93,48 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
+// The query of one invocation in the one-invocation-per-query kernels: x
+// the query, y its head, z its sequence.
+struct QueryOf {
+    b: u32, h: u32, i: u32, row: u32, kv: u32, q_base: u32,
+}
+
+fn query_of(gid: vec3<u32>) -> QueryOf {
+    let row = gid.z * ap.q_seq + gid.x;
+    return QueryOf(gid.z, gid.y, gid.x, row, gid.y / ap.kv_group, ap.q_off + row * ap.q_row + gid.y * ap.q_head);
+}
+
+// scale · q·k for the query whose head starts at q[q_base] and key j of
+// sequence b's kv head kv (the one-invocation-per-query kernels).
+fn scaled_score(q_base: u32, b: u32, kv: u32, j: u32) -> f32 {
+    let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
+    var s = 0.0;
+    for (var d = 0u; d < ap.head_dim; d++) {
+        s += q[q_base + d] * k[k_base + d];
+    }
+    return s * ap.scale;
+}
+
 // The same attention with one invocation per (query, head, sequence) and
 // no workgroup memory or barriers (online softmax over the keys): for CPU
 // adapters, where each invocation and barrier is expensive.
 @compute @workgroup_size(64)
 fn attend_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
-    let h = gid.y;
-    let b = gid.z;
-    if (i >= ap.q_seq) {
+    if (gid.x >= ap.q_seq) {
         return;
     }
-    let range = key_range(b, i);
-    let row = b * ap.q_seq + i;
-    let kv = h / ap.kv_group;
-    let q_base = ap.q_off + row * ap.q_row + h * ap.q_head;
+    let at = query_of(gid);
+    let range = key_range(at.b, at.i);
     var acc: array<f32, 256>;
     var running_max = neg_inf();
     var total = 0.0;
     for (var j = range.x; j < range.y; j++) {
-        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
-        var s = 0.0;
-        for (var d = 0u; d < ap.head_dim; d++) {
-            s += q[q_base + d] * k[k_base + d];
-        }
-        s *= ap.scale;
+        let s = scaled_score(at.q_base, at.b, at.kv, j);
         let new_max = max(running_max, s);
         let rescale = exp(running_max - new_max);
         let weight = exp(s - new_max);
         total = total * rescale + weight;
-        let v_base = ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head;
+        let v_base = ap.v_off + (at.b * ap.kv_seq + j) * ap.v_row + at.kv * ap.v_head;
         for (var d = 0u; d < ap.head_dim; d++) {
             acc[d] = acc[d] * rescale + weight * v[v_base + d];
         }
@@ -130,7 +142,7 @@ fn attend_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     for (var d = 0u; d < ap.head_dim; d++) {
         // A padding query before its sequence starts sees no keys: output 0.
-        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc[d] / total, range.y > range.x);
+        out[at.row * ap.out_row + at.h * ap.head_dim + d] = select(0.0, acc[d] / total, range.y > range.x);
     }
 }
 
@@ -247,26 +259,16 @@ fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
 // the scores, P and dS go through this query's rows of the scratch buffers.
 @compute @workgroup_size(64)
 fn attend_backward_query_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
-    let h = gid.y;
-    let b = gid.z;
-    if (i >= ap.q_seq) {
+    if (gid.x >= ap.q_seq) {
         return;
     }
-    let range = key_range(b, i);
-    let row = b * ap.q_seq + i;
-    let kv = h / ap.kv_group;
-    let q_base = ap.q_off + row * ap.q_row + h * ap.q_head;
-    let dout_base = row * ap.out_row + h * ap.head_dim;
-    let srow = scratch_row(b, h, i);
+    let at = query_of(gid);
+    let range = key_range(at.b, at.i);
+    let dout_base = at.row * ap.out_row + at.h * ap.head_dim;
+    let srow = scratch_row(at.b, at.h, at.i);
     var row_max = neg_inf();
     for (var j = range.x; j < range.y; j++) {
-        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
-        var s = 0.0;
-        for (var d = 0u; d < ap.head_dim; d++) {
-            s += q[q_base + d] * k[k_base + d];
-        }
-        s *= ap.scale;
+        let s = scaled_score(at.q_base, at.b, at.kv, j);
         probs_all[srow + j] = s;
         row_max = max(row_max, s);
     }
@@ -280,7 +282,7 @@ fn attend_backward_query_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     var dot = 0.0;
     for (var j = range.x; j < range.y; j++) {
         let pj = probs_all[srow + j] / total;
-        let v_base = ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head;
+        let v_base = ap.v_off + (at.b * ap.kv_seq + j) * ap.v_row + at.kv * ap.v_head;
         var dp = 0.0;
         for (var d = 0u; d < ap.head_dim; d++) {
             dp += d_out[dout_base + d] * v[v_base + d];
@@ -293,13 +295,13 @@ fn attend_backward_query_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = range.x; j < range.y; j++) {
         let ds = probs_all[srow + j] * (dscores_all[srow + j] - dot);
         dscores_all[srow + j] = ds;
-        let k_base = ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head;
+        let k_base = ap.k_off + (at.b * ap.kv_seq + j) * ap.k_row + at.kv * ap.k_head;
         for (var d = 0u; d < ap.head_dim; d++) {
             acc[d] += ds * k[k_base + d];
         }
     }
     for (var d = 0u; d < ap.head_dim; d++) {
-        dq[ap.q_off + row * ap.q_row + h * ap.q_head + d] = ap.scale * acc[d];
+        dq[at.q_base + d] = ap.scale * acc[d];
     }
 }
 

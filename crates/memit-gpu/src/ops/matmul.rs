@@ -551,7 +551,7 @@ fn direct_fits(spec: &MatmulSpec, b_dtype: DType, b_off: usize, ldb: usize, n: u
     if spec.trans_a {
         return false;
     }
-    b_dtype == DType::F32 || (b_off % 2 == 0 && ldb % 2 == 0 && (spec.trans_b || (!gated && n % 4 == 0)))
+    b_dtype == DType::F32 || (b_off.is_multiple_of(2) && ldb.is_multiple_of(2) && (spec.trans_b || (!gated && n.is_multiple_of(4))))
 }
 
 fn shift((buf, off): (std::sync::Arc<PooledBuffer>, usize), by: usize) -> (std::sync::Arc<PooledBuffer>, usize) {
