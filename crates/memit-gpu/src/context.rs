@@ -186,8 +186,9 @@ impl GpuContext {
             mapped_at_creation: false,
         });
         Counters::bump(&runtime.counters.buffers_created, 1);
-        let cpu_kernels = options.cpu_kernels.unwrap_or(info.device_type == wgpu::DeviceType::Cpu || info.name.to_lowercase().contains("swiftshader"));
-        let direct_product_rows = options.direct_product_rows.unwrap_or(match (cpu_kernels, info.name.to_lowercase().contains("llvmpipe")) {
+        let name = info.name.to_lowercase();
+        let cpu_kernels = options.cpu_kernels.unwrap_or(info.device_type == wgpu::DeviceType::Cpu || name.contains("swiftshader"));
+        let direct_product_rows = options.direct_product_rows.unwrap_or(match (cpu_kernels, name.contains("llvmpipe")) {
             (false, _) => 0,
             // Measured (`memit-bench kernels`/`profile`, 2-core host): on
             // lavapipe the 64x64 tiles win from ~48 rows, and lose below by

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, GpuOptions, MatmulSpec, ReduceOp};
+use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, MatmulSpec, ReduceOp};
 
 const SHAPES: [(usize, usize, usize); 7] =
     [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129)];
@@ -203,8 +203,8 @@ fn activated_linear_matches_product_then_activation() {
     // A context of its own: tests running beside this one would add their
     // dispatches to a shared context's counters.
     let own = pollster::block_on(GpuContext::new(Default::default())).expect("a GPU adapter");
-    let own_other = pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels: Some(!own.cpu_kernels()), ..Default::default() })).expect("a GPU adapter");
-    let own_direct = pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels: Some(true), direct_product_rows: Some(usize::MAX), ..Default::default() })).expect("a GPU adapter");
+    let own_other = pollster::block_on(GpuContext::new(other_kernels_options())).expect("a GPU adapter");
+    let own_direct = pollster::block_on(GpuContext::new(direct_kernels_options())).expect("a GPU adapter");
     for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (true, tiny_chunk_ctx())] {
         for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200)].iter().enumerate() {
             if chunked && batch > 1 {

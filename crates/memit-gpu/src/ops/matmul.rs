@@ -199,10 +199,9 @@ impl GpuContext {
             beta: spec.beta,
             ..Default::default()
         };
-        let (entry, grid) = if m <= self.direct_product_rows() && direct_fits(&spec, b.tensor.dtype(), b_off, b.ld, n, false) {
-            ("matmul_direct", [n.div_ceil(4 * DIRECT_GROUP) as u32, m.div_ceil(4) as u32, 1])
-        } else {
-            ("matmul", groups(m, n, 1))
+        let (entry, grid) = match self.direct_grid(&spec, b.tensor.dtype(), (b_off, b.ld), m, n, false) {
+            Some(grid) => ("matmul_direct", grid),
+            None => ("matmul", groups(m, n, 1)),
         };
         self.dispatch_work(
             Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
@@ -389,11 +388,8 @@ impl GpuContext {
                     };
                     // A gated tile covers 32 features (their 64 gate and up columns).
                     let tile_cols = if gated { TILE / 2 } else { TILE };
-                    let direct = Kernel { entry: "matmul_direct", ..kernel };
-                    let (kernel, grid) = if mlen <= self.direct_product_rows() && direct_fits(&spec, b.dtype(), b_off, b.row_len(), nlen, gated) {
-                        // Four columns (gated: two features) by four rows per invocation.
-                        let per_invocation = if gated { 2 } else { 4 };
-                        (direct, [nlen.div_ceil(per_invocation * DIRECT_GROUP) as u32, mlen.div_ceil(4) as u32, 1])
+                    let (kernel, grid) = if let Some(grid) = self.direct_grid(&spec, b.dtype(), (b_off, b.row_len()), mlen, nlen, gated) {
+                        (Kernel { entry: "matmul_direct", ..kernel }, grid)
                     } else if !spec.trans_a && mlen <= FEW_ROWS {
                         (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
                     } else {
@@ -542,16 +538,21 @@ impl GpuContext {
     }
 }
 
-/// Whether `matmul_direct` can take a product (on a CPU adapter, with few
-/// enough rows: `GpuContext::direct_product_rows`): A not
-/// transposed, and an f16 B read a word (two values) at a time, which needs
-/// an even offset and row stride and, B not transposed, whole groups of four
-/// consecutive columns.
-fn direct_fits(spec: &MatmulSpec, b_dtype: DType, b_off: usize, ldb: usize, n: usize, gated: bool) -> bool {
-    if spec.trans_a {
-        return false;
+impl GpuContext {
+    /// The grid of `matmul_direct` for an M × N product (N: features when
+    /// `gated`), or None where that kernel does not take it: more rows than
+    /// `direct_product_rows`, A transposed, or an f16 B it cannot read a
+    /// word (two values) at a time, which needs an even offset and row
+    /// stride and, B not transposed, whole groups of four columns.
+    fn direct_grid(&self, spec: &MatmulSpec, b_dtype: DType, (b_off, ldb): (usize, usize), m: usize, n: usize, gated: bool) -> Option<[u32; 3]> {
+        let words_fit = b_off.is_multiple_of(2) && ldb.is_multiple_of(2) && (spec.trans_b || (!gated && n.is_multiple_of(4)));
+        if m > self.direct_product_rows() || spec.trans_a || (b_dtype == DType::F16 && !words_fit) {
+            return None;
+        }
+        // Four columns (gated: two features) by four rows per invocation.
+        let per_invocation = if gated { 2 } else { 4 };
+        Some([n.div_ceil(per_invocation * DIRECT_GROUP) as u32, m.div_ceil(4) as u32, 1])
     }
-    b_dtype == DType::F32 || (b_off.is_multiple_of(2) && ldb.is_multiple_of(2) && (spec.trans_b || (!gated && n.is_multiple_of(4))))
 }
 
 fn shift((buf, off): (std::sync::Arc<PooledBuffer>, usize), by: usize) -> (std::sync::Arc<PooledBuffer>, usize) {

@@ -33,11 +33,13 @@ pub fn tiny_chunk_ctx() -> Arc<GpuContext> {
 /// adapter, CPU-style on a GPU), so both are tested on any machine.
 pub fn other_kernels_ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        let cpu_kernels = Some(!ctx().cpu_kernels());
-        pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels, ..Default::default() })).expect("a GPU adapter (install mesa-vulkan-drivers)")
-    })
-    .clone()
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(other_kernels_options())).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+/// The options of [`other_kernels_ctx`], for a test that needs a context
+/// of its own.
+pub fn other_kernels_options() -> GpuOptions {
+    GpuOptions { cpu_kernels: Some(!ctx().cpu_kernels()), ..Default::default() }
 }
 
 /// Same adapter with every product that `matmul_direct` can take taken by
@@ -45,11 +47,13 @@ pub fn other_kernels_ctx() -> Arc<GpuContext> {
 /// shape whichever adapter is present.
 pub fn direct_kernels_ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        pollster::block_on(GpuContext::new(GpuOptions { cpu_kernels: Some(true), direct_product_rows: Some(usize::MAX), ..Default::default() }))
-            .expect("a GPU adapter (install mesa-vulkan-drivers)")
-    })
-    .clone()
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(direct_kernels_options())).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+/// The options of [`direct_kernels_ctx`], for a test that needs a context
+/// of its own.
+pub fn direct_kernels_options() -> GpuOptions {
+    GpuOptions { cpu_kernels: Some(true), direct_product_rows: Some(usize::MAX), ..Default::default() }
 }
 
 /// Per-sequence (start, end) key bounds of whole sequences as the flat GPU
