@@ -506,3 +506,90 @@ fn store_direct_row(gm: u32, n0: u32, v: vec4<f32>) {
         }
     }
 }
+
+// matmul_wide's views of A, B and C four values at a time (the host binds
+// the operands' buffers here instead of at bindings 1, 2 and 3): A f32, B
+// f32 as vec4<f32> or f16 as vec2<u32>, C f32.
+@group(0) @binding(8) var<storage, read> a_quads: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> b_quads: array<{{B_QUAD}}>;
+@group(0) @binding(10) var<storage, read_write> c_quads: array<vec4<f32>>;
+
+// Elements i .. i + 3 of B (i a multiple of 4).
+fn b_quad(i: u32) -> vec4<f32> {
+    {{B_QUAD_LOAD}}
+}
+
+const WIDE_ROWS: u32 = 32u;
+const WIDE_COLS: u32 = 32u;
+// beta != 0: the product is added to beta * C.
+const WIDE_BETA: bool = {{WIDE_BETA}};
+// The product has epilogue terms or an activation: a second pass over the
+// block adds them.
+const WIDE_FINISH: bool = {{WIDE_FINISH}};
+
+// C = alpha * A * op(B) + beta * C (A f32, not transposed) for lavapipe,
+// which runs each invocation's loads lane by lane (a bounds check and a
+// branch per value) while its multiply-adds run eight lanes at once: so
+// each invocation owns a 32x32 block of C and loads 64 vectors of four
+// values per 4,096 multiply-adds (the 64x64 tiles' 8x8 blocks load one per
+// 16 through workgroup memory and barriers). The host picks it only where
+// A's, B's and C's offsets and row strides, K and N are whole groups of
+// four and the buffers end on a whole group. The block's statements are
+// unrolled by the host (WIDE_BLOCK: named accumulators, no dynamically
+// indexed array, one store of four values per accumulator; lavapipe spends
+// seconds compiling every load or store outside a loop, so the epilogue's
+// terms run in a loop over the stored block). Rows and columns past the
+// matrix repeat its last one, so loads need no bounds check; their results
+// are not stored. Blocks run along the rows of C; the grid may be 2-D.
+@compute @workgroup_size(64, 1, 1)
+fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let col_blocks = (p.n + WIDE_COLS - 1u) / WIDE_COLS;
+    let block = gid.y * groups.x * 64u + gid.x;
+    let m0 = block / col_blocks * WIDE_ROWS;
+    let n0 = block % col_blocks * WIDE_COLS;
+    if (m0 >= p.m) {
+        return;
+    }
+    let last_row = p.m - 1u;
+    let last_col = p.n - 1u;
+    {{WIDE_BLOCK}}
+    if (!WIDE_FINISH) {
+        return;
+    }
+    for (var i = 0u; i < WIDE_ROWS; i++) {
+        let gm = m0 + i;
+        if (gm >= p.m) {
+            break;
+        }
+        for (var g = 0u; g < WIDE_COLS / 4u; g++) {
+            let first = n0 + 4u * g;
+            if (first >= p.n) {
+                break;
+            }
+            let q = (p.c_off + gm * p.ldc + first) / 4u;
+            var quad = c_quads[q];
+            for (var j = 0u; j < 4u; j++) {
+                let gn = first + j;
+                var v = quad[j];
+                {{EPILOGUE_TERMS}}
+                quad[j] = v;
+                {{ACT_STORE}}
+            }
+            c_quads[q] = quad;
+        }
+    }
+}
+
+// alpha * acc (+ beta * C) into row gm, columns gn .. gn + 3 of C when they
+// are inside it.
+fn wide_put(gm: u32, gn: u32, acc: vec4<f32>) {
+    if (gm >= p.m || gn >= p.n) {
+        return;
+    }
+    let q = (p.c_off + gm * p.ldc + gn) / 4u;
+    if (WIDE_BETA) {
+        c_quads[q] = p.alpha * acc + p.beta * c_quads[q];
+    } else {
+        c_quads[q] = p.alpha * acc;
+    }
+}

@@ -30,6 +30,11 @@ pub struct GpuOptions {
     /// adapter decides (see [`GpuContext::direct_product_rows`]). Tests set
     /// it to check that kernel at every shape.
     pub direct_product_rows: Option<usize>,
+    /// Products with more rows than this take `matmul_wide` (32×32 blocks
+    /// of C per invocation, operands read four values per load) where their
+    /// layout allows; by default the adapter decides (see
+    /// [`GpuContext::wide_product_rows`]). Tests set it to check that kernel.
+    pub wide_product_rows: Option<usize>,
     /// Backends to consider. Default: Vulkan, Metal, DX12 (and WebGPU in a
     /// browser); OpenGL only when asked for, and never a software OpenGL
     /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
@@ -80,6 +85,7 @@ pub struct GpuContext {
     chunk_bytes: u64,
     cpu_kernels: bool,
     direct_product_rows: usize,
+    wide_product_rows: usize,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -199,6 +205,11 @@ impl GpuContext {
             // the direct kernel at 0.8-1.5, at every shape measured.
             (true, false) => usize::MAX,
         });
+        // Measured (`memit-bench kernels`, 2-core host): lavapipe runs each
+        // invocation's loads lane by lane, so a kernel that loads 64 values
+        // per 1,024 multiply-adds reaches 7-9 GFLOP/s where the 64x64 tiles
+        // (their 8x8 blocks through workgroup memory) reach 1.3.
+        let wide_product_rows = options.wide_product_rows.unwrap_or(if cpu_kernels && name.contains("llvmpipe") { direct_product_rows } else { usize::MAX });
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -208,6 +219,7 @@ impl GpuContext {
             chunk_bytes,
             cpu_kernels,
             direct_product_rows,
+            wide_product_rows,
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -280,6 +292,14 @@ impl GpuContext {
     /// unbounded on other CPU adapters (SwiftShader); `GpuOptions` can set it.
     pub fn direct_product_rows(&self) -> usize {
         self.direct_product_rows
+    }
+
+    /// Products with more rows than this take `matmul_wide` where their
+    /// operands' layout allows (A f32 and not transposed, offsets, strides
+    /// and K in whole groups of four): those above `direct_product_rows`
+    /// on lavapipe, none elsewhere; `GpuOptions` can set it.
+    pub fn wide_product_rows(&self) -> usize {
+        self.wide_product_rows
     }
 
     /// Invocations that cooperate on one row in row-wise kernels (norms,

@@ -68,8 +68,8 @@ const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 /// The activation functions, pasted where a family writes `{{ACTIVATIONS}}`.
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
-/// Replaces every `{{KEY}}` in `source` with its value (`COMMON` and
-/// `ACTIVATIONS` are always available); a key left without a value is an error rather than a
+/// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
+/// `ACTIVATIONS` and the unrolled `WIDE_BLOCK` are always available); a key left without a value is an error rather than a
 /// confusing WGSL parse failure later.
 pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
@@ -89,6 +89,7 @@ pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Resul
             .map(|(_, v)| v.as_str())
             .or((key == "COMMON").then_some(COMMON))
             .or((key == "ACTIVATIONS").then_some(ACTIVATIONS))
+            .or_else(|| (key == "WIDE_BLOCK").then(crate::ops::matmul::wide_block))
             .ok_or_else(|| GpuError::Template { shader: family.name(), key: key.to_string() })?;
         out.push_str(value);
         rest = &after[end + 2..];

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, MatmulSpec, ReduceOp};
 
-const SHAPES: [(usize, usize, usize); 7] =
-    [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129)];
+const SHAPES: [(usize, usize, usize); 9] =
+    [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129), (70, 36, 132), (33, 128, 12)];
 
 fn stored_shape(rows: usize, cols: usize, trans: bool) -> [usize; 2] {
     if trans { [cols, rows] } else { [rows, cols] }
@@ -29,10 +29,11 @@ fn check_matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, ta: bool, tb: bo
 }
 
 /// The adapter's own kernels, the other variants (GPU-style on a CPU
-/// adapter, CPU-style on a GPU) and the barrier-free `matmul_direct` at
-/// every row count, so every product kernel is checked on any machine.
-fn kernel_variants() -> [std::sync::Arc<GpuContext>; 3] {
-    [ctx(), other_kernels_ctx(), direct_kernels_ctx()]
+/// adapter, CPU-style on a GPU), and the barrier-free `matmul_direct` and
+/// `matmul_wide` at every row count, so every product kernel is checked on
+/// any machine.
+fn kernel_variants() -> [std::sync::Arc<GpuContext>; 4] {
+    [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx()]
 }
 
 #[test]
@@ -167,8 +168,8 @@ fn matmul_over_many_chunks() {
 /// storage chunks differ from the output's.
 #[test]
 fn linear_epilogue_adds_bias_and_residual_once() {
-    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), tiny_chunk_ctx()] {
-        for (i, &(m, k, n)) in [(70, 33, 130), (5, 17, 3), (1, 64, 65), (8, 300, 20), (130, 300, 7)].iter().enumerate() {
+    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), tiny_chunk_ctx()] {
+        for (i, &(m, k, n)) in [(70, 33, 130), (5, 17, 3), (1, 64, 65), (8, 300, 20), (130, 300, 7), (70, 36, 132)].iter().enumerate() {
             for (tb, w_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::F16)] {
                 let mut rng = Rng::new(500 + i as u64);
                 let (x, w, bias, residual) = (rng.vec(m * k, 1.0), rng.vec(k * n, 1.0), rng.vec(n, 1.0), rng.vec(m * n, 1.0));
@@ -205,8 +206,9 @@ fn activated_linear_matches_product_then_activation() {
     let own = pollster::block_on(GpuContext::new(Default::default())).expect("a GPU adapter");
     let own_other = pollster::block_on(GpuContext::new(other_kernels_options())).expect("a GPU adapter");
     let own_direct = pollster::block_on(GpuContext::new(direct_kernels_options())).expect("a GPU adapter");
-    for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (true, tiny_chunk_ctx())] {
-        for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200)].iter().enumerate() {
+    let own_wide = pollster::block_on(GpuContext::new(wide_kernels_options())).expect("a GPU adapter");
+    for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (false, own_wide), (true, tiny_chunk_ctx())] {
+        for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200), (1, 70, 36, 132)].iter().enumerate() {
             if chunked && batch > 1 {
                 continue; // a [9, 200] output row is wider than a 4 KiB chunk
             }

@@ -19,6 +19,11 @@ const FEW_ROWS: usize = 8;
 const ROWS_GROUP: usize = 64;
 /// Invocations per `matmul_direct` workgroup (along the columns of C).
 const DIRECT_GROUP: usize = 64;
+/// Rows and columns of C per `matmul_wide` invocation (WIDE_ROWS and
+/// WIDE_COLS in the shader), and its invocations per workgroup.
+const WIDE_ROWS: usize = 32;
+const WIDE_COLS: usize = 32;
+const WIDE_GROUP: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -125,7 +130,80 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
         ("ACTIVATION_FN", act_fn),
         ("ACT_STORE", act_store),
         ("GATED_STORE", gated_store),
+        ("WIDE_BETA", flag(spec.beta != 0.0)),
+        ("WIDE_FINISH", flag(addend || bias || activated.is_some())),
+        ("B_QUAD", if b == DType::F16 { "vec2<u32>" } else { "vec4<f32>" }.into()),
+        (
+            "B_QUAD_LOAD",
+            if b == DType::F16 { "let w = b_quads[i / 4u];\n    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));" } else { "return b_quads[i / 4u];" }.into(),
+        ),
     ]
+}
+
+/// `matmul_wide`'s block (its WIDE_BLOCK), unrolled here: given loops
+/// over an accumulator array, lavapipe takes 30 s to unroll them, and
+/// 140 s to compile the array's dynamic indexing in a store loop. A's row
+/// offsets, one named vec4 accumulator per row and four columns, the k loop
+/// for each layout of B (TRANS_B keeps one), and one store of four values
+/// per accumulator (about 5 s of lavapipe's compile in all).
+pub(crate) fn wide_block() -> &'static str {
+    static CODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CODE.get_or_init(|| {
+        let groups = WIDE_COLS / 4;
+        let mut s = String::new();
+        let mut line = |text: String| {
+            s.push_str(&text);
+            s.push_str("\n    ");
+        };
+        for r in 0..WIDE_ROWS {
+            line(format!("let ra{r} = (p.a_off + min(m0 + {r}u, last_row) * p.lda) / 4u;"));
+        }
+        for r in 0..WIDE_ROWS {
+            line((0..groups).map(|g| format!("var c{r}_{g} = vec4<f32>(0.0); ")).collect());
+        }
+        let a_row = |r: usize| format!("let a{r} = a_quads[ra{r} + k / 4u];");
+        // B stored [N, K]: column c of op(B) is row c of B, four k at a time.
+        line("if (TRANS_B) {".into());
+        for c in 0..WIDE_COLS {
+            line(format!("let rb{c} = p.b_off + min(n0 + {c}u, last_col) * p.ldb;"));
+        }
+        line("for (var k = 0u; k < p.k; k += 4u) {".into());
+        for c in 0..WIDE_COLS {
+            line(format!("let b{c} = b_quad(rb{c} + k);"));
+        }
+        for r in 0..WIDE_ROWS {
+            line(a_row(r));
+            for g in 0..groups {
+                let dots: Vec<String> = (0..4).map(|j| format!("dot(a{r}, b{})", 4 * g + j)).collect();
+                line(format!("c{r}_{g} += vec4<f32>({});", dots.join(", ")));
+            }
+        }
+        line("}".into());
+        // B stored [K, N]: four consecutive columns of each of four rows.
+        line("} else {".into());
+        for g in 0..groups {
+            line(format!("let cb{g} = p.b_off + min(n0 + {}u, p.n - 4u);", 4 * g));
+        }
+        line("for (var k = 0u; k < p.k; k += 4u) {".into());
+        for j in 0..4 {
+            line(format!("let row{j} = (k + {j}u) * p.ldb;"));
+            for g in 0..groups {
+                line(format!("let b{j}_{g} = b_quad(cb{g} + row{j});"));
+            }
+        }
+        for r in 0..WIDE_ROWS {
+            line(a_row(r));
+            for g in 0..groups {
+                line(format!("c{r}_{g} = fma(vec4<f32>(a{r}.x), b0_{g}, fma(vec4<f32>(a{r}.y), b1_{g}, fma(vec4<f32>(a{r}.z), b2_{g}, fma(vec4<f32>(a{r}.w), b3_{g}, c{r}_{g}))));"));
+            }
+        }
+        line("}".into());
+        line("}".into());
+        for r in 0..WIDE_ROWS {
+            line((0..groups).map(|g| format!("wide_put(m0 + {r}u, n0 + {}u, c{r}_{g}); ", 4 * g)).collect());
+        }
+        s
+    })
 }
 
 fn groups(m: usize, n: usize, batch: usize) -> [u32; 3] {
@@ -353,7 +431,8 @@ impl GpuContext {
         let gated = activated.is_some_and(|act| act.gated);
         // Columns the kernels index: a gated product's features.
         let n_cols = if gated { n / 2 } else { n };
-        let plain = defines(&spec, a.dtype(), b.dtype());
+        // K pieces after the first add to C.
+        let plain = defines(&MatmulSpec { beta: 1.0, ..spec }, a.dtype(), b.dtype());
         let with_epilogue = epilogue_defines(&spec, a.dtype(), b.dtype(), epilogue.residual.is_some(), bias.is_some(), activated.map(|act| (act.act, act.gated)));
         for &(m0, mlen) in &m_spans {
             let residual = epilogue.residual.map(|r| r.locate(m0));
@@ -388,14 +467,24 @@ impl GpuContext {
                     };
                     // A gated tile covers 32 features (their 64 gate and up columns).
                     let tile_cols = if gated { TILE / 2 } else { TILE };
+                    let operands = [
+                        Operand { buffer: &a_buf, offset: a_off, ld: a.row_len(), dtype: a.dtype() },
+                        Operand { buffer: &b_buf, offset: b_off, ld: b.row_len(), dtype: b.dtype() },
+                        Operand { buffer: &c_buf, offset: c_off + n0, ld: n, dtype: DType::F32 },
+                    ];
+                    let wide = self.wide_grid(&spec, operands, (mlen, klen, nlen), gated);
                     let (kernel, grid) = if let Some(grid) = self.direct_grid(&spec, b.dtype(), (b_off, b.row_len()), mlen, nlen, gated) {
                         (Kernel { entry: "matmul_direct", ..kernel }, grid)
+                    } else if let Some(grid) = wide {
+                        (Kernel { entry: "matmul_wide", ..kernel }, grid)
                     } else if !spec.trans_a && mlen <= FEW_ROWS {
                         (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
                     } else {
                         (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1])
                     };
-                    let mut buffers: Vec<(u32, &wgpu::Buffer)> = vec![(1, &a_buf), (2, &b_buf), (3, &c_buf)];
+                    // matmul_wide reads and writes the operands through their four-value views.
+                    let (a_binding, b_binding, c_binding) = if kernel.entry == "matmul_wide" { (8, 9, 10) } else { (1, 2, 3) };
+                    let mut buffers: Vec<(u32, &wgpu::Buffer)> = vec![(a_binding, &a_buf), (b_binding, &b_buf), (c_binding, &c_buf)];
                     if ki == 0 {
                         buffers.extend(residual.as_ref().map(|r| (5, &**r.0)));
                         buffers.extend(bias.map(|b| (6, b.0)));
@@ -552,6 +641,35 @@ impl GpuContext {
         // Four columns (gated: two features) by four rows per invocation.
         let per_invocation = if gated { 2 } else { 4 };
         Some([n.div_ceil(per_invocation * DIRECT_GROUP) as u32, m.div_ceil(4) as u32, 1])
+    }
+}
+
+/// A product operand as a kernel reads it: its buffer, the element offset
+/// of its first element there, its row stride and storage type.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: usize,
+    ld: usize,
+    dtype: DType,
+}
+
+impl GpuContext {
+    /// The grid of `matmul_wide` for an M × K × N product of operands
+    /// [A, B, C], or None where that kernel does not take it: at most
+    /// `wide_product_rows` rows, A transposed or f16, a gated product, or
+    /// operands it cannot access four values at a time (offsets, row
+    /// strides, K and N whole groups of four; buffers that end on a whole
+    /// group). Blocks are numbered along the rows of C; past 65,535
+    /// workgroups the grid wraps into y.
+    fn wide_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<[u32; 3]> {
+        let in_fours = operands.iter().all(|o| o.offset.is_multiple_of(4) && o.ld.is_multiple_of(4) && o.buffer.size().is_multiple_of(4 * o.dtype.size() as u64));
+        if m <= self.wide_product_rows() || spec.trans_a || gated || operands[0].dtype != DType::F32 || k == 0 || n == 0 || !in_fours || !k.is_multiple_of(4) || !n.is_multiple_of(4) {
+            return None;
+        }
+        let groups = (m.div_ceil(WIDE_ROWS) * n.div_ceil(WIDE_COLS)).div_ceil(WIDE_GROUP);
+        let x = groups.min(65_535);
+        Some([x as u32, groups.div_ceil(x) as u32, 1])
     }
 }
 

@@ -56,6 +56,20 @@ pub fn direct_kernels_options() -> GpuOptions {
     GpuOptions { cpu_kernels: Some(true), direct_product_rows: Some(usize::MAX), ..Default::default() }
 }
 
+/// Same adapter with every product that `matmul_wide` can take taken by it
+/// (no row limit, the direct kernel off), so that kernel is checked at
+/// every shape whichever adapter is present.
+pub fn wide_kernels_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(wide_kernels_options())).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+/// The options of [`wide_kernels_ctx`], for a test that needs a context
+/// of its own.
+pub fn wide_kernels_options() -> GpuOptions {
+    GpuOptions { direct_product_rows: Some(0), wide_product_rows: Some(0), ..Default::default() }
+}
+
 /// Per-sequence (start, end) key bounds of whole sequences as the flat GPU
 /// array attention reads (queries at positions from 0).
 pub fn key_bounds(ctx: &GpuContext, bounds: &[(u32, u32)]) -> memit_gpu::Indices {
