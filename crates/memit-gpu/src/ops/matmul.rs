@@ -472,10 +472,9 @@ impl GpuContext {
                         Operand { buffer: &b_buf, offset: b_off, ld: b.row_len(), dtype: b.dtype() },
                         Operand { buffer: &c_buf, offset: c_off + n0, ld: n, dtype: DType::F32 },
                     ];
-                    let wide = self.wide_grid(&spec, operands, (mlen, klen, nlen), gated);
                     let (kernel, grid) = if let Some(grid) = self.direct_grid(&spec, b.dtype(), (b_off, b.row_len()), mlen, nlen, gated) {
                         (Kernel { entry: "matmul_direct", ..kernel }, grid)
-                    } else if let Some(grid) = wide {
+                    } else if let Some(grid) = self.wide_grid(&spec, operands, (mlen, klen, nlen), gated) {
                         (Kernel { entry: "matmul_wide", ..kernel }, grid)
                     } else if !spec.trans_a && mlen <= FEW_ROWS {
                         (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
