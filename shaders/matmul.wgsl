@@ -543,15 +543,17 @@ const WIDE_FINISH: bool = {{WIDE_FINISH}};
 // are not stored. Blocks run along the rows of C; the grid may be 2-D.
 @compute @workgroup_size(64, 1, 1)
 fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let col_blocks = (p.n + WIDE_COLS - 1u) / WIDE_COLS;
+    // A gated product's block holds 16 features, their gate columns in
+    // its first half and their up columns in the second.
+    let block_cols = select(WIDE_COLS, WIDE_COLS / 2u, GATED);
+    let col_blocks = (p.n + block_cols - 1u) / block_cols;
     let block = gid.y * groups.x * 64u + gid.x;
     let m0 = block / col_blocks * WIDE_ROWS;
-    let n0 = block % col_blocks * WIDE_COLS;
+    let n0 = block % col_blocks * block_cols;
     if (m0 >= p.m) {
         return;
     }
     let last_row = p.m - 1u;
-    let last_col = p.n - 1u;
     {{WIDE_BLOCK}}
     if (!WIDE_FINISH) {
         return;
@@ -561,32 +563,71 @@ fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         if (gm >= p.m) {
             break;
         }
-        for (var g = 0u; g < WIDE_COLS / 4u; g++) {
-            let first = n0 + 4u * g;
-            if (first >= p.n) {
-                break;
-            }
+        for (var first = n0; first < n0 + block_cols && first < p.n; first += 4u) {
             let q = (p.c_off + gm * p.ldc + first) / 4u;
             var quad = c_quads[q];
-            for (var j = 0u; j < 4u; j++) {
-                let gn = first + j;
-                var v = quad[j];
-                {{EPILOGUE_TERMS}}
-                quad[j] = v;
-                {{ACT_STORE}}
+            if (GATED) {
+                // Features first .. first + 3: their gate here, their up
+                // p.n columns on.
+                let up_q = q + p.n / 4u;
+                var up_quad = c_quads[up_q];
+                for (var j = 0u; j < 4u; j++) {
+                    var gn = first + j;
+                    var v = quad[j];
+                    {{EPILOGUE_TERMS}}
+                    quad[j] = v;
+                    let g = v;
+                    gn += p.n;
+                    v = up_quad[j];
+                    {{EPILOGUE_TERMS}}
+                    up_quad[j] = v;
+                    let u = v;
+                    gn = first + j;
+                    {{GATED_STORE}}
+                }
+                c_quads[up_q] = up_quad;
+            } else {
+                for (var j = 0u; j < 4u; j++) {
+                    let gn = first + j;
+                    var v = quad[j];
+                    {{EPILOGUE_TERMS}}
+                    quad[j] = v;
+                    {{ACT_STORE}}
+                }
             }
             c_quads[q] = quad;
         }
     }
 }
 
-// alpha * acc (+ beta * C) into row gm, columns gn .. gn + 3 of C when they
-// are inside it.
-fn wide_put(gm: u32, gn: u32, acc: vec4<f32>) {
-    if (gm >= p.m || gn >= p.n) {
+// The column of C (for B transposed, of op(B): the row of B) of column c
+// of the block at n0, clamped to the matrix; gated, block columns 16 on
+// are the up columns of the first 16 features.
+fn wide_col(n0: u32, c: u32) -> u32 {
+    if (GATED) {
+        return min(n0 + c % 16u, p.n - 1u) + select(0u, p.n, c >= 16u);
+    }
+    return min(n0 + c, p.n - 1u);
+}
+
+// The first of the four columns from block column c (a multiple of 4)
+// for B not transposed, where whole groups of four are read.
+fn wide_group(n0: u32, c: u32) -> u32 {
+    if (GATED) {
+        return min(n0 + c % 16u, p.n - 4u) + select(0u, p.n, c >= 16u);
+    }
+    return min(n0 + c, p.n - 4u);
+}
+
+// alpha * acc (+ beta * C) into row gm of C at block columns c .. c + 3 of
+// the block at n0, when they are inside it.
+fn wide_put(gm: u32, n0: u32, c: u32, acc: vec4<f32>) {
+    let first = n0 + select(c, c % 16u, GATED);
+    if (gm >= p.m || first >= p.n) {
         return;
     }
-    let q = (p.c_off + gm * p.ldc + gn) / 4u;
+    let col = first + select(0u, p.n, GATED && c >= 16u);
+    let q = (p.c_off + gm * p.ldc + col) / 4u;
     if (WIDE_BETA) {
         c_quads[q] = p.alpha * acc + p.beta * c_quads[q];
     } else {

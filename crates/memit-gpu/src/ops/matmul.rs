@@ -165,7 +165,7 @@ pub(crate) fn wide_block() -> &'static str {
         // B stored [N, K]: column c of op(B) is row c of B, four k at a time.
         line("if (TRANS_B) {".into());
         for c in 0..WIDE_COLS {
-            line(format!("let rb{c} = p.b_off + min(n0 + {c}u, last_col) * p.ldb;"));
+            line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u) * p.ldb;"));
         }
         line("for (var k = 0u; k < p.k; k += 4u) {".into());
         for c in 0..WIDE_COLS {
@@ -182,7 +182,7 @@ pub(crate) fn wide_block() -> &'static str {
         // B stored [K, N]: four consecutive columns of each of four rows.
         line("} else {".into());
         for g in 0..groups {
-            line(format!("let cb{g} = p.b_off + min(n0 + {}u, p.n - 4u);", 4 * g));
+            line(format!("let cb{g} = p.b_off + wide_group(n0, {}u);", 4 * g));
         }
         line("for (var k = 0u; k < p.k; k += 4u) {".into());
         for j in 0..4 {
@@ -200,7 +200,7 @@ pub(crate) fn wide_block() -> &'static str {
         line("}".into());
         line("}".into());
         for r in 0..WIDE_ROWS {
-            line((0..groups).map(|g| format!("wide_put(m0 + {r}u, n0 + {}u, c{r}_{g}); ", 4 * g)).collect());
+            line((0..groups).map(|g| format!("wide_put(m0 + {r}u, n0, {}u, c{r}_{g}); ", 4 * g)).collect());
         }
         s
     })
@@ -655,18 +655,20 @@ struct Operand<'a> {
 
 impl GpuContext {
     /// The grid of `matmul_wide` for an M × K × N product of operands
-    /// [A, B, C], or None where that kernel does not take it: at most
-    /// `wide_product_rows` rows, A transposed or f16, a gated product, or
-    /// operands it cannot access four values at a time (offsets, row
+    /// [A, B, C] (N: features when `gated`), or None where that kernel does
+    /// not take it: at most `wide_product_rows` rows, A transposed or f16,
+    /// or operands it cannot access four values at a time (offsets, row
     /// strides, K and N whole groups of four; buffers that end on a whole
-    /// group). Blocks are numbered along the rows of C; past 65,535
-    /// workgroups the grid wraps into y.
+    /// group). Blocks (32 columns, or 16 features' gate and up) are
+    /// numbered along the rows of C; past 65,535 workgroups the grid wraps
+    /// into y.
     fn wide_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<[u32; 3]> {
         let in_fours = operands.iter().all(|o| o.offset.is_multiple_of(4) && o.ld.is_multiple_of(4) && o.buffer.size().is_multiple_of(4 * o.dtype.size() as u64));
-        if m <= self.wide_product_rows() || spec.trans_a || gated || operands[0].dtype != DType::F32 || k == 0 || n == 0 || !in_fours || !k.is_multiple_of(4) || !n.is_multiple_of(4) {
+        if m <= self.wide_product_rows() || spec.trans_a || operands[0].dtype != DType::F32 || k == 0 || n == 0 || !in_fours || !k.is_multiple_of(4) || !n.is_multiple_of(4) {
             return None;
         }
-        let groups = (m.div_ceil(WIDE_ROWS) * n.div_ceil(WIDE_COLS)).div_ceil(WIDE_GROUP);
+        let block_cols = if gated { WIDE_COLS / 2 } else { WIDE_COLS };
+        let groups = (m.div_ceil(WIDE_ROWS) * n.div_ceil(block_cols)).div_ceil(WIDE_GROUP);
         let x = groups.min(65_535);
         Some([x as u32, groups.div_ceil(x) as u32, 1])
     }
