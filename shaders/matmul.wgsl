@@ -543,9 +543,9 @@ const WIDE_FINISH: bool = {{WIDE_FINISH}};
 // are not stored. Blocks run along the rows of C; the grid may be 2-D.
 @compute @workgroup_size(64, 1, 1)
 fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    // A gated product's block holds 16 features, their gate columns in
-    // its first half and their up columns in the second.
-    let block_cols = select(WIDE_COLS, WIDE_COLS / 2u, GATED);
+    // Columns of C per block: a gated product's block holds WIDE_FEATURES
+    // features, their gate and their up columns.
+    let block_cols = select(WIDE_COLS, WIDE_FEATURES, GATED);
     let col_blocks = (p.n + block_cols - 1u) / block_cols;
     let block = gid.y * groups.x * 64u + gid.x;
     let m0 = block / col_blocks * WIDE_ROWS;
@@ -600,34 +600,37 @@ fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
 }
 
-// The column of C (for B transposed, of op(B): the row of B) of column c
-// of the block at n0, clamped to the matrix; gated, block columns 16 on
-// are the up columns of the first 16 features.
-fn wide_col(n0: u32, c: u32) -> u32 {
-    if (GATED) {
-        return min(n0 + c % 16u, p.n - 1u) + select(0u, p.n, c >= 16u);
-    }
-    return min(n0 + c, p.n - 1u);
+// Features per gated block: their gate columns are block columns
+// 0 .. WIDE_FEATURES - 1, their up columns the rest.
+const WIDE_FEATURES: u32 = WIDE_COLS / 2u;
+
+// The column of C (B transposed: the row of B) that block column c of the
+// block at n0 stands for, with its feature (or plain column) clamped to
+// `last`: p.n - 1 where columns are read one by one, p.n - 4 where B's rows
+// are read four columns at a time.
+fn wide_col(n0: u32, c: u32, last: u32) -> u32 {
+    return min(wide_feature(n0, c), last) + wide_up(c);
 }
 
-// The first of the four columns from block column c (a multiple of 4)
-// for B not transposed, where whole groups of four are read.
-fn wide_group(n0: u32, c: u32) -> u32 {
-    if (GATED) {
-        return min(n0 + c % 16u, p.n - 4u) + select(0u, p.n, c >= 16u);
-    }
-    return min(n0 + c, p.n - 4u);
+// The feature (plain products: the column) of block column c.
+fn wide_feature(n0: u32, c: u32) -> u32 {
+    return n0 + select(c, c % WIDE_FEATURES, GATED);
+}
+
+// How far right of its feature block column c lies: p.n for a gated
+// product's up columns, else 0.
+fn wide_up(c: u32) -> u32 {
+    return select(0u, p.n, GATED && c >= WIDE_FEATURES);
 }
 
 // alpha * acc (+ beta * C) into row gm of C at block columns c .. c + 3 of
 // the block at n0, when they are inside it.
 fn wide_put(gm: u32, n0: u32, c: u32, acc: vec4<f32>) {
-    let first = n0 + select(c, c % 16u, GATED);
+    let first = wide_feature(n0, c);
     if (gm >= p.m || first >= p.n) {
         return;
     }
-    let col = first + select(0u, p.n, GATED && c >= 16u);
-    let q = (p.c_off + gm * p.ldc + col) / 4u;
+    let q = (p.c_off + gm * p.ldc + first + wide_up(c)) / 4u;
     if (WIDE_BETA) {
         c_quads[q] = p.alpha * acc + p.beta * c_quads[q];
     } else {

@@ -633,10 +633,11 @@ fn a_thousand_edits_at_once_take_generalise_and_leave_other_people_alone() {
     );
     // The PyTorch MEMIT on the same edits, statistics and hparams took
     // 316/1000, generalised 326/3000 and kept 97/500 (this code: 309, 330,
-    // 104 on lavapipe). A thousand facts in two 512-wide MLPs of a 128-wide model is
-    // past what MEMIT can write without interference at λ = 100 (λ = 1000
-    // keeps 326/500 but takes 196/1000); the test pins that this code does
-    // what the reference does at that scale, within a few percent.
+    // 104 on lavapipe). A thousand facts in two 512-wide MLPs of a
+    // 128-wide model is past what MEMIT can write without interference at
+    // λ = 100 (λ = 1000 keeps 326/500 but takes 196/1000); the test pins
+    // that this code does what the reference does at that scale, within a
+    // few percent.
     let near = |got: usize, reference: usize, slack: usize, what: &str| {
         assert!(got.abs_diff(reference) <= slack, "{what}: {got}, the PyTorch MEMIT {reference} (±{slack})");
     };

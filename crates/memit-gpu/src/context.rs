@@ -295,8 +295,8 @@ impl GpuContext {
     }
 
     /// Products with more rows than this take `matmul_wide` where their
-    /// operands' layout allows (A f32 and not transposed, offsets, strides
-    /// and K in whole groups of four): those above `direct_product_rows`
+    /// operands' layout allows (A f32 and not transposed, offsets, strides,
+    /// K and N in whole groups of four): those above `direct_product_rows`
     /// on lavapipe, none elsewhere; `GpuOptions` can set it.
     pub fn wide_product_rows(&self) -> usize {
         self.wide_product_rows

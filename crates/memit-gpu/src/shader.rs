@@ -69,8 +69,9 @@ const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS` and the unrolled `WIDE_BLOCK` are always available); a key left without a value is an error rather than a
-/// confusing WGSL parse failure later.
+/// `ACTIVATIONS` and the unrolled `WIDE_BLOCK` are always available); a
+/// key left without a value is an error rather than a confusing WGSL parse
+/// failure later.
 pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
     let mut out = String::with_capacity(source.len());

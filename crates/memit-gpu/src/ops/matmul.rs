@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::activation::Activation;
 use super::{require_f32, u32_of};
-use crate::context::{GpuContext, Kernel};
+use crate::context::{grid_1d, GpuContext, Kernel};
 use crate::runtime::Work;
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
@@ -165,7 +165,7 @@ pub(crate) fn wide_block() -> &'static str {
         // B stored [N, K]: column c of op(B) is row c of B, four k at a time.
         line("if (TRANS_B) {".into());
         for c in 0..WIDE_COLS {
-            line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u) * p.ldb;"));
+            line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u, p.n - 1u) * p.ldb;"));
         }
         line("for (var k = 0u; k < p.k; k += 4u) {".into());
         for c in 0..WIDE_COLS {
@@ -182,7 +182,7 @@ pub(crate) fn wide_block() -> &'static str {
         // B stored [K, N]: four consecutive columns of each of four rows.
         line("} else {".into());
         for g in 0..groups {
-            line(format!("let cb{g} = p.b_off + wide_group(n0, {}u);", 4 * g));
+            line(format!("let cb{g} = p.b_off + wide_col(n0, {}u, p.n - 4u);", 4 * g));
         }
         line("for (var k = 0u; k < p.k; k += 4u) {".into());
         for j in 0..4 {
@@ -660,17 +660,14 @@ impl GpuContext {
     /// or operands it cannot access four values at a time (offsets, row
     /// strides, K and N whole groups of four; buffers that end on a whole
     /// group). Blocks (32 columns, or 16 features' gate and up) are
-    /// numbered along the rows of C; past 65,535 workgroups the grid wraps
-    /// into y.
+    /// numbered along the rows of C, the workgroups over x and y.
     fn wide_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<[u32; 3]> {
         let in_fours = operands.iter().all(|o| o.offset.is_multiple_of(4) && o.ld.is_multiple_of(4) && o.buffer.size().is_multiple_of(4 * o.dtype.size() as u64));
         if m <= self.wide_product_rows() || spec.trans_a || operands[0].dtype != DType::F32 || k == 0 || n == 0 || !in_fours || !k.is_multiple_of(4) || !n.is_multiple_of(4) {
             return None;
         }
         let block_cols = if gated { WIDE_COLS / 2 } else { WIDE_COLS };
-        let groups = (m.div_ceil(WIDE_ROWS) * n.div_ceil(block_cols)).div_ceil(WIDE_GROUP);
-        let x = groups.min(65_535);
-        Some([x as u32, groups.div_ceil(x) as u32, 1])
+        Some(grid_1d((m.div_ceil(WIDE_ROWS) * n.div_ceil(block_cols)).div_ceil(WIDE_GROUP)))
     }
 }
 
