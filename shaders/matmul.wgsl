@@ -527,20 +527,21 @@ const WIDE_BETA: bool = {{WIDE_BETA}};
 // block adds them.
 const WIDE_FINISH: bool = {{WIDE_FINISH}};
 
-// C = alpha * A * op(B) + beta * C (A f32, not transposed) for lavapipe,
+// C = alpha * op(A) * op(B) + beta * C (A f32) for lavapipe,
 // which runs each invocation's loads lane by lane (a bounds check and a
 // branch per value) while its multiply-adds run eight lanes at once: so
 // each invocation owns a 32x32 block of C and loads 64 vectors of four
 // values per 4,096 multiply-adds (the 64x64 tiles' 8x8 blocks load one per
 // 16 through workgroup memory and barriers). The host picks it only where
-// A's, B's and C's offsets and row strides, K and N are whole groups of
-// four and the buffers end on a whole group. The block's statements are
+// A's, B's and C's offsets and row strides, K and N (and M, A transposed)
+// are whole groups of four and the buffers end on a whole group. The block's statements are
 // unrolled by the host (WIDE_BLOCK: named accumulators, no dynamically
 // indexed array, one store of four values per accumulator; lavapipe spends
 // seconds compiling every load or store outside a loop, so the epilogue's
 // terms run in a loop over the stored block). Rows and columns past the
 // matrix repeat its last one, so loads need no bounds check; their results
-// are not stored. Blocks run along the rows of C; the grid may be 2-D.
+// are not stored. Blocks run along the rows of C; the grid may be 2-D. It
+// also serves the blocked solver's views (lower_only included).
 @compute @workgroup_size(64, 1, 1)
 fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     // Columns of C per block: a gated product's block holds WIDE_FEATURES
@@ -551,6 +552,10 @@ fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let m0 = block / col_blocks * WIDE_ROWS;
     let n0 = block % col_blocks * block_cols;
     if (m0 >= p.m) {
+        return;
+    }
+    // A block wholly above the diagonal of a lower-triangle C.
+    if (p.lower_only != 0u && p.col_base + n0 >= p.row_base + m0 + WIDE_ROWS) {
         return;
     }
     let last_row = p.m - 1u;

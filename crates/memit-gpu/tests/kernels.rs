@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, MatmulSpec, ReduceOp};
 
-const SHAPES: [(usize, usize, usize); 9] =
-    [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129), (70, 36, 132), (33, 128, 12)];
+const SHAPES: [(usize, usize, usize); 10] =
+    [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129), (70, 36, 132), (33, 128, 12), (36, 44, 68)];
 
 fn stored_shape(rows: usize, cols: usize, trans: bool) -> [usize; 2] {
     if trans { [cols, rows] } else { [rows, cols] }

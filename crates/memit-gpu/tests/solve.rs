@@ -74,8 +74,24 @@ fn cpu_solve(a: &[f64], b: &[f64], d: usize, n: usize) -> Vec<f64> {
 #[test]
 fn cholesky_solve_matches_f64_reference() {
     // Also with every trailing update and substitution product through
-    // `matmul_direct` (SwiftShader's choice), lower-triangle skips included.
-    for (ctx, d, n) in [(ctx(), 1, 2), (ctx(), 63, 3), (ctx(), 64, 1), (ctx(), 65, 4), (ctx(), 200, 5), (panel_ctx(), 130, 3), (panel_ctx(), 250, 2), (ctx(), 300, 3), (wide_panel_ctx(), 600, 2), (direct_kernels_ctx(), 300, 3)] {
+    // `matmul_direct` (SwiftShader's choice) and through `matmul_wide`
+    // (lavapipe's above 32 rows; the backward substitution's products with
+    // A transposed), lower-triangle skips included.
+    let cases = [
+        (ctx(), 1, 2),
+        (ctx(), 63, 3),
+        (ctx(), 64, 1),
+        (ctx(), 65, 4),
+        (ctx(), 200, 5),
+        (panel_ctx(), 130, 3),
+        (panel_ctx(), 250, 2),
+        (ctx(), 300, 3),
+        (wide_panel_ctx(), 600, 2),
+        (direct_kernels_ctx(), 300, 3),
+        (wide_kernels_ctx(), 300, 4),
+        (wide_panel_ctx(), 600, 8),
+    ];
+    for (ctx, d, n) in cases {
         let mut rng = Rng::new(d as u64);
         let a = spd(d, &mut rng);
         let b: Vec<f32> = rng.vec(d * n, 1.0);
@@ -141,10 +157,17 @@ fn shifted_solve_handles_a_semidefinite_matrix() {
 
 /// A + α·KᵀK on the lower triangle, with A in 64-row bindings and K
 /// spanning two bindings, against float64.
+/// Also through `matmul_wide` (A transposed, lower-triangle skips).
 #[test]
 fn gram_of_keys_is_added_to_the_lower_triangle() {
-    let ctx = panel_ctx();
-    let (d, n, alpha) = (130, 200, 0.75);
+    let wide = pollster::block_on(GpuContext::new(GpuOptions { max_chunk_bytes: Some(64 * 1024), ..wide_kernels_options() })).unwrap();
+    for (ctx, d) in [(panel_ctx(), 130), (wide, 132)] {
+        gram_is_added_to_the_lower_triangle(&ctx, d);
+    }
+}
+
+fn gram_is_added_to_the_lower_triangle(ctx: &GpuContext, d: usize) {
+    let (n, alpha) = (200, 0.75);
     let mut rng = Rng::new(11);
     let base: Vec<f32> = rng.vec(d * d, 1.0);
     let keys: Vec<f32> = rng.vec(n * d, 1.0);
@@ -153,7 +176,7 @@ fn gram_of_keys_is_added_to_the_lower_triangle() {
     let k = ctx.upload(&[n, d], &keys, DType::F32).unwrap();
     assert!(a.n_chunks() > 1 && k.n_chunks() > 1, "A in {} and K in {} bindings", a.n_chunks(), k.n_chunks());
     ctx.add_gram_lower(&a, &k, alpha).unwrap();
-    let got = read(&ctx, &a);
+    let got = read(ctx, &a);
     let (mut lower, mut want) = (Vec::new(), Vec::new());
     for i in 0..d {
         for j in 0..=i {

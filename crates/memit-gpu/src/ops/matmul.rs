@@ -142,9 +142,9 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
 
 /// `matmul_wide`'s block (its WIDE_BLOCK), unrolled here: given loops
 /// over an accumulator array, lavapipe takes 30 s to unroll them, and
-/// 140 s to compile the array's dynamic indexing in a store loop. A's row
-/// offsets, one named vec4 accumulator per row and four columns, the k loop
-/// for each layout of B (TRANS_B keeps one), and one store of four values
+/// 140 s to compile the array's dynamic indexing in a store loop. One named
+/// vec4 accumulator per row and four columns, the k loop for each layout of
+/// A and of B (TRANS_A and TRANS_B keep one), and one store of four values
 /// per accumulator (about 5 s of lavapipe's compile in all).
 pub(crate) fn wide_block() -> &'static str {
     static CODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -156,54 +156,87 @@ pub(crate) fn wide_block() -> &'static str {
             s.push_str("\n    ");
         };
         for r in 0..WIDE_ROWS {
-            line(format!("let ra{r} = (p.a_off + min(m0 + {r}u, last_row) * p.lda) / 4u;"));
-        }
-        for r in 0..WIDE_ROWS {
             line((0..groups).map(|g| format!("var c{r}_{g} = vec4<f32>(0.0); ")).collect());
         }
-        let a_row = |r: usize| format!("let a{r} = a_quads[ra{r} + k / 4u];");
-        // B stored [N, K]: column c of op(B) is row c of B, four k at a time.
-        line("if (TRANS_B) {".into());
-        for c in 0..WIDE_COLS {
-            line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u, p.n - 1u) * p.ldb;"));
+        for trans_a in [true, false] {
+            line(if trans_a { "if (TRANS_A) {" } else { "} else {" }.into());
+            wide_k_loops(trans_a, groups, &mut line);
         }
-        line("for (var k = 0u; k < p.k; k += 4u) {".into());
-        for c in 0..WIDE_COLS {
-            line(format!("let b{c} = b_quad(rb{c} + k);"));
-        }
-        for r in 0..WIDE_ROWS {
-            line(a_row(r));
-            for g in 0..groups {
-                let dots: Vec<String> = (0..4).map(|j| format!("dot(a{r}, b{})", 4 * g + j)).collect();
-                line(format!("c{r}_{g} += vec4<f32>({});", dots.join(", ")));
-            }
-        }
-        line("}".into());
-        // B stored [K, N]: four consecutive columns of each of four rows.
-        line("} else {".into());
-        for g in 0..groups {
-            line(format!("let cb{g} = p.b_off + wide_col(n0, {}u, p.n - 4u);", 4 * g));
-        }
-        line("for (var k = 0u; k < p.k; k += 4u) {".into());
-        for j in 0..4 {
-            line(format!("let row{j} = (k + {j}u) * p.ldb;"));
-            for g in 0..groups {
-                line(format!("let b{j}_{g} = b_quad(cb{g} + row{j});"));
-            }
-        }
-        for r in 0..WIDE_ROWS {
-            line(a_row(r));
-            for g in 0..groups {
-                line(format!("c{r}_{g} = fma(vec4<f32>(a{r}.x), b0_{g}, fma(vec4<f32>(a{r}.y), b1_{g}, fma(vec4<f32>(a{r}.z), b2_{g}, fma(vec4<f32>(a{r}.w), b3_{g}, c{r}_{g}))));"));
-            }
-        }
-        line("}".into());
         line("}".into());
         for r in 0..WIDE_ROWS {
             line((0..groups).map(|g| format!("wide_put(m0 + {r}u, n0, {}u, c{r}_{g}); ", 4 * g)).collect());
         }
         s
     })
+}
+
+/// The k loops of `wide_block` for one layout of A, for each layout of B.
+/// A not transposed: each row's next four k (`a{r}`). A transposed (stored
+/// [K, M], M whole groups of four): four consecutive rows at each of the
+/// next four k (`at{j}_{q}` for k + j and rows 4q .. 4q + 3), whose
+/// components make up the same `a{r}` for free (lavapipe keeps a vector's
+/// components in separate registers).
+fn wide_k_loops(trans_a: bool, groups: usize, line: &mut impl FnMut(String)) {
+    if trans_a {
+        for q in 0..WIDE_ROWS / 4 {
+            line(format!("let ca{q} = p.a_off + min(m0 + {}u, p.m - 4u);", 4 * q));
+        }
+    } else {
+        for r in 0..WIDE_ROWS {
+            line(format!("let ra{r} = (p.a_off + min(m0 + {r}u, last_row) * p.lda) / 4u;"));
+        }
+    }
+    // A transposed: its loads for the next four k, before the rows use them.
+    let a_loads: Vec<String> = match trans_a {
+        true => (0..4).flat_map(|j| (0..WIDE_ROWS / 4).map(move |q| format!("let at{j}_{q} = a_quads[(ca{q} + (k + {j}u) * p.lda) / 4u];"))).collect(),
+        false => Vec::new(),
+    };
+    let a_row = |r: usize| match trans_a {
+        true => {
+            let (q, lane) = (r / 4, ["x", "y", "z", "w"][r % 4]);
+            format!("let a{r} = vec4<f32>(at0_{q}.{lane}, at1_{q}.{lane}, at2_{q}.{lane}, at3_{q}.{lane});")
+        }
+        false => format!("let a{r} = a_quads[ra{r} + k / 4u];"),
+    };
+    // B stored [N, K]: column c of op(B) is row c of B, four k at a time.
+    line("if (TRANS_B) {".into());
+    for c in 0..WIDE_COLS {
+        line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u, p.n - 1u) * p.ldb;"));
+    }
+    line("for (var k = 0u; k < p.k; k += 4u) {".into());
+    for c in 0..WIDE_COLS {
+        line(format!("let b{c} = b_quad(rb{c} + k);"));
+    }
+    a_loads.iter().for_each(|l| line(l.clone()));
+    for r in 0..WIDE_ROWS {
+        line(a_row(r));
+        for g in 0..groups {
+            let dots: Vec<String> = (0..4).map(|j| format!("dot(a{r}, b{})", 4 * g + j)).collect();
+            line(format!("c{r}_{g} += vec4<f32>({});", dots.join(", ")));
+        }
+    }
+    line("}".into());
+    // B stored [K, N]: four consecutive columns of each of four rows.
+    line("} else {".into());
+    for g in 0..groups {
+        line(format!("let cb{g} = p.b_off + wide_col(n0, {}u, p.n - 4u);", 4 * g));
+    }
+    line("for (var k = 0u; k < p.k; k += 4u) {".into());
+    for j in 0..4 {
+        line(format!("let row{j} = (k + {j}u) * p.ldb;"));
+        for g in 0..groups {
+            line(format!("let b{j}_{g} = b_quad(cb{g} + row{j});"));
+        }
+    }
+    a_loads.iter().for_each(|l| line(l.clone()));
+    for r in 0..WIDE_ROWS {
+        line(a_row(r));
+        for g in 0..groups {
+            line(format!("c{r}_{g} = fma(vec4<f32>(a{r}.x), b0_{g}, fma(vec4<f32>(a{r}.y), b1_{g}, fma(vec4<f32>(a{r}.z), b2_{g}, fma(vec4<f32>(a{r}.w), b3_{g}, c{r}_{g}))));"));
+        }
+    }
+    line("}".into());
+    line("}".into());
 }
 
 fn groups(m: usize, n: usize, batch: usize) -> [u32; 3] {
@@ -277,14 +310,23 @@ impl GpuContext {
             beta: spec.beta,
             ..Default::default()
         };
-        let (entry, grid) = match self.direct_grid(&spec, b.tensor.dtype(), (b_off, b.ld), m, n, false) {
-            Some(grid) => ("matmul_direct", grid),
-            None => ("matmul", groups(m, n, 1)),
+        let operands = [
+            Operand { buffer: a_buf, offset: a_off, ld: a.ld, dtype: a.tensor.dtype() },
+            Operand { buffer: b_buf, offset: b_off, ld: b.ld, dtype: b.tensor.dtype() },
+            Operand { buffer: c_buf, offset: c_off, ld: c.ld, dtype: DType::F32 },
+        ];
+        let (entry, grid) = if let Some(grid) = self.direct_grid(&spec, b.tensor.dtype(), (b_off, b.ld), m, n, false) {
+            ("matmul_direct", grid)
+        } else if let Some(grid) = self.wide_grid(&spec, operands, (m, ka, n), false) {
+            ("matmul_wide", grid)
+        } else {
+            ("matmul", groups(m, n, 1))
         };
+        let bindings = if entry == "matmul_wide" { [8, 9, 10] } else { [1, 2, 3] };
         self.dispatch_work(
             Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
             bytemuck::bytes_of(&params),
-            &[(1, a_buf), (2, b_buf), (3, c_buf)],
+            &[(bindings[0], a_buf), (bindings[1], b_buf), (bindings[2], c_buf)],
             grid,
             Some(Work::matmul(m, n, ka, 1)),
         )
@@ -656,14 +698,14 @@ struct Operand<'a> {
 impl GpuContext {
     /// The grid of `matmul_wide` for an M × K × N product of operands
     /// [A, B, C] (N: features when `gated`), or None where that kernel does
-    /// not take it: at most `wide_product_rows` rows, A transposed or f16,
-    /// or operands it cannot access four values at a time (offsets, row
-    /// strides, K and N whole groups of four; buffers that end on a whole
-    /// group). Blocks (32 columns, or 16 features' gate and up) are
+    /// not take it: at most `wide_product_rows` rows, A f16, or operands it
+    /// cannot access four values at a time (offsets, row strides, K and N,
+    /// and M where A is transposed, whole groups of four; buffers that end
+    /// on a whole group). Blocks (32 columns, or 16 features' gate and up) are
     /// numbered along the rows of C, the workgroups over x and y.
     fn wide_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<[u32; 3]> {
         let in_fours = operands.iter().all(|o| o.offset.is_multiple_of(4) && o.ld.is_multiple_of(4) && o.buffer.size().is_multiple_of(4 * o.dtype.size() as u64));
-        if m <= self.wide_product_rows() || spec.trans_a || operands[0].dtype != DType::F32 || k == 0 || n == 0 || !in_fours || !k.is_multiple_of(4) || !n.is_multiple_of(4) {
+        if m <= self.wide_product_rows() || (spec.trans_a && !m.is_multiple_of(4)) || operands[0].dtype != DType::F32 || k == 0 || n == 0 || !in_fours || !k.is_multiple_of(4) || !n.is_multiple_of(4) {
             return None;
         }
         let block_cols = if gated { WIDE_COLS / 2 } else { WIDE_COLS };
