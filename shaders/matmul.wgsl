@@ -534,11 +534,12 @@ const WIDE_FINISH: bool = {{WIDE_FINISH}};
 // values per 4,096 multiply-adds (the 64x64 tiles' 8x8 blocks load one per
 // 16 through workgroup memory and barriers). The host picks it only where
 // A's, B's and C's offsets and row strides, K and N (and M, A transposed)
-// are whole groups of four and the buffers end on a whole group. The block's statements are
-// unrolled by the host (WIDE_BLOCK: named accumulators, no dynamically
-// indexed array, one store of four values per accumulator; lavapipe spends
-// seconds compiling every load or store outside a loop, so the epilogue's
-// terms run in a loop over the stored block). Rows and columns past the
+// are whole groups of four and the buffers end on a whole group. The
+// block's statements are unrolled by the host for the layouts of A and B
+// (WIDE_BLOCK: named accumulators, no dynamically indexed array, one store
+// of four values per accumulator; lavapipe spends seconds compiling every
+// load or store outside a loop, so the epilogue's terms run in a loop over
+// the stored block); modules made for other entry points leave it empty. Rows and columns past the
 // matrix repeat its last one, so loads need no bounds check; their results
 // are not stored. Blocks run along the rows of C; the grid may be 2-D. It
 // also serves the blocked solver's views (lower_only included).

@@ -180,6 +180,9 @@ pub fn run(o: Options) -> Result<()> {
         torch_tokens_per_s: None,
         ratio_to_torch: None,
     };
+    // The accumulator's sums (C and its compensation per layer) would
+    // otherwise stay on the GPU through the edits' peaks.
+    drop(acc);
 
     let all = requests(&o.cases, o.sizes.iter().copied().max().unwrap_or(1))?;
     let mut edits = Vec::new();

@@ -405,7 +405,7 @@ impl GpuContext {
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let source = render(family, defines)?;
+        let source = render(family, entry, defines)?;
         let writable = writable_bindings(&source);
         let label = format!("{}::{entry}", family.name());
         let descriptor = wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) };

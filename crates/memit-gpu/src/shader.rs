@@ -69,10 +69,11 @@ const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS` and the unrolled `WIDE_BLOCK` are always available); a
-/// key left without a value is an error rather than a confusing WGSL parse
-/// failure later.
-pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Result<String> {
+/// `ACTIVATIONS` and `WIDE_BLOCK` are always available: `matmul_wide`'s
+/// unrolled block where `entry` is that kernel, else nothing, since a
+/// module made for another entry point never runs it); a key left without
+/// a value is an error rather than a confusing WGSL parse failure later.
+pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
@@ -90,7 +91,7 @@ pub fn render(family: ShaderFamily, defines: &[(&'static str, String)]) -> Resul
             .map(|(_, v)| v.as_str())
             .or((key == "COMMON").then_some(COMMON))
             .or((key == "ACTIVATIONS").then_some(ACTIVATIONS))
-            .or_else(|| (key == "WIDE_BLOCK").then(crate::ops::matmul::wide_block))
+            .or_else(|| (key == "WIDE_BLOCK").then(|| if entry == "matmul_wide" { crate::ops::matmul::wide_block(defines) } else { "" }))
             .ok_or_else(|| GpuError::Template { shader: family.name(), key: key.to_string() })?;
         out.push_str(value);
         rest = &after[end + 2..];

@@ -140,43 +140,45 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
     ]
 }
 
-/// `matmul_wide`'s block (its WIDE_BLOCK), unrolled here: given loops
-/// over an accumulator array, lavapipe takes 30 s to unroll them, and
-/// 140 s to compile the array's dynamic indexing in a store loop. One named
-/// vec4 accumulator per row and four columns, the k loop for each layout of
-/// A and of B (TRANS_A and TRANS_B keep one), and one store of four values
-/// per accumulator (about 5 s of lavapipe's compile in all).
-pub(crate) fn wide_block() -> &'static str {
-    static CODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    CODE.get_or_init(|| {
-        let groups = WIDE_COLS / 4;
+/// `matmul_wide`'s block (its WIDE_BLOCK) for the layouts of A and B that
+/// `defines` (TRANS_A, TRANS_B) give, unrolled here: given loops over an
+/// accumulator array, lavapipe takes 30 s to unroll them, and 140 s to
+/// compile the array's dynamic indexing in a store loop. One named vec4
+/// accumulator per row and four columns, the k loop, and one store of four
+/// values per accumulator (about 5 s of lavapipe's compile). Only the one
+/// layout's loop: each is about 1,200 lines, which naga parses for every
+/// pipeline that holds it (0.3 s for all four).
+pub(crate) fn wide_block(defines: &[(&'static str, String)]) -> &'static str {
+    static CODE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
+    let flag = |key: &str| defines.iter().any(|(k, v)| *k == key && v == "true");
+    let (trans_a, trans_b) = (flag("TRANS_A"), flag("TRANS_B"));
+    CODE[2 * trans_a as usize + trans_b as usize].get_or_init(|| {
         let mut s = String::new();
         let mut line = |text: String| {
             s.push_str(&text);
             s.push_str("\n    ");
         };
         for r in 0..WIDE_ROWS {
-            line((0..groups).map(|g| format!("var c{r}_{g} = vec4<f32>(0.0); ")).collect());
+            line((0..WIDE_COLS / 4).map(|g| format!("var c{r}_{g} = vec4<f32>(0.0); ")).collect());
         }
-        for trans_a in [true, false] {
-            line(if trans_a { "if (TRANS_A) {" } else { "} else {" }.into());
-            wide_k_loops(trans_a, groups, &mut line);
-        }
-        line("}".into());
+        wide_k_loop(trans_a, trans_b, &mut line);
         for r in 0..WIDE_ROWS {
-            line((0..groups).map(|g| format!("wide_put(m0 + {r}u, n0, {}u, c{r}_{g}); ", 4 * g)).collect());
+            line((0..WIDE_COLS / 4).map(|g| format!("wide_put(m0 + {r}u, n0, {}u, c{r}_{g}); ", 4 * g)).collect());
         }
         s
     })
 }
 
-/// The k loops of `wide_block` for one layout of A, for each layout of B.
-/// A not transposed: each row's next four k (`a{r}`). A transposed (stored
+/// The k loop of `wide_block` for one layout of A and B. A not
+/// transposed: each row's next four k (`a{r}`). A transposed (stored
 /// [K, M], M whole groups of four): four consecutive rows at each of the
 /// next four k (`at{j}_{q}` for k + j and rows 4q .. 4q + 3), whose
 /// components make up the same `a{r}` for free (lavapipe keeps a vector's
-/// components in separate registers).
-fn wide_k_loops(trans_a: bool, groups: usize, line: &mut impl FnMut(String)) {
+/// components in separate registers). B transposed (stored [N, K]): column
+/// c of op(B) is row c of B, four k at a time (`b{c}`); else four
+/// consecutive columns of each of four rows (`b{j}_{g}`).
+fn wide_k_loop(trans_a: bool, trans_b: bool, line: &mut impl FnMut(String)) {
+    let groups = WIDE_COLS / 4;
     if trans_a {
         for q in 0..WIDE_ROWS / 4 {
             line(format!("let ca{q} = p.a_off + min(m0 + {}u, p.m - 4u);", 4 * q));
@@ -186,56 +188,51 @@ fn wide_k_loops(trans_a: bool, groups: usize, line: &mut impl FnMut(String)) {
             line(format!("let ra{r} = (p.a_off + min(m0 + {r}u, last_row) * p.lda) / 4u;"));
         }
     }
-    // A transposed: its loads for the next four k, before the rows use them.
-    let a_loads: Vec<String> = match trans_a {
-        true => (0..4).flat_map(|j| (0..WIDE_ROWS / 4).map(move |q| format!("let at{j}_{q} = a_quads[(ca{q} + (k + {j}u) * p.lda) / 4u];"))).collect(),
-        false => Vec::new(),
-    };
-    let a_row = |r: usize| match trans_a {
-        true => {
+    if trans_b {
+        for c in 0..WIDE_COLS {
+            line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u, p.n - 1u) * p.ldb;"));
+        }
+    } else {
+        for g in 0..groups {
+            line(format!("let cb{g} = p.b_off + wide_col(n0, {}u, p.n - 4u);", 4 * g));
+        }
+    }
+    line("for (var k = 0u; k < p.k; k += 4u) {".into());
+    if trans_b {
+        for c in 0..WIDE_COLS {
+            line(format!("let b{c} = b_quad(rb{c} + k);"));
+        }
+    } else {
+        for j in 0..4 {
+            line(format!("let row{j} = (k + {j}u) * p.ldb;"));
+            for g in 0..groups {
+                line(format!("let b{j}_{g} = b_quad(cb{g} + row{j});"));
+            }
+        }
+    }
+    if trans_a {
+        for j in 0..4 {
+            for q in 0..WIDE_ROWS / 4 {
+                line(format!("let at{j}_{q} = a_quads[(ca{q} + (k + {j}u) * p.lda) / 4u];"));
+            }
+        }
+    }
+    for r in 0..WIDE_ROWS {
+        line(if trans_a {
             let (q, lane) = (r / 4, ["x", "y", "z", "w"][r % 4]);
             format!("let a{r} = vec4<f32>(at0_{q}.{lane}, at1_{q}.{lane}, at2_{q}.{lane}, at3_{q}.{lane});")
-        }
-        false => format!("let a{r} = a_quads[ra{r} + k / 4u];"),
-    };
-    // B stored [N, K]: column c of op(B) is row c of B, four k at a time.
-    line("if (TRANS_B) {".into());
-    for c in 0..WIDE_COLS {
-        line(format!("let rb{c} = p.b_off + wide_col(n0, {c}u, p.n - 1u) * p.ldb;"));
-    }
-    line("for (var k = 0u; k < p.k; k += 4u) {".into());
-    for c in 0..WIDE_COLS {
-        line(format!("let b{c} = b_quad(rb{c} + k);"));
-    }
-    a_loads.iter().for_each(|l| line(l.clone()));
-    for r in 0..WIDE_ROWS {
-        line(a_row(r));
+        } else {
+            format!("let a{r} = a_quads[ra{r} + k / 4u];")
+        });
         for g in 0..groups {
-            let dots: Vec<String> = (0..4).map(|j| format!("dot(a{r}, b{})", 4 * g + j)).collect();
-            line(format!("c{r}_{g} += vec4<f32>({});", dots.join(", ")));
+            line(if trans_b {
+                let dots: Vec<String> = (0..4).map(|j| format!("dot(a{r}, b{})", 4 * g + j)).collect();
+                format!("c{r}_{g} += vec4<f32>({});", dots.join(", "))
+            } else {
+                format!("c{r}_{g} = fma(vec4<f32>(a{r}.x), b0_{g}, fma(vec4<f32>(a{r}.y), b1_{g}, fma(vec4<f32>(a{r}.z), b2_{g}, fma(vec4<f32>(a{r}.w), b3_{g}, c{r}_{g}))));")
+            });
         }
     }
-    line("}".into());
-    // B stored [K, N]: four consecutive columns of each of four rows.
-    line("} else {".into());
-    for g in 0..groups {
-        line(format!("let cb{g} = p.b_off + wide_col(n0, {}u, p.n - 4u);", 4 * g));
-    }
-    line("for (var k = 0u; k < p.k; k += 4u) {".into());
-    for j in 0..4 {
-        line(format!("let row{j} = (k + {j}u) * p.ldb;"));
-        for g in 0..groups {
-            line(format!("let b{j}_{g} = b_quad(cb{g} + row{j});"));
-        }
-    }
-    a_loads.iter().for_each(|l| line(l.clone()));
-    for r in 0..WIDE_ROWS {
-        line(a_row(r));
-        for g in 0..groups {
-            line(format!("c{r}_{g} = fma(vec4<f32>(a{r}.x), b0_{g}, fma(vec4<f32>(a{r}.y), b1_{g}, fma(vec4<f32>(a{r}.z), b2_{g}, fma(vec4<f32>(a{r}.w), b3_{g}, c{r}_{g}))));"));
-        }
-    }
-    line("}".into());
     line("}".into());
 }
 
