@@ -300,6 +300,10 @@ fn opaque_sub(a: f32, b: f32) -> f32 {
     return bitcast<f32>(bitcast<u32>(a) ^ p.opaque_zero) - b;
 }
 
+fn opaque_sub4(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(a) ^ vec4<u32>(p.opaque_zero)) - b;
+}
+
 // C[rows of this piece, :] += alpha * K[:, piece cols]^T K with Kahan
 // summation across slabs and across calls, so long corpus runs keep f32
 // sums accurate. Tiles entirely below the diagonal are skipped; `mirror`
@@ -513,6 +517,8 @@ fn store_direct_row(gm: u32, n0: u32, v: vec4<f32>) {
 @group(0) @binding(8) var<storage, read> a_quads: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read> b_quads: array<{{B_QUAD}}>;
 @group(0) @binding(10) var<storage, read_write> c_quads: array<vec4<f32>>;
+// The syrk's compensation, four values at a time (WIDE_SYRK).
+@group(0) @binding(11) var<storage, read_write> comp_quads: array<vec4<f32>>;
 
 // Elements i .. i + 3 of B (i a multiple of 4).
 fn b_quad(i: u32) -> vec4<f32> {
@@ -526,6 +532,10 @@ const WIDE_BETA: bool = {{WIDE_BETA}};
 // The product has epilogue terms or an activation: a second pass over the
 // block adds them.
 const WIDE_FINISH: bool = {{WIDE_FINISH}};
+// The product is the syrk's KᵀK over one slab of tokens (A = Kᵀ, B = K):
+// blocks wholly below the diagonal are skipped, and each value is added to
+// C with Kahan compensation (comp_quads, in WIDE_SYRK_PUT).
+const WIDE_SYRK: bool = {{WIDE_SYRK}};
 
 // C = alpha * op(A) * op(B) + beta * C (A f32) for lavapipe,
 // which runs each invocation's loads lane by lane (a bounds check and a
@@ -555,8 +565,12 @@ fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     if (m0 >= p.m) {
         return;
     }
-    // A block wholly above the diagonal of a lower-triangle C.
+    // A block wholly above the diagonal of a lower-triangle C, or wholly
+    // below it in the syrk's upper-triangle C (rows from p.row_base on).
     if (p.lower_only != 0u && p.col_base + n0 >= p.row_base + m0 + WIDE_ROWS) {
+        return;
+    }
+    if (WIDE_SYRK && n0 + WIDE_COLS <= p.row_base + m0) {
         return;
     }
     let last_row = p.m - 1u;
@@ -629,14 +643,17 @@ fn wide_up(c: u32) -> u32 {
     return select(0u, p.n, GATED && c >= WIDE_FEATURES);
 }
 
-// alpha * acc (+ beta * C) into row gm of C at block columns c .. c + 3 of
-// the block at n0, when they are inside it.
+// alpha * acc (+ beta * C; the syrk's: Kahan-added) into row gm of C at
+// block columns c .. c + 3 of the block at n0, when they are inside it.
 fn wide_put(gm: u32, n0: u32, c: u32, acc: vec4<f32>) {
     let first = wide_feature(n0, c);
     if (gm >= p.m || first >= p.n) {
         return;
     }
     let q = (p.c_off + gm * p.ldc + first + wide_up(c)) / 4u;
+    // The syrk's compensated store and return (spliced in as code, so
+    // other products do not bind comp_quads).
+    {{WIDE_SYRK_PUT}}
     if (WIDE_BETA) {
         c_quads[q] = p.alpha * acc + p.beta * c_quads[q];
     } else {

@@ -306,15 +306,18 @@ fn cpu_gram(keys: &[f32], n: usize, d: usize) -> Vec<f64> {
     c
 }
 
+/// Also through `matmul_wide` (d a multiple of 4): slabs of whole groups of
+/// four tokens, the tiles taking the rest (17, 57 and 97 tokens per call;
+/// 300 for more than one slab).
 #[test]
 fn syrk_accumulates_gram_matrix() {
-    for (ctx, d, batches) in [(ctx(), 70, 3), (tiny_chunk_ctx(), 90, 2), (ctx(), 1, 2), (ctx(), 130, 1)] {
+    for (ctx, d, batches) in [(ctx(), 70, 3), (tiny_chunk_ctx(), 90, 2), (ctx(), 1, 2), (ctx(), 130, 1), (wide_kernels_ctx(), 68, 3), (ctx(), 132, 2), (wide_kernels_ctx(), 36, 8)] {
         let mut rng = Rng::new(d as u64);
         let c = ctx.zeros(&[d, d], DType::F32).unwrap();
         let comp = ctx.zeros(&[d, d], DType::F32).unwrap();
         let mut all = Vec::new();
         for batch in 0..batches {
-            let n = 17 + 40 * batch;
+            let n = if batch == 7 { 300 } else { 17 + 40 * (batch % 3) };
             let keys = rng.vec(n * d, 1.0);
             let gk = ctx.upload(&[n, d], &keys, DType::F32).unwrap();
             ctx.syrk_accumulate(&c, &comp, &gk, 1.0).unwrap();
@@ -332,22 +335,29 @@ fn syrk_accumulates_gram_matrix() {
 fn syrk_kahan_keeps_small_increments() {
     // 1 + 3000 increments of 4.9e-7: plain f32 addition drifts by ~4e-5
     // (each increment rounds to 4 ulps of 1.0); compensated sums do not.
-    let ctx = ctx();
-    let c = ctx.zeros(&[1, 1], DType::F32).unwrap();
-    let comp = ctx.zeros(&[1, 1], DType::F32).unwrap();
-    let big = ctx.upload(&[1, 1], &[1.0], DType::F32).unwrap();
-    ctx.syrk_accumulate(&c, &comp, &big, 1.0).unwrap();
-    let small = ctx.upload(&[1, 1], &[0.0007], DType::F32).unwrap();
-    let steps = 3000;
-    let mut naive = 1.0f32;
-    for _ in 0..steps {
-        ctx.syrk_accumulate(&c, &comp, &small, 1.0).unwrap();
-        naive += 0.0007f32 * 0.0007f32;
+    // C[0][0] of a 1×1 C by the tiles, and of a 4×4 C by `matmul_wide`
+    // (keys of four tokens, one of them non-zero).
+    for (ctx, d) in [(ctx(), 1), (wide_kernels_ctx(), 4)] {
+        let c = ctx.zeros(&[d, d], DType::F32).unwrap();
+        let comp = ctx.zeros(&[d, d], DType::F32).unwrap();
+        let first_only = |v: f32| {
+            let mut keys = vec![0.0f32; d * d];
+            keys[0] = v;
+            ctx.upload(&[d, d], &keys, DType::F32).unwrap()
+        };
+        ctx.syrk_accumulate(&c, &comp, &first_only(1.0), 1.0).unwrap();
+        let small = first_only(0.0007);
+        let steps = 3000;
+        let mut naive = 1.0f32;
+        for _ in 0..steps {
+            ctx.syrk_accumulate(&c, &comp, &small, 1.0).unwrap();
+            naive += 0.0007f32 * 0.0007f32;
+        }
+        let exact = 1.0 + steps as f64 * (0.0007f32 as f64 * 0.0007f32 as f64);
+        assert!((naive as f64 - exact).abs() > 1e-5, "the test needs a case plain f32 gets wrong");
+        let got = read(&ctx, &c)[0] as f64;
+        assert!((got - exact).abs() < 2e-7, "d = {d}: compensated sum {got} vs exact {exact}");
     }
-    let exact = 1.0 + steps as f64 * (0.0007f32 as f64 * 0.0007f32 as f64);
-    assert!((naive as f64 - exact).abs() > 1e-5, "the test needs a case plain f32 gets wrong");
-    let got = read(&ctx, &c)[0] as f64;
-    assert!((got - exact).abs() < 2e-7, "compensated sum {got} vs exact {exact}");
 }
 
 #[test]

@@ -24,6 +24,18 @@ const DIRECT_GROUP: usize = 64;
 const WIDE_ROWS: usize = 32;
 const WIDE_COLS: usize = 32;
 const WIDE_GROUP: usize = 64;
+/// Tokens per `matmul_wide` dispatch of the syrk: each slab's f32 sums are
+/// Kahan-added to C, so rounding stays at the level of a 256-term sum (the
+/// tiles' slabs: 64) while the compensated store adds about a quarter to
+/// the slab's loads.
+const WIDE_SYRK_SLAB: usize = 256;
+/// `wide_put`'s store for the syrk: alpha·acc Kahan-added to C.
+const WIDE_SYRK_PUT: &str = "let y = p.alpha * acc - comp_quads[q];
+    let s = c_quads[q];
+    let t = s + y;
+    comp_quads[q] = opaque_sub4(t, s) - y;
+    c_quads[q] = t;
+    return;";
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -132,6 +144,8 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
         ("GATED_STORE", gated_store),
         ("WIDE_BETA", flag(spec.beta != 0.0)),
         ("WIDE_FINISH", flag(addend || bias || activated.is_some())),
+        ("WIDE_SYRK", flag(false)),
+        ("WIDE_SYRK_PUT", String::new()),
         ("B_QUAD", if b == DType::F16 { "vec2<u32>" } else { "vec4<f32>" }.into()),
         (
             "B_QUAD_LOAD",
@@ -581,6 +595,9 @@ impl GpuContext {
     /// triangle (and diagonal tiles) of the uncentered second moment, with
     /// Kahan compensation kept in `comp` so sums over millions of tokens stay
     /// accurate in f32. Call [`GpuContext::mirror_upper`] before using C whole.
+    /// Where `matmul_wide` fits (lavapipe), it takes whole groups of four
+    /// tokens, one dispatch per slab of [`WIDE_SYRK_SLAB`], each Kahan-added
+    /// to C; the `syrk` tiles take the rest (their slabs are 64 tokens).
     pub fn syrk_accumulate(&self, c: &Tensor, comp: &Tensor, keys: &Tensor, alpha: f32) -> Result<()> {
         require_f32("syrk", &[c, comp, keys])?;
         let (_, d) = keys.dims2("syrk")?;
@@ -588,7 +605,14 @@ impl GpuContext {
         expect_shape(comp, &[d, d])?;
         let spec = MatmulSpec { trans_a: true, trans_b: false, alpha, beta: 1.0 };
         let defines = defines(&spec, DType::F32, DType::F32);
-        let kernel = Kernel { family: ShaderFamily::Matmul, entry: "syrk", defines: &defines };
+        let wide_defines: Vec<_> = defines
+            .iter()
+            .map(|(k, v)| match *k {
+                "WIDE_SYRK" => (*k, flag(true)),
+                "WIDE_SYRK_PUT" => (*k, WIDE_SYRK_PUT.to_string()),
+                _ => (*k, v.clone()),
+            })
+            .collect();
         for (r0, rlen) in chunk_spans(d, &[c, comp]) {
             let (c_buf, c_off) = c.locate(r0);
             let (comp_buf, comp_off) = comp.locate(r0);
@@ -597,32 +621,51 @@ impl GpuContext {
             }
             for (t0, tlen) in chunk_spans(keys.rows(), &[keys]) {
                 let (k_buf, k_off) = keys.locate(t0);
-                let params = Params {
-                    m: u32_of(rlen, "syrk")?,
-                    n: u32_of(d, "syrk")?,
-                    k: u32_of(tlen, "syrk")?,
-                    batch: 1,
-                    lda: u32_of(d, "syrk")?,
-                    ldb: u32_of(d, "syrk")?,
-                    ldc: u32_of(d, "syrk")?,
-                    row_base: u32_of(r0, "syrk")?,
-                    a_off: u32_of(k_off + r0, "syrk")?,
-                    b_off: u32_of(k_off, "syrk")?,
-                    c_off: u32_of(c_off, "syrk")?,
-                    alpha,
-                    beta: 1.0,
-                    ..Default::default()
+                // Tokens from `first` on, `count` of them, by `entry`.
+                let dispatch = |entry: &'static str, first: usize, count: usize, grid: [u32; 3]| -> Result<()> {
+                    let params = Params {
+                        m: u32_of(rlen, "syrk")?,
+                        n: u32_of(d, "syrk")?,
+                        k: u32_of(count, "syrk")?,
+                        batch: 1,
+                        lda: u32_of(d, "syrk")?,
+                        ldb: u32_of(d, "syrk")?,
+                        ldc: u32_of(d, "syrk")?,
+                        row_base: u32_of(r0, "syrk")?,
+                        a_off: u32_of(k_off + first * d + r0, "syrk")?,
+                        b_off: u32_of(k_off + first * d, "syrk")?,
+                        c_off: u32_of(c_off, "syrk")?,
+                        alpha,
+                        beta: 1.0,
+                        ..Default::default()
+                    };
+                    // Only the upper triangle's elements of these rows are needed.
+                    let upper = (r0..r0 + rlen).map(|r| (d - r) as u64).sum::<u64>();
+                    let work = Work { flops: 2 * upper * count as u64, ..Work::matmul(rlen, d, count, 1) };
+                    let (kernel, buffers) = match entry {
+                        "matmul_wide" => (Kernel { family: ShaderFamily::Matmul, entry, defines: &wide_defines }, [(8, &k_buf), (9, &k_buf), (10, &c_buf), (11, &comp_buf)]),
+                        _ => (Kernel { family: ShaderFamily::Matmul, entry, defines: &defines }, [(1, &k_buf), (2, &k_buf), (3, &c_buf), (4, &comp_buf)]),
+                    };
+                    let buffers = buffers.map(|(binding, buffer)| (binding, &***buffer));
+                    self.dispatch_work(kernel, bytemuck::bytes_of(&params), &buffers, grid, Some(work))
                 };
-                // Only the upper triangle's elements of these rows are needed.
-                let upper = (r0..r0 + rlen).map(|r| (d - r) as u64).sum::<u64>();
-                let work = Work { flops: 2 * upper * tlen as u64, ..Work::matmul(rlen, d, tlen, 1) };
-                self.dispatch_work(
-                    kernel,
-                    bytemuck::bytes_of(&params),
-                    &[(1, &k_buf), (2, &k_buf), (3, &c_buf), (4, &comp_buf)],
-                    groups(rlen, d, 1),
-                    Some(work),
-                )?;
+                let whole = tlen / 4 * 4;
+                let operands = |first: usize| {
+                    let keys = |offset| Operand { buffer: &k_buf, offset, ld: d, dtype: DType::F32 };
+                    [keys(k_off + first * d + r0), keys(k_off + first * d), Operand { buffer: &c_buf, offset: c_off, ld: d, dtype: DType::F32 }]
+                };
+                let mut done = 0;
+                if self.wide_grid(&spec, operands(0), (rlen, whole, d), false).is_some() {
+                    for first in (0..whole).step_by(WIDE_SYRK_SLAB) {
+                        let count = WIDE_SYRK_SLAB.min(whole - first);
+                        let grid = self.wide_grid(&spec, operands(first), (rlen, count, d), false).expect("a slab of a product that fits fits");
+                        dispatch("matmul_wide", first, count, grid)?;
+                    }
+                    done = whole;
+                }
+                if done < tlen {
+                    dispatch("syrk", done, tlen - done, groups(rlen, d, 1))?;
+                }
             }
         }
         Ok(())
