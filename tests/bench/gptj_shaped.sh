@@ -4,10 +4,9 @@
 # weights are committed): statistics over a few texts, then one edit of 100
 # CounterFact requests at layers 0-1, timed by phase with the peak GPU
 # memory of each. It exercises the 1 GiB covariances, the binding-size
-# tiling and the 16384-wide solve. On lavapipe it takes hours (2-core host,
-# 2026-12-03: statistics ~1.5 min, target vectors 29 min, then each layer's
-# keys, 16384-wide factorisation and float64-refined solve over an hour);
-# run it on a GPU, or on lavapipe overnight.
+# tiling and the 16384-wide solve. On lavapipe on a 2-core host it takes
+# about 15 minutes (2026-12-04: statistics 48 s, target vectors 185 s, keys
+# 73 s, the two layers' 16384-wide solves 495 s; README has the table).
 #
 #   bash tests/bench/gptj_shaped.sh [extra memit-bench memit options]
 #
