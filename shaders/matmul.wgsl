@@ -549,9 +549,9 @@ const WIDE_SYRK: bool = {{WIDE_SYRK}};
 // (WIDE_BLOCK: named accumulators, no dynamically indexed array, one store
 // of four values per accumulator; lavapipe spends seconds compiling every
 // load or store outside a loop, so the epilogue's terms run in a loop over
-// the stored block); modules made for other entry points leave it empty. Rows and columns past the
-// matrix repeat its last one, so loads need no bounds check; their results
-// are not stored. Blocks run along the rows of C; the grid may be 2-D. It
+// the stored block); modules made for other entry points leave it empty.
+// Rows and columns past the matrix repeat its last one, so loads need no
+// bounds check; their results are not stored. Blocks run along the rows of C; the grid may be 2-D. It
 // also serves the blocked solver's views (lower_only included).
 @compute @workgroup_size(64, 1, 1)
 fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {

@@ -160,8 +160,8 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
 /// compile the array's dynamic indexing in a store loop. One named vec4
 /// accumulator per row and four columns, the k loop, and one store of four
 /// values per accumulator (about 5 s of lavapipe's compile). Only the one
-/// layout's loop: each is about 1,200 lines, which naga parses for every
-/// pipeline that holds it (0.3 s for all four).
+/// layout's loop (about 1,200 lines each): on lavapipe a pipeline holding
+/// all four took 0.3 s to create, one holding its own 0.2 s.
 pub(crate) fn wide_block(defines: &[(&'static str, String)]) -> &'static str {
     static CODE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
     let flag = |key: &str| defines.iter().any(|(k, v)| *k == key && v == "true");
@@ -326,18 +326,12 @@ impl GpuContext {
             Operand { buffer: b_buf, offset: b_off, ld: b.ld, dtype: b.tensor.dtype() },
             Operand { buffer: c_buf, offset: c_off, ld: c.ld, dtype: DType::F32 },
         ];
-        let (entry, grid) = if let Some(grid) = self.direct_grid(&spec, b.tensor.dtype(), (b_off, b.ld), m, n, false) {
-            ("matmul_direct", grid)
-        } else if let Some(grid) = self.wide_grid(&spec, operands, (m, ka, n), false) {
-            ("matmul_wide", grid)
-        } else {
-            ("matmul", groups(m, n, 1))
-        };
-        let bindings = if entry == "matmul_wide" { [8, 9, 10] } else { [1, 2, 3] };
+        let (entry, grid) = self.cpu_product(&spec, operands, (m, ka, n), false).unwrap_or(("matmul", groups(m, n, 1)));
+        let [a_binding, b_binding, c_binding] = operand_bindings(entry);
         self.dispatch_work(
             Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
             bytemuck::bytes_of(&params),
-            &[(bindings[0], a_buf), (bindings[1], b_buf), (bindings[2], c_buf)],
+            &[(a_binding, a_buf), (b_binding, b_buf), (c_binding, c_buf)],
             grid,
             Some(Work::matmul(m, n, ka, 1)),
         )
@@ -525,17 +519,12 @@ impl GpuContext {
                         Operand { buffer: &b_buf, offset: b_off, ld: b.row_len(), dtype: b.dtype() },
                         Operand { buffer: &c_buf, offset: c_off + n0, ld: n, dtype: DType::F32 },
                     ];
-                    let (kernel, grid) = if let Some(grid) = self.direct_grid(&spec, b.dtype(), (b_off, b.row_len()), mlen, nlen, gated) {
-                        (Kernel { entry: "matmul_direct", ..kernel }, grid)
-                    } else if let Some(grid) = self.wide_grid(&spec, operands, (mlen, klen, nlen), gated) {
-                        (Kernel { entry: "matmul_wide", ..kernel }, grid)
-                    } else if !spec.trans_a && mlen <= FEW_ROWS {
-                        (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1])
-                    } else {
-                        (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1])
+                    let (kernel, grid) = match self.cpu_product(&spec, operands, (mlen, klen, nlen), gated) {
+                        Some((entry, grid)) => (Kernel { entry, ..kernel }, grid),
+                        None if !spec.trans_a && mlen <= FEW_ROWS => (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1]),
+                        None => (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1]),
                     };
-                    // matmul_wide reads and writes the operands through their four-value views.
-                    let (a_binding, b_binding, c_binding) = if kernel.entry == "matmul_wide" { (8, 9, 10) } else { (1, 2, 3) };
+                    let [a_binding, b_binding, c_binding] = operand_bindings(kernel.entry);
                     let mut buffers: Vec<(u32, &wgpu::Buffer)> = vec![(a_binding, &a_buf), (b_binding, &b_buf), (c_binding, &c_buf)];
                     if ki == 0 {
                         buffers.extend(residual.as_ref().map(|r| (5, &**r.0)));
@@ -642,24 +631,21 @@ impl GpuContext {
                     // Only the upper triangle's elements of these rows are needed.
                     let upper = (r0..r0 + rlen).map(|r| (d - r) as u64).sum::<u64>();
                     let work = Work { flops: 2 * upper * count as u64, ..Work::matmul(rlen, d, count, 1) };
-                    let (kernel, buffers) = match entry {
-                        "matmul_wide" => (Kernel { family: ShaderFamily::Matmul, entry, defines: &wide_defines }, [(8, &k_buf), (9, &k_buf), (10, &c_buf), (11, &comp_buf)]),
-                        _ => (Kernel { family: ShaderFamily::Matmul, entry, defines: &defines }, [(1, &k_buf), (2, &k_buf), (3, &c_buf), (4, &comp_buf)]),
-                    };
-                    let buffers = buffers.map(|(binding, buffer)| (binding, &***buffer));
-                    self.dispatch_work(kernel, bytemuck::bytes_of(&params), &buffers, grid, Some(work))
+                    let [a_binding, b_binding, c_binding] = operand_bindings(entry);
+                    let (defines, comp_binding) = if entry == "matmul_wide" { (&wide_defines, 11) } else { (&defines, 4) };
+                    let buffers: [(u32, &wgpu::Buffer); 4] = [(a_binding, &k_buf), (b_binding, &k_buf), (c_binding, &c_buf), (comp_binding, &comp_buf)];
+                    self.dispatch_work(Kernel { family: ShaderFamily::Matmul, entry, defines }, bytemuck::bytes_of(&params), &buffers, grid, Some(work))
                 };
+                // Slabs start whole rows of K apart (d a multiple of 4 where
+                // it fits) and the grid depends on M and N alone, so the fit
+                // and grid of all the whole groups serve every slab.
                 let whole = tlen / 4 * 4;
-                let operands = |first: usize| {
-                    let keys = |offset| Operand { buffer: &k_buf, offset, ld: d, dtype: DType::F32 };
-                    [keys(k_off + first * d + r0), keys(k_off + first * d), Operand { buffer: &c_buf, offset: c_off, ld: d, dtype: DType::F32 }]
-                };
+                let keys = |offset| Operand { buffer: &k_buf, offset, ld: d, dtype: DType::F32 };
+                let operands = [keys(k_off + r0), keys(k_off), Operand { buffer: &c_buf, offset: c_off, ld: d, dtype: DType::F32 }];
                 let mut done = 0;
-                if self.wide_grid(&spec, operands(0), (rlen, whole, d), false).is_some() {
+                if let Some(grid) = self.wide_grid(&spec, operands, (rlen, whole, d), false) {
                     for first in (0..whole).step_by(WIDE_SYRK_SLAB) {
-                        let count = WIDE_SYRK_SLAB.min(whole - first);
-                        let grid = self.wide_grid(&spec, operands(first), (rlen, count, d), false).expect("a slab of a product that fits fits");
-                        dispatch("matmul_wide", first, count, grid)?;
+                        dispatch("matmul_wide", first, WIDE_SYRK_SLAB.min(whole - first), grid)?;
                     }
                     done = whole;
                 }
@@ -751,6 +737,24 @@ impl GpuContext {
         let block_cols = if gated { WIDE_COLS / 2 } else { WIDE_COLS };
         Some(grid_1d((m.div_ceil(WIDE_ROWS) * n.div_ceil(block_cols)).div_ceil(WIDE_GROUP)))
     }
+}
+
+impl GpuContext {
+    /// The CPU adapters' product kernel for an M × K × N product of
+    /// `operands` and its grid: `matmul_direct` where it takes the product,
+    /// else `matmul_wide` where that does, else None (the tiles' turn).
+    fn cpu_product(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<(&'static str, [u32; 3])> {
+        let b = operands[1];
+        self.direct_grid(spec, b.dtype, (b.offset, b.ld), m, n, gated)
+            .map(|grid| ("matmul_direct", grid))
+            .or_else(|| self.wide_grid(spec, operands, (m, k, n), gated).map(|grid| ("matmul_wide", grid)))
+    }
+}
+
+/// The bindings of A, B and C for product kernel `entry`: `matmul_wide`
+/// reads and writes them through its four-value views.
+fn operand_bindings(entry: &str) -> [u32; 3] {
+    if entry == "matmul_wide" { [8, 9, 10] } else { [1, 2, 3] }
 }
 
 fn shift((buf, off): (std::sync::Arc<PooledBuffer>, usize), by: usize) -> (std::sync::Arc<PooledBuffer>, usize) {
