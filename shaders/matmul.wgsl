@@ -660,3 +660,122 @@ fn wide_put(gm: u32, n0: u32, c: u32, acc: vec4<f32>) {
         c_quads[q] = p.alpha * acc;
     }
 }
+
+// GPUs' kernel for large products: a 16x16 workgroup owns a 128x128 tile
+// of C, each invocation an 8x8 block of it (rows 4*ly .. 4*ly + 3 and
+// 64 + 4*ly .., columns 4*lx .. and 64 + 4*lx .., so the reads of the
+// staged slices below fall on consecutive vec4s: no bank conflicts) in 16
+// named vec4 accumulators (BIG_BLOCK, unrolled by the host). Per step of
+// BIG_K = 8 along k, each invocation loads four values of op(A) and four
+// of op(B) (consecutive invocations reading consecutive addresses in both
+// layouts) into registers while the slices staged in workgroup memory are
+// multiplied, so loads and arithmetic overlap: 8 loads and 16 vec4 reads
+// per 512 multiply-adds. Slices have a row stride of 33 vec4s so the
+// transposing stores of a k-contiguous operand hit distinct banks.
+const BIG: u32 = 128u;
+const BIG_K: u32 = 8u;
+const BIG_LD: u32 = 33u;
+
+var<workgroup> big_a: array<vec4<f32>, 264>;  // [BIG_K][BIG_LD] of 4 rows
+var<workgroup> big_b: array<vec4<f32>, 264>;  // [BIG_K][BIG_LD] of 4 columns
+
+// Column n (0..127) of this tile of op(B) at k. GATED: groups of four
+// columns 0..15 are gates, 16..31 the ups of the same 64 features, so an
+// invocation's low and high columns are one feature's gate and up.
+fn big_b_at(b_base: u32, k: u32, col0: u32, n: u32) -> f32 {
+    if (GATED) {
+        let g = n / 4u;
+        return gated_b_at(b_base, k, col0 / 2u + 4u * (g % 16u) + n % 4u, (g / 16u) * p.n);
+    }
+    return b_at(b_base, k, col0 + n);
+}
+
+// This invocation's four values of op(A)'s slice at k0: A transposed
+// (stored [K, M]), four consecutive rows at one k; else one k of four
+// rows 32 apart.
+fn big_fetch_a(a_base: u32, row0: u32, k0: u32, li: u32) -> vec4<f32> {
+    if (TRANS_A) {
+        let k = k0 + li / 32u;
+        let m = row0 + 4u * (li % 32u);
+        return vec4<f32>(a_at(a_base, m, k), a_at(a_base, m + 1u, k), a_at(a_base, m + 2u, k), a_at(a_base, m + 3u, k));
+    }
+    let k = k0 + li % 8u;
+    let m = row0 + li / 8u;
+    return vec4<f32>(a_at(a_base, m, k), a_at(a_base, m + 32u, k), a_at(a_base, m + 64u, k), a_at(a_base, m + 96u, k));
+}
+
+// The same for op(B): B transposed (stored [N, K]) is k-contiguous.
+fn big_fetch_b(b_base: u32, col0: u32, k0: u32, li: u32) -> vec4<f32> {
+    if (TRANS_B) {
+        let k = k0 + li % 8u;
+        let n = li / 8u;
+        return vec4<f32>(big_b_at(b_base, k, col0, n), big_b_at(b_base, k, col0, n + 32u), big_b_at(b_base, k, col0, n + 64u), big_b_at(b_base, k, col0, n + 96u));
+    }
+    let k = k0 + li / 32u;
+    let n = 4u * (li % 32u);
+    return vec4<f32>(big_b_at(b_base, k, col0, n), big_b_at(b_base, k, col0, n + 1u), big_b_at(b_base, k, col0, n + 2u), big_b_at(b_base, k, col0, n + 3u));
+}
+
+// Stages fetched values where `big_fetch_a` / `big_fetch_b` took them from.
+fn big_stage(ra: vec4<f32>, rb: vec4<f32>, li: u32) {
+    if (TRANS_A) {
+        big_a[(li / 32u) * BIG_LD + li % 32u] = ra;
+    } else {
+        let at = (li % 8u) * BIG_LD + (li / 8u) / 4u;
+        let lane = (li / 8u) % 4u;
+        big_a[at][lane] = ra.x;
+        big_a[at + 8u][lane] = ra.y;
+        big_a[at + 16u][lane] = ra.z;
+        big_a[at + 24u][lane] = ra.w;
+    }
+    if (TRANS_B) {
+        let at = (li % 8u) * BIG_LD + (li / 8u) / 4u;
+        let lane = (li / 8u) % 4u;
+        big_b[at][lane] = rb.x;
+        big_b[at + 8u][lane] = rb.y;
+        big_b[at + 16u][lane] = rb.z;
+        big_b[at + 24u][lane] = rb.w;
+    } else {
+        big_b[(li / 32u) * BIG_LD + li % 32u] = rb;
+    }
+}
+
+// Row gm of this invocation's block: columns col0 + 4 * lx + j (lo) and
+// 64 further (hi); GATED, feature col0 / 2 + 4 * lx + j's gate and up.
+fn big_put_row(c_base: u32, gm: u32, col0: u32, lx: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (gm >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (GATED) {
+            let gn = col0 / 2u + 4u * lx + j;
+            if (gn < p.n) {
+                store_gated(c_base + gm * p.ldc + gn, gm, gn, lo[j], hi[j]);
+            }
+        } else {
+            let gn = col0 + 4u * lx + j;
+            if (gn < p.n) {
+                store(c_base + gm * p.ldc + gn, gm, gn, lo[j]);
+            }
+            if (gn + 64u < p.n) {
+                store(c_base + gm * p.ldc + gn + 64u, gm, gn + 64u, hi[j]);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_big(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let row0 = wid.y * BIG;
+    let col0 = wid.x * BIG;
+    if (p.lower_only != 0u && p.col_base + col0 >= p.row_base + row0 + BIG) {
+        return;
+    }
+    let a_base = p.a_off;
+    let b_base = p.b_off;
+    let c_base = p.c_off;
+    let lx = lid.x;
+    let ly = lid.y;
+    {{BIG_BLOCK}}
+}

@@ -35,6 +35,15 @@ pub struct GpuOptions {
     /// layout allows; by default the adapter decides (see
     /// [`GpuContext::wide_product_rows`]). Tests set it to check that kernel.
     pub wide_product_rows: Option<usize>,
+    /// Products whose `matmul_big` grid (128×128 tiles of C) has at least
+    /// this many workgroups take it instead of the 64×64 tiles; by default
+    /// the adapter decides (see [`GpuContext::big_product_groups`]). Tests
+    /// set it to 0 to check that kernel at every shape.
+    pub big_product_groups: Option<usize>,
+    /// Use tensor cores (`matmul_coop`) where the adapter has them
+    /// (default); `Some(false)` keeps every product on the portable kernels.
+    /// `GpuContext::from_env` reads `MEMIT_TENSOR_CORES=0|1`.
+    pub tensor_cores: Option<bool>,
     /// Backends to consider. Default: Vulkan, Metal, DX12 (and WebGPU in a
     /// browser); OpenGL only when asked for, and never a software OpenGL
     /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
@@ -59,6 +68,8 @@ const MAX_GROUPS_PER_DIM: u32 = 65_535;
 /// host records.
 const DISPATCHES_PER_SUBMIT: usize = 256;
 const DEFAULT_POOL_BYTES: u64 = 1 << 30;
+/// The fewest workgroups of `matmul_big` for which a GPU takes it.
+const DEFAULT_BIG_PRODUCT_GROUPS: usize = 96;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PipelineKey {
@@ -86,6 +97,7 @@ pub struct GpuContext {
     cpu_kernels: bool,
     direct_product_rows: usize,
     wide_product_rows: usize,
+    big_product_groups: usize,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -129,7 +141,9 @@ const REQUIRED_LIMITS: [(&str, fn(&wgpu::Limits) -> u64, u64); 4] = [
 impl GpuContext {
     /// Opens the best adapter with options taken from the environment
     /// (`MEMIT_ADAPTER` selects an adapter by name; `MEMIT_CPU_KERNELS=1|0`
-    /// forces the CPU or the GPU kernel variants, for comparing them).
+    /// forces the CPU or the GPU kernel variants, and
+    /// `MEMIT_BIG_PRODUCT_GROUPS=<n>` the fewest workgroups that take
+    /// `matmul_big`, for comparing them).
     pub async fn from_env() -> Result<Arc<Self>> {
         let var = |key: &str| std::env::var(key).ok().filter(|s| !s.is_empty());
         let backends = var("MEMIT_BACKEND").map(|b| parse_backend(&b)).transpose()?;
@@ -139,7 +153,16 @@ impl GpuContext {
             Some("0") => Some(false),
             Some(other) => return Err(GpuError::UnknownKernelChoice(other.to_string())),
         };
-        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, cpu_kernels, ..Default::default() }).await
+        let big_product_groups = var("MEMIT_BIG_PRODUCT_GROUPS")
+            .map(|v| v.parse::<usize>().map_err(|_| GpuError::BadBigProductGroups(v)))
+            .transpose()?;
+        let tensor_cores = match var("MEMIT_TENSOR_CORES").as_deref() {
+            None => None,
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            Some(other) => return Err(GpuError::UnknownTensorCoreChoice(other.to_string())),
+        };
+        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, cpu_kernels, big_product_groups, tensor_cores, ..Default::default() }).await
     }
 
     pub async fn new(options: GpuOptions) -> Result<Arc<Self>> {
@@ -158,15 +181,35 @@ impl GpuContext {
         }
         // Timestamps only serve `start_profiling`; asking for them changes nothing else.
         let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
+        let coop = features | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        // Tensor cores (wgpu's experimental cooperative matrices, native
+        // only) where the adapter has 16x16x16 f16 products into f32; a
+        // device that refuses them is asked again without.
+        let tensor_cores = options.tensor_cores.unwrap_or(true)
+            && features.contains(wgpu::Features::SHADER_F16)
+            && adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && adapter.cooperative_matrix_properties().iter().any(|c| {
+                (c.m_size, c.n_size, c.k_size) == (16, 16, 16) && c.ab_type == wgpu::CooperativeScalarType::F16 && c.cr_type == wgpu::CooperativeScalarType::F32
+            });
+        let request = |required_features: wgpu::Features| {
+            adapter.request_device(&wgpu::DeviceDescriptor {
                 label: Some("memit-wgpu"),
-                required_features: features,
+                required_features,
                 required_limits: limits.clone(),
+                // SAFETY: the only experimental feature asked for is the
+                // cooperative matrices, used by `matmul_coop` alone, whose
+                // loads and stores stay inside shapes the host checks.
+                experimental_features: if required_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() },
                 ..Default::default()
             })
-            .await
-            .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+        };
+        let ((device, queue), features) = match tensor_cores {
+            true => match request(coop).await {
+                Ok(pair) => (pair, coop),
+                Err(_) => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features),
+            },
+            false => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features),
+        };
 
         let error = Arc::new(Mutex::new(None));
         let sink = error.clone();
@@ -210,6 +253,10 @@ impl GpuContext {
         // per 1,024 multiply-adds reaches 7-9 GFLOP/s where the 64x64 tiles
         // (their 8x8 blocks through workgroup memory) reach 1.3.
         let wide_product_rows = options.wide_product_rows.unwrap_or(if cpu_kernels && name.contains("llvmpipe") { direct_product_rows } else { usize::MAX });
+        // A GPU's products take 128×128 tiles once there are enough of them
+        // to occupy its multiprocessors (an H100 has 132); CPU adapters
+        // never (their kernels above).
+        let big_product_groups = options.big_product_groups.unwrap_or(if cpu_kernels { usize::MAX } else { DEFAULT_BIG_PRODUCT_GROUPS });
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -220,6 +267,7 @@ impl GpuContext {
             cpu_kernels,
             direct_product_rows,
             wide_product_rows,
+            big_product_groups,
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -278,6 +326,13 @@ impl GpuContext {
         self.features.contains(wgpu::Features::SHADER_F16)
     }
 
+    /// Whether products of f16 operands may take tensor cores
+    /// (`matmul_coop`): the device has wgpu's cooperative matrices at
+    /// 16x16x16, f16 into f32.
+    pub fn has_tensor_cores(&self) -> bool {
+        self.features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    }
+
     /// Whether kernels take their variants made for CPU adapters
     /// (lavapipe, SwiftShader, WARP), where every invocation and barrier
     /// costs far more than on a GPU: row kernels then give each invocation
@@ -292,6 +347,12 @@ impl GpuContext {
     /// unbounded on other CPU adapters (SwiftShader); `GpuOptions` can set it.
     pub fn direct_product_rows(&self) -> usize {
         self.direct_product_rows
+    }
+
+    /// Products whose `matmul_big` grid has at least this many workgroups
+    /// take it: a GPU's default, none on CPU adapters; `GpuOptions` can set it.
+    pub fn big_product_groups(&self) -> usize {
+        self.big_product_groups
     }
 
     /// Products with more rows than this take `matmul_wide` where their
@@ -409,7 +470,7 @@ impl GpuContext {
         let writable = writable_bindings(&source);
         let label = format!("{}::{entry}", family.name());
         let descriptor = wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) };
-        let module = if family.audited() {
+        let module = if family.audited(entry) {
             // SAFETY: `ShaderFamily::audited` lists the families whose every
             // buffer index is bounded by parameters the host validates and
             // whose every loop has a parameter bound; browsers keep their

@@ -15,6 +15,12 @@ pub enum GpuError {
     #[error("MEMIT_CPU_KERNELS is {0:?}: use 1 (CPU kernel variants) or 0 (GPU variants), or unset it to let the adapter decide")]
     UnknownKernelChoice(String),
 
+    #[error("MEMIT_BIG_PRODUCT_GROUPS is {0:?}: use a whole number of workgroups, or unset it to let the adapter decide")]
+    BadBigProductGroups(String),
+
+    #[error("MEMIT_TENSOR_CORES is {0:?}: use 1 (tensor cores where the adapter has them) or 0 (portable kernels only)")]
+    UnknownTensorCoreChoice(String),
+
     #[error("adapter `{adapter}` limit `{limit}` is {have}, but memit-wgpu needs at least {need}")]
     LimitTooSmall { adapter: String, limit: &'static str, have: u64, need: u64 },
 

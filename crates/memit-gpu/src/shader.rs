@@ -10,6 +10,9 @@ use crate::error::{GpuError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ShaderFamily {
     Matmul,
+    /// Tensor-core products (`enable wgpu_cooperative_matrix`): a module of
+    /// their own, since other adapters cannot parse it.
+    MatmulCoop,
     Elementwise,
     Activation,
     Reduce,
@@ -25,6 +28,7 @@ impl ShaderFamily {
     pub fn name(self) -> &'static str {
         match self {
             ShaderFamily::Matmul => "matmul",
+            ShaderFamily::MatmulCoop => "matmul_coop",
             ShaderFamily::Elementwise => "elementwise",
             ShaderFamily::Activation => "activation",
             ShaderFamily::Reduce => "reduce",
@@ -43,13 +47,18 @@ impl ShaderFamily {
     /// Each of their buffer indices is bounded by shapes and offsets the
     /// host validates before the dispatch (rows clamped, loops bounded by
     /// parameters), and every loop ends.
-    pub fn audited(self) -> bool {
+    /// `matmul_big` (a module made for it runs nothing else) loads through
+    /// `a_at`/`b_at`, which read zero outside the matrix, and stores only
+    /// inside it.
+    pub fn audited(self, entry: &str) -> bool {
         matches!(self, ShaderFamily::Norm | ShaderFamily::Attention | ShaderFamily::Softmax | ShaderFamily::Target)
+            || (self == ShaderFamily::Matmul && entry == "matmul_big")
     }
 
     pub fn source(self) -> &'static str {
         match self {
             ShaderFamily::Matmul => include_str!("../../../shaders/matmul.wgsl"),
+            ShaderFamily::MatmulCoop => include_str!("../../../shaders/matmul_coop.wgsl"),
             ShaderFamily::Elementwise => include_str!("../../../shaders/elementwise.wgsl"),
             ShaderFamily::Activation => include_str!("../../../shaders/activation.wgsl"),
             ShaderFamily::Reduce => include_str!("../../../shaders/reduce.wgsl"),
@@ -69,9 +78,10 @@ const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS` and `WIDE_BLOCK` are always available: `matmul_wide`'s
-/// unrolled block where `entry` is that kernel, else nothing, since a
-/// module made for another entry point never runs it); a key left without
+/// `ACTIVATIONS`, `WIDE_BLOCK` and `BIG_BLOCK` are always available:
+/// `matmul_wide`'s / `matmul_big`'s unrolled block where `entry` is that
+/// kernel, else nothing, since a module made for another entry point never
+/// runs it); a key left without
 /// a value is an error rather than a confusing WGSL parse failure later.
 pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
@@ -92,6 +102,8 @@ pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, Strin
             .or((key == "COMMON").then_some(COMMON))
             .or((key == "ACTIVATIONS").then_some(ACTIVATIONS))
             .or_else(|| (key == "WIDE_BLOCK").then(|| if entry == "matmul_wide" { crate::ops::matmul::wide_block(defines) } else { "" }))
+            .or_else(|| (key == "BIG_BLOCK").then(|| if entry == "matmul_big" { crate::ops::matmul::big_block() } else { "" }))
+            .or_else(|| (key == "COOP_BLOCK").then(|| crate::ops::matmul::coop_block(defines)))
             .ok_or_else(|| GpuError::Template { shader: family.name(), key: key.to_string() })?;
         out.push_str(value);
         rest = &after[end + 2..];
@@ -103,4 +115,27 @@ pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, Strin
 /// WGSL spelling of a boolean template value.
 pub fn flag(b: bool) -> String {
     if b { "true".into() } else { "false".into() }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+    use wgpu::naga;
+
+    /// The tensor-core module runs only where an adapter has cooperative
+    /// matrices (not on CI's); naga still checks here that both layouts of
+    /// B parse, validate and translate to SPIR-V 1.6 as wgpu would.
+    #[test]
+    fn coop_module_translates_to_spirv() {
+        for trans_b in [false, true] {
+            let source = render(ShaderFamily::MatmulCoop, "matmul_coop", &[("TRANS_B", flag(trans_b))]).unwrap();
+            let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
+            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
+            let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+            let words = naga::back::spv::write_vec(&module, &info, &options, None).expect("SPIR-V");
+            assert!(words.len() > 100, "trans_b={trans_b}");
+        }
+    }
 }

@@ -29,11 +29,11 @@ fn check_matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, ta: bool, tb: bo
 }
 
 /// The adapter's own kernels, the other variants (GPU-style on a CPU
-/// adapter, CPU-style on a GPU), and the barrier-free `matmul_direct` and
-/// `matmul_wide` at every row count, so every product kernel is checked on
-/// any machine.
-fn kernel_variants() -> [std::sync::Arc<GpuContext>; 4] {
-    [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx()]
+/// adapter, CPU-style on a GPU), the barrier-free `matmul_direct` and
+/// `matmul_wide`, and the GPUs' `matmul_big` at every row count, so every
+/// product kernel is checked on any machine.
+fn kernel_variants() -> [std::sync::Arc<GpuContext>; 5] {
+    [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), big_kernels_ctx()]
 }
 
 #[test]
@@ -57,6 +57,25 @@ fn matmul_f16_storage_accumulates_in_f32() {
             check_matmul(&ctx, m, k, n, false, true, (DType::F32, DType::F16), 100 + i as u64);
             check_matmul(&ctx, m, k, n, false, false, (DType::F32, DType::F16), 300 + i as u64);
             check_matmul(&ctx, m, k, n, true, false, (DType::F16, DType::F16), 200 + i as u64);
+        }
+    }
+}
+
+/// f16 · f16 products on tensor cores (`matmul_coop`), where the adapter
+/// has cooperative matrices (a workstation GPU; never lavapipe or
+/// SwiftShader, where this prints that it has nothing to check): tiles
+/// wholly inside the matrix in both layouts of B, and shapes off the
+/// tiles, which take the portable kernels.
+#[test]
+fn matmul_f16_on_tensor_cores() {
+    let ctx = ctx();
+    if !ctx.has_tensor_cores() {
+        eprintln!("{}: no cooperative matrices, nothing to check", ctx.adapter_info().name);
+        return;
+    }
+    for (i, &(m, k, n)) in [(64, 16, 64), (128, 48, 192), (256, 256, 128), (64, 1024, 64), (65, 16, 64), (64, 40, 64)].iter().enumerate() {
+        for tb in [false, true] {
+            check_matmul(&ctx, m, k, n, false, tb, (DType::F16, DType::F16), 700 + i as u64);
         }
     }
 }
@@ -168,7 +187,7 @@ fn matmul_over_many_chunks() {
 /// storage chunks differ from the output's.
 #[test]
 fn linear_epilogue_adds_bias_and_residual_once() {
-    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), tiny_chunk_ctx()] {
+    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), big_kernels_ctx(), tiny_chunk_ctx()] {
         for (i, &(m, k, n)) in [(70, 33, 130), (5, 17, 3), (1, 64, 65), (8, 300, 20), (130, 300, 7), (70, 36, 132)].iter().enumerate() {
             for (tb, w_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::F16)] {
                 let mut rng = Rng::new(500 + i as u64);
@@ -207,7 +226,8 @@ fn activated_linear_matches_product_then_activation() {
     let own_other = pollster::block_on(GpuContext::new(other_kernels_options())).expect("a GPU adapter");
     let own_direct = pollster::block_on(GpuContext::new(direct_kernels_options())).expect("a GPU adapter");
     let own_wide = pollster::block_on(GpuContext::new(wide_kernels_options())).expect("a GPU adapter");
-    for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (false, own_wide), (true, tiny_chunk_ctx())] {
+    let own_big = pollster::block_on(GpuContext::new(big_kernels_options())).expect("a GPU adapter");
+    for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (false, own_wide), (false, own_big), (true, tiny_chunk_ctx())] {
         for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200), (1, 70, 36, 132)].iter().enumerate() {
             if chunked && batch > 1 {
                 continue; // a [9, 200] output row is wider than a 4 KiB chunk

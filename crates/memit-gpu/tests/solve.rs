@@ -90,6 +90,7 @@ fn cholesky_solve_matches_f64_reference() {
         (direct_kernels_ctx(), 300, 3),
         (wide_kernels_ctx(), 300, 4),
         (wide_panel_ctx(), 600, 8),
+        (big_kernels_ctx(), 300, 3),
     ];
     for (ctx, d, n) in cases {
         let mut rng = Rng::new(d as u64);

@@ -24,6 +24,8 @@ const DIRECT_GROUP: usize = 64;
 const WIDE_ROWS: usize = 32;
 const WIDE_COLS: usize = 32;
 const WIDE_GROUP: usize = 64;
+/// Rows and columns of C per `matmul_big` workgroup (BIG in the shader).
+const BIG_TILE: usize = 128;
 /// Tokens per `matmul_wide` dispatch of the syrk: each slab's f32 sums are
 /// Kahan-added to C, so rounding stays at the level of a 256-term sum (the
 /// tiles' slabs: 64) while the compensated store adds about a quarter to
@@ -183,6 +185,97 @@ pub(crate) fn wide_block(defines: &[(&'static str, String)]) -> &'static str {
     })
 }
 
+/// `matmul_big`'s body (its BIG_BLOCK): 16 named vec4 accumulators, the k
+/// loop with each slice's eight steps unrolled, and the stores. One text
+/// for every layout: the fetch and stage functions branch on constants.
+pub(crate) fn big_block() -> &'static str {
+    static CODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CODE.get_or_init(|| {
+        let mut s = String::new();
+        let mut line = |text: String| {
+            s.push_str(&text);
+            s.push_str("\n    ");
+        };
+        for r in 0..8 {
+            line(format!("var c{r}_0 = vec4<f32>(0.0); var c{r}_1 = vec4<f32>(0.0);"));
+        }
+        line("var ra = big_fetch_a(a_base, row0, 0u, li);".into());
+        line("var rb = big_fetch_b(b_base, col0, 0u, li);".into());
+        line("for (var k0 = 0u; k0 < p.k; k0 += BIG_K) {".into());
+        line("    workgroupBarrier();".into());
+        line("    big_stage(ra, rb, li);".into());
+        line("    workgroupBarrier();".into());
+        line("    if (k0 + BIG_K < p.k) {".into());
+        line("        ra = big_fetch_a(a_base, row0, k0 + BIG_K, li);".into());
+        line("        rb = big_fetch_b(b_base, col0, k0 + BIG_K, li);".into());
+        line("    }".into());
+        for kk in 0..8 {
+            let at = kk * 33;
+            line(format!("    let a{kk}l = big_a[{at}u + ly]; let a{kk}h = big_a[{}u + ly];", at + 16));
+            line(format!("    let b{kk}l = big_b[{at}u + lx]; let b{kk}h = big_b[{}u + lx];", at + 16));
+            for r in 0..8 {
+                let (half, lane) = (if r < 4 { "l" } else { "h" }, ["x", "y", "z", "w"][r % 4]);
+                line(format!(
+                    "    c{r}_0 = fma(vec4<f32>(a{kk}{half}.{lane}), b{kk}l, c{r}_0); c{r}_1 = fma(vec4<f32>(a{kk}{half}.{lane}), b{kk}h, c{r}_1);"
+                ));
+            }
+        }
+        line("}".into());
+        for r in 0..8 {
+            let row = if r < 4 { format!("row0 + 4u * ly + {r}u") } else { format!("row0 + 64u + 4u * ly + {}u", r - 4) };
+            line(format!("big_put_row(c_base, {row}, col0, lx, c{r}_0, c{r}_1);"));
+        }
+        s
+    })
+}
+
+/// `matmul_coop`'s body (its COOP_BLOCK) for the layout of B that
+/// `defines` (TRANS_B) gives: 16 accumulators, the k loop, the stores.
+/// `coopLoadT` reads a row-major tile, `coopLoad` a column-major one, so
+/// a transposed B ([N, K]) is op(B) column-major.
+pub(crate) fn coop_block(defines: &[(&'static str, String)]) -> &'static str {
+    static CODE: [std::sync::OnceLock<String>; 2] = [const { std::sync::OnceLock::new() }; 2];
+    let trans_b = defines.iter().any(|(k, v)| *k == "TRANS_B" && v == "true");
+    CODE[trans_b as usize].get_or_init(|| {
+        let mut s = String::new();
+        let mut line = |text: String| {
+            s.push_str(&text);
+            s.push_str("\n    ");
+        };
+        // Every index and stride is a `let` first: naga's SPIR-V writer
+        // leaves a cooperative store's operands computed inline in its
+        // argument list unemitted.
+        line("let lda = p.lda; let ldb = p.ldb; let ldc = p.ldc;".into());
+        for i in 0..4 {
+            line((0..4).map(|j| format!("var c{i}{j} = coop_mat16x16<f32, C>(); ")).collect());
+        }
+        line("for (var k = 0u; k < p.k; k += 16u) {".into());
+        for i in 0..4 {
+            line(format!("    let a{i} = coopLoadT<coop_mat16x16<f16, A>>(&a[p.a_off + (m0 + {}u) * lda + k], lda);", 16 * i));
+        }
+        for j in 0..4 {
+            line(if trans_b {
+                format!("    let b{j} = coopLoad<coop_mat16x16<f16, B>>(&b[p.b_off + (n0 + {}u) * ldb + k], ldb);", 16 * j)
+            } else {
+                format!("    let b{j} = coopLoadT<coop_mat16x16<f16, B>>(&b[p.b_off + k * ldb + n0 + {}u], ldb);", 16 * j)
+            });
+        }
+        for i in 0..4 {
+            for j in 0..4 {
+                line(format!("    c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});"));
+            }
+        }
+        line("}".into());
+        for i in 0..4 {
+            for j in 0..4 {
+                line(format!("let at{i}{j} = p.c_off + (m0 + {}u) * ldc + n0 + {}u;", 16 * i, 16 * j));
+                line(format!("coopStoreT(c{i}{j}, &c[at{i}{j}], ldc);"));
+            }
+        }
+        s
+    })
+}
+
 /// The k loop of `wide_block` for one layout of A and B. A not
 /// transposed: each row's next four k (`a{r}`). A transposed (stored
 /// [K, M], M whole groups of four): four consecutive rows at each of the
@@ -326,7 +419,7 @@ impl GpuContext {
             Operand { buffer: b_buf, offset: b_off, ld: b.ld, dtype: b.tensor.dtype() },
             Operand { buffer: c_buf, offset: c_off, ld: c.ld, dtype: DType::F32 },
         ];
-        let (entry, grid) = self.cpu_product(&spec, operands, (m, ka, n), false).unwrap_or(("matmul", groups(m, n, 1)));
+        let (entry, grid) = self.chosen_product(&spec, operands, (m, ka, n), false).unwrap_or(("matmul", groups(m, n, 1)));
         let [a_binding, b_binding, c_binding] = operand_bindings(entry);
         self.dispatch_work(
             Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
@@ -519,7 +612,10 @@ impl GpuContext {
                         Operand { buffer: &b_buf, offset: b_off, ld: b.row_len(), dtype: b.dtype() },
                         Operand { buffer: &c_buf, offset: c_off + n0, ld: n, dtype: DType::F32 },
                     ];
-                    let (kernel, grid) = match self.cpu_product(&spec, operands, (mlen, klen, nlen), gated) {
+                    let plain_product = ki == 0 && k_spans.len() == 1 && spec.alpha == 1.0 && spec.beta == 0.0 && epilogue.residual.is_none() && bias.is_none() && activated.is_none();
+                    let coop = plain_product.then(|| self.coop_grid(&spec, operands, (mlen, klen, nlen))).flatten();
+                    let (kernel, grid) = match coop.map(|grid| ("matmul_coop", grid)).or_else(|| self.chosen_product(&spec, operands, (mlen, klen, nlen), gated)) {
+                        Some(("matmul_coop", grid)) => (Kernel { family: ShaderFamily::MatmulCoop, entry: "matmul_coop", ..kernel }, grid),
                         Some((entry, grid)) => (Kernel { entry, ..kernel }, grid),
                         None if !spec.trans_a && mlen <= FEW_ROWS => (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1]),
                         None => (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1]),
@@ -740,14 +836,34 @@ impl GpuContext {
 }
 
 impl GpuContext {
-    /// The CPU adapters' product kernel for an M × K × N product of
-    /// `operands` and its grid: `matmul_direct` where it takes the product,
-    /// else `matmul_wide` where that does, else None (the tiles' turn).
-    fn cpu_product(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<(&'static str, [u32; 3])> {
+    /// The product kernel for an M × K × N product of `operands` and its
+    /// grid, where one other than the 64×64 tiles takes it: on CPU adapters
+    /// `matmul_direct` or `matmul_wide`, on GPUs `matmul_big` when its grid
+    /// has at least `big_product_groups` workgroups (and the product is not
+    /// one for `matmul_rows`); else None (the tiles' or `matmul_rows`' turn).
+    /// The grid of `matmul_coop` (tensor cores) for a plain C = A·op(B)
+    /// of f16 A (not transposed) and f16 B into f32 C, where the adapter
+    /// has it and every shape, offset and stride is a whole number of its
+    /// tiles (64 rows and columns, 16 along k); else None.
+    fn coop_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize)) -> Option<[u32; 3]> {
+        let [a, b, c] = operands;
+        let aligned = operands.iter().all(|o| o.offset.is_multiple_of(16) && o.ld.is_multiple_of(16));
+        let fits = self.has_tensor_cores() && !spec.trans_a && a.dtype == DType::F16 && b.dtype == DType::F16 && c.dtype == DType::F32;
+        (fits && aligned && m > 0 && m.is_multiple_of(64) && n.is_multiple_of(64) && n > 0 && k.is_multiple_of(16) && k > 0)
+            .then(|| [(n / 64) as u32, (m / 64) as u32, 1])
+    }
+
+    fn chosen_product(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<(&'static str, [u32; 3])> {
         let b = operands[1];
         self.direct_grid(spec, b.dtype, (b.offset, b.ld), m, n, gated)
             .map(|grid| ("matmul_direct", grid))
             .or_else(|| self.wide_grid(spec, operands, (m, k, n), gated).map(|grid| ("matmul_wide", grid)))
+            .or_else(|| {
+                let tile_cols = if gated { BIG_TILE / 2 } else { BIG_TILE };
+                let grid = [n.div_ceil(tile_cols) as u32, m.div_ceil(BIG_TILE) as u32, 1];
+                let few_rows = !spec.trans_a && m <= FEW_ROWS;
+                (k > 0 && !few_rows && grid[0] as usize * grid[1] as usize >= self.big_product_groups()).then_some(("matmul_big", grid))
+            })
     }
 }
 

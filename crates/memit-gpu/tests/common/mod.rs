@@ -70,6 +70,20 @@ pub fn wide_kernels_options() -> GpuOptions {
     GpuOptions { direct_product_rows: Some(0), wide_product_rows: Some(0), ..Default::default() }
 }
 
+/// Same adapter with the GPU kernel variants and every product of more than
+/// 8 rows taken by `matmul_big` (128×128 tiles), so that kernel is checked
+/// at every shape whichever adapter is present.
+pub fn big_kernels_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(big_kernels_options())).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+/// The options of [`big_kernels_ctx`], for a test that needs a context
+/// of its own.
+pub fn big_kernels_options() -> GpuOptions {
+    GpuOptions { cpu_kernels: Some(false), big_product_groups: Some(0), ..Default::default() }
+}
+
 /// Per-sequence (start, end) key bounds of whole sequences as the flat GPU
 /// array attention reads (queries at positions from 0).
 pub fn key_bounds(ctx: &GpuContext, bounds: &[(u32, u32)]) -> memit_gpu::Indices {
