@@ -39,6 +39,10 @@ struct Params {
     add_ld: u32, bias_off: u32,
     // Where an activated product writes its activations, and their row stride.
     key_off: u32, key_ld: u32,
+    // Split K (`matmul_big` writing partial sums, `matmul_split_sum` adding
+    // them): k per split (0: all of K), the partial slabs' count, element
+    // stride, row stride and first element.
+    k_split: u32, splits: u32, part_stride: u32, part_ld: u32, part_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -53,6 +57,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
 // The activations of an activated product (only its spliced store uses it).
 @group(0) @binding(7) var<storage, read_write> keys: array<f32>;
+// Split-K partial sums, [splits][M][part_ld] (`matmul_split_sum` only).
+@group(0) @binding(12) var<storage, read> partials: array<f32>;
 
 {{ACTIVATION_FN}}
 
@@ -774,8 +780,38 @@ fn matmul_big(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
     let a_base = p.a_off;
     let b_base = p.b_off;
-    let c_base = p.c_off;
+    // Split K: slab wid.z of the partial sums covers k in [k_begin, k_end).
+    let k_begin = wid.z * p.k_split;
+    let k_end = select(p.k, min(p.k, k_begin + p.k_split), p.k_split != 0u);
+    let c_base = p.c_off + wid.z * p.part_stride;
     let lx = lid.x;
     let ly = lid.y;
     {{BIG_BLOCK}}
+}
+
+// C = epilogue(sum of the split-K partial slabs) for one element of C
+// (GATED: one feature, its gate in partial column gn and its up in
+// gn + p.n), so a split product keeps its bias, residual and activation.
+@compute @workgroup_size(64, 1, 1)
+fn matmul_split_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let gn = gid.x;
+    let gm = gid.y;
+    if (gm >= p.m || gn >= p.n) {
+        return;
+    }
+    var v = 0.0;
+    var u = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        let at = p.part_off + s * p.part_stride + gm * p.part_ld + gn;
+        v += partials[at];
+        if (GATED) {
+            u += partials[at + p.n];
+        }
+    }
+    let idx = p.c_off + gm * p.ldc + gn;
+    if (GATED) {
+        store_gated(idx, gm, gn, v, u);
+    } else {
+        store(idx, gm, gn, v);
+    }
 }

@@ -17,6 +17,7 @@ struct Params {
     alpha: f32, beta: f32, col_base: u32, add_off: u32,
     add_ld: u32, bias_off: u32,
     key_off: u32, key_ld: u32,
+    k_split: u32, splits: u32, part_stride: u32, part_ld: u32, part_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

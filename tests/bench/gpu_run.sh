@@ -7,11 +7,11 @@
 #
 # kernels: the memit-gpu test binaries found in $TESTS (correctness on this
 #          GPU first), then `memit-bench kernels` at 1024³, 4096³ and the
-#          SmolLM2 product shapes: this code, this code with every product
-#          on 128×128 tiles and no tensor cores, and $BENCH_BEFORE if set.
+#          SmolLM2 product shapes: this code, this code on the 64×64 tiles
+#          alone (no `matmul_big`, no tensor cores), and $BENCH_BEFORE if set.
 # edits:   SmolLM2-135M: 10 CounterFact edits with the paper's scores
 #          (statistics over 3,000 WikiText texts, as in README), prefill at
-#          4 × 32 and 4 × 512 tokens beside PyTorch, the per-kernel profile;
+#          4 × 32 and 4 × 512 tokens beside PyTorch, the per-kernel profiles;
 #          the bundled model's statistics and edits beside PyTorch; then
 #          $BENCH_BASELINE's 10 SmolLM2 edits (an older binary, for a
 #          before/after on this GPU) if set.
@@ -46,14 +46,18 @@ step() {
     echo "== $name: exit $status after $((SECONDS - start)) s"
 }
 
-shapes=(--shapes 128x576x3072 --shapes 128x1536x576 --shapes 128x576x49152 --shapes 2048x576x3072 --shapes 2048x1536x576 --shapes 2048x576x960)
+# SmolLM2's products: a 4 × 32-token prefill's MLP (gate | up, down) and
+# unembedding, a 4 × 512-token prefill's MLP and attention input, and a
+# target-vector step's backward (48 rows; 8 rows against the vocabulary).
+shapes=(--shapes 128x576x3072 --shapes 128x1536x576 --shapes 128x576x49152 --shapes 2048x576x3072 --shapes 2048x1536x576 --shapes 2048x576x960
+    --shapes 48x3072x576 --shapes 48x576x1536 --shapes 8x49152x576)
 
 if [ "$phase" = kernels ] || [ "$phase" = all ]; then
     for test in "${TESTS:-/nonexistent}"/*; do
         [ -x "$test" ] && step "test-$(basename "$test")" "$test" --test-threads 1
     done
     step kernels "$bench" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels.json"
-    MEMIT_BIG_PRODUCT_GROUPS=0 MEMIT_TENSOR_CORES=0 step kernels-big "$bench" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels-big.json"
+    MEMIT_BIG_PRODUCT_GROUPS=1000000000 MEMIT_TENSOR_CORES=0 step kernels-tiles "$bench" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels-tiles.json"
     if [ -n "${BENCH_BEFORE:-}" ]; then
         step kernels-before "$BENCH_BEFORE" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels-before.json"
     fi
@@ -65,6 +69,7 @@ if [ "$phase" = edits ] || [ "$phase" = all ]; then
     step forward-512 "$bench" forward "$model" --batch 4 --seq 512 --seconds 2 --torch-python "$python" --out "$out/forward-512.json"
     step memit "$bench" memit --torch-python "$python" --out "$out/memit.json"
     step profile "$bench" profile --model "$model" --out "$out/profile.json"
+    step profile-512 "$bench" profile --model "$model" --batch 4 --seq 512 --out "$out/profile-512.json"
     if [ -n "${BENCH_BASELINE:-}" ]; then
         step counterfact-baseline "$BENCH_BASELINE" counterfact --model "$model" --dataset "$dataset" --corpus "$corpus" --n-edits 10 --stats-texts 3000 --out "$out/counterfact-baseline.json"
     fi

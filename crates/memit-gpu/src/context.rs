@@ -40,6 +40,10 @@ pub struct GpuOptions {
     /// the adapter decides (see [`GpuContext::big_product_groups`]). Tests
     /// set it to 0 to check that kernel at every shape.
     pub big_product_groups: Option<usize>,
+    /// When `matmul_big` products are split along K; by default the adapter
+    /// decides (see [`GpuContext::split_k`]). Tests set it to split small
+    /// products.
+    pub split_k: Option<SplitK>,
     /// Use tensor cores (`matmul_coop`) where the adapter has them
     /// (default); `Some(false)` keeps every product on the portable kernels.
     /// `GpuContext::from_env` reads `MEMIT_TENSOR_CORES=0|1`.
@@ -48,6 +52,16 @@ pub struct GpuOptions {
     /// browser); OpenGL only when asked for, and never a software OpenGL
     /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
     pub backends: Option<wgpu::Backends>,
+}
+
+/// When a `matmul_big` product is split along K (its partial sums written
+/// by one dispatch and added by another): when its grid has fewer than
+/// `target_groups` workgroups, into enough slabs of at least `min_chunk`
+/// k each to reach that many (a GPU has ~100 multiprocessors to occupy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitK {
+    pub target_groups: usize,
+    pub min_chunk: usize,
 }
 
 /// The backends named by `MEMIT_BACKEND` / `--backend`.
@@ -69,7 +83,12 @@ const MAX_GROUPS_PER_DIM: u32 = 65_535;
 const DISPATCHES_PER_SUBMIT: usize = 256;
 const DEFAULT_POOL_BYTES: u64 = 1 << 30;
 /// The fewest workgroups of `matmul_big` for which a GPU takes it.
-const DEFAULT_BIG_PRODUCT_GROUPS: usize = 96;
+/// Measured on an H200 (`memit-bench kernels`, 2026-12-04): it beats the
+/// 64×64 tiles at every shape, 5 workgroups included (128×576×3072:
+/// 2.6 against 0.64 TFLOP/s; 2048×1536×576: 11.9 against 1.5).
+const DEFAULT_BIG_PRODUCT_GROUPS: usize = 0;
+/// A GPU's split along K: at least 128 workgroups, slabs of ≥ 256 k.
+const DEFAULT_SPLIT_K: SplitK = SplitK { target_groups: 128, min_chunk: 256 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PipelineKey {
@@ -98,6 +117,7 @@ pub struct GpuContext {
     direct_product_rows: usize,
     wide_product_rows: usize,
     big_product_groups: usize,
+    split_k: SplitK,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -253,10 +273,10 @@ impl GpuContext {
         // per 1,024 multiply-adds reaches 7-9 GFLOP/s where the 64x64 tiles
         // (their 8x8 blocks through workgroup memory) reach 1.3.
         let wide_product_rows = options.wide_product_rows.unwrap_or(if cpu_kernels && name.contains("llvmpipe") { direct_product_rows } else { usize::MAX });
-        // A GPU's products take 128×128 tiles once there are enough of them
-        // to occupy its multiprocessors (an H100 has 132); CPU adapters
-        // never (their kernels above).
+        // A GPU's products take 128×128 tiles (split along K where they
+        // are few); CPU adapters never (their kernels above).
         let big_product_groups = options.big_product_groups.unwrap_or(if cpu_kernels { usize::MAX } else { DEFAULT_BIG_PRODUCT_GROUPS });
+        let split_k = options.split_k.unwrap_or(if cpu_kernels { SplitK { target_groups: 0, min_chunk: 0 } } else { DEFAULT_SPLIT_K });
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -268,6 +288,7 @@ impl GpuContext {
             direct_product_rows,
             wide_product_rows,
             big_product_groups,
+            split_k,
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -347,6 +368,12 @@ impl GpuContext {
     /// unbounded on other CPU adapters (SwiftShader); `GpuOptions` can set it.
     pub fn direct_product_rows(&self) -> usize {
         self.direct_product_rows
+    }
+
+    /// When `matmul_big` products are split along K: GPUs' default, never
+    /// on CPU adapters; `GpuOptions` can set it.
+    pub fn split_k(&self) -> SplitK {
+        self.split_k
     }
 
     /// Products whose `matmul_big` grid has at least this many workgroups

@@ -30,10 +30,10 @@ fn check_matmul(ctx: &GpuContext, m: usize, k: usize, n: usize, ta: bool, tb: bo
 
 /// The adapter's own kernels, the other variants (GPU-style on a CPU
 /// adapter, CPU-style on a GPU), the barrier-free `matmul_direct` and
-/// `matmul_wide`, and the GPUs' `matmul_big` at every row count, so every
-/// product kernel is checked on any machine.
-fn kernel_variants() -> [std::sync::Arc<GpuContext>; 5] {
-    [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), big_kernels_ctx()]
+/// `matmul_wide`, and the GPUs' `matmul_big` at every row count, whole and
+/// split along K, so every product kernel is checked on any machine.
+fn kernel_variants() -> [std::sync::Arc<GpuContext>; 6] {
+    [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), big_kernels_ctx(), split_kernels_ctx()]
 }
 
 #[test]
@@ -99,6 +99,11 @@ fn check_few_rows(ctx: &GpuContext) {
             }
             check_matmul(&ctx, m, k, n, false, true, (DType::F32, DType::F16), (m * 2000 + k) as u64);
         }
+    }
+    // K = 4100 (an unembedding's backward): a GPU splits such products
+    // along K (`matmul_big`).
+    for m in [1, 8] {
+        check_matmul(&ctx, m, 4100, 70, false, false, (DType::F32, DType::F32), m as u64);
     }
     let (m, k, n) = (5, 40, 130);
     let mut rng = Rng::new(8);
@@ -187,7 +192,7 @@ fn matmul_over_many_chunks() {
 /// storage chunks differ from the output's.
 #[test]
 fn linear_epilogue_adds_bias_and_residual_once() {
-    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), big_kernels_ctx(), tiny_chunk_ctx()] {
+    for ctx in [ctx(), other_kernels_ctx(), direct_kernels_ctx(), wide_kernels_ctx(), big_kernels_ctx(), split_kernels_ctx(), tiny_chunk_ctx()] {
         for (i, &(m, k, n)) in [(70, 33, 130), (5, 17, 3), (1, 64, 65), (8, 300, 20), (130, 300, 7), (70, 36, 132)].iter().enumerate() {
             for (tb, w_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::F16)] {
                 let mut rng = Rng::new(500 + i as u64);
@@ -227,8 +232,10 @@ fn activated_linear_matches_product_then_activation() {
     let own_direct = pollster::block_on(GpuContext::new(direct_kernels_options())).expect("a GPU adapter");
     let own_wide = pollster::block_on(GpuContext::new(wide_kernels_options())).expect("a GPU adapter");
     let own_big = pollster::block_on(GpuContext::new(big_kernels_options())).expect("a GPU adapter");
-    for (chunked, ctx) in [(false, own), (false, own_other), (false, own_direct), (false, own_wide), (false, own_big), (true, tiny_chunk_ctx())] {
-        for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200), (1, 70, 36, 132)].iter().enumerate() {
+    let own_split = pollster::block_on(GpuContext::new(split_kernels_options())).expect("a GPU adapter");
+    // (weights over several bindings, products split along K, context)
+    for (chunked, split, ctx) in [(false, false, own), (false, false, own_other), (false, false, own_direct), (false, false, own_wide), (false, false, own_big), (false, true, own_split), (true, false, tiny_chunk_ctx())] {
+        for (i, &(batch, m, k, n)) in [(1, 70, 33, 130), (1, 5, 17, 6), (1, 1, 64, 66), (1, 8, 300, 20), (1, 130, 30, 14), (3, 9, 40, 200), (1, 70, 36, 132), (1, 20, 300, 40)].iter().enumerate() {
             if chunked && batch > 1 {
                 continue; // a [9, 200] output row is wider than a 4 KiB chunk
             }
@@ -250,7 +257,9 @@ fn activated_linear_matches_product_then_activation() {
                     *want_shape.last_mut().unwrap() = width;
                     assert_eq!(keys.shape(), &want_shape[..], "{what}");
                     if !chunked {
-                        assert_eq!(dispatches, 1, "{what}: one fused dispatch");
+                        // A split product: its partial sums, then their sum with the epilogue.
+                        let want = if split && rows > 8 && k >= 128 { 2 } else { 1 };
+                        assert_eq!(dispatches, want, "{what}: fused dispatches");
                     }
                     let w_ref = if w_dtype == DType::F16 { f16_round(&w) } else { w.clone() };
                     let (prod, mag) = cpu_matmul(&x, &w_ref, rows, k, n, false, tb);

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::activation::Activation;
 use super::{require_f32, u32_of};
-use crate::context::{grid_1d, GpuContext, Kernel};
+use crate::context::{grid_1d, GpuContext, Kernel, SplitK};
 use crate::runtime::Work;
 use crate::error::{GpuError, Result};
 use crate::shader::{flag, ShaderFamily};
@@ -24,8 +24,23 @@ const DIRECT_GROUP: usize = 64;
 const WIDE_ROWS: usize = 32;
 const WIDE_COLS: usize = 32;
 const WIDE_GROUP: usize = 64;
-/// Rows and columns of C per `matmul_big` workgroup (BIG in the shader).
+/// Rows and columns of C per `matmul_big` workgroup (BIG in the shader),
+/// and its step along k (BIG_K).
 const BIG_TILE: usize = 128;
+const BIG_K: usize = 8;
+/// Invocations per `matmul_split_sum` workgroup (along the columns of C).
+const SPLIT_SUM_GROUP: usize = 64;
+/// Products of at most FEW_ROWS rows take `matmul_big`, split along K,
+/// instead of `matmul_rows` (one invocation walking all of K per column)
+/// from this K on, on GPUs: an unembedding's backward (K = vocabulary).
+const FEW_ROWS_SPLIT_K: usize = 4096;
+
+/// A and B of a split product: their buffers, element offsets and dtypes.
+struct SplitOperands<'a> {
+    a: (&'a wgpu::Buffer, usize),
+    b: (&'a wgpu::Buffer, usize),
+    dtypes: (DType, DType),
+}
 /// Tokens per `matmul_wide` dispatch of the syrk: each slab's f32 sums are
 /// Kahan-added to C, so rounding stays at the level of a 256-term sum (the
 /// tiles' slabs: 64) while the compensated store adds about a quarter to
@@ -67,6 +82,11 @@ struct Params {
     bias_off: u32,
     key_off: u32,
     key_ld: u32,
+    k_split: u32,
+    splits: u32,
+    part_stride: u32,
+    part_ld: u32,
+    part_off: u32,
 }
 
 /// How to combine A and B into C.
@@ -199,13 +219,13 @@ pub(crate) fn big_block() -> &'static str {
         for r in 0..8 {
             line(format!("var c{r}_0 = vec4<f32>(0.0); var c{r}_1 = vec4<f32>(0.0);"));
         }
-        line("var ra = big_fetch_a(a_base, row0, 0u, li);".into());
-        line("var rb = big_fetch_b(b_base, col0, 0u, li);".into());
-        line("for (var k0 = 0u; k0 < p.k; k0 += BIG_K) {".into());
+        line("var ra = big_fetch_a(a_base, row0, k_begin, li);".into());
+        line("var rb = big_fetch_b(b_base, col0, k_begin, li);".into());
+        line("for (var k0 = k_begin; k0 < k_end; k0 += BIG_K) {".into());
         line("    workgroupBarrier();".into());
         line("    big_stage(ra, rb, li);".into());
         line("    workgroupBarrier();".into());
-        line("    if (k0 + BIG_K < p.k) {".into());
+        line("    if (k0 + BIG_K < k_end) {".into());
         line("        ra = big_fetch_a(a_base, row0, k0 + BIG_K, li);".into());
         line("        rb = big_fetch_b(b_base, col0, k0 + BIG_K, li);".into());
         line("    }".into());
@@ -628,6 +648,12 @@ impl GpuContext {
                         buffers.extend(keys.as_ref().map(|k| (7, &**k.0)));
                     }
                     let work = Work::matmul(mlen, if gated { n } else { nlen }, klen, 1);
+                    let splits = if kernel.entry == "matmul_big" { self.split_count(grid[0] as usize * grid[1] as usize, klen) } else { 1 };
+                    if splits > 1 {
+                        let operands = SplitOperands { a: (&a_buf, a_off), b: (&b_buf, b_off), dtypes: (a.dtype(), b.dtype()) };
+                        self.split_product(&spec, operands, (mlen, klen, if gated { 2 * n_cols } else { nlen }), splits, &params, kernel, &buffers, work)?;
+                        continue;
+                    }
                     self.dispatch_work(kernel, bytemuck::bytes_of(&params), &buffers, grid, Some(work))?;
                 }
             }
@@ -841,6 +867,59 @@ impl GpuContext {
     /// `matmul_direct` or `matmul_wide`, on GPUs `matmul_big` when its grid
     /// has at least `big_product_groups` workgroups (and the product is not
     /// one for `matmul_rows`); else None (the tiles' or `matmul_rows`' turn).
+    /// How many slabs of K a `matmul_big` product with `groups` workgroups
+    /// is split into: enough for `SplitK::target_groups` workgroups, each
+    /// slab at least `SplitK::min_chunk` long; 1 (no split) where the grid
+    /// is large enough already, and on CPU adapters.
+    fn split_count(&self, groups: usize, k: usize) -> usize {
+        let SplitK { target_groups, min_chunk } = self.split_k();
+        if groups == 0 || groups >= target_groups {
+            return 1;
+        }
+        target_groups.div_ceil(groups).min(k / min_chunk.max(1)).max(1)
+    }
+
+    /// A `matmul_big` product over few workgroups and a long K, split:
+    /// one dispatch writes `splits` slabs of raw partial sums A·op(B)
+    /// (a gated product's gate and up columns side by side), a second adds
+    /// them and applies the product's epilogue (`matmul_split_sum`, with
+    /// `kernel`'s defines). `params` and `buffers` are the unsplit
+    /// dispatch's; `(m, k, raw_cols)` the product's rows, depth and raw
+    /// columns.
+    #[allow(clippy::too_many_arguments)]
+    fn split_product(&self, spec: &MatmulSpec, operands: SplitOperands<'_>, (m, k, raw_cols): (usize, usize, usize), splits: usize, params: &Params, kernel: Kernel<'_>, buffers: &[(u32, &wgpu::Buffer)], work: Work) -> Result<()> {
+        let chunk = k.div_ceil(splits).next_multiple_of(BIG_K);
+        let splits = k.div_ceil(chunk);
+        let partials = self.empty(&[splits * m, raw_cols], DType::F32)?;
+        let (part_buf, part_off) = partials.single("matmul (split-K partial sums)")?;
+        let part_stride = m * raw_cols;
+        let raw = Params {
+            n: u32_of(raw_cols, "matmul")?,
+            ldc: u32_of(raw_cols, "matmul")?,
+            c_off: u32_of(part_off, "matmul")?,
+            alpha: 1.0,
+            beta: 0.0,
+            k_split: u32_of(chunk, "matmul")?,
+            part_stride: u32_of(part_stride, "matmul")?,
+            ..*params
+        };
+        let raw_defines = defines(&MatmulSpec { alpha: 1.0, beta: 0.0, ..*spec }, operands.dtypes.0, operands.dtypes.1);
+        let grid = [raw_cols.div_ceil(BIG_TILE) as u32, m.div_ceil(BIG_TILE) as u32, splits as u32];
+        let partial_buffers = [(1, operands.a.0), (2, operands.b.0), (3, part_buf)];
+        self.dispatch_work(Kernel { family: ShaderFamily::Matmul, entry: "matmul_big", defines: &raw_defines }, bytemuck::bytes_of(&raw), &partial_buffers, grid, Some(work))?;
+        let sum = Params {
+            splits: u32_of(splits, "matmul")?,
+            part_stride: u32_of(part_stride, "matmul")?,
+            part_off: u32_of(part_off, "matmul")?,
+            part_ld: u32_of(raw_cols, "matmul")?,
+            ..*params
+        };
+        let mut sum_buffers: Vec<(u32, &wgpu::Buffer)> = buffers.iter().copied().filter(|&(b, _)| b != 1 && b != 2).collect();
+        sum_buffers.push((12, part_buf));
+        let grid = [(sum.n as usize).div_ceil(SPLIT_SUM_GROUP) as u32, m as u32, 1];
+        self.dispatch(Kernel { entry: "matmul_split_sum", ..kernel }, bytemuck::bytes_of(&sum), &sum_buffers, grid)
+    }
+
     /// The grid of `matmul_coop` (tensor cores) for a plain C = A·op(B)
     /// of f16 A (not transposed) and f16 B into f32 C, where the adapter
     /// has it and every shape, offset and stride is a whole number of its
@@ -861,7 +940,7 @@ impl GpuContext {
             .or_else(|| {
                 let tile_cols = if gated { BIG_TILE / 2 } else { BIG_TILE };
                 let grid = [n.div_ceil(tile_cols) as u32, m.div_ceil(BIG_TILE) as u32, 1];
-                let few_rows = !spec.trans_a && m <= FEW_ROWS;
+                let few_rows = !spec.trans_a && m <= FEW_ROWS && (k < FEW_ROWS_SPLIT_K || self.split_k().target_groups == 0);
                 (k > 0 && !few_rows && grid[0] as usize * grid[1] as usize >= self.big_product_groups()).then_some(("matmul_big", grid))
             })
     }

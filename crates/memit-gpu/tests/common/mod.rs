@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use memit_gpu::{GpuContext, GpuOptions, Tensor};
+use memit_gpu::{GpuContext, GpuOptions, SplitK, Tensor};
 
 /// The real adapter with its real limits. Panics (failing the test) when no
 /// adapter exists: a GPU-less machine needs a software Vulkan driver.
@@ -66,8 +66,13 @@ pub fn wide_kernels_ctx() -> Arc<GpuContext> {
 
 /// The options of [`wide_kernels_ctx`], for a test that needs a context
 /// of its own.
+///
+/// On a GPU it leaves the adapter's own kernels: GPUs never take
+/// `matmul_wide`, and NVIDIA's Vulkan driver fails to create its pipeline
+/// (1,024 accumulators per invocation; seen on an H200, 2026-12-04).
 pub fn wide_kernels_options() -> GpuOptions {
-    GpuOptions { direct_product_rows: Some(0), wide_product_rows: Some(0), ..Default::default() }
+    let wide = if ctx().cpu_kernels() { 0 } else { usize::MAX };
+    GpuOptions { direct_product_rows: Some(0), wide_product_rows: Some(wide), ..Default::default() }
 }
 
 /// Same adapter with the GPU kernel variants and every product of more than
@@ -81,7 +86,18 @@ pub fn big_kernels_ctx() -> Arc<GpuContext> {
 /// The options of [`big_kernels_ctx`], for a test that needs a context
 /// of its own.
 pub fn big_kernels_options() -> GpuOptions {
-    GpuOptions { cpu_kernels: Some(false), big_product_groups: Some(0), ..Default::default() }
+    GpuOptions { cpu_kernels: Some(false), big_product_groups: Some(0), split_k: Some(SplitK { target_groups: 0, min_chunk: 0 }), ..Default::default() }
+}
+
+/// [`big_kernels_ctx`] with every product of K ≥ 128 split along K into
+/// slabs of 64 or more (the last one ragged) and added by `matmul_split_sum`.
+pub fn split_kernels_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| pollster::block_on(GpuContext::new(split_kernels_options())).expect("a GPU adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+pub fn split_kernels_options() -> GpuOptions {
+    GpuOptions { split_k: Some(SplitK { target_groups: 100_000, min_chunk: 64 }), ..big_kernels_options() }
 }
 
 /// Per-sequence (start, end) key bounds of whole sequences as the flat GPU
