@@ -23,7 +23,7 @@ pub use patch::{LayerChange, Patch, PatchLayer};
 pub use plan::{gib, DeviceLimits, MemoryPlan, PhasePlan, PlanError, PlanOptions, RequestShape, POOL_BYTES};
 pub use keys::{keys_and_outputs, KeysAndOutputs};
 pub use nullspace::{null_space_projector, NullSpaceProjector, RESOLVED_BAND};
-pub use solve::{assemble_system, solve_layer, solve_system, LayerSolve, LayerSystem};
+pub use solve::{assemble_system, solve_layer, solve_system, solve_definite_on_host, solve_system_on_gpu, LayerSolve, LayerSystem, HOST_SOLVE_MAX_WIDTH};
 pub use request::{parse_requests, requests_from_json, subject_last_index, EditRequest, PreparedRequest, TargetText};
 pub use stats::{load_cache, read_cache, StatsAccumulator, StatsIdentity};
 pub use target::{compute_target_vectors, StepLoss, TargetCost, TargetOptions, TargetVector};

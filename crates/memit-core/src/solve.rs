@@ -1,7 +1,8 @@
 //! Step 3's linear system per layer: X = (λC + KᵀK)⁻¹Kᵀ, factored in f32 on
 //! the GPU and refined against float64 residuals computed on the host
 //! (preconditioned conjugate gradients), so the update ΔW = R·Xᵀ matches a
-//! float64 solve to f32 precision.
+//! float64 solve to f32 precision; definite systems up to 512 wide are
+//! solved in float64 on the host outright.
 //! C goes to the GPU once per factorisation, already scaled into λC + KKᵀ's
 //! storage; refinements run against the host's C.
 
@@ -87,13 +88,31 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
     solve_system(&model.ctx, model.config.d_ff, &LayerSystem::memit(cov, lambda), keys, n).await
 }
 
-/// Solves `system` for `keys` ([n, d]). The GPU holds at most A (built in
-/// the solver's layout, then factored in place) with K beside it while it
-/// is formed (and, for AlphaEdit, P and one product), then two [d, n]
-/// tensors per solve: the right-hand side (B from the host's float64
-/// copy), overwritten by the solution, and one scratch. No d×d matrix is
-/// on the GPU twice.
+/// The widest MEMIT system (no projector) solved on the host where it is
+/// definite in float64 (the case with statistics over more tokens than
+/// d_ff): a float64
+/// Cholesky of d = 512 is ~22 M multiply-adds (milliseconds), where the
+/// GPU's blocked factorisation and its refinement are ~150 dispatches and
+/// several host waits a layer (0.09 s on lavapipe, most of a 10-edit
+/// edit of the bundled model).
+pub const HOST_SOLVE_MAX_WIDTH: usize = 512;
+
+/// Solves `system` for `keys` ([n, d]): MEMIT systems up to
+/// [`HOST_SOLVE_MAX_WIDTH`] wide that are definite in float64 exactly on
+/// the host ([`solve_definite_on_host`]), the rest on the GPU refined to
+/// float64 accuracy ([`solve_system_on_gpu`]).
 pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<LayerSolve> {
+    if d <= HOST_SOLVE_MAX_WIDTH && system.projector.is_none() {
+        if let Some(solved) = solve_definite_on_host(d, system, keys, n)? {
+            return Ok(solved);
+        }
+    }
+    solve_system_on_gpu(ctx, d, system, keys, n).await
+}
+
+/// Checks `system`'s shapes and returns B ([d, n] in f64: Kᵀ, or P·Kᵀ) and
+/// the mean diagonal of A, which scales shifts and ridges.
+fn right_hand_side(d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<(Vec<f64>, f64)> {
     let layer = system.layer;
     let square = [system.covariance.map(|c| c.0), system.accumulated, system.projector];
     if keys.len() != n * d || square.iter().flatten().any(|m| m.len() != d * d) {
@@ -105,7 +124,6 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
             k_t[i * n + r] = keys[r * d + i] as f64;
         }
     }
-    // B in f64 (Kᵀ, or P·Kᵀ), and rounded to f32 for the first solve.
     let b = match system.projector {
         None => k_t,
         Some(p) => {
@@ -114,13 +132,163 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
             b
         }
     };
-    let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
     let diagonal = |m: &[f32], w: f64| (0..d).map(|i| w * m[i * d + i] as f64).sum::<f64>();
     let trace = system.covariance.map_or(0.0, |(c, l)| diagonal(c, l as f64))
         + system.accumulated.map_or(0.0, |a| diagonal(a, 1.0))
         + keys.iter().map(|&v| v as f64 * v as f64).sum::<f64>()
         + system.identity as f64 * d as f64;
-    let mean_diagonal = trace / d as f64;
+    Ok((b, trace / d as f64))
+}
+
+/// Solves a MEMIT `system` (λC + Σ earlier KᵀK + KᵀK, no projector) for
+/// `keys` ([n, d]) exactly in float64 on the host: A from the matrices as
+/// stored, its Cholesky factor, two triangular solves. None where A is
+/// not definite in float64 (C's f32 rounding below a covariance of rank far
+/// below d): how much ridge such a system keeps decides how much its
+/// weakest directions move, and the GPU path's shift ladder and
+/// refinement decide that as they always have.
+pub fn solve_definite_on_host(d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<Option<LayerSolve>> {
+    if system.projector.is_some() {
+        return Err(MemitError::Hparams(format!("solve of layer {}: a projected (AlphaEdit) system is solved on the GPU", system.layer)));
+    }
+    let (b, _) = right_hand_side(d, system, keys, n)?;
+    // The lower triangle of A (without its identity term), row-major.
+    let mut a = vec![0.0f64; d * d];
+    for i in 0..d {
+        let row = &mut a[i * d..i * d + i + 1];
+        if let Some((c, lambda)) = system.covariance {
+            row.iter_mut().zip(&c[i * d..]).for_each(|(o, &v)| *o = lambda as f64 * v as f64);
+        }
+        if let Some(acc) = system.accumulated {
+            row.iter_mut().zip(&acc[i * d..]).for_each(|(o, &v)| *o += v as f64);
+        }
+    }
+    for key in keys.chunks_exact(d) {
+        for (i, &ki) in key.iter().enumerate() {
+            let ki = ki as f64;
+            a[i * d..i * d + i + 1].iter_mut().zip(key).for_each(|(o, &kj)| *o += ki * kj as f64);
+        }
+    }
+    let Ok(l) = cholesky_lower(&a, d, system.identity as f64) else {
+        return Ok(None);
+    };
+    let x = cholesky_solve(&l, d, &b, n);
+    Ok(Some(LayerSolve { x: transposed_f32(&x, d, n), shift: 0.0, ridge: 0.0, refinements: 0, last_correction: 0.0 }))
+}
+
+/// One layer's system with its right-hand side, for [`refine_solution`].
+struct Problem<'a> {
+    system: &'a LayerSystem<'a>,
+    keys: &'a [f32],
+    n: usize,
+    d: usize,
+    /// B, [d, n].
+    b: &'a [f64],
+    /// A's mean diagonal, which scales shifts and ridges.
+    mean_diagonal: f64,
+}
+
+/// Refines `x0` ([d, n], from a factor of A shifted by `relative` of its
+/// mean diagonal, which `precondition` applies) in float64 and returns the
+/// solution [n, d]. A shift means C, known to f32 precision, has directions
+/// below that precision, so a ridge at that precision is kept; where C as
+/// stored is indefinite even with it (its f32 rounding negative beyond the
+/// ridge: little text behind a wide C), the system refined is the shifted
+/// one the factor is of.
+async fn refine_solution<F, Fut>(problem: &Problem<'_>, relative: f32, x0: Vec<f64>, precondition: F) -> Result<LayerSolve>
+where
+    F: Fn(&[f64]) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<f64>>>,
+{
+    let Problem { system, keys, n, d, b, mean_diagonal } = *problem;
+    let refine = |ridge: f64, x0: Vec<f64>| {
+        let exact = System { terms: system, identity: system.identity as f64 + ridge * mean_diagonal, keys, n, d };
+        let precondition = &precondition;
+        async move { conjugate_gradients(&exact, b, x0, n, precondition).await }
+    };
+    let (ridge, refined) = if relative > 0.0 {
+        match refine(RIDGE, x0.clone()).await? {
+            refined if refined.indefinite => (relative as f64, refine(relative as f64, x0).await?),
+            refined => (RIDGE, refined),
+        }
+    } else {
+        (0.0, refine(0.0, x0).await?)
+    };
+    let Refined { x, iterations: refinements, last_correction, .. } = refined;
+    Ok(LayerSolve { x: transposed_f32(&x, d, n), shift: relative, ridge, refinements, last_correction })
+}
+
+/// X [d, n] in f64 as [n, d] in f32 (row r: request r's solution).
+fn transposed_f32(x: &[f64], d: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * d];
+    for i in 0..d {
+        for r in 0..n {
+            out[r * d + i] = x[i * n + r] as f32;
+        }
+    }
+    out
+}
+
+/// The Cholesky factor L (lower, row-major) of the lower triangle of `a`
+/// plus `diagonal`·I, or the first pivot that is not positive.
+fn cholesky_lower(a: &[f64], d: usize, diagonal: f64) -> std::result::Result<Vec<f64>, usize> {
+    let mut l = vec![0.0f64; d * d];
+    for i in 0..d {
+        for j in 0..=i {
+            let dot: f64 = l[i * d..i * d + j].iter().zip(&l[j * d..j * d + j]).map(|(x, y)| x * y).sum();
+            let v = a[i * d + j] - dot;
+            if i == j {
+                let pivot = v + diagonal;
+                if !(pivot > 0.0) {
+                    return Err(i);
+                }
+                l[i * d + i] = pivot.sqrt();
+            } else {
+                l[i * d + j] = v / l[j * d + j];
+            }
+        }
+    }
+    Ok(l)
+}
+
+/// X = (L·Lᵀ)⁻¹·B for B, X [d, n] row-major.
+fn cholesky_solve(l: &[f64], d: usize, b: &[f64], n: usize) -> Vec<f64> {
+    let mut y = b.to_vec();
+    // L·Y = B, row by row.
+    for i in 0..d {
+        let (done, rest) = y.split_at_mut(i * n);
+        let row = &mut rest[..n];
+        for k in 0..i {
+            let lik = l[i * d + k];
+            row.iter_mut().zip(&done[k * n..k * n + n]).for_each(|(o, &v)| *o -= lik * v);
+        }
+        row.iter_mut().for_each(|o| *o /= l[i * d + i]);
+    }
+    // Lᵀ·X = Y, from the last row up: each solved row is subtracted from
+    // the rows above it (row i of L holds column i of Lᵀ).
+    for i in (0..d).rev() {
+        let (above, rest) = y.split_at_mut(i * n);
+        let row = &mut rest[..n];
+        row.iter_mut().for_each(|o| *o /= l[i * d + i]);
+        for k in 0..i {
+            let lik = l[i * d + k];
+            above[k * n..k * n + n].iter_mut().zip(row.iter()).for_each(|(o, &v)| *o -= lik * v);
+        }
+    }
+    y
+}
+
+/// Solves `system` for `keys` ([n, d]) on the GPU. The GPU holds at most A
+/// (built in the solver's layout, then factored in place) with K beside it
+/// while it is formed (and, for AlphaEdit, P and one product), then two
+/// [d, n] tensors per solve: the right-hand side (B from the host's float64
+/// copy), overwritten by the solution, and one scratch. No d×d matrix is
+/// on the GPU twice.
+pub async fn solve_system_on_gpu(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<LayerSolve> {
+    let layer = system.layer;
+    // B in f64 (Kᵀ, or P·Kᵀ), and rounded to f32 for the first solve.
+    let (b, mean_diagonal) = right_hand_side(d, system, keys, n)?;
+    let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
     let mut first_failure = None;
     for relative in SOLVE_SHIFTS {
         let shift = relative as f64 * mean_diagonal;
@@ -150,11 +318,6 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
             Err(other) => return Err(other.into()),
         }
         let x0: Vec<f64> = read.swap_remove(0).into_iter().map(f64::from).collect();
-        // Refined in float64. A shift means C, known to f32 precision, has
-        // directions below that precision, so a ridge at that precision is
-        // kept; where C as stored is indefinite even with it (its f32
-        // rounding negative beyond the ridge: little text behind a wide
-        // C), the system refined is the shifted one the factor is of.
         let factor = &factor;
         let precondition = |r: &[f64]| {
             let values: Vec<f32> = r.iter().map(|&v| v as f32).collect();
@@ -165,27 +328,8 @@ pub async fn solve_system(ctx: &Arc<GpuContext>, d: usize, system: &LayerSystem<
                 Ok::<_, MemitError>(ctx.read(&r).await?.into_iter().map(f64::from).collect::<Vec<f64>>())
             }
         };
-        let refine = |ridge: f64, x0: Vec<f64>| {
-            let exact = System { terms: system, identity: system.identity as f64 + ridge * mean_diagonal, keys, n, d };
-            let (b, precondition) = (&b, &precondition);
-            async move { conjugate_gradients(&exact, b, x0, n, precondition).await }
-        };
-        let (ridge, refined) = if relative > 0.0 {
-            match refine(RIDGE, x0.clone()).await? {
-                refined if refined.indefinite => (relative as f64, refine(relative as f64, x0).await?),
-                refined => (RIDGE, refined),
-            }
-        } else {
-            (0.0, refine(0.0, x0).await?)
-        };
-        let Refined { x, iterations: refinements, last_correction, .. } = refined;
-        let mut out = vec![0.0f32; n * d];
-        for i in 0..d {
-            for r in 0..n {
-                out[r * d + i] = x[i * n + r] as f32;
-            }
-        }
-        return Ok(LayerSolve { x: out, shift: relative, ridge, refinements, last_correction });
+        let problem = Problem { system, keys, n, d, b: &b, mean_diagonal };
+        return refine_solution(&problem, relative, x0, precondition).await;
     }
     let advice = if system.projector.is_some() { "raise l2" } else { "collect statistics over more text or raise mom2_update_weight" };
     Err(MemitError::Stats(format!(

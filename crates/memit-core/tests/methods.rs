@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use memit_core::{null_space_projector, solve_system, LayerCovariance, LayerSystem};
+use memit_core::{null_space_projector, solve_definite_on_host, solve_system, solve_system_on_gpu, LayerCovariance, LayerSystem};
 use memit_gpu::GpuContext;
 use memit_models::SplitMix64;
 
@@ -190,11 +190,17 @@ fn sequential_solves_match_the_authors_formulas() {
     let a: Vec<f64> = (0..d * d).map(|i| lambda * c[i] + acc[i] + ktk[i]).collect();
     let want = gaussian_solve(&a, &kt, d, n);
     let system = LayerSystem { layer: 0, covariance: Some((&c32, lambda as f32)), accumulated: Some(&acc32), projector: None, identity: 0.0 };
-    let got = pollster::block_on(solve_system(&ctx(), d, &system, &keys, n)).unwrap();
-    let got_t = transpose(&back(&got.x), n, d);
-    let err = relative_error(&got_t, &want);
-    eprintln!("memit-seq: relative error {err:.2e} after {} refinements", got.refinements);
-    assert!(err < 1e-6, "memit-seq solve: relative error {err:e}");
+    // On the GPU refined to float64, and in float64 on the host (where
+    // `solve_system` takes a system this narrow).
+    let on_gpu = pollster::block_on(solve_system_on_gpu(&ctx(), d, &system, &keys, n)).unwrap();
+    let on_host = solve_definite_on_host(d, &system, &keys, n).unwrap().expect("a definite system");
+    assert_eq!(pollster::block_on(solve_system(&ctx(), d, &system, &keys, n)).unwrap(), on_host);
+    for (place, got) in [("GPU", on_gpu), ("host", on_host)] {
+        let got_t = transpose(&back(&got.x), n, d);
+        let err = relative_error(&got_t, &want);
+        eprintln!("memit-seq on the {place}: relative error {err:.2e} after {} refinements", got.refinements);
+        assert!(err < 1e-6, "memit-seq solve on the {place}: relative error {err:e}");
+    }
 
     // AlphaEdit as the authors write it: ΔWᵀ = solve(P(KKᵀ + Σ earlier KKᵀ) + L2·I, P·K·Rᵀ).
     let l2 = 10.0;
@@ -247,7 +253,7 @@ fn a_rank_deficient_covariance_is_solved_as_the_shifted_system() {
     }
     let keys: Vec<f32> = normals(&mut rng, n * d).iter().map(|&v| v as f32).collect();
     let cov = LayerCovariance { layer: 0, matrix: c32.clone(), n_tokens: tokens as u64 };
-    let got = pollster::block_on(solve_system(&ctx(), d, &LayerSystem::memit(&cov, lambda), &keys, n)).unwrap();
+    let got = pollster::block_on(solve_system_on_gpu(&ctx(), d, &LayerSystem::memit(&cov, lambda), &keys, n)).unwrap();
     eprintln!("shift {:e}, ridge {:e}, {} refinements, last correction {:e}", got.shift, got.ridge, got.refinements, got.last_correction);
     assert!(got.shift > 0.0, "a rank-{tokens} covariance in {d} dimensions factored without a shift");
     assert_eq!(got.ridge, got.shift as f64, "the refinement should have fallen back to the shifted system");
@@ -264,4 +270,9 @@ fn a_rank_deficient_covariance_is_solved_as_the_shifted_system() {
     let got_t = transpose(&got.x.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, d);
     let err = relative_error(&got_t, &want);
     assert!(err < 1e-6, "relative error {err:e} against the float64 solve of the shifted system");
+
+    // Not definite in float64 as stored: the host declines it, so
+    // `solve_system` takes the GPU path above.
+    assert_eq!(solve_definite_on_host(d, &LayerSystem::memit(&cov, lambda), &keys, n).unwrap(), None);
+    assert_eq!(pollster::block_on(solve_system(&ctx(), d, &LayerSystem::memit(&cov, lambda), &keys, n)).unwrap().shift, got.shift);
 }
