@@ -8,17 +8,7 @@
 enable f16;
 enable wgpu_cooperative_matrix;
 
-struct Params {
-    m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, row_base: u32,
-    a_off: u32, b_off: u32, c_off: u32, opaque_zero: u32,
-    a_bstride: u32, b_bstride: u32, c_bstride: u32,
-    lower_only: u32,
-    alpha: f32, beta: f32, col_base: u32, add_off: u32,
-    add_ld: u32, bias_off: u32,
-    key_off: u32, key_ld: u32,
-    k_split: u32, splits: u32, part_stride: u32, part_ld: u32, part_off: u32,
-}
+{{MATMUL_PARAMS}}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f16>;

@@ -74,11 +74,14 @@ impl ShaderFamily {
 
 /// Helpers pasted where a family writes `{{COMMON}}`.
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+/// The matrix products' parameters, pasted where `matmul` and
+/// `matmul_coop` write `{{MATMUL_PARAMS}}`.
+const MATMUL_PARAMS: &str = include_str!("../../../shaders/matmul_params.wgsl");
 /// The activation functions, pasted where a family writes `{{ACTIVATIONS}}`.
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS`, `WIDE_BLOCK` and `BIG_BLOCK` are always available:
+/// `ACTIVATIONS`, `MATMUL_PARAMS`, `WIDE_BLOCK` and `BIG_BLOCK` are always available:
 /// `matmul_wide`'s / `matmul_big`'s unrolled block where `entry` is that
 /// kernel, else nothing, since a module made for another entry point never
 /// runs it); a key left without
@@ -101,6 +104,7 @@ pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, Strin
             .map(|(_, v)| v.as_str())
             .or((key == "COMMON").then_some(COMMON))
             .or((key == "ACTIVATIONS").then_some(ACTIVATIONS))
+            .or((key == "MATMUL_PARAMS").then_some(MATMUL_PARAMS))
             .or_else(|| (key == "WIDE_BLOCK").then(|| if entry == "matmul_wide" { crate::ops::matmul::wide_block(defines) } else { "" }))
             .or_else(|| (key == "BIG_BLOCK").then(|| if entry == "matmul_big" { crate::ops::matmul::big_block() } else { "" }))
             .or_else(|| (key == "COOP_BLOCK").then(|| crate::ops::matmul::coop_block(defines)))
