@@ -658,7 +658,7 @@ fn wide_put(gm: u32, n0: u32, c: u32, acc: vec4<f32>) {
 // BIG_K = 8 along k, each invocation loads four values of op(A) and four
 // of op(B) (consecutive invocations reading consecutive addresses in both
 // layouts) into registers while the slices staged in workgroup memory are
-// multiplied, so loads and arithmetic overlap: 8 loads and 16 vec4 reads
+// multiplied, so loads and arithmetic overlap: 8 loads and 32 vec4 reads
 // per 512 multiply-adds. Slices have a row stride of 33 vec4s so the
 // transposing stores of a k-contiguous operand hit distinct banks.
 const BIG: u32 = 128u;

@@ -1,8 +1,8 @@
 //! Step 3's linear system per layer: X = (λC + KᵀK)⁻¹Kᵀ, factored in f32 on
 //! the GPU and refined against float64 residuals computed on the host
 //! (preconditioned conjugate gradients), so the update ΔW = R·Xᵀ matches a
-//! float64 solve to f32 precision; definite systems up to 512 wide are
-//! solved in float64 on the host outright.
+//! float64 solve to f32 precision; MEMIT systems up to 512 wide that are
+//! comfortably definite are solved in float64 on the host outright.
 //! C goes to the GPU once per factorisation, already scaled into λC + KKᵀ's
 //! storage; refinements run against the host's C.
 
@@ -89,8 +89,8 @@ pub async fn solve_layer(model: &Model, cov: &LayerCovariance, keys: &[f32], n: 
 }
 
 /// The widest MEMIT system (no projector) solved on the host where it is
-/// definite in float64 (the case with statistics over more tokens than
-/// d_ff): a float64
+/// comfortably definite in float64 (the case with statistics over more
+/// tokens than d_ff): a float64
 /// Cholesky of d = 512 is ~22 M multiply-adds (milliseconds), where the
 /// GPU's blocked factorisation and its refinement are ~150 dispatches and
 /// several host waits a layer (0.09 s on lavapipe, most of a 10-edit
@@ -140,18 +140,20 @@ fn right_hand_side(d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -
     Ok((b, trace / d as f64))
 }
 
-/// Solves a MEMIT `system` (λC + Σ earlier KᵀK + KᵀK, no projector) for
-/// `keys` ([n, d]) exactly in float64 on the host: A from the matrices as
-/// stored, its Cholesky factor, two triangular solves. None where A is
-/// not definite in float64 (C's f32 rounding below a covariance of rank far
-/// below d): how much ridge such a system keeps decides how much its
+/// Solves a MEMIT `system` (λC + Σ earlier KᵀK + KᵀK) for `keys` ([n, d])
+/// exactly in float64 on the host: A from the matrices as stored, its
+/// Cholesky factor, two triangular solves. None for a projected (AlphaEdit)
+/// system, and where A is not comfortably definite in float64 (a pivot
+/// below [`HOST_PIVOT_FLOOR`] of its mean diagonal: a covariance of rank
+/// far below d, whose f32 rounding the GPU's factorisation would meet with
+/// a shift): how much ridge such a system keeps decides how much its
 /// weakest directions move, and the GPU path's shift ladder and
 /// refinement decide that as they always have.
 pub fn solve_definite_on_host(d: usize, system: &LayerSystem<'_>, keys: &[f32], n: usize) -> Result<Option<LayerSolve>> {
     if system.projector.is_some() {
-        return Err(MemitError::Hparams(format!("solve of layer {}: a projected (AlphaEdit) system is solved on the GPU", system.layer)));
+        return Ok(None);
     }
-    let (b, _) = right_hand_side(d, system, keys, n)?;
+    let (b, mean_diagonal) = right_hand_side(d, system, keys, n)?;
     // The lower triangle of A (without its identity term), row-major.
     let mut a = vec![0.0f64; d * d];
     for i in 0..d {
@@ -169,7 +171,7 @@ pub fn solve_definite_on_host(d: usize, system: &LayerSystem<'_>, keys: &[f32], 
             a[i * d..i * d + i + 1].iter_mut().zip(key).for_each(|(o, &kj)| *o += ki * kj as f64);
         }
     }
-    let Ok(l) = cholesky_lower(&a, d, system.identity as f64) else {
+    let Ok(l) = cholesky_lower(&a, d, system.identity as f64, HOST_PIVOT_FLOOR * mean_diagonal) else {
         return Ok(None);
     };
     let x = cholesky_solve(&l, d, &b, n);
@@ -229,9 +231,15 @@ fn transposed_f32(x: &[f64], d: usize, n: usize) -> Vec<f32> {
     out
 }
 
+/// The smallest pivot, relative to A's mean diagonal, that the host's
+/// factorisation accepts: about what f32 rounding of a 512-wide system
+/// reaches (d·ε_f32), so the host takes only systems the GPU's f32
+/// factorisation would take without a shift.
+const HOST_PIVOT_FLOOR: f64 = 1e-5;
+
 /// The Cholesky factor L (lower, row-major) of the lower triangle of `a`
-/// plus `diagonal`·I, or the first pivot that is not positive.
-fn cholesky_lower(a: &[f64], d: usize, diagonal: f64) -> std::result::Result<Vec<f64>, usize> {
+/// plus `diagonal`·I, or the first pivot not above `floor`.
+fn cholesky_lower(a: &[f64], d: usize, diagonal: f64, floor: f64) -> std::result::Result<Vec<f64>, usize> {
     let mut l = vec![0.0f64; d * d];
     for i in 0..d {
         for j in 0..=i {
@@ -239,7 +247,7 @@ fn cholesky_lower(a: &[f64], d: usize, diagonal: f64) -> std::result::Result<Vec
             let v = a[i * d + j] - dot;
             if i == j {
                 let pivot = v + diagonal;
-                if !(pivot > 0.0) {
+                if !(pivot > floor) {
                     return Err(i);
                 }
                 l[i * d + i] = pivot.sqrt();

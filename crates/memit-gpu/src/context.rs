@@ -83,9 +83,10 @@ const MAX_GROUPS_PER_DIM: u32 = 65_535;
 const DISPATCHES_PER_SUBMIT: usize = 256;
 const DEFAULT_POOL_BYTES: u64 = 1 << 30;
 /// The fewest workgroups of `matmul_big` for which a GPU takes it.
-/// Measured on an H200 (`memit-bench kernels`, 2026-12-04): it beats the
-/// 64×64 tiles at every shape, 5 workgroups included (128×576×3072:
-/// 2.6 against 0.64 TFLOP/s; 2048×1536×576: 11.9 against 1.5).
+/// Measured on an H200 (`memit-bench kernels`, 2026-12-04, unsplit): it
+/// beats the 64×64 tiles at every shape, 5 workgroups included
+/// (128×1536×576: 0.70 against 0.14 TFLOP/s; 2048×1536×576, 80
+/// workgroups: 11.9 against 1.5).
 const DEFAULT_BIG_PRODUCT_GROUPS: usize = 0;
 /// A GPU's split along K: at least 128 workgroups, slabs of ≥ 256 k.
 const DEFAULT_SPLIT_K: SplitK = SplitK { target_groups: 128, min_chunk: 256 };
@@ -161,9 +162,10 @@ const REQUIRED_LIMITS: [(&str, fn(&wgpu::Limits) -> u64, u64); 4] = [
 impl GpuContext {
     /// Opens the best adapter with options taken from the environment
     /// (`MEMIT_ADAPTER` selects an adapter by name; `MEMIT_CPU_KERNELS=1|0`
-    /// forces the CPU or the GPU kernel variants, and
+    /// forces the CPU or the GPU kernel variants,
     /// `MEMIT_BIG_PRODUCT_GROUPS=<n>` the fewest workgroups that take
-    /// `matmul_big`, for comparing them).
+    /// `matmul_big` and `MEMIT_TENSOR_CORES=0|1` whether f16 · f16 products
+    /// may take tensor cores, for comparing them).
     pub async fn from_env() -> Result<Arc<Self>> {
         let var = |key: &str| std::env::var(key).ok().filter(|s| !s.is_empty());
         let backends = var("MEMIT_BACKEND").map(|b| parse_backend(&b)).transpose()?;

@@ -81,10 +81,11 @@ const MATMUL_PARAMS: &str = include_str!("../../../shaders/matmul_params.wgsl");
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS`, `MATMUL_PARAMS`, `WIDE_BLOCK` and `BIG_BLOCK` are always available:
-/// `matmul_wide`'s / `matmul_big`'s unrolled block where `entry` is that
-/// kernel, else nothing, since a module made for another entry point never
-/// runs it); a key left without
+/// `ACTIVATIONS`, `MATMUL_PARAMS`, `WIDE_BLOCK`, `BIG_BLOCK` and
+/// `COOP_BLOCK` are always available: `matmul_wide`'s / `matmul_big`'s
+/// unrolled block where `entry` is that kernel, else nothing, since a
+/// module made for another entry point never runs it; `matmul_coop`'s
+/// for the layout of B in `defines`); a key left without
 /// a value is an error rather than a confusing WGSL parse failure later.
 pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();

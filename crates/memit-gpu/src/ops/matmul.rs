@@ -30,9 +30,10 @@ const BIG_TILE: usize = 128;
 const BIG_K: usize = 8;
 /// Invocations per `matmul_split_sum` workgroup (along the columns of C).
 const SPLIT_SUM_GROUP: usize = 64;
-/// Products of at most FEW_ROWS rows take `matmul_big`, split along K,
-/// instead of `matmul_rows` (one invocation walking all of K per column)
-/// from this K on, on GPUs: an unembedding's backward (K = vocabulary).
+/// Products of at most FEW_ROWS rows take `matmul_big` instead of
+/// `matmul_rows` (one invocation walking all of K per column) on GPUs from
+/// this K on, where they are split along K: an unembedding's backward
+/// (K = vocabulary).
 const FEW_ROWS_SPLIT_K: usize = 4096;
 
 /// A and B of a split product: their buffers, element offsets and dtypes.
@@ -439,7 +440,7 @@ impl GpuContext {
             Operand { buffer: b_buf, offset: b_off, ld: b.ld, dtype: b.tensor.dtype() },
             Operand { buffer: c_buf, offset: c_off, ld: c.ld, dtype: DType::F32 },
         ];
-        let (entry, grid) = self.chosen_product(&spec, operands, (m, ka, n), false).unwrap_or(("matmul", groups(m, n, 1)));
+        let (entry, grid) = self.chosen_product(&spec, operands, (m, ka, n), false, false).unwrap_or(("matmul", groups(m, n, 1)));
         let [a_binding, b_binding, c_binding] = operand_bindings(entry);
         self.dispatch_work(
             Kernel { family: ShaderFamily::Matmul, entry, defines: &defines },
@@ -634,7 +635,7 @@ impl GpuContext {
                     ];
                     let plain_product = ki == 0 && k_spans.len() == 1 && spec.alpha == 1.0 && spec.beta == 0.0 && epilogue.residual.is_none() && bias.is_none() && activated.is_none();
                     let coop = plain_product.then(|| self.coop_grid(&spec, operands, (mlen, klen, nlen))).flatten();
-                    let (kernel, grid) = match coop.map(|grid| ("matmul_coop", grid)).or_else(|| self.chosen_product(&spec, operands, (mlen, klen, nlen), gated)) {
+                    let (kernel, grid) = match coop.map(|grid| ("matmul_coop", grid)).or_else(|| self.chosen_product(&spec, operands, (mlen, klen, nlen), gated, true)) {
                         Some(("matmul_coop", grid)) => (Kernel { family: ShaderFamily::MatmulCoop, entry: "matmul_coop", ..kernel }, grid),
                         Some((entry, grid)) => (Kernel { entry, ..kernel }, grid),
                         None if !spec.trans_a && mlen <= FEW_ROWS => (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1]),
@@ -862,11 +863,6 @@ impl GpuContext {
 }
 
 impl GpuContext {
-    /// The product kernel for an M × K × N product of `operands` and its
-    /// grid, where one other than the 64×64 tiles takes it: on CPU adapters
-    /// `matmul_direct` or `matmul_wide`, on GPUs `matmul_big` when its grid
-    /// has at least `big_product_groups` workgroups (and the product is not
-    /// one for `matmul_rows`); else None (the tiles' or `matmul_rows`' turn).
     /// How many slabs of K a `matmul_big` product with `groups` workgroups
     /// is split into: enough for `SplitK::target_groups` workgroups, each
     /// slab at least `SplitK::min_chunk` long; 1 (no split) where the grid
@@ -932,7 +928,14 @@ impl GpuContext {
             .then(|| [(n / 64) as u32, (m / 64) as u32, 1])
     }
 
-    fn chosen_product(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool) -> Option<(&'static str, [u32; 3])> {
+    /// The product kernel for an M × K × N product of `operands` and its
+    /// grid, where one other than the 64×64 tiles takes it: on CPU adapters
+    /// `matmul_direct` or `matmul_wide`, on GPUs `matmul_big` when its grid
+    /// has at least `big_product_groups` workgroups and the product is not
+    /// one for `matmul_rows` (at most FEW_ROWS rows of A not transposed,
+    /// unless `splittable` and K is long enough to be split); else None
+    /// (the tiles' or `matmul_rows`' turn).
+    fn chosen_product(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize), gated: bool, splittable: bool) -> Option<(&'static str, [u32; 3])> {
         let b = operands[1];
         self.direct_grid(spec, b.dtype, (b.offset, b.ld), m, n, gated)
             .map(|grid| ("matmul_direct", grid))
@@ -940,8 +943,10 @@ impl GpuContext {
             .or_else(|| {
                 let tile_cols = if gated { BIG_TILE / 2 } else { BIG_TILE };
                 let grid = [n.div_ceil(tile_cols) as u32, m.div_ceil(BIG_TILE) as u32, 1];
-                let few_rows = !spec.trans_a && m <= FEW_ROWS && (k < FEW_ROWS_SPLIT_K || self.split_k().target_groups == 0);
-                (k > 0 && !few_rows && grid[0] as usize * grid[1] as usize >= self.big_product_groups()).then_some(("matmul_big", grid))
+                let groups = grid[0] as usize * grid[1] as usize;
+                let split = splittable && k >= FEW_ROWS_SPLIT_K && self.split_count(groups, k) > 1;
+                let few_rows = !spec.trans_a && m <= FEW_ROWS && !split;
+                (k > 0 && !few_rows && groups >= self.big_product_groups()).then_some(("matmul_big", grid))
             })
     }
 }
