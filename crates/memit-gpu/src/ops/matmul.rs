@@ -925,7 +925,7 @@ impl GpuContext {
         let aligned = operands.iter().all(|o| o.offset.is_multiple_of(16) && o.ld.is_multiple_of(16));
         let fits = self.has_tensor_cores() && !spec.trans_a && a.dtype == DType::F16 && b.dtype == DType::F16 && c.dtype == DType::F32;
         (fits && aligned && m > 0 && m.is_multiple_of(64) && n.is_multiple_of(64) && n > 0 && k.is_multiple_of(16) && k > 0)
-            .then(|| [(n / 64) as u32, (m / 64) as u32, 1])
+            .then_some([(n / 64) as u32, (m / 64) as u32, 1])
     }
 
     /// The product kernel for an M × K × N product of `operands` and its
