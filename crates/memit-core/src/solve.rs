@@ -178,48 +178,6 @@ pub fn solve_definite_on_host(d: usize, system: &LayerSystem<'_>, keys: &[f32], 
     Ok(Some(LayerSolve { x: transposed_f32(&x, d, n), shift: 0.0, ridge: 0.0, refinements: 0, last_correction: 0.0 }))
 }
 
-/// One layer's system with its right-hand side, for [`refine_solution`].
-struct Problem<'a> {
-    system: &'a LayerSystem<'a>,
-    keys: &'a [f32],
-    n: usize,
-    d: usize,
-    /// B, [d, n].
-    b: &'a [f64],
-    /// A's mean diagonal, which scales shifts and ridges.
-    mean_diagonal: f64,
-}
-
-/// Refines `x0` ([d, n], from a factor of A shifted by `relative` of its
-/// mean diagonal, which `precondition` applies) in float64 and returns the
-/// solution [n, d]. A shift means C, known to f32 precision, has directions
-/// below that precision, so a ridge at that precision is kept; where C as
-/// stored is indefinite even with it (its f32 rounding negative beyond the
-/// ridge: little text behind a wide C), the system refined is the shifted
-/// one the factor is of.
-async fn refine_solution<F, Fut>(problem: &Problem<'_>, relative: f32, x0: Vec<f64>, precondition: F) -> Result<LayerSolve>
-where
-    F: Fn(&[f64]) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<f64>>>,
-{
-    let Problem { system, keys, n, d, b, mean_diagonal } = *problem;
-    let refine = |ridge: f64, x0: Vec<f64>| {
-        let exact = System { terms: system, identity: system.identity as f64 + ridge * mean_diagonal, keys, n, d };
-        let precondition = &precondition;
-        async move { conjugate_gradients(&exact, b, x0, n, precondition).await }
-    };
-    let (ridge, refined) = if relative > 0.0 {
-        match refine(RIDGE, x0.clone()).await? {
-            refined if refined.indefinite => (relative as f64, refine(relative as f64, x0).await?),
-            refined => (RIDGE, refined),
-        }
-    } else {
-        (0.0, refine(0.0, x0).await?)
-    };
-    let Refined { x, iterations: refinements, last_correction, .. } = refined;
-    Ok(LayerSolve { x: transposed_f32(&x, d, n), shift: relative, ridge, refinements, last_correction })
-}
-
 /// X [d, n] in f64 as [n, d] in f32 (row r: request r's solution).
 fn transposed_f32(x: &[f64], d: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; n * d];
@@ -326,6 +284,11 @@ pub async fn solve_system_on_gpu(ctx: &Arc<GpuContext>, d: usize, system: &Layer
             Err(other) => return Err(other.into()),
         }
         let x0: Vec<f64> = read.swap_remove(0).into_iter().map(f64::from).collect();
+        // Refined in float64. A shift means C, known to f32 precision, has
+        // directions below that precision, so a ridge at that precision is
+        // kept; where C as stored is indefinite even with it (its f32
+        // rounding negative beyond the ridge: little text behind a wide
+        // C), the system refined is the shifted one the factor is of.
         let factor = &factor;
         let precondition = |r: &[f64]| {
             let values: Vec<f32> = r.iter().map(|&v| v as f32).collect();
@@ -336,8 +299,21 @@ pub async fn solve_system_on_gpu(ctx: &Arc<GpuContext>, d: usize, system: &Layer
                 Ok::<_, MemitError>(ctx.read(&r).await?.into_iter().map(f64::from).collect::<Vec<f64>>())
             }
         };
-        let problem = Problem { system, keys, n, d, b: &b, mean_diagonal };
-        return refine_solution(&problem, relative, x0, precondition).await;
+        let refine = |ridge: f64, x0: Vec<f64>| {
+            let exact = System { terms: system, identity: system.identity as f64 + ridge * mean_diagonal, keys, n, d };
+            let (b, precondition) = (&b, &precondition);
+            async move { conjugate_gradients(&exact, b, x0, n, precondition).await }
+        };
+        let (ridge, refined) = if relative > 0.0 {
+            match refine(RIDGE, x0.clone()).await? {
+                refined if refined.indefinite => (relative as f64, refine(relative as f64, x0).await?),
+                refined => (RIDGE, refined),
+            }
+        } else {
+            (0.0, refine(0.0, x0).await?)
+        };
+        let Refined { x, iterations: refinements, last_correction, .. } = refined;
+        return Ok(LayerSolve { x: transposed_f32(&x, d, n), shift: relative, ridge, refinements, last_correction });
     }
     let advice = if system.projector.is_some() { "raise l2" } else { "collect statistics over more text or raise mom2_update_weight" };
     Err(MemitError::Stats(format!(

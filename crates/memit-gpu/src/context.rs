@@ -225,12 +225,10 @@ impl GpuContext {
                 ..Default::default()
             })
         };
-        let ((device, queue), features) = match tensor_cores {
-            true => match request(coop).await {
-                Ok(pair) => (pair, coop),
-                Err(_) => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features),
-            },
-            false => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features),
+        let with_coop = if tensor_cores { request(coop).await.ok() } else { None };
+        let ((device, queue), features) = match with_coop {
+            Some(pair) => (pair, coop),
+            None => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features),
         };
 
         let error = Arc::new(Mutex::new(None));

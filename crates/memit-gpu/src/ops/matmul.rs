@@ -36,12 +36,6 @@ const SPLIT_SUM_GROUP: usize = 64;
 /// (K = vocabulary).
 const FEW_ROWS_SPLIT_K: usize = 4096;
 
-/// A and B of a split product: their buffers, element offsets and dtypes.
-struct SplitOperands<'a> {
-    a: (&'a wgpu::Buffer, usize),
-    b: (&'a wgpu::Buffer, usize),
-    dtypes: (DType, DType),
-}
 /// Tokens per `matmul_wide` dispatch of the syrk: each slab's f32 sums are
 /// Kahan-added to C, so rounding stays at the level of a 256-term sum (the
 /// tiles' slabs: 64) while the compensated store adds about a quarter to
@@ -177,6 +171,22 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
     ]
 }
 
+/// The text of a block the host unrolls: `write` is handed a function that
+/// appends one line (indented as the kernel body the block is pasted in).
+fn unrolled_block(write: impl FnOnce(&mut dyn FnMut(String))) -> String {
+    let mut s = String::new();
+    write(&mut |text: String| {
+        s.push_str(&text);
+        s.push_str("\n    ");
+    });
+    s
+}
+
+/// Whether `defines` sets `key` to `true`.
+fn defined_true(defines: &[(&'static str, String)], key: &str) -> bool {
+    defines.iter().any(|(k, v)| *k == key && v == "true")
+}
+
 /// `matmul_wide`'s block (its WIDE_BLOCK) for the layouts of A and B that
 /// `defines` (TRANS_A, TRANS_B) give, unrolled here: given loops over an
 /// accumulator array, lavapipe takes 30 s to unroll them, and 140 s to
@@ -187,22 +197,17 @@ fn epilogue_defines(spec: &MatmulSpec, a: DType, b: DType, addend: bool, bias: b
 /// all four took 0.3 s to create, one holding its own 0.2 s.
 pub(crate) fn wide_block(defines: &[(&'static str, String)]) -> &'static str {
     static CODE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
-    let flag = |key: &str| defines.iter().any(|(k, v)| *k == key && v == "true");
-    let (trans_a, trans_b) = (flag("TRANS_A"), flag("TRANS_B"));
+    let (trans_a, trans_b) = (defined_true(defines, "TRANS_A"), defined_true(defines, "TRANS_B"));
     CODE[2 * trans_a as usize + trans_b as usize].get_or_init(|| {
-        let mut s = String::new();
-        let mut line = |text: String| {
-            s.push_str(&text);
-            s.push_str("\n    ");
-        };
-        for r in 0..WIDE_ROWS {
-            line((0..WIDE_COLS / 4).map(|g| format!("var c{r}_{g} = vec4<f32>(0.0); ")).collect());
-        }
-        wide_k_loop(trans_a, trans_b, &mut line);
-        for r in 0..WIDE_ROWS {
-            line((0..WIDE_COLS / 4).map(|g| format!("wide_put(m0 + {r}u, n0, {}u, c{r}_{g}); ", 4 * g)).collect());
-        }
-        s
+        unrolled_block(|line| {
+            for r in 0..WIDE_ROWS {
+                line((0..WIDE_COLS / 4).map(|g| format!("var c{r}_{g} = vec4<f32>(0.0); ")).collect());
+            }
+            wide_k_loop(trans_a, trans_b, line);
+            for r in 0..WIDE_ROWS {
+                line((0..WIDE_COLS / 4).map(|g| format!("wide_put(m0 + {r}u, n0, {}u, c{r}_{g}); ", 4 * g)).collect());
+            }
+        })
     })
 }
 
@@ -212,41 +217,37 @@ pub(crate) fn wide_block(defines: &[(&'static str, String)]) -> &'static str {
 pub(crate) fn big_block() -> &'static str {
     static CODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     CODE.get_or_init(|| {
-        let mut s = String::new();
-        let mut line = |text: String| {
-            s.push_str(&text);
-            s.push_str("\n    ");
-        };
-        for r in 0..8 {
-            line(format!("var c{r}_0 = vec4<f32>(0.0); var c{r}_1 = vec4<f32>(0.0);"));
-        }
-        line("var ra = big_fetch_a(a_base, row0, k_begin, li);".into());
-        line("var rb = big_fetch_b(b_base, col0, k_begin, li);".into());
-        line("for (var k0 = k_begin; k0 < k_end; k0 += BIG_K) {".into());
-        line("    workgroupBarrier();".into());
-        line("    big_stage(ra, rb, li);".into());
-        line("    workgroupBarrier();".into());
-        line("    if (k0 + BIG_K < k_end) {".into());
-        line("        ra = big_fetch_a(a_base, row0, k0 + BIG_K, li);".into());
-        line("        rb = big_fetch_b(b_base, col0, k0 + BIG_K, li);".into());
-        line("    }".into());
-        for kk in 0..8 {
-            let at = kk * 33;
-            line(format!("    let a{kk}l = big_a[{at}u + ly]; let a{kk}h = big_a[{}u + ly];", at + 16));
-            line(format!("    let b{kk}l = big_b[{at}u + lx]; let b{kk}h = big_b[{}u + lx];", at + 16));
+        unrolled_block(|line| {
             for r in 0..8 {
-                let (half, lane) = (if r < 4 { "l" } else { "h" }, ["x", "y", "z", "w"][r % 4]);
-                line(format!(
-                    "    c{r}_0 = fma(vec4<f32>(a{kk}{half}.{lane}), b{kk}l, c{r}_0); c{r}_1 = fma(vec4<f32>(a{kk}{half}.{lane}), b{kk}h, c{r}_1);"
-                ));
+                line(format!("var c{r}_0 = vec4<f32>(0.0); var c{r}_1 = vec4<f32>(0.0);"));
             }
-        }
-        line("}".into());
-        for r in 0..8 {
-            let row = if r < 4 { format!("row0 + 4u * ly + {r}u") } else { format!("row0 + 64u + 4u * ly + {}u", r - 4) };
-            line(format!("big_put_row(c_base, {row}, col0, lx, c{r}_0, c{r}_1);"));
-        }
-        s
+            line("var ra = big_fetch_a(a_base, row0, k_begin, li);".into());
+            line("var rb = big_fetch_b(b_base, col0, k_begin, li);".into());
+            line("for (var k0 = k_begin; k0 < k_end; k0 += BIG_K) {".into());
+            line("    workgroupBarrier();".into());
+            line("    big_stage(ra, rb, li);".into());
+            line("    workgroupBarrier();".into());
+            line("    if (k0 + BIG_K < k_end) {".into());
+            line("        ra = big_fetch_a(a_base, row0, k0 + BIG_K, li);".into());
+            line("        rb = big_fetch_b(b_base, col0, k0 + BIG_K, li);".into());
+            line("    }".into());
+            for kk in 0..8 {
+                let at = kk * 33;
+                line(format!("    let a{kk}l = big_a[{at}u + ly]; let a{kk}h = big_a[{}u + ly];", at + 16));
+                line(format!("    let b{kk}l = big_b[{at}u + lx]; let b{kk}h = big_b[{}u + lx];", at + 16));
+                for r in 0..8 {
+                    let (half, lane) = (if r < 4 { "l" } else { "h" }, ["x", "y", "z", "w"][r % 4]);
+                    line(format!(
+                        "    c{r}_0 = fma(vec4<f32>(a{kk}{half}.{lane}), b{kk}l, c{r}_0); c{r}_1 = fma(vec4<f32>(a{kk}{half}.{lane}), b{kk}h, c{r}_1);"
+                    ));
+                }
+            }
+            line("}".into());
+            for r in 0..8 {
+                let row = if r < 4 { format!("row0 + 4u * ly + {r}u") } else { format!("row0 + 64u + 4u * ly + {}u", r - 4) };
+                line(format!("big_put_row(c_base, {row}, col0, lx, c{r}_0, c{r}_1);"));
+            }
+        })
     })
 }
 
@@ -256,44 +257,40 @@ pub(crate) fn big_block() -> &'static str {
 /// a transposed B ([N, K]) is op(B) column-major.
 pub(crate) fn coop_block(defines: &[(&'static str, String)]) -> &'static str {
     static CODE: [std::sync::OnceLock<String>; 2] = [const { std::sync::OnceLock::new() }; 2];
-    let trans_b = defines.iter().any(|(k, v)| *k == "TRANS_B" && v == "true");
+    let trans_b = defined_true(defines, "TRANS_B");
     CODE[trans_b as usize].get_or_init(|| {
-        let mut s = String::new();
-        let mut line = |text: String| {
-            s.push_str(&text);
-            s.push_str("\n    ");
-        };
-        // Every index and stride is a `let` first: naga's SPIR-V writer
-        // leaves a cooperative store's operands computed inline in its
-        // argument list unemitted.
-        line("let lda = p.lda; let ldb = p.ldb; let ldc = p.ldc;".into());
-        for i in 0..4 {
-            line((0..4).map(|j| format!("var c{i}{j} = coop_mat16x16<f32, C>(); ")).collect());
-        }
-        line("for (var k = 0u; k < p.k; k += 16u) {".into());
-        for i in 0..4 {
-            line(format!("    let a{i} = coopLoadT<coop_mat16x16<f16, A>>(&a[p.a_off + (m0 + {}u) * lda + k], lda);", 16 * i));
-        }
-        for j in 0..4 {
-            line(if trans_b {
-                format!("    let b{j} = coopLoad<coop_mat16x16<f16, B>>(&b[p.b_off + (n0 + {}u) * ldb + k], ldb);", 16 * j)
-            } else {
-                format!("    let b{j} = coopLoadT<coop_mat16x16<f16, B>>(&b[p.b_off + k * ldb + n0 + {}u], ldb);", 16 * j)
-            });
-        }
-        for i in 0..4 {
-            for j in 0..4 {
-                line(format!("    c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});"));
+        unrolled_block(|line| {
+            // Every index and stride is a `let` first: naga's SPIR-V writer
+            // leaves a cooperative store's operands computed inline in its
+            // argument list unemitted.
+            line("let lda = p.lda; let ldb = p.ldb; let ldc = p.ldc;".into());
+            for i in 0..4 {
+                line((0..4).map(|j| format!("var c{i}{j} = coop_mat16x16<f32, C>(); ")).collect());
             }
-        }
-        line("}".into());
-        for i in 0..4 {
-            for j in 0..4 {
-                line(format!("let at{i}{j} = p.c_off + (m0 + {}u) * ldc + n0 + {}u;", 16 * i, 16 * j));
-                line(format!("coopStoreT(c{i}{j}, &c[at{i}{j}], ldc);"));
+            line("for (var k = 0u; k < p.k; k += 16u) {".into());
+            for i in 0..4 {
+                line(format!("    let a{i} = coopLoadT<coop_mat16x16<f16, A>>(&a[p.a_off + (m0 + {}u) * lda + k], lda);", 16 * i));
             }
-        }
-        s
+            for j in 0..4 {
+                line(if trans_b {
+                    format!("    let b{j} = coopLoad<coop_mat16x16<f16, B>>(&b[p.b_off + (n0 + {}u) * ldb + k], ldb);", 16 * j)
+                } else {
+                    format!("    let b{j} = coopLoadT<coop_mat16x16<f16, B>>(&b[p.b_off + k * ldb + n0 + {}u], ldb);", 16 * j)
+                });
+            }
+            for i in 0..4 {
+                for j in 0..4 {
+                    line(format!("    c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});"));
+                }
+            }
+            line("}".into());
+            for i in 0..4 {
+                for j in 0..4 {
+                    line(format!("let at{i}{j} = p.c_off + (m0 + {}u) * ldc + n0 + {}u;", 16 * i, 16 * j));
+                    line(format!("coopStoreT(c{i}{j}, &c[at{i}{j}], ldc);"));
+                }
+            }
+        })
     })
 }
 
@@ -305,7 +302,7 @@ pub(crate) fn coop_block(defines: &[(&'static str, String)]) -> &'static str {
 /// components in separate registers). B transposed (stored [N, K]): column
 /// c of op(B) is row c of B, four k at a time (`b{c}`); else four
 /// consecutive columns of each of four rows (`b{j}_{g}`).
-fn wide_k_loop(trans_a: bool, trans_b: bool, line: &mut impl FnMut(String)) {
+fn wide_k_loop(trans_a: bool, trans_b: bool, line: &mut dyn FnMut(String)) {
     let groups = WIDE_COLS / 4;
     if trans_a {
         for q in 0..WIDE_ROWS / 4 {
@@ -635,9 +632,12 @@ impl GpuContext {
                     ];
                     let plain_product = ki == 0 && k_spans.len() == 1 && spec.alpha == 1.0 && spec.beta == 0.0 && epilogue.residual.is_none() && bias.is_none() && activated.is_none();
                     let coop = plain_product.then(|| self.coop_grid(&spec, operands, (mlen, klen, nlen))).flatten();
-                    let (kernel, grid) = match coop.map(|grid| ("matmul_coop", grid)).or_else(|| self.chosen_product(&spec, operands, (mlen, klen, nlen), gated, true)) {
-                        Some(("matmul_coop", grid)) => (Kernel { family: ShaderFamily::MatmulCoop, entry: "matmul_coop", ..kernel }, grid),
-                        Some((entry, grid)) => (Kernel { entry, ..kernel }, grid),
+                    let chosen = match coop {
+                        Some(grid) => Some((Kernel { family: ShaderFamily::MatmulCoop, entry: "matmul_coop", ..kernel }, grid)),
+                        None => self.chosen_product(&spec, operands, (mlen, klen, nlen), gated, true).map(|(entry, grid)| (Kernel { entry, ..kernel }, grid)),
+                    };
+                    let (kernel, grid) = match chosen {
+                        Some(chosen) => chosen,
                         None if !spec.trans_a && mlen <= FEW_ROWS => (few_rows, [nlen.div_ceil(ROWS_GROUP) as u32, 1, 1]),
                         None => (kernel, [nlen.div_ceil(tile_cols) as u32, mlen.div_ceil(TILE) as u32, 1]),
                     };
@@ -860,6 +860,13 @@ impl GpuContext {
         let block_cols = if gated { WIDE_COLS / 2 } else { WIDE_COLS };
         Some(grid_1d((m.div_ceil(WIDE_ROWS) * n.div_ceil(block_cols)).div_ceil(WIDE_GROUP)))
     }
+}
+
+/// A and B of a split product: their buffers, element offsets and dtypes.
+struct SplitOperands<'a> {
+    a: (&'a wgpu::Buffer, usize),
+    b: (&'a wgpu::Buffer, usize),
+    dtypes: (DType, DType),
 }
 
 impl GpuContext {
