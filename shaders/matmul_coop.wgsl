@@ -1,10 +1,20 @@
 // Tensor-core products (native only, adapters with wgpu's cooperative
-// matrices at 16x16x16, f16 inputs, f32 accumulation): C = A * op(B) for
-// f16 A (row-major [M, K]) and f16 B ([N, K] when TRANS_B, else [K, N]),
-// with M and N whole multiples of 64 and K of 16 (the host checks). One
-// subgroup (32 invocations) owns a 64x64 tile of C as 4x4 accumulators
-// (COOP_BLOCK, unrolled by the host): per step of 16 along k it loads four
-// tiles of A and four of op(B) and issues 16 multiply-adds.
+// matrices: square f16 fragments of COOP_F, 16 on NVIDIA and 8 on
+// lavapipe, accumulated in f32): C = A * op(B) for f16 A (row-major
+// [M, K]) and f16 B ([N, K] when TRANS_B, else [K, N]), K a whole number
+// of fragments (the host checks every shape, offset and stride).
+//
+// matmul_coop: one subgroup (COOP_SG invocations) owns a tile of 4x4
+// fragments of C and loads its fragments straight from A and B
+// (COOP_BLOCK, unrolled by the host). M and N are whole tiles (4 COOP_F).
+//
+// matmul_coop_staged: four subgroups (2x2) own a tile of 8x8 fragments;
+// per slab of 2 COOP_F along k every invocation loads a few 16-byte words
+// of A and of B (coalesced, the next slab's while this one is multiplied)
+// into workgroup memory, from which each subgroup loads the fragments of
+// its quarter, so each word of A and B is read from memory once per
+// workgroup instead of once per subgroup (COOP_STAGED_BLOCK). M and N are
+// whole tiles (8 COOP_F).
 enable f16;
 enable wgpu_cooperative_matrix;
 
@@ -14,10 +24,25 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(1) var<storage, read> a: array<f16>;
 @group(0) @binding(2) var<storage, read> b: array<f16>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
+// The staged kernel's view of A and B: eight halves per word.
+@group(0) @binding(8) var<storage, read> a_words: array<vec4<u32>>;
+@group(0) @binding(9) var<storage, read> b_words: array<vec4<u32>>;
 
-@compute @workgroup_size(32, 1, 1)
+// The staged kernel's k slabs of A and B (rows padded by 8 halves, 16
+// bytes, against bank conflicts).
+var<workgroup> slab_a: array<f16, {{COOP_SLAB_A}}>;
+var<workgroup> slab_b: array<f16, {{COOP_SLAB_B}}>;
+
+@compute @workgroup_size({{COOP_SG}}, 1, 1)
 fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>) {
-    let m0 = wid.y * 64u;
-    let n0 = wid.x * 64u;
     {{COOP_BLOCK}}
+}
+
+@compute @workgroup_size(4 * {{COOP_SG}}, 1, 1)
+fn matmul_coop_staged(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_id) sg: u32,
+) {
+    {{COOP_STAGED_BLOCK}}
 }

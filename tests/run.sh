@@ -45,6 +45,15 @@ status=0
 # second time in the test profile, and the tests' float64 references run
 # optimised.
 cargo test --release --workspace "$@" -- --include-ignored 2>&1 | tee "$log" || status=$?
+# The tensor-core kernels on lavapipe's cooperative matrices: Debian
+# unstable's Mesa, unpacked under target/mesa-coop (nothing installed).
+# Where that archive cannot be reached the check is skipped, and said so.
+if bash scripts/mesa-coop.sh --fetch; then
+    MEMIT_EXPECT_TENSOR_CORES=1 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/scripts/mesa-coop.sh" \
+        cargo test --release -p memit-gpu --test kernels matmul_f16_on_tensor_cores 2>&1 | tee -a "$log" || status=1
+else
+    echo "WARNING: tensor-core kernels not checked (Debian unstable's Mesa could not be fetched)" | tee -a "$log"
+fi
 # The browser: demo page and npm package in headless Chromium on WebGPU.
 bash tests/web/run.sh 2>&1 | tee -a "$log" || status=1
 # One closing line for the whole run (cargo prints one per test binary; the

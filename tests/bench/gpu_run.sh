@@ -7,8 +7,10 @@
 #
 # kernels: the memit-gpu test binaries found in $TESTS (correctness on this
 #          GPU first), then `memit-bench kernels` at 1024³, 4096³ and the
-#          SmolLM2 product shapes: this code, this code on the 64×64 tiles
-#          alone (no `matmul_big`, no tensor cores), and $BENCH_BEFORE if set.
+#          SmolLM2 product shapes: this code, this code with only the
+#          one-subgroup tensor-core kernel (`MEMIT_TENSOR_CORES=subgroup`),
+#          this code on the 64×64 tiles alone (no `matmul_big`, no tensor
+#          cores), and $BENCH_BEFORE if set.
 # edits:   SmolLM2-135M: 10 CounterFact edits with the paper's scores
 #          (statistics over 3,000 WikiText texts, as in README), prefill at
 #          4 × 32 and 4 × 512 tokens beside PyTorch, the per-kernel profiles;
@@ -57,6 +59,8 @@ if [ "$phase" = kernels ] || [ "$phase" = all ]; then
         [ -x "$test" ] && step "test-$(basename "$test")" "$test" --test-threads 1
     done
     step kernels "$bench" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels.json"
+    # f16 · f16 on the one-subgroup tensor-core kernel alone, beside the staged one above.
+    MEMIT_TENSOR_CORES=subgroup step kernels-coop-subgroup "$bench" kernels --sizes 1024,4096 --seconds 0.5 --out "$out/kernels-coop-subgroup.json"
     MEMIT_BIG_PRODUCT_GROUPS=1000000000 MEMIT_TENSOR_CORES=0 step kernels-tiles "$bench" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels-tiles.json"
     if [ -n "${BENCH_BEFORE:-}" ]; then
         step kernels-before "$BENCH_BEFORE" kernels --sizes 1024,4096 "${shapes[@]}" --seconds 0.5 --out "$out/kernels-before.json"

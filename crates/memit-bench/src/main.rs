@@ -236,8 +236,14 @@ struct KernelReport {
     adapter: AdapterReport,
     /// The vendor's dense f32 peak for this adapter, where known.
     peak_f32_gflops: Option<f64>,
-    /// Whether f16 · f16 products ran on tensor cores (`matmul_coop`).
+    /// Whether f16 · f16 products ran on tensor cores (`matmul_coop`,
+    /// `matmul_coop_staged`).
     tensor_cores: bool,
+    /// Their fragments' side (16 on NVIDIA, 8 on lavapipe), where they ran.
+    coop_fragment: Option<u32>,
+    /// Whether whole workgroup tiles took `matmul_coop_staged` (off with
+    /// `MEMIT_TENSOR_CORES=subgroup`), where they ran.
+    coop_staged: Option<bool>,
     cpu_reference: &'static str,
     cpu_threads: usize,
     matmul: Vec<MatmulCase>,
@@ -417,6 +423,8 @@ fn kernels(shapes: &[[usize; 3]], budget: Duration, out: &PathBuf) -> Result<()>
         adapter,
         peak_f32_gflops: peak,
         tensor_cores: ctx.has_tensor_cores(),
+        coop_fragment: ctx.coop_shape().map(|c| c.fragment),
+        coop_staged: ctx.coop_shape().map(|c| c.staged),
         cpu_reference: "matrixmultiply::sgemm (threading feature)",
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         matmul: cases,

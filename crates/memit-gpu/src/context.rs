@@ -44,14 +44,41 @@ pub struct GpuOptions {
     /// decides (see [`GpuContext::split_k`]). Tests set it to split small
     /// products.
     pub split_k: Option<SplitK>,
-    /// Use tensor cores (`matmul_coop`) where the adapter has them
-    /// (default); `Some(false)` keeps every product on the portable kernels.
-    /// `GpuContext::from_env` reads `MEMIT_TENSOR_CORES=0|1`.
-    pub tensor_cores: Option<bool>,
+    /// Which tensor-core kernels f16 · f16 products may take where the
+    /// adapter has cooperative matrices; by default
+    /// [`TensorCores::Staged`]. `GpuContext::from_env` reads
+    /// `MEMIT_TENSOR_CORES=0|1|subgroup` (off, staged, one subgroup per
+    /// tile).
+    pub tensor_cores: Option<TensorCores>,
     /// Backends to consider. Default: Vulkan, Metal, DX12 (and WebGPU in a
     /// browser); OpenGL only when asked for, and never a software OpenGL
     /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
     pub backends: Option<wgpu::Backends>,
+}
+
+/// The tensor-core product kernels a context may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorCores {
+    /// Every product on the portable kernels.
+    Off,
+    /// `matmul_coop` alone: one subgroup per tile of 4×4 fragments,
+    /// loading its fragments from the operands in memory.
+    SubgroupTiles,
+    /// `matmul_coop_staged` where a product is whole workgroup tiles (four
+    /// subgroups sharing each k slab of A and B through workgroup memory),
+    /// `matmul_coop` where it is whole subgroup tiles.
+    Staged,
+}
+
+/// The adapter's cooperative matrices as the tensor-core kernels use them:
+/// square f16 fragments of `fragment` (16 on NVIDIA, 8 on lavapipe) into
+/// f32, run by subgroups of `subgroup` invocations, and which kernels are
+/// on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoopShape {
+    pub fragment: u32,
+    pub subgroup: u32,
+    pub staged: bool,
 }
 
 /// When a `matmul_big` product is split along K (its partial sums written
@@ -119,6 +146,7 @@ pub struct GpuContext {
     wide_product_rows: usize,
     big_product_groups: usize,
     split_k: SplitK,
+    coop_shape: Option<CoopShape>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -180,8 +208,9 @@ impl GpuContext {
             .transpose()?;
         let tensor_cores = match var("MEMIT_TENSOR_CORES").as_deref() {
             None => None,
-            Some("1") => Some(true),
-            Some("0") => Some(false),
+            Some("1") => Some(TensorCores::Staged),
+            Some("subgroup") => Some(TensorCores::SubgroupTiles),
+            Some("0") => Some(TensorCores::Off),
             Some(other) => return Err(GpuError::UnknownTensorCoreChoice(other.to_string())),
         };
         Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, cpu_kernels, big_product_groups, tensor_cores, ..Default::default() }).await
@@ -203,16 +232,29 @@ impl GpuContext {
         }
         // Timestamps only serve `start_profiling`; asking for them changes nothing else.
         let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
-        let coop = features | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let coop = features | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP;
         // Tensor cores (wgpu's experimental cooperative matrices, native
-        // only) where the adapter has 16x16x16 f16 products into f32; a
-        // device that refuses them is asked again without.
-        let tensor_cores = options.tensor_cores.unwrap_or(true)
-            && features.contains(wgpu::Features::SHADER_F16)
-            && adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
-            && adapter.cooperative_matrix_properties().iter().any(|c| {
-                (c.m_size, c.n_size, c.k_size) == (16, 16, 16) && c.ab_type == wgpu::CooperativeScalarType::F16 && c.cr_type == wgpu::CooperativeScalarType::F32
-            });
+        // only) where the adapter has square f16 products into f32 (16×16×16
+        // preferred, else 8×8×8) and one subgroup size (the kernels' workgroup
+        // sizes are made of whole subgroups); a device that refuses them is
+        // asked again without.
+        let choice = options.tensor_cores.unwrap_or(TensorCores::Staged);
+        let coop_shape = [16u32, 8]
+            .into_iter()
+            .find(|&f| {
+                adapter.cooperative_matrix_properties().iter().any(|c| {
+                    (c.m_size, c.n_size, c.k_size) == (f, f, f) && c.ab_type == wgpu::CooperativeScalarType::F16 && c.cr_type == wgpu::CooperativeScalarType::F32
+                })
+            })
+            .filter(|_| {
+                choice != TensorCores::Off
+                    && features.contains(wgpu::Features::SHADER_F16)
+                    && adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP)
+                    && info.subgroup_min_size == info.subgroup_max_size
+                    && info.subgroup_max_size > 0
+            })
+            .map(|fragment| CoopShape { fragment, subgroup: info.subgroup_max_size, staged: choice == TensorCores::Staged });
+        let tensor_cores = coop_shape.is_some();
         let request = |required_features: wgpu::Features| {
             adapter.request_device(&wgpu::DeviceDescriptor {
                 label: Some("memit-wgpu"),
@@ -226,9 +268,9 @@ impl GpuContext {
             })
         };
         let with_coop = if tensor_cores { request(coop).await.ok() } else { None };
-        let ((device, queue), features) = match with_coop {
-            Some(pair) => (pair, coop),
-            None => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features),
+        let ((device, queue), features, coop_shape) = match with_coop {
+            Some(pair) => (pair, coop, coop_shape),
+            None => (request(features).await.map_err(|e| GpuError::RequestDevice(e.to_string()))?, features, None),
         };
 
         let error = Arc::new(Mutex::new(None));
@@ -289,6 +331,7 @@ impl GpuContext {
             wide_product_rows,
             big_product_groups,
             split_k,
+            coop_shape,
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -348,10 +391,15 @@ impl GpuContext {
     }
 
     /// Whether products of f16 operands may take tensor cores
-    /// (`matmul_coop`): the device has wgpu's cooperative matrices at
-    /// 16x16x16, f16 into f32.
+    /// (`matmul_coop`, `matmul_coop_staged`): the device has wgpu's
+    /// cooperative matrices, square f16 fragments into f32.
     pub fn has_tensor_cores(&self) -> bool {
-        self.features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        self.coop_shape.is_some()
+    }
+
+    /// The cooperative matrices the tensor-core kernels use, where they are on.
+    pub fn coop_shape(&self) -> Option<CoopShape> {
+        self.coop_shape
     }
 
     /// Whether kernels take their variants made for CPU adapters

@@ -18,7 +18,7 @@ pub enum GpuError {
     #[error("MEMIT_BIG_PRODUCT_GROUPS is {0:?}: use a whole number of workgroups, or unset it to let the adapter decide")]
     BadBigProductGroups(String),
 
-    #[error("MEMIT_TENSOR_CORES is {0:?}: use 1 (tensor cores where the adapter has them) or 0 (portable kernels only)")]
+    #[error("MEMIT_TENSOR_CORES is {0:?}: use 1 (tensor cores where the adapter has them), subgroup (only the one-subgroup tile kernel) or 0 (portable kernels only)")]
     UnknownTensorCoreChoice(String),
 
     #[error("adapter `{adapter}` limit `{limit}` is {have}, but memit-wgpu needs at least {need}")]

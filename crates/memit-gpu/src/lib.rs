@@ -13,7 +13,7 @@ mod runtime;
 mod shader;
 mod tensor;
 
-pub use context::{GpuContext, GpuOptions, SplitK};
+pub use context::{CoopShape, GpuContext, GpuOptions, SplitK, TensorCores};
 pub use error::{GpuError, Result};
 pub use ops::activation::Activation;
 pub use ops::attention::{AttentionRows, HeadLayout, RotaryStyle};

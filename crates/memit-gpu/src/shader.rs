@@ -81,12 +81,13 @@ const MATMUL_PARAMS: &str = include_str!("../../../shaders/matmul_params.wgsl");
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS`, `MATMUL_PARAMS`, `WIDE_BLOCK`, `BIG_BLOCK` and
-/// `COOP_BLOCK` are always available: `matmul_wide`'s / `matmul_big`'s
-/// unrolled block where `entry` is that kernel, else nothing, since a
-/// module made for another entry point never runs it; `matmul_coop`'s
-/// for the layout of B in `defines`); a key left without
-/// a value is an error rather than a confusing WGSL parse failure later.
+/// `ACTIVATIONS` and `MATMUL_PARAMS` are always available, and so are
+/// `WIDE_BLOCK`, `BIG_BLOCK`, `COOP_BLOCK` and `COOP_STAGED_BLOCK`: the
+/// unrolled block of `matmul_wide`, `matmul_big`, `matmul_coop` and
+/// `matmul_coop_staged` where `entry` is that kernel, else nothing, since
+/// a module made for another entry point never runs it); a key left
+/// without a value is an error rather than a confusing WGSL parse failure
+/// later.
 pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
     let mut out = String::with_capacity(source.len());
@@ -108,7 +109,8 @@ pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, Strin
             .or((key == "MATMUL_PARAMS").then_some(MATMUL_PARAMS))
             .or_else(|| (key == "WIDE_BLOCK").then(|| if entry == "matmul_wide" { crate::ops::matmul::wide_block(defines) } else { "" }))
             .or_else(|| (key == "BIG_BLOCK").then(|| if entry == "matmul_big" { crate::ops::matmul::big_block() } else { "" }))
-            .or_else(|| (key == "COOP_BLOCK").then(|| crate::ops::matmul::coop_block(defines)))
+            .or_else(|| (key == "COOP_BLOCK").then(|| crate::ops::matmul::coop_block(entry, defines)))
+            .or_else(|| (key == "COOP_STAGED_BLOCK").then(|| crate::ops::matmul::coop_staged_block(entry, defines)))
             .ok_or_else(|| GpuError::Template { shader: family.name(), key: key.to_string() })?;
         out.push_str(value);
         rest = &after[end + 2..];
@@ -128,19 +130,34 @@ mod tests {
     use wgpu::naga;
 
     /// The tensor-core module runs only where an adapter has cooperative
-    /// matrices (not on CI's); naga still checks here that both layouts of
-    /// B parse, validate and translate to SPIR-V 1.6 as wgpu would.
+    /// matrices (not on CI's lavapipe); naga still checks here that both
+    /// kernels, in both layouts of B and at NVIDIA's and lavapipe's sizes,
+    /// parse, validate and translate to SPIR-V 1.6 as wgpu would.
     #[test]
     fn coop_module_translates_to_spirv() {
-        for trans_b in [false, true] {
-            let source = render(ShaderFamily::MatmulCoop, "matmul_coop", &[("TRANS_B", flag(trans_b))]).unwrap();
+        for (entry, trans_b, (fragment, subgroup)) in coop_cases() {
+            let mut defines = vec![("TRANS_B", flag(trans_b))];
+            defines.extend(crate::ops::matmul::CoopSizes::new(fragment, subgroup).defines());
+            let source = render(ShaderFamily::MatmulCoop, entry, &defines).unwrap();
             let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
             let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
             let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
             let words = naga::back::spv::write_vec(&module, &info, &options, None).expect("SPIR-V");
-            assert!(words.len() > 100, "trans_b={trans_b}");
+            assert!(words.len() > 100, "{entry} trans_b={trans_b} fragment {fragment}");
         }
+    }
+
+    fn coop_cases() -> Vec<(&'static str, bool, (usize, usize))> {
+        let mut cases = Vec::new();
+        for entry in ["matmul_coop", "matmul_coop_staged"] {
+            for trans_b in [false, true] {
+                for sizes in [(16, 32), (8, 8)] {
+                    cases.push((entry, trans_b, sizes));
+                }
+            }
+        }
+        cases
     }
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, MatmulSpec, ReduceOp};
+use memit_gpu::{Activation, AttentionRows, BinaryOp, Causal, DType, Epilogue, GpuContext, GpuError, GpuOptions, MatmulSpec, ReduceOp, TensorCores};
 
 const SHAPES: [(usize, usize, usize); 10] =
     [(1, 1, 1), (3, 5, 7), (64, 64, 64), (65, 17, 130), (100, 257, 33), (128, 16, 1), (7, 300, 129), (70, 36, 132), (33, 128, 12), (36, 44, 68)];
@@ -61,21 +61,43 @@ fn matmul_f16_storage_accumulates_in_f32() {
     }
 }
 
-/// f16 · f16 products on tensor cores (`matmul_coop`), where the adapter
-/// has cooperative matrices (a workstation GPU; never lavapipe or
-/// SwiftShader, where this prints that it has nothing to check): tiles
-/// wholly inside the matrix in both layouts of B, and shapes off the
-/// tiles, which take the portable kernels.
+/// f16 · f16 products on tensor cores, where the adapter has cooperative
+/// matrices (a workstation GPU's 16×16 fragments, or lavapipe's 8×8 from
+/// Mesa 25.1 on, which tests/run.sh runs it on through
+/// `scripts/mesa-coop.sh`; elsewhere this prints that it has nothing to
+/// check), both with the staged kernel on and with only the
+/// one-subgroup kernel: shapes of whole workgroup tiles (8 fragments: the
+/// staged kernel), of whole subgroup tiles only (4 fragments: the other),
+/// K of an odd number of fragments (the staged kernel's half slab), both
+/// layouts of B, and shapes off the tiles, which take the portable kernels.
 #[test]
 fn matmul_f16_on_tensor_cores() {
     let ctx = ctx();
-    if !ctx.has_tensor_cores() {
+    let Some(shape) = ctx.coop_shape() else {
+        // tests/run.sh sets this where it runs the test on lavapipe with
+        // cooperative matrices, which must then be there.
+        assert!(std::env::var_os("MEMIT_EXPECT_TENSOR_CORES").is_none(), "MEMIT_EXPECT_TENSOR_CORES is set but {} has no cooperative matrices", ctx.adapter_info().name);
         eprintln!("{}: no cooperative matrices, nothing to check", ctx.adapter_info().name);
         return;
-    }
-    for (i, &(m, k, n)) in [(64, 16, 64), (128, 48, 192), (256, 256, 128), (64, 1024, 64), (65, 16, 64), (64, 40, 64)].iter().enumerate() {
-        for tb in [false, true] {
-            check_matmul(&ctx, m, k, n, false, tb, (DType::F16, DType::F16), 700 + i as u64);
+    };
+    let f = shape.fragment as usize;
+    eprintln!("{}: fragments {f}×{f}, subgroups of {}", ctx.adapter_info().name, shape.subgroup);
+    let one_subgroup = pollster::block_on(GpuContext::new(GpuOptions { tensor_cores: Some(TensorCores::SubgroupTiles), ..Default::default() })).unwrap();
+    assert_eq!(one_subgroup.coop_shape().map(|s| s.staged), Some(false));
+    let shapes = [
+        (8 * f, f, 8 * f),
+        (8 * f, 3 * f, 16 * f),
+        (16 * f, 16 * f, 8 * f),
+        (4 * f, 64 * f, 4 * f),
+        (12 * f, 5 * f, 4 * f),
+        (4 * f + 1, f, 4 * f),
+        (4 * f, f + 8, 4 * f),
+    ];
+    for ctx in [&ctx, &one_subgroup] {
+        for (i, &(m, k, n)) in shapes.iter().enumerate() {
+            for tb in [false, true] {
+                check_matmul(ctx, m, k, n, false, tb, (DType::F16, DType::F16), 700 + i as u64);
+            }
         }
     }
 }

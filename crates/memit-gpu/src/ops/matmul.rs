@@ -251,45 +251,249 @@ pub(crate) fn big_block() -> &'static str {
     })
 }
 
-/// `matmul_coop`'s body (its COOP_BLOCK) for the layout of B that
-/// `defines` (TRANS_B) gives: 16 accumulators, the k loop, the stores.
-/// `coopLoadT` reads a row-major tile, `coopLoad` a column-major one, so
-/// a transposed B ([N, K]) is op(B) column-major.
-pub(crate) fn coop_block(defines: &[(&'static str, String)]) -> &'static str {
-    static CODE: [std::sync::OnceLock<String>; 2] = [const { std::sync::OnceLock::new() }; 2];
+/// The tensor-core kernels' sizes for fragments of `fragment` run by
+/// subgroups of `subgroup` invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct CoopSizes {
+    fragment: usize,
+    subgroup: usize,
+}
+
+impl CoopSizes {
+    pub(crate) fn new(fragment: usize, subgroup: usize) -> CoopSizes {
+        CoopSizes { fragment, subgroup }
+    }
+    /// Rows and columns of C per subgroup (4×4 fragments): `matmul_coop`'s tile.
+    fn subgroup_tile(self) -> usize {
+        4 * self.fragment
+    }
+    /// Rows and columns of C per `matmul_coop_staged` workgroup (2×2 subgroups).
+    fn workgroup_tile(self) -> usize {
+        8 * self.fragment
+    }
+    /// The staged kernel's step along k.
+    fn slab(self) -> usize {
+        2 * self.fragment
+    }
+    /// Row strides of the staged slabs in halves: A's (and a transposed
+    /// B's, [N, K]) rows of one slab, and a plain B's rows of the tile's
+    /// columns, each padded by 8 halves.
+    fn slab_stride(self) -> usize {
+        self.slab() + 8
+    }
+    fn slab_stride_cols(self) -> usize {
+        self.workgroup_tile() + 8
+    }
+    /// 16-byte words of each slab every invocation of the staged kernel
+    /// loads, where the workgroup's invocations split the slab evenly.
+    fn words_per_invocation(self) -> Option<usize> {
+        let words = self.workgroup_tile() * self.slab() / 8;
+        let invocations = 4 * self.subgroup;
+        words.is_multiple_of(invocations).then_some(words / invocations)
+    }
+    /// Halves of the staged kernel's workgroup arrays for A's slab and
+    /// B's (sized for either layout of B).
+    fn slab_lengths(self) -> (usize, usize) {
+        let a = self.workgroup_tile() * self.slab_stride();
+        (a, a.max(self.slab() * self.slab_stride_cols()))
+    }
+    /// The template values the tensor-core module needs besides TRANS_B.
+    pub(crate) fn defines(self) -> [(&'static str, String); 4] {
+        let (slab_a, slab_b) = self.slab_lengths();
+        [
+            ("COOP_F", self.fragment.to_string()),
+            ("COOP_SG", self.subgroup.to_string()),
+            ("COOP_SLAB_A", slab_a.to_string()),
+            ("COOP_SLAB_B", slab_b.to_string()),
+        ]
+    }
+    fn from_defines(defines: &[(&'static str, String)]) -> CoopSizes {
+        let size = |key| defines.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse().ok()).unwrap_or(16);
+        CoopSizes { fragment: size("COOP_F"), subgroup: size("COOP_SG") }
+    }
+}
+
+/// One generated tensor-core kernel body: which kernel, the layout of B,
+/// the sizes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct CoopVariant {
+    staged: bool,
+    trans_b: bool,
+    sizes: CoopSizes,
+}
+
+/// The generated bodies of the tensor-core kernels, made once per variant
+/// (an adapter has one set of sizes, so a process makes at most four).
+fn coop_code(key: CoopVariant, make: impl FnOnce() -> String) -> &'static str {
+    static CODE: std::sync::Mutex<Vec<(CoopVariant, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut code = CODE.lock().unwrap();
+    if let Some(&(_, text)) = code.iter().find(|(k, _)| *k == key) {
+        return text;
+    }
+    let text: &'static str = Box::leak(make().into_boxed_str());
+    code.push((key, text));
+    text
+}
+
+/// Where one subgroup's fragments of A and op(B) are read: the arrays,
+/// the index expressions of fragment i's (j's) first element, and the
+/// row strides.
+struct FragmentSource<'a> {
+    arrays: (&'a str, &'a str),
+    a_at: &'a dyn Fn(usize) -> String,
+    b_at: &'a dyn Fn(usize) -> String,
+    strides: (&'a str, &'a str),
+}
+
+/// One step along k of a subgroup's 4×4 fragments: the loads of four
+/// fragments of A and four of op(B) from `src`, and their 16
+/// multiply-adds, in a block of its own. `coopLoadT` reads a row-major
+/// fragment, `coopLoad` a column-major one, so a transposed B ([N, K]) is
+/// op(B) column-major.
+fn coop_step(line: &mut dyn FnMut(String), f: usize, trans_b: bool, src: &FragmentSource<'_>) {
+    let ((a_array, b_array), (a_stride, b_stride)) = (src.arrays, src.strides);
+    line("    {".into());
+    // Every index and stride is a `let` first: naga's SPIR-V writer leaves
+    // a cooperative load's or store's operands computed inline in its
+    // argument list unemitted.
+    for i in 0..4 {
+        line(format!("    let ai{i} = {};", (src.a_at)(i)));
+        line(format!("    let a{i} = coopLoadT<coop_mat{f}x{f}<f16, A>>(&{a_array}[ai{i}], {a_stride});"));
+    }
+    for j in 0..4 {
+        let load = if trans_b { "coopLoad" } else { "coopLoadT" };
+        line(format!("    let bi{j} = {};", (src.b_at)(j)));
+        line(format!("    let b{j} = {load}<coop_mat{f}x{f}<f16, B>>(&{b_array}[bi{j}], {b_stride});"));
+    }
+    for i in 0..4 {
+        for j in 0..4 {
+            line(format!("    c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});"));
+        }
+    }
+    line("    }".into());
+}
+
+/// The 16 accumulators of a subgroup's 4×4 fragments.
+fn coop_accumulators(line: &mut dyn FnMut(String), f: usize) {
+    for i in 0..4 {
+        line((0..4).map(|j| format!("var c{i}{j} = coop_mat{f}x{f}<f32, C>(); ")).collect());
+    }
+}
+
+/// The stores of the 16 accumulators to C from row `rows`, column `cols`
+/// (WGSL names).
+fn coop_stores(line: &mut dyn FnMut(String), f: usize, (rows, cols): (&str, &str)) {
+    for i in 0..4 {
+        for j in 0..4 {
+            line(format!("let at{i}{j} = p.c_off + ({rows} + {}u) * ldc + {cols} + {}u;", f * i, f * j));
+            line(format!("coopStoreT(c{i}{j}, &c[at{i}{j}], ldc);"));
+        }
+    }
+}
+
+/// `matmul_coop`'s body (its COOP_BLOCK) for the layout of B and the
+/// sizes in `defines`: 16 accumulators, the k loop over fragments, the
+/// stores. Empty in a module made for the staged kernel.
+pub(crate) fn coop_block(entry: &str, defines: &[(&'static str, String)]) -> &'static str {
+    if entry != "matmul_coop" {
+        return "";
+    }
     let trans_b = defined_true(defines, "TRANS_B");
-    CODE[trans_b as usize].get_or_init(|| {
+    let sizes = CoopSizes::from_defines(defines);
+    coop_code(CoopVariant { staged: false, trans_b, sizes }, || {
+        let f = sizes.fragment;
         unrolled_block(|line| {
-            // Every index and stride is a `let` first: naga's SPIR-V writer
-            // leaves a cooperative store's operands computed inline in its
-            // argument list unemitted.
+            line(format!("let m0 = wid.y * {}u;", sizes.subgroup_tile()));
+            line(format!("let n0 = wid.x * {}u;", sizes.subgroup_tile()));
             line("let lda = p.lda; let ldb = p.ldb; let ldc = p.ldc;".into());
-            for i in 0..4 {
-                line((0..4).map(|j| format!("var c{i}{j} = coop_mat16x16<f32, C>(); ")).collect());
+            coop_accumulators(line, f);
+            line(format!("for (var k = 0u; k < p.k; k += {f}u) {{"));
+            let a_at = |i: usize| format!("p.a_off + (m0 + {}u) * lda + k", f * i);
+            let b_at = |j: usize| {
+                if trans_b { format!("p.b_off + (n0 + {}u) * ldb + k", f * j) } else { format!("p.b_off + k * ldb + n0 + {}u", f * j) }
+            };
+            coop_step(line, f, trans_b, &FragmentSource { arrays: ("a", "b"), a_at: &a_at, b_at: &b_at, strides: ("lda", "ldb") });
+            line("}".into());
+            coop_stores(line, f, ("m0", "n0"));
+        })
+    })
+}
+
+/// `matmul_coop_staged`'s body (its COOP_STAGED_BLOCK) for the layout of
+/// B and the sizes in `defines`. Each invocation owns `words_per_invocation`
+/// 16-byte words of each slab at fixed slab coordinates (`ar{w}`/`ac{w}`
+/// for A, `br{w}`/`bc{w}` for B); words past K read as zero, so a last
+/// slab of one fragment adds nothing from its second half. Empty in a
+/// module made for the other kernel.
+pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)]) -> &'static str {
+    if entry != "matmul_coop_staged" {
+        return "";
+    }
+    let trans_b = defined_true(defines, "TRANS_B");
+    let sizes = CoopSizes::from_defines(defines);
+    coop_code(CoopVariant { staged: true, trans_b, sizes }, || {
+        let (f, tile, slab) = (sizes.fragment, sizes.workgroup_tile(), sizes.slab());
+        let (stride, stride_cols) = (sizes.slab_stride(), sizes.slab_stride_cols());
+        let words = sizes.words_per_invocation().unwrap_or(0);
+        let threads = 4 * sizes.subgroup;
+        unrolled_block(|line| {
+            line(format!("let m0 = wid.y * {tile}u;"));
+            line(format!("let n0 = wid.x * {tile}u;"));
+            line("let lda = p.lda; let ldb = p.ldb; let ldc = p.ldc;".into());
+            // The subgroup's quarter of the workgroup's tile.
+            line(format!("let wm = (sg / 2u) * {}u;", sizes.subgroup_tile()));
+            line(format!("let wn = (sg % 2u) * {}u;", sizes.subgroup_tile()));
+            // A slab is `tile` rows of `slab` halves: slab / 8 words a row.
+            // A plain B's slab is `slab` rows of `tile` halves.
+            let (b_rows_words, b_stride) = if trans_b { (slab / 8, stride) } else { (tile / 8, stride_cols) };
+            for w in 0..words {
+                line(format!("let q{w} = li + {}u;", w * threads));
+                line(format!("let ar{w} = q{w} / {}u; let ac{w} = (q{w} % {}u) * 8u;", slab / 8, slab / 8));
+                line(format!("let br{w} = q{w} / {b_rows_words}u; let bc{w} = (q{w} % {b_rows_words}u) * 8u;"));
+                line(format!("var wa{w} = vec4<u32>(); var wb{w} = vec4<u32>();"));
             }
-            line("for (var k = 0u; k < p.k; k += 16u) {".into());
-            for i in 0..4 {
-                line(format!("    let a{i} = coopLoadT<coop_mat16x16<f16, A>>(&a[p.a_off + (m0 + {}u) * lda + k], lda);", 16 * i));
-            }
-            for j in 0..4 {
-                line(if trans_b {
-                    format!("    let b{j} = coopLoad<coop_mat16x16<f16, B>>(&b[p.b_off + (n0 + {}u) * ldb + k], ldb);", 16 * j)
-                } else {
-                    format!("    let b{j} = coopLoadT<coop_mat16x16<f16, B>>(&b[p.b_off + k * ldb + n0 + {}u], ldb);", 16 * j)
-                });
-            }
-            for i in 0..4 {
-                for j in 0..4 {
-                    line(format!("    c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});"));
+            let load = |line: &mut dyn FnMut(String), k: &str| {
+                for w in 0..words {
+                    line(format!("if ({k} + ac{w} < p.k) {{ wa{w} = a_words[(p.a_off + (m0 + ar{w}) * lda + {k} + ac{w}) / 8u]; }} else {{ wa{w} = vec4<u32>(); }}"));
+                    line(if trans_b {
+                        format!("if ({k} + bc{w} < p.k) {{ wb{w} = b_words[(p.b_off + (n0 + br{w}) * ldb + {k} + bc{w}) / 8u]; }} else {{ wb{w} = vec4<u32>(); }}")
+                    } else {
+                        format!("if ({k} + br{w} < p.k) {{ wb{w} = b_words[(p.b_off + ({k} + br{w}) * ldb + n0 + bc{w}) / 8u]; }} else {{ wb{w} = vec4<u32>(); }}")
+                    });
                 }
+            };
+            coop_accumulators(line, f);
+            load(line, "0u");
+            line(format!("for (var k = 0u; k < p.k; k += {slab}u) {{"));
+            line("    workgroupBarrier();".into());
+            for w in 0..words {
+                line(format!("    let sa{w} = ar{w} * {stride}u + ac{w};"));
+                line(format!("    let sb{w} = br{w} * {b_stride}u + bc{w};"));
+                for (half, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+                    line(format!("    let ha{w}{lane} = vec2<f16>(unpack2x16float(wa{w}.{lane})); let hb{w}{lane} = vec2<f16>(unpack2x16float(wb{w}.{lane}));"));
+                    for (part, comp) in ["x", "y"].iter().enumerate() {
+                        let at = 2 * half + part;
+                        line(format!("    slab_a[sa{w} + {at}u] = ha{w}{lane}.{comp}; slab_b[sb{w} + {at}u] = hb{w}{lane}.{comp};"));
+                    }
+                }
+            }
+            line("    workgroupBarrier();".into());
+            // The next slab's words load while this one is multiplied.
+            line(format!("    let next = k + {slab}u;"));
+            line("    if (next < p.k) {".into());
+            load(&mut |text| line(format!("        {text}")), "next");
+            line("    }".into());
+            for kk in [0, f] {
+                let a_at = move |i: usize| format!("(wm + {}u) * {stride}u + {kk}u", f * i);
+                let b_at = move |j: usize| {
+                    if trans_b { format!("(wn + {}u) * {stride}u + {kk}u", f * j) } else { format!("{kk}u * {stride_cols}u + wn + {}u", f * j) }
+                };
+                let strides = (format!("{stride}u"), format!("{b_stride}u"));
+                coop_step(line, f, trans_b, &FragmentSource { arrays: ("slab_a", "slab_b"), a_at: &a_at, b_at: &b_at, strides: (&strides.0, &strides.1) });
             }
             line("}".into());
-            for i in 0..4 {
-                for j in 0..4 {
-                    line(format!("let at{i}{j} = p.c_off + (m0 + {}u) * ldc + n0 + {}u;", 16 * i, 16 * j));
-                    line(format!("coopStoreT(c{i}{j}, &c[at{i}{j}], ldc);"));
-                }
-            }
+            line("let rm = m0 + wm; let rn = n0 + wn;".into());
+            coop_stores(line, f, ("rm", "rn"));
         })
     })
 }
@@ -592,6 +796,10 @@ impl GpuContext {
         // K pieces after the first add to C.
         let plain = defines(&MatmulSpec { beta: 1.0, ..spec }, a.dtype(), b.dtype());
         let with_epilogue = epilogue_defines(&spec, a.dtype(), b.dtype(), epilogue.residual.is_some(), bias.is_some(), activated.map(|act| (act.act, act.gated)));
+        let coop_defines: Vec<_> = match self.coop_sizes() {
+            Some(sizes) => std::iter::once(("TRANS_B", flag(spec.trans_b))).chain(sizes.defines()).collect(),
+            None => Vec::new(),
+        };
         for &(m0, mlen) in &m_spans {
             let residual = epilogue.residual.map(|r| r.locate(m0));
             let keys = activated.map(|act| act.keys.locate(m0));
@@ -633,7 +841,7 @@ impl GpuContext {
                     let plain_product = ki == 0 && k_spans.len() == 1 && spec.alpha == 1.0 && spec.beta == 0.0 && epilogue.residual.is_none() && bias.is_none() && activated.is_none();
                     let coop = plain_product.then(|| self.coop_grid(&spec, operands, (mlen, klen, nlen))).flatten();
                     let chosen = match coop {
-                        Some(grid) => Some((Kernel { family: ShaderFamily::MatmulCoop, entry: "matmul_coop", ..kernel }, grid)),
+                        Some((entry, grid)) => Some((Kernel { family: ShaderFamily::MatmulCoop, entry, defines: &coop_defines }, grid)),
                         None => self.chosen_product(&spec, operands, (mlen, klen, nlen), gated, true).map(|(entry, grid)| (Kernel { entry, ..kernel }, grid)),
                     };
                     let (kernel, grid) = match chosen {
@@ -923,16 +1131,39 @@ impl GpuContext {
         self.dispatch(Kernel { entry: "matmul_split_sum", ..kernel }, bytemuck::bytes_of(&sum), &sum_buffers, grid)
     }
 
-    /// The grid of `matmul_coop` (tensor cores) for a plain C = A·op(B)
-    /// of f16 A (not transposed) and f16 B into f32 C, where the adapter
-    /// has it and every shape, offset and stride is a whole number of its
-    /// tiles (64 rows and columns, 16 along k); else None.
-    fn coop_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize)) -> Option<[u32; 3]> {
+    /// The tensor-core kernels' sizes on this device, where they are on.
+    fn coop_sizes(&self) -> Option<CoopSizes> {
+        self.coop_shape().map(|c| CoopSizes::new(c.fragment as usize, c.subgroup as usize))
+    }
+
+    /// The tensor-core kernel and its grid for a plain C = A·op(B) of f16
+    /// A (not transposed) and f16 B into f32 C, where the device has them
+    /// and every offset and stride is a whole number of fragment rows and
+    /// of the staged kernel's 16-byte words (16 halves on NVIDIA, 8 on
+    /// lavapipe) and K of fragments: `matmul_coop_staged` where M and N are whole workgroup
+    /// tiles (and it is on, and its slabs fit the device's workgroup
+    /// memory), else `matmul_coop` where they are whole subgroup tiles;
+    /// else None.
+    fn coop_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize)) -> Option<(&'static str, [u32; 3])> {
+        let sizes = self.coop_sizes()?;
         let [a, b, c] = operands;
-        let aligned = operands.iter().all(|o| o.offset.is_multiple_of(16) && o.ld.is_multiple_of(16));
-        let fits = self.has_tensor_cores() && !spec.trans_a && a.dtype == DType::F16 && b.dtype == DType::F16 && c.dtype == DType::F32;
-        (fits && aligned && m > 0 && m.is_multiple_of(64) && n.is_multiple_of(64) && n > 0 && k.is_multiple_of(16) && k > 0)
-            .then_some([(n / 64) as u32, (m / 64) as u32, 1])
+        let unit = sizes.fragment.max(8);
+        let aligned = operands.iter().all(|o| o.offset.is_multiple_of(unit) && o.ld.is_multiple_of(unit) && o.buffer.size().is_multiple_of(16));
+        let fits = !spec.trans_a && a.dtype == DType::F16 && b.dtype == DType::F16 && c.dtype == DType::F32;
+        if !(fits && aligned && m > 0 && n > 0 && k > 0 && k.is_multiple_of(sizes.fragment)) {
+            return None;
+        }
+        let (slab_a, slab_b) = sizes.slab_lengths();
+        let slabs_bytes = 2 * (slab_a + slab_b) as u64;
+        let staged = self.coop_shape().is_some_and(|c| c.staged)
+            && sizes.words_per_invocation().is_some()
+            && slabs_bytes <= self.limits().max_compute_workgroup_storage_size as u64
+            && 4 * sizes.subgroup <= self.limits().max_compute_invocations_per_workgroup as usize;
+        let (wide, narrow) = (sizes.workgroup_tile(), sizes.subgroup_tile());
+        if staged && m.is_multiple_of(wide) && n.is_multiple_of(wide) {
+            return Some(("matmul_coop_staged", [(n / wide) as u32, (m / wide) as u32, 1]));
+        }
+        (m.is_multiple_of(narrow) && n.is_multiple_of(narrow)).then_some(("matmul_coop", [(n / narrow) as u32, (m / narrow) as u32, 1]))
     }
 
     /// The product kernel for an M × K × N product of `operands` and its
@@ -961,7 +1192,12 @@ impl GpuContext {
 /// The bindings of A, B and C for product kernel `entry`: `matmul_wide`
 /// reads and writes them through its four-value views.
 fn operand_bindings(entry: &str) -> [u32; 3] {
-    if entry == "matmul_wide" { [8, 9, 10] } else { [1, 2, 3] }
+    match entry {
+        "matmul_wide" => [8, 9, 10],
+        // A and B as 16-byte words.
+        "matmul_coop_staged" => [8, 9, 3],
+        _ => [1, 2, 3],
+    }
 }
 
 fn shift((buf, off): (std::sync::Arc<PooledBuffer>, usize), by: usize) -> (std::sync::Arc<PooledBuffer>, usize) {
