@@ -72,24 +72,147 @@ fn unnormalised_probs(b: u32, h: u32, i: u32, start: u32, end: u32, lane: u32) -
     return workgroup_sum(local_sum, lane);
 }
 
-// One workgroup per (query, head, sequence).
+// Attention for GPUs, flash-style: one workgroup per ATTEND_QUERIES
+// queries of one head and sequence, ATTEND_LANES invocations per query.
+// Keys and values come in tiles of `attend_keys()` (at most 32, and few
+// enough that a tile of head_dim + 1 floats a key fits attend_kv; the pad
+// keeps the lanes of a query reading distinct banks) through workgroup memory, and
+// the softmax is taken online (running maximum and sum, the accumulated
+// output rescaled as the maximum grows), so the key count is unbounded by
+// workgroup memory and each key and value is read once per workgroup
+// instead of once per query. Lane l of a query scores the tile's keys l,
+// l + 16 and accumulates output dimensions l, l + 16, ...
+const ATTEND_QUERIES: u32 = 16u;
+const ATTEND_LANES: u32 = 16u;
+const ATTEND_KV_FLOATS: u32 = 3072u;
+var<workgroup> attend_kv: array<f32, ATTEND_KV_FLOATS>;
+var<workgroup> attend_p: array<f32, 512>;
+
+// Keys per tile: the largest power of two up to 32 whose rows fit attend_kv
+// (32 for head_dim 64, 16 for 96 or 128, 8 for 256).
+fn attend_keys() -> u32 {
+    return min(32u, 1u << firstLeadingBit(ATTEND_KV_FLOATS / (ap.head_dim + 1u)));
+}
+
+// Copies keys (or values) j0 .. j0 + attend_keys() of kv head kv of sequence
+// b into attend_kv (rows of head_dim + 1; zero past `end`).
+fn load_key_tile(src_is_v: bool, b: u32, kv: u32, j0: u32, end: u32, lane: u32) {
+    let d_head = ap.head_dim;
+    for (var e = lane; e < attend_keys() * d_head; e += 256u) {
+        let jj = e / d_head;
+        let d = e % d_head;
+        let j = j0 + jj;
+        var value = 0.0;
+        if (j < end) {
+            if (src_is_v) {
+                value = v[ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head + d];
+            } else {
+                value = k[ap.k_off + (b * ap.kv_seq + j) * ap.k_row + kv * ap.k_head + d];
+            }
+        }
+        attend_kv[jj * (d_head + 1u) + d] = value;
+    }
+}
+
 @compute @workgroup_size(256)
 fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = wid.x;
     let h = wid.y;
     let b = wid.z;
-    let range = key_range(b, i);
-    let row = b * ap.q_seq + i;
+    let r = lid.x / ATTEND_LANES;
+    let lane = lid.x % ATTEND_LANES;
+    let i = wid.x * ATTEND_QUERIES + r;
+    let live = i < ap.q_seq;
     let kv = h / ap.kv_group;
-    let total = unnormalised_probs(b, h, i, range.x, range.y, lid.x);
-
-    for (var d = lid.x; d < ap.head_dim; d += 256u) {
-        var acc = 0.0;
-        for (var j = range.x; j < range.y; j++) {
-            acc += probs[j] * v[ap.v_off + (b * ap.kv_seq + j) * ap.v_row + kv * ap.v_head + d];
+    let d_head = ap.head_dim;
+    let stride = d_head + 1u;
+    let tile = attend_keys();
+    var range = vec2<u32>(0u, 0u);
+    if (live) {
+        range = key_range(b, i);
+    }
+    // Every query of a sequence starts at the same key; the last live one
+    // of the workgroup ends last.
+    let span = key_range(b, min(wid.x * ATTEND_QUERIES + ATTEND_QUERIES, ap.q_seq) - 1u);
+    let q_base = ap.q_off + (b * ap.q_seq + i) * ap.q_row + h * ap.q_head;
+    var run_max = neg_inf();
+    var run_sum = 0.0;
+    var acc: array<f32, 16>;
+    for (var t = 0u; t < 16u; t++) {
+        acc[t] = 0.0;
+    }
+    for (var j0 = span.x; j0 < span.y; j0 += tile) {
+        load_key_tile(false, b, kv, j0, span.y, lid.x);
+        workgroupBarrier();
+        // This lane's keys' scores (at most two), -inf outside the query's keys.
+        var own0 = neg_inf();
+        var own1 = neg_inf();
+        for (var u = 0u; u < 2u; u++) {
+            let jj = lane + u * ATTEND_LANES;
+            let j = j0 + jj;
+            if (live && jj < tile && j >= range.x && j < range.y) {
+                var dot = 0.0;
+                for (var d = 0u; d < d_head; d++) {
+                    dot += q[q_base + d] * attend_kv[jj * stride + d];
+                }
+                if (u == 0u) {
+                    own0 = dot * ap.scale;
+                } else {
+                    own1 = dot * ap.scale;
+                }
+            }
         }
-        // A padding query before its sequence starts sees no keys: output 0.
-        out[row * ap.out_row + h * ap.head_dim + d] = select(0.0, acc / total, range.y > range.x);
+        if (lane < tile) {
+            attend_p[r * tile + lane] = own0;
+        }
+        if (lane + ATTEND_LANES < tile) {
+            attend_p[r * tile + lane + ATTEND_LANES] = own1;
+        }
+        workgroupBarrier();
+        var tile_max = neg_inf();
+        for (var jj = 0u; jj < tile; jj++) {
+            tile_max = max(tile_max, attend_p[r * tile + jj]);
+        }
+        let new_max = max(run_max, tile_max);
+        // Nothing seen before: nothing to rescale (and exp(-inf + inf) is NaN).
+        let factor = select(0.0, exp(run_max - new_max), run_max > neg_inf());
+        run_sum *= factor;
+        for (var t = 0u; t < 16u; t++) {
+            acc[t] *= factor;
+        }
+        run_max = new_max;
+        workgroupBarrier();
+        // Probabilities (unnormalised) replace the scores; the values
+        // replace the keys.
+        if (lane < tile) {
+            attend_p[r * tile + lane] = select(0.0, exp(own0 - new_max), own0 > neg_inf());
+        }
+        if (lane + ATTEND_LANES < tile) {
+            attend_p[r * tile + lane + ATTEND_LANES] = select(0.0, exp(own1 - new_max), own1 > neg_inf());
+        }
+        load_key_tile(true, b, kv, j0, span.y, lid.x);
+        workgroupBarrier();
+        for (var jj = 0u; jj < tile; jj++) {
+            let p = attend_p[r * tile + jj];
+            run_sum += p;
+            for (var t = 0u; t < 16u; t++) {
+                let d = lane + t * ATTEND_LANES;
+                if (d < d_head) {
+                    acc[t] += p * attend_kv[jj * stride + d];
+                }
+            }
+        }
+        // The next tile overwrites attend_kv and attend_p.
+        workgroupBarrier();
+    }
+    if (live) {
+        let row = b * ap.q_seq + i;
+        for (var t = 0u; t < 16u; t++) {
+            let d = lane + t * ATTEND_LANES;
+            // A padding query before its sequence starts sees no keys: output 0.
+            if (d < d_head) {
+                out[row * ap.out_row + h * d_head + d] = select(0.0, acc[t] / run_sum, range.y > range.x);
+            }
+        }
     }
 }
 

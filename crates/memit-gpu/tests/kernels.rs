@@ -766,13 +766,30 @@ fn attention_of_later_queries_against_all_keys() {
     }
 }
 
+/// Sequences longer than a GPU workgroup's 16 queries and its tiles of
+/// keys (32 keys at head_dim 64, 16 at 96, 8 at 256), with padding inside
+/// tiles: several query workgroups per sequence, the online softmax across
+/// tiles, tiles a query sees none of, and the widest heads.
+#[test]
+fn attention_over_many_query_and_key_tiles() {
+    for ctx in [ctx(), other_kernels_ctx()] {
+        for (seq, heads, kv_heads, hd, bounds) in [(45, 2, 1, 64, [(3u32, 45u32), (0u32, 30u32)]), (37, 2, 2, 96, [(0, 37), (17, 36)]), (21, 1, 1, 256, [(1, 21), (0, 9)])] {
+            check_attention_shape(ctx.as_ref(), (seq, heads, kv_heads, hd), &bounds, seq as u64);
+        }
+    }
+}
+
 fn check_attention(ctx: &std::sync::Arc<memit_gpu::GpuContext>) {
     // 2 sequences of 7 slots: the first left-padded (starts at 2), the
     // second right-padded (ends at 5). 4 query heads share 2 kv heads.
-    let (seq, heads, kv_heads, hd) = (7, 4, 2, 8);
-    let bounds = [(2u32, 7u32), (0u32, 5u32)];
+    check_attention_shape(ctx.as_ref(), (7, 4, 2, 8), &[(2, 7), (0, 5)], 9);
+}
+
+/// Attention over two sequences of `seq` slots whose real keys are
+/// `bounds`, against the float64 reference.
+fn check_attention_shape(ctx: &GpuContext, (seq, heads, kv_heads, hd): (usize, usize, usize, usize), bounds: &[(u32, u32); 2], seed: u64) {
     let rows = 2 * seq;
-    let mut rng = Rng::new(9);
+    let mut rng = Rng::new(seed);
     // One fused row per token: [q heads | k heads | v heads].
     let width = (heads + 2 * kv_heads) * hd;
     let x = rng.vec(rows * width, 1.0);
@@ -781,8 +798,8 @@ fn check_attention(ctx: &std::sync::Arc<memit_gpu::GpuContext>) {
     let k = memit_gpu::HeadLayout { offset: heads * hd, head_stride: hd, n_heads: kv_heads };
     let v = memit_gpu::HeadLayout { offset: (heads + kv_heads) * hd, head_stride: hd, n_heads: kv_heads };
     let scale = 1.0 / (hd as f32).sqrt();
-    let out = read(ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, AttentionRows { q_seq: seq, kv_seq: seq, bounds: &key_bounds(ctx, &bounds) }, scale).unwrap());
+    let out = read(ctx, &ctx.attention((&gx, q), (&gx, k), (&gx, v), hd, AttentionRows { q_seq: seq, kv_seq: seq, bounds: &key_bounds(ctx, bounds) }, scale).unwrap());
     let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    let want = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
-    assert_close(&out, &want, 1e-5, 1e-6, &format!("attention (CPU-style kernels: {})", ctx.cpu_kernels()));
+    let want = cpu_attention(&xs, width, seq, heads, kv_heads, hd, bounds, scale as f64);
+    assert_close(&out, &want, 1e-5, 1e-6, &format!("attention {seq}×{heads}×{hd} (CPU-style kernels: {})", ctx.cpu_kernels()));
 }

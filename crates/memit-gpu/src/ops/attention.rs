@@ -10,6 +10,8 @@ use crate::shader::ShaderFamily;
 use crate::tensor::{DType, Indices, Tensor};
 
 const MAX_KEYS: usize = 2048;
+/// Queries per workgroup of the GPUs' `attend` (ATTEND_QUERIES).
+const ATTEND_QUERIES: usize = 16;
 const MAX_HEAD_DIM: usize = 256;
 
 #[repr(C)]
@@ -137,7 +139,7 @@ impl GpuContext {
         let (entry, groups) = if self.cpu_kernels() {
             ("attend_rows", [rows.q_seq.div_ceil(64) as u32, q.1.n_heads as u32, n_seqs as u32])
         } else {
-            ("attend", [rows.q_seq as u32, q.1.n_heads as u32, n_seqs as u32])
+            ("attend", [rows.q_seq.div_ceil(ATTEND_QUERIES) as u32, q.1.n_heads as u32, n_seqs as u32])
         };
         self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &[(1, q_buf), (2, k_buf), (3, v_buf), (4, &rows.bounds.buffer), (5, out_buf)], groups)?;
         Ok(out)
