@@ -126,6 +126,10 @@ struct Info {
     device_type: String,
     driver: String,
     shader_f16: bool,
+    /// The cooperative matrices f16 · f16 products run on, where the
+    /// device has them: fragment side, subgroup size, whether the staged
+    /// kernel is on.
+    tensor_cores: Option<memit_gpu::CoopShape>,
     max_storage_buffer_binding_size: u64,
     max_buffer_size: u64,
     max_compute_workgroup_storage_size: u32,
@@ -246,6 +250,7 @@ fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
         device_type: format!("{:?}", adapter.device_type),
         driver: format!("{} {}", adapter.driver, adapter.driver_info).trim().to_string(),
         shader_f16: ctx.has_shader_f16(),
+        tensor_cores: ctx.coop_shape(),
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
@@ -263,6 +268,10 @@ fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
         println!("adapter          {} ({}, {})", info.adapter, info.backend, info.device_type);
         println!("driver           {}", info.driver);
         println!("shader-f16       {}", if info.shader_f16 { "yes" } else { "no (f16 weights still work, read via unpack2x16float)" });
+        match info.tensor_cores {
+            Some(c) => println!("tensor cores     {0}×{0} f16 fragments into f32, subgroups of {1}{2}", c.fragment, c.subgroup, if c.staged { "" } else { " (one-subgroup kernel only)" }),
+            None => println!("tensor cores     no (f16 · f16 products on the portable kernels)"),
+        }
         println!("storage binding  {:.0} MiB (tensors larger than this are split into chunks)", mib(info.max_storage_buffer_binding_size));
         println!("max buffer       {:.0} MiB", mib(info.max_buffer_size));
         println!("workgroup memory {} KiB, {} invocations", info.max_compute_workgroup_storage_size / 1024, info.max_compute_invocations_per_workgroup);

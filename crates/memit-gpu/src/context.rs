@@ -74,7 +74,7 @@ pub enum TensorCores {
 /// square f16 fragments of `fragment` (16 on NVIDIA, 8 on lavapipe) into
 /// f32, run by subgroups of `subgroup` invocations, and which kernels are
 /// on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct CoopShape {
     pub fragment: u32,
     pub subgroup: u32,
