@@ -8,7 +8,8 @@
 
 {{COMMON}}
 
-// Keys one query can attend to (probabilities live in workgroup memory).
+// Keys one query can attend to in the backward pass (probabilities live in
+// workgroup memory); the forward kernels take the softmax online.
 const MAX_KEYS: u32 = 2048u;
 const MAX_HEAD_DIM: u32 = 256u;
 
@@ -85,6 +86,13 @@ fn unnormalised_probs(b: u32, h: u32, i: u32, start: u32, end: u32, lane: u32) -
 const ATTEND_QUERIES: u32 = 16u;
 const ATTEND_LANES: u32 = 16u;
 const ATTEND_KV_FLOATS: u32 = 3072u;
+// Masked scores, and the running maximum before any key, take this finite
+// floor rather than -inf (WGSL lets implementations assume no infinities):
+// once a query's maximum is a real score its masked keys weigh
+// exp(floor - max) = 0. Every query's first tile holds its first key (all
+// of a sequence's queries start at the same key), so only a padding query,
+// which sees no key, ever runs on the floor, and its output is set to 0.
+const SCORE_FLOOR: f32 = -3.0e38;
 var<workgroup> attend_kv: array<f32, ATTEND_KV_FLOATS>;
 var<workgroup> attend_p: array<f32, 512>;
 
@@ -134,7 +142,7 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     // of the workgroup ends last.
     let span = key_range(b, min(wid.x * ATTEND_QUERIES + ATTEND_QUERIES, ap.q_seq) - 1u);
     let q_base = ap.q_off + (b * ap.q_seq + i) * ap.q_row + h * ap.q_head;
-    var run_max = neg_inf();
+    var run_max = SCORE_FLOOR;
     var run_sum = 0.0;
     var acc: array<f32, 16>;
     for (var t = 0u; t < 16u; t++) {
@@ -143,9 +151,9 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     for (var j0 = span.x; j0 < span.y; j0 += tile) {
         load_key_tile(false, b, kv, j0, span.y, lid.x);
         workgroupBarrier();
-        // This lane's keys' scores (at most two), -inf outside the query's keys.
-        var own0 = neg_inf();
-        var own1 = neg_inf();
+        // This lane's keys' scores (at most two), the floor outside the query's keys.
+        var own0 = SCORE_FLOOR;
+        var own1 = SCORE_FLOOR;
         for (var u = 0u; u < 2u; u++) {
             let jj = lane + u * ATTEND_LANES;
             let j = j0 + jj;
@@ -168,13 +176,13 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             attend_p[r * tile + lane + ATTEND_LANES] = own1;
         }
         workgroupBarrier();
-        var tile_max = neg_inf();
+        var tile_max = SCORE_FLOOR;
         for (var jj = 0u; jj < tile; jj++) {
             tile_max = max(tile_max, attend_p[r * tile + jj]);
         }
         let new_max = max(run_max, tile_max);
-        // Nothing seen before: nothing to rescale (and exp(-inf + inf) is NaN).
-        let factor = select(0.0, exp(run_max - new_max), run_max > neg_inf());
+        // 0 when the first real score arrives (from the floor), else the usual rescale.
+        let factor = exp(run_max - new_max);
         run_sum *= factor;
         for (var t = 0u; t < 16u; t++) {
             acc[t] *= factor;
@@ -184,10 +192,10 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
         // Probabilities (unnormalised) replace the scores; the values
         // replace the keys.
         if (lane < tile) {
-            attend_p[r * tile + lane] = select(0.0, exp(own0 - new_max), own0 > neg_inf());
+            attend_p[r * tile + lane] = exp(own0 - new_max);
         }
         if (lane + ATTEND_LANES < tile) {
-            attend_p[r * tile + lane + ATTEND_LANES] = select(0.0, exp(own1 - new_max), own1 > neg_inf());
+            attend_p[r * tile + lane + ATTEND_LANES] = exp(own1 - new_max);
         }
         load_key_tile(true, b, kv, j0, span.y, lid.x);
         workgroupBarrier();

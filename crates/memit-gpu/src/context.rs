@@ -192,8 +192,9 @@ impl GpuContext {
     /// (`MEMIT_ADAPTER` selects an adapter by name; `MEMIT_CPU_KERNELS=1|0`
     /// forces the CPU or the GPU kernel variants,
     /// `MEMIT_BIG_PRODUCT_GROUPS=<n>` the fewest workgroups that take
-    /// `matmul_big` and `MEMIT_TENSOR_CORES=0|1` whether f16 · f16 products
-    /// may take tensor cores, for comparing them).
+    /// `matmul_big` and `MEMIT_TENSOR_CORES=0|1|subgroup` whether f16 · f16
+    /// products may take tensor cores, and which kernels, for comparing
+    /// them).
     pub async fn from_env() -> Result<Arc<Self>> {
         let var = |key: &str| std::env::var(key).ok().filter(|s| !s.is_empty());
         let backends = var("MEMIT_BACKEND").map(|b| parse_backend(&b)).transpose()?;
@@ -261,8 +262,9 @@ impl GpuContext {
                 required_features,
                 required_limits: limits.clone(),
                 // SAFETY: the only experimental feature asked for is the
-                // cooperative matrices, used by `matmul_coop` alone, whose
-                // loads and stores stay inside shapes the host checks.
+                // cooperative matrices, used by the tensor-core kernels
+                // alone (`matmul_coop`, `matmul_coop_staged`), whose loads
+                // and stores stay inside shapes the host checks.
                 experimental_features: if required_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() },
                 ..Default::default()
             })

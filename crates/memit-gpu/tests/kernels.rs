@@ -65,25 +65,32 @@ fn matmul_f16_storage_accumulates_in_f32() {
 /// matrices (a workstation GPU's 16×16 fragments, or lavapipe's 8×8 from
 /// Mesa 25.1 on, which tests/run.sh runs it on through
 /// `scripts/mesa-coop.sh`; elsewhere this prints that it has nothing to
-/// check), both with the staged kernel on and with only the
-/// one-subgroup kernel: shapes of whole workgroup tiles (8 fragments: the
+/// check), with the staged kernel on, with only the one-subgroup kernel,
+/// and with tensors in 4 KiB chunks (operands at offsets, C written in
+/// column blocks): shapes of whole workgroup tiles (8 fragments: the
 /// staged kernel), of whole subgroup tiles only (4 fragments: the other),
-/// K of an odd number of fragments (the staged kernel's half slab), both
-/// layouts of B, and shapes off the tiles, which take the portable kernels.
+/// K of an odd number of fragments (the staged kernel's half slab), long
+/// K, both layouts of B, and shapes off the tiles, which take the portable
+/// kernels. Where the adapter has timestamps, the kernels each product ran
+/// are checked against the ones its shape should take.
 #[test]
 fn matmul_f16_on_tensor_cores() {
     let ctx = ctx();
+    let expected = std::env::var_os("MEMIT_EXPECT_TENSOR_CORES").is_some();
     let Some(shape) = ctx.coop_shape() else {
         // tests/run.sh sets this where it runs the test on lavapipe with
         // cooperative matrices, which must then be there.
-        assert!(std::env::var_os("MEMIT_EXPECT_TENSOR_CORES").is_none(), "MEMIT_EXPECT_TENSOR_CORES is set but {} has no cooperative matrices", ctx.adapter_info().name);
+        assert!(!expected, "MEMIT_EXPECT_TENSOR_CORES is set but {} has no cooperative matrices", ctx.adapter_info().name);
         eprintln!("{}: no cooperative matrices, nothing to check", ctx.adapter_info().name);
         return;
     };
     let f = shape.fragment as usize;
     eprintln!("{}: fragments {f}×{f}, subgroups of {}", ctx.adapter_info().name, shape.subgroup);
-    let one_subgroup = pollster::block_on(GpuContext::new(GpuOptions { tensor_cores: Some(TensorCores::SubgroupTiles), ..Default::default() })).unwrap();
+    assert!(shape.staged);
+    let options = |tensor_cores, max_chunk_bytes| GpuOptions { adapter_name: std::env::var("MEMIT_ADAPTER").ok(), tensor_cores: Some(tensor_cores), max_chunk_bytes, ..Default::default() };
+    let one_subgroup = pollster::block_on(GpuContext::new(options(TensorCores::SubgroupTiles, None))).unwrap();
     assert_eq!(one_subgroup.coop_shape().map(|s| s.staged), Some(false));
+    let chunked = pollster::block_on(GpuContext::new(options(TensorCores::Staged, Some(4096)))).unwrap();
     let shapes = [
         (8 * f, f, 8 * f),
         (8 * f, 3 * f, 16 * f),
@@ -91,15 +98,45 @@ fn matmul_f16_on_tensor_cores() {
         (4 * f, 64 * f, 4 * f),
         (12 * f, 5 * f, 4 * f),
         (4 * f + 1, f, 4 * f),
-        (4 * f, f + 8, 4 * f),
+        (4 * f, f + 4, 4 * f),
     ];
-    for ctx in [&ctx, &one_subgroup] {
+    let mut ran_coop = 0;
+    for (name, ctx) in [("staged", &ctx), ("one subgroup", &one_subgroup), ("4 KiB chunks", &chunked)] {
         for (i, &(m, k, n)) in shapes.iter().enumerate() {
             for tb in [false, true] {
+                let profiled = ctx.start_profiling().is_ok();
                 check_matmul(ctx, m, k, n, false, tb, (DType::F16, DType::F16), 700 + i as u64);
+                if !profiled {
+                    continue;
+                }
+                let kernels: Vec<String> = ctx.finish_profiling().unwrap().into_iter().map(|t| t.kernel).filter(|k| k.starts_with("matmul")).collect();
+                let coop: Vec<&String> = kernels.iter().filter(|k| k.starts_with("matmul_coop::")).collect();
+                ran_coop += coop.len();
+                if name == "4 KiB chunks" {
+                    continue;
+                }
+                // The kernel this shape should take: whole tiles, K and
+                // every stride a whole number of fragments and 16-byte words.
+                let unit = f.max(8);
+                let aligned = k.is_multiple_of(unit) && n.is_multiple_of(unit);
+                let want = if !aligned {
+                    None
+                } else if name == "staged" && m.is_multiple_of(8 * f) && n.is_multiple_of(8 * f) {
+                    Some("matmul_coop::matmul_coop_staged")
+                } else if m.is_multiple_of(4 * f) && n.is_multiple_of(4 * f) {
+                    Some("matmul_coop::matmul_coop")
+                } else {
+                    None
+                };
+                match want {
+                    Some(entry) => assert_eq!(kernels, [entry], "{name}: {m}x{k}x{n} tb={tb}"),
+                    None => assert!(coop.is_empty(), "{name}: {m}x{k}x{n} tb={tb} took {coop:?}"),
+                }
             }
         }
     }
+    eprintln!("{ran_coop} tensor-core dispatches checked by kernel name");
+    assert!(!expected || ran_coop > 0, "MEMIT_EXPECT_TENSOR_CORES is set but no product was seen on tensor cores (timestamps needed)");
 }
 
 /// Products with at most 8 rows of A take the one-column-per-invocation
@@ -732,36 +769,48 @@ fn attention_of_later_queries_against_all_keys() {
     // Queries from position 2 (sequence 0) and 1 (sequence 1) on, in their
     // own rows, against every key: the rows of the whole-batch result.
     for ctx in [ctx(), other_kernels_ctx()] {
-        let (seq, heads, kv_heads, hd) = (7, 4, 2, 8);
-        let bounds = [(0u32, 7u32), (0u32, 5u32)];
-        let starts = [2usize, 1];
-        let q_seq = 6;
-        let width = (heads + 2 * kv_heads) * hd;
-        let mut rng = Rng::new(11);
-        let x = rng.vec(2 * seq * width, 1.0);
-        let mut q_rows = vec![0.0f32; 2 * q_seq * width];
-        for b in 0..2 {
-            for i in 0..q_seq.min(seq - starts[b]) {
-                let from = (b * seq + starts[b] + i) * width;
-                q_rows[(b * q_seq + i) * width..][..width].copy_from_slice(&x[from..from + width]);
-            }
+        check_later_queries(ctx.as_ref(), (7, 4, 2, 8), &[(0, 7), (0, 5)], [2, 1], 6, 11);
+    }
+}
+
+/// More keys than the backward pass allows (2,048): the forward kernels
+/// take the softmax online, over 66 tiles of a GPU workgroup here.
+#[test]
+fn attention_over_more_than_2048_keys() {
+    for ctx in [ctx(), other_kernels_ctx()] {
+        check_later_queries(ctx.as_ref(), (2100, 2, 1, 8), &[(5, 2100), (0, 2083)], [2070, 2060], 30, 12);
+    }
+}
+
+/// Queries from key position `starts[b]` on, `q_seq` rows of their own,
+/// against all keys of two sequences of `seq` slots whose real keys are
+/// `bounds`: the matching rows of the whole-batch float64 reference.
+fn check_later_queries(ctx: &GpuContext, (seq, heads, kv_heads, hd): (usize, usize, usize, usize), bounds: &[(u32, u32); 2], starts: [usize; 2], q_seq: usize, seed: u64) {
+    let width = (heads + 2 * kv_heads) * hd;
+    let mut rng = Rng::new(seed);
+    let x = rng.vec(2 * seq * width, 1.0);
+    let mut q_rows = vec![0.0f32; 2 * q_seq * width];
+    for b in 0..2 {
+        for i in 0..q_seq.min(seq - starts[b]) {
+            let from = (b * seq + starts[b] + i) * width;
+            q_rows[(b * q_seq + i) * width..][..width].copy_from_slice(&x[from..from + width]);
         }
-        let gx = ctx.upload(&[2 * seq, width], &x, DType::F32).unwrap();
-        let gq = ctx.upload(&[2 * q_seq, width], &q_rows, DType::F32).unwrap();
-        let layout = |offset, n_heads| memit_gpu::HeadLayout { offset, head_stride: hd, n_heads };
-        let flat: Vec<u32> = (0..2).flat_map(|b| [bounds[b].0, bounds[b].1, starts[b] as u32, 0]).collect();
-        let rows = AttentionRows { q_seq, kv_seq: seq, bounds: &ctx.indices(&flat).unwrap() };
-        let scale = 1.0 / (hd as f32).sqrt();
-        let out = read(&ctx, &ctx.attention((&gq, layout(0, heads)), (&gx, layout(heads * hd, kv_heads)), (&gx, layout((heads + kv_heads) * hd, kv_heads)), hd, rows, scale).unwrap());
-        let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let full = cpu_attention(&xs, width, seq, heads, kv_heads, hd, &bounds, scale as f64);
-        let out_width = heads * hd;
-        for b in 0..2 {
-            for i in 0..q_seq.min(bounds[b].1 as usize - starts[b]) {
-                let got = &out[(b * q_seq + i) * out_width..][..out_width];
-                let want = &full[(b * seq + starts[b] + i) * out_width..][..out_width];
-                assert_close(got, want, 1e-5, 1e-6, &format!("query {i} of sequence {b} (CPU-style kernels: {})", ctx.cpu_kernels()));
-            }
+    }
+    let gx = ctx.upload(&[2 * seq, width], &x, DType::F32).unwrap();
+    let gq = ctx.upload(&[2 * q_seq, width], &q_rows, DType::F32).unwrap();
+    let layout = |offset, n_heads| memit_gpu::HeadLayout { offset, head_stride: hd, n_heads };
+    let flat: Vec<u32> = (0..2).flat_map(|b| [bounds[b].0, bounds[b].1, starts[b] as u32, 0]).collect();
+    let rows = AttentionRows { q_seq, kv_seq: seq, bounds: &ctx.indices(&flat).unwrap() };
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out = read(ctx, &ctx.attention((&gq, layout(0, heads)), (&gx, layout(heads * hd, kv_heads)), (&gx, layout((heads + kv_heads) * hd, kv_heads)), hd, rows, scale).unwrap());
+    let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let full = cpu_attention(&xs, width, seq, heads, kv_heads, hd, bounds, scale as f64);
+    let out_width = heads * hd;
+    for b in 0..2 {
+        for i in 0..q_seq.min(bounds[b].1 as usize - starts[b]) {
+            let got = &out[(b * q_seq + i) * out_width..][..out_width];
+            let want = &full[(b * seq + starts[b] + i) * out_width..][..out_width];
+            assert_close(got, want, 1e-5, 1e-6, &format!("{seq} keys: query {i} of sequence {b} (CPU-style kernels: {})", ctx.cpu_kernels()));
         }
     }
 }

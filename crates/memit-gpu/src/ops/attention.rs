@@ -9,6 +9,8 @@ use crate::error::{GpuError, Result};
 use crate::shader::ShaderFamily;
 use crate::tensor::{DType, Indices, Tensor};
 
+/// Keys one query can attend to in the backward pass (its probabilities
+/// live in workgroup memory); the forward pass has no such limit.
 const MAX_KEYS: usize = 2048;
 /// Queries per workgroup of the GPUs' `attend` (ATTEND_QUERIES).
 const ATTEND_QUERIES: usize = 16;
@@ -129,7 +131,8 @@ impl GpuContext {
     /// key/value heads in groups (GQA). Returns [queries' rows,
     /// n_heads·head_dim].
     pub fn attention(&self, q: (&Tensor, HeadLayout), k: (&Tensor, HeadLayout), v: (&Tensor, HeadLayout), head_dim: usize, rows: AttentionRows<'_>, scale: f32) -> Result<Tensor> {
-        let params = self.attention_params(q, k, v, head_dim, &rows, scale)?;
+        // Both forward kernels take the softmax online: any number of keys.
+        let params = self.attention_params(q, k, v, head_dim, &rows, scale, usize::MAX)?;
         let n_seqs = rows.sequences();
         let (q_buf, _) = q.0.single("attention")?;
         let (k_buf, _) = k.0.single("attention")?;
@@ -163,7 +166,7 @@ impl GpuContext {
         rows: AttentionRows<'_>,
         scale: f32,
     ) -> Result<()> {
-        let params = self.attention_params(q, k, v, head_dim, &rows, scale)?;
+        let params = self.attention_params(q, k, v, head_dim, &rows, scale, MAX_KEYS)?;
         let n_seqs = rows.sequences();
         let q_rows = n_seqs * rows.q_seq;
         if d_out.shape() != [q_rows, q.1.n_heads * head_dim] {
@@ -208,7 +211,10 @@ impl GpuContext {
         self.dispatch(kernel(entry), bytemuck::bytes_of(&params), &key_bindings, [rows.q_seq as u32, k.1.n_heads as u32, n_seqs as u32])
     }
 
-    fn attention_params(&self, q: (&Tensor, HeadLayout), k: (&Tensor, HeadLayout), v: (&Tensor, HeadLayout), head_dim: usize, rows: &AttentionRows<'_>, scale: f32) -> Result<AttendParams> {
+    /// The kernels' parameters, once the shapes, the key bounds and the
+    /// limits (`max_keys` keys, MAX_HEAD_DIM) are checked.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_params(&self, q: (&Tensor, HeadLayout), k: (&Tensor, HeadLayout), v: (&Tensor, HeadLayout), head_dim: usize, rows: &AttentionRows<'_>, scale: f32, max_keys: usize) -> Result<AttendParams> {
         require_f32("attention", &[q.0, k.0, v.0])?;
         if rows.bounds.len() % 4 != 0 {
             return Err(GpuError::shape("attention", "key bounds come in (start, end, query position, 0) quadruples"));
@@ -219,8 +225,8 @@ impl GpuContext {
                 return Err(GpuError::shape("attention", format!("{name} has {} rows, expected {}", t.rows(), n_seqs * per_seq)));
             }
         }
-        if rows.kv_seq > MAX_KEYS || head_dim > MAX_HEAD_DIM {
-            return Err(GpuError::shape("attention", format!("sequence {} / head dim {head_dim} exceed {MAX_KEYS} / {MAX_HEAD_DIM}", rows.kv_seq)));
+        if rows.kv_seq > max_keys || head_dim > MAX_HEAD_DIM {
+            return Err(GpuError::shape("attention", format!("sequence {} / head dim {head_dim} exceed {max_keys} / {MAX_HEAD_DIM}", rows.kv_seq)));
         }
         if k.1.n_heads != v.1.n_heads || k.1.n_heads == 0 || q.1.n_heads % k.1.n_heads != 0 {
             return Err(GpuError::shape("attention", format!("{} query heads cannot share {} key/value heads", q.1.n_heads, k.1.n_heads)));

@@ -307,9 +307,11 @@ impl CoopSizes {
             ("COOP_SLAB_B", slab_b.to_string()),
         ]
     }
-    fn from_defines(defines: &[(&'static str, String)]) -> CoopSizes {
-        let size = |key| defines.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse().ok()).unwrap_or(16);
-        CoopSizes { fragment: size("COOP_F"), subgroup: size("COOP_SG") }
+    /// The sizes in a tensor-core module's `defines`; None where they are
+    /// missing (the template key then stays without a value, an error).
+    fn from_defines(defines: &[(&'static str, String)]) -> Option<CoopSizes> {
+        let size = |key| defines.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse().ok());
+        Some(CoopSizes { fragment: size("COOP_F")?, subgroup: size("COOP_SG")? })
     }
 }
 
@@ -394,13 +396,13 @@ fn coop_stores(line: &mut dyn FnMut(String), f: usize, (rows, cols): (&str, &str
 /// `matmul_coop`'s body (its COOP_BLOCK) for the layout of B and the
 /// sizes in `defines`: 16 accumulators, the k loop over fragments, the
 /// stores. Empty in a module made for the staged kernel.
-pub(crate) fn coop_block(entry: &str, defines: &[(&'static str, String)]) -> &'static str {
+pub(crate) fn coop_block(entry: &str, defines: &[(&'static str, String)]) -> Option<&'static str> {
     if entry != "matmul_coop" {
-        return "";
+        return Some("");
     }
     let trans_b = defined_true(defines, "TRANS_B");
-    let sizes = CoopSizes::from_defines(defines);
-    coop_code(CoopVariant { staged: false, trans_b, sizes }, || {
+    let sizes = CoopSizes::from_defines(defines)?;
+    Some(coop_code(CoopVariant { staged: false, trans_b, sizes }, || {
         let f = sizes.fragment;
         unrolled_block(|line| {
             line(format!("let m0 = wid.y * {}u;", sizes.subgroup_tile()));
@@ -416,7 +418,7 @@ pub(crate) fn coop_block(entry: &str, defines: &[(&'static str, String)]) -> &'s
             line("}".into());
             coop_stores(line, f, ("m0", "n0"));
         })
-    })
+    }))
 }
 
 /// `matmul_coop_staged`'s body (its COOP_STAGED_BLOCK) for the layout of
@@ -425,22 +427,25 @@ pub(crate) fn coop_block(entry: &str, defines: &[(&'static str, String)]) -> &'s
 /// for A, `br{w}`/`bc{w}` for B); words past K read as zero, so a last
 /// slab of one fragment adds nothing from its second half. Empty in a
 /// module made for the other kernel.
-pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)]) -> &'static str {
+pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)]) -> Option<&'static str> {
     if entry != "matmul_coop_staged" {
-        return "";
+        return Some("");
     }
     let trans_b = defined_true(defines, "TRANS_B");
-    let sizes = CoopSizes::from_defines(defines);
-    coop_code(CoopVariant { staged: true, trans_b, sizes }, || {
+    let sizes = CoopSizes::from_defines(defines)?;
+    let words = sizes.words_per_invocation()?;
+    Some(coop_code(CoopVariant { staged: true, trans_b, sizes }, || {
         let (f, tile, slab) = (sizes.fragment, sizes.workgroup_tile(), sizes.slab());
         let (stride, stride_cols) = (sizes.slab_stride(), sizes.slab_stride_cols());
-        let words = sizes.words_per_invocation().unwrap_or(0);
         let threads = 4 * sizes.subgroup;
         unrolled_block(|line| {
             line(format!("let m0 = wid.y * {tile}u;"));
             line(format!("let n0 = wid.x * {tile}u;"));
             line("let lda = p.lda; let ldb = p.ldb; let ldc = p.ldc;".into());
-            // The subgroup's quarter of the workgroup's tile.
+            // The subgroup's quarter of the workgroup's tile. Four whole
+            // subgroups: the workgroup is 4 × the adapter's one subgroup
+            // size (Vulkan promises full subgroups only on request, which
+            // wgpu does not make; every driver seen packs them so).
             line(format!("let wm = (sg / 2u) * {}u;", sizes.subgroup_tile()));
             line(format!("let wn = (sg % 2u) * {}u;", sizes.subgroup_tile()));
             // A slab is `tile` rows of `slab` halves: slab / 8 words a row.
@@ -495,7 +500,7 @@ pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)])
             line("let rm = m0 + wm; let rn = n0 + wn;".into());
             coop_stores(line, f, ("rm", "rn"));
         })
-    })
+    }))
 }
 
 /// The k loop of `wide_block` for one layout of A and B. A not
@@ -1158,7 +1163,7 @@ impl GpuContext {
         let staged = self.coop_shape().is_some_and(|c| c.staged)
             && sizes.words_per_invocation().is_some()
             && slabs_bytes <= self.limits().max_compute_workgroup_storage_size as u64
-            && 4 * sizes.subgroup <= self.limits().max_compute_invocations_per_workgroup as usize;
+            && 4 * sizes.subgroup <= self.limits().max_compute_invocations_per_workgroup.min(self.limits().max_compute_workgroup_size_x) as usize;
         let (wide, narrow) = (sizes.workgroup_tile(), sizes.subgroup_tile());
         if staged && m.is_multiple_of(wide) && n.is_multiple_of(wide) {
             return Some(("matmul_coop_staged", [(n / wide) as u32, (m / wide) as u32, 1]));
