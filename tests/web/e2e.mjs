@@ -158,6 +158,10 @@ try {
     check(r.second.method === "memit-seq" && r.second.edits_so_far === 2, `memit-seq counts the edits of a sequence: ${r.second.method} ${r.second.edits_so_far}`);
     const space = r.alpha.null_space_dimensions;
     check(r.alpha.method === "alphaedit" && space.length === 1 && space[0][0] === 3 && space[0][1] > 0 && space[0][1] < 512, `AlphaEdit's null space: ${JSON.stringify(space)}`);
+    const g = r.gpuKernels;
+    const same = g.before.every((p, i) => p.token === r.before[i].token && Math.abs(p.prob - r.before[i].prob) < 1e-4);
+    check(same, `the GPU kernel variants predict as the CPU ones: ${JSON.stringify(g.before)} vs ${JSON.stringify(r.before)}`);
+    check(g.after[0].token === " English", `the GPU kernel variants edit in the browser: ${g.before[0].token} -> ${g.after[0].token} in ${g.seconds.toFixed(1)} s`);
   }
 } finally {
   await context.close();

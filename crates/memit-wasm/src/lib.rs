@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use memit_core::{apply_edit, context_templates, read_cache, requests_from_json, EditMethod, EditRequest, EditState, Hparams, TargetOptions, LayerCovariance, StatsAccumulator, StatsIdentity};
-use memit_gpu::{DType, GpuContext, Tensor};
+use memit_gpu::{DType, GpuContext, GpuOptions, Tensor};
 use memit_models::{GenerateOptions, LoadOptions, Model, ModelConfig, Sampling, TextTokenizer};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -29,7 +29,11 @@ export type FileInput = Blob | string | Uint8Array;
 /** A Hugging Face model (config.json, tokenizer.json and its safetensors file(s)), or a llama-architecture GGUF file (its tokenizer inside). */
 export type ModelFiles = { config: FileInput; tokenizer: FileInput; weights: FileInput | FileInput[] } | { gguf: FileInput };
 export interface Progress { stage: string; done: number; total: number }
-export interface LoadOptions { /** keep weight matrices in f16 on the GPU */ f16?: boolean; onProgress?: (p: Progress) => void }
+export interface LoadOptions {
+  /** keep weight matrices in f16 on the GPU */ f16?: boolean;
+  /** kernel variants: "auto" (the adapter decides: software adapters get the CPU ones), "gpu" or "cpu" (to check one set on any adapter) */ kernels?: "auto" | "gpu" | "cpu";
+  onProgress?: (p: Progress) => void;
+}
 /** MEMIT's request format; `prompt` contains `{}` where the subject goes. */
 export interface EditRequest { prompt: string; subject: string; target_new: { str: string } }
 export interface Prediction { token: string; prob: number }
@@ -146,10 +150,16 @@ impl Editor {
         future_to_promise(async move {
             let cb = callback(&options);
             let matrix_dtype = if get(&options, "f16").and_then(|v| v.as_bool()).unwrap_or(false) { DType::F16 } else { DType::F32 };
+            let cpu_kernels = match get(&options, "kernels").and_then(|v| v.as_string()).as_deref() {
+                None | Some("auto") => None,
+                Some("gpu") => Some(false),
+                Some("cpu") => Some(true),
+                Some(other) => return Err(err(format!("options.kernels is {other:?}: use \"auto\", \"gpu\" or \"cpu\""))),
+            };
             let mut on_bytes = |done: u64, total: u64| report(&cb, "loading weights", (done >> 10) as usize, (total >> 10) as usize);
             let open_webgpu = async || {
                 report(&cb, "opening WebGPU", 0, 1);
-                GpuContext::from_env().await.map_err(|e| err(format!("{e}. This page needs a browser with WebGPU (Chrome/Edge 113+, or Safari/Firefox with WebGPU enabled).")))
+                GpuContext::new(GpuOptions { cpu_kernels, ..Default::default() }).await.map_err(|e| err(format!("{e}. This page needs a browser with WebGPU (Chrome/Edge 113+, or Safari/Firefox with WebGPU enabled).")))
             };
             let (model, tokenizer, fingerprint) = if let Some(gguf) = get(&files, "gguf") {
                 let name = gguf.as_string().or_else(|| gguf.dyn_ref::<web_sys::File>().map(|f| f.name())).unwrap_or_else(|| "the GGUF file".into());
