@@ -148,6 +148,14 @@ fn accumulate_tile_range(row0: u32, col0: u32, a_base: u32, b_base: u32, li: u32
     return acc;
 }
 
+// Whether the block of C from row row0 (`rows` rows) and column col0 lies
+// wholly above the diagonal of a lower-triangle product (the blocked
+// solver's views: p.row_base and p.col_base place the block in the whole
+// matrix), so it has nothing to write.
+fn above_diagonal(row0: u32, col0: u32, rows: u32) -> bool {
+    return p.lower_only != 0u && p.col_base + col0 >= p.row_base + row0 + rows;
+}
+
 // alpha * product + beta * C for element (gm, gn) of C, plus the terms the
 // host puts in EPILOGUE_TERMS: `extra` (a residual laid out like C with row
 // stride add_ld) and `bias` (one value per column). They are spliced in as
@@ -166,7 +174,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
           @builtin(local_invocation_index) li: u32) {
     let row0 = wid.y * TILE_M;
     let col0 = wid.x * TILE_N;
-    if (p.lower_only != 0u && p.col_base + col0 >= p.row_base + row0 + TILE_M) {
+    if (above_diagonal(row0, col0, TILE_M)) {
         return;
     }
     let acc = accumulate_tile(row0, col0, p.a_off + wid.z * p.a_bstride, p.b_off + wid.z * p.b_bstride, li, lid);
@@ -388,8 +396,7 @@ fn matmul_direct(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (m0 >= p.m || n0 >= p.n) {
         return;
     }
-    // A block wholly above the diagonal of a lower-triangle C.
-    if (p.lower_only != 0u && p.col_base + n0 >= p.row_base + m0 + 4u) {
+    if (above_diagonal(m0, n0, 4u)) {
         return;
     }
     let last_row = p.m - 1u;
@@ -556,7 +563,7 @@ fn matmul_wide(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     // A block wholly above the diagonal of a lower-triangle C, or wholly
     // below it in the syrk's upper-triangle C (rows from p.row_base on).
-    if (p.lower_only != 0u && p.col_base + n0 >= p.row_base + m0 + WIDE_ROWS) {
+    if (above_diagonal(m0, n0, WIDE_ROWS)) {
         return;
     }
     if (WIDE_SYRK && n0 + WIDE_COLS <= p.row_base + m0) {
@@ -758,7 +765,7 @@ fn matmul_big(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
               @builtin(local_invocation_index) li: u32) {
     let row0 = wid.y * BIG;
     let col0 = wid.x * BIG;
-    if (p.lower_only != 0u && p.col_base + col0 >= p.row_base + row0 + BIG) {
+    if (above_diagonal(row0, col0, BIG)) {
         return;
     }
     let a_base = p.a_off;

@@ -6,6 +6,7 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{GpuError, Result};
+use crate::ops::matmul::CoopSizes;
 use crate::runtime::{size_class, CostCounters, Counters, KernelTiming, Profiler, Recorder, Runtime, Work, PARAMS_SLOT};
 use crate::shader::{render, ShaderFamily};
 use crate::tensor::{MemoryUsage, PooledBuffer};
@@ -72,8 +73,8 @@ pub enum TensorCores {
 
 /// The adapter's cooperative matrices as the tensor-core kernels use them:
 /// square f16 fragments of `fragment` (16 on NVIDIA, 8 on lavapipe) into
-/// f32, run by subgroups of `subgroup` invocations, and which kernels are
-/// on.
+/// f32, run by subgroups of `subgroup` invocations, and whether the staged
+/// kernel is on (asked for, and within the device's limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct CoopShape {
     pub fragment: u32,
@@ -254,7 +255,11 @@ impl GpuContext {
                     && info.subgroup_min_size == info.subgroup_max_size
                     && info.subgroup_max_size > 0
             })
-            .map(|fragment| CoopShape { fragment, subgroup: info.subgroup_max_size, staged: choice == TensorCores::Staged });
+            .map(|fragment| {
+                let subgroup = info.subgroup_max_size;
+                let staged = choice == TensorCores::Staged && CoopSizes::new(fragment as usize, subgroup as usize).staged_fits(&limits);
+                CoopShape { fragment, subgroup, staged }
+            });
         let tensor_cores = coop_shape.is_some();
         let request = |required_features: wgpu::Features| {
             adapter.request_device(&wgpu::DeviceDescriptor {

@@ -291,6 +291,15 @@ impl CoopSizes {
         let invocations = 4 * self.subgroup;
         words.is_multiple_of(invocations).then_some(words / invocations)
     }
+    /// Whether `matmul_coop_staged` can run on a device with `limits`: its
+    /// slabs split evenly over its invocations and fit the workgroup
+    /// memory, and four subgroups fit one workgroup.
+    pub(crate) fn staged_fits(self, limits: &wgpu::Limits) -> bool {
+        let (slab_a, slab_b) = self.slab_lengths();
+        self.words_per_invocation().is_some()
+            && 2 * (slab_a + slab_b) as u64 <= limits.max_compute_workgroup_storage_size as u64
+            && 4 * self.subgroup <= limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x) as usize
+    }
     /// Halves of the staged kernel's workgroup arrays for A's slab and
     /// B's (sized for either layout of B).
     fn slab_lengths(self) -> (usize, usize) {
@@ -801,7 +810,8 @@ impl GpuContext {
         // K pieces after the first add to C.
         let plain = defines(&MatmulSpec { beta: 1.0, ..spec }, a.dtype(), b.dtype());
         let with_epilogue = epilogue_defines(&spec, a.dtype(), b.dtype(), epilogue.residual.is_some(), bias.is_some(), activated.map(|act| (act.act, act.gated)));
-        let coop_defines: Vec<_> = match self.coop_sizes() {
+        // Only f16 · f16 products may take tensor cores.
+        let coop_defines: Vec<_> = match self.coop_sizes().filter(|_| a.dtype() == DType::F16 && b.dtype() == DType::F16) {
             Some(sizes) => std::iter::once(("TRANS_B", flag(spec.trans_b))).chain(sizes.defines()).collect(),
             None => Vec::new(),
         };
@@ -1145,10 +1155,10 @@ impl GpuContext {
     /// A (not transposed) and f16 B into f32 C, where the device has them
     /// and every offset and stride is a whole number of fragment rows and
     /// of the staged kernel's 16-byte words (16 halves on NVIDIA, 8 on
-    /// lavapipe) and K of fragments: `matmul_coop_staged` where M and N are whole workgroup
-    /// tiles (and it is on, and its slabs fit the device's workgroup
-    /// memory), else `matmul_coop` where they are whole subgroup tiles;
-    /// else None.
+    /// lavapipe) and K of fragments: `matmul_coop_staged` where M and N
+    /// are whole workgroup tiles and it is on (`CoopShape::staged`, which
+    /// the device's limits decide), else `matmul_coop` where they are whole
+    /// subgroup tiles; else None.
     fn coop_grid(&self, spec: &MatmulSpec, operands: [Operand<'_>; 3], (m, k, n): (usize, usize, usize)) -> Option<(&'static str, [u32; 3])> {
         let sizes = self.coop_sizes()?;
         let [a, b, c] = operands;
@@ -1158,12 +1168,7 @@ impl GpuContext {
         if !(fits && aligned && m > 0 && n > 0 && k > 0 && k.is_multiple_of(sizes.fragment)) {
             return None;
         }
-        let (slab_a, slab_b) = sizes.slab_lengths();
-        let slabs_bytes = 2 * (slab_a + slab_b) as u64;
-        let staged = self.coop_shape().is_some_and(|c| c.staged)
-            && sizes.words_per_invocation().is_some()
-            && slabs_bytes <= self.limits().max_compute_workgroup_storage_size as u64
-            && 4 * sizes.subgroup <= self.limits().max_compute_invocations_per_workgroup.min(self.limits().max_compute_workgroup_size_x) as usize;
+        let staged = self.coop_shape().is_some_and(|c| c.staged);
         let (wide, narrow) = (sizes.workgroup_tile(), sizes.subgroup_tile());
         if staged && m.is_multiple_of(wide) && n.is_multiple_of(wide) {
             return Some(("matmul_coop_staged", [(n / wide) as u32, (m / wide) as u32, 1]));
