@@ -341,7 +341,8 @@ fn scratch_row(b: u32, h: u32, i: u32) -> u32 {
 }
 
 @compute @workgroup_size(256)
-fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn attend_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let i = wid.x;
     let h = wid.y;
     let b = wid.z;

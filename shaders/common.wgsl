@@ -1,5 +1,8 @@
 // Helpers shared by several kernel families; pasted where a family writes
-// {{COMMON}}. Workgroups are 256 invocations wide (one dimension).
+// the COMMON template key. Workgroups are 256 invocations wide (one
+// dimension). An entry point that reduces over its workgroup ends its
+// parameters with the SUBGROUP_PARAMS key and starts with SUBGROUP_INIT
+// (both empty without subgroups).
 
 var<workgroup> scratch: array<f32, 256>;
 
@@ -13,36 +16,11 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return flat_group(wid, nwg) * 256u + lid.x;
 }
 
-// Sum of `v` over the workgroup, returned to every invocation.
-fn workgroup_sum(v: f32, lane: u32) -> f32 {
-    scratch[lane] = v;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride >>= 1u) {
-        if (lane < stride) {
-            scratch[lane] += scratch[lane + stride];
-        }
-        workgroupBarrier();
-    }
-    let total = scratch[0];
-    workgroupBarrier();
-    return total;
-}
-
-// Maximum of `v` over the workgroup, returned to every invocation.
-fn workgroup_max(v: f32, lane: u32) -> f32 {
-    scratch[lane] = v;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride >>= 1u) {
-        if (lane < stride) {
-            scratch[lane] = max(scratch[lane], scratch[lane + stride]);
-        }
-        workgroupBarrier();
-    }
-    let best = scratch[0];
-    workgroupBarrier();
-    return best;
-}
-
+// workgroup_sum(v, lane) and workgroup_max(v, lane): `v` reduced over the
+// workgroup and returned to every invocation (called in workgroup-uniform
+// control flow), through subgroups where the device has them
+// (reduce_subgroup.wgsl) or a tree in workgroup memory (reduce_tree.wgsl).
+{{WORKGROUP_REDUCTIONS}}
 // The bits of -inf, loaded at run time: WGSL rejects -inf as a constant
 // expression (Chrome's Tint enforces it; naga does not).
 var<private> neg_inf_bits: u32 = 0xff800000u;

@@ -76,7 +76,8 @@ fn inv_rms_of(base: u32, lane: u32) -> f32 {
 // y = (x - mean) / sqrt(var + eps) * gain + bias
 @compute @workgroup_size(256)
 fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_id) lid: vec3<u32>) {
+              @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let at = row_at(wid, nwg, lid);
     let base = p.x_off + at.row * p.row_len;
     let stats = mean_inv_std(base, at.lane);
@@ -91,7 +92,8 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 // y = x / sqrt(mean(x^2) + eps) * gain   (Llama)
 @compute @workgroup_size(256)
 fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_id) lid: vec3<u32>) {
+            @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let at = row_at(wid, nwg, lid);
     let base = p.x_off + at.row * p.row_len;
     let inv_rms = inv_rms_of(base, at.lane);
@@ -107,7 +109,8 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 // and xhat = (x - mean) / sigma.
 @compute @workgroup_size(256)
 fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                       @builtin(local_invocation_id) lid: vec3<u32>) {
+                       @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let at = row_at(wid, nwg, lid);
     let base = p.x_off + at.row * p.row_len;
     let gbase = p.out_off + at.row * p.row_len;
@@ -136,7 +139,8 @@ fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
 // dx = (g - xhat * mean(g * xhat)) / rms, with g = gain * dy, xhat = x / rms.
 @compute @workgroup_size(256)
 fn rms_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_id) lid: vec3<u32>) {
+                     @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let at = row_at(wid, nwg, lid);
     let base = p.x_off + at.row * p.row_len;
     let gbase = p.out_off + at.row * p.row_len;

@@ -20,7 +20,8 @@ struct Params {
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
+        @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let row = flat_group(wid, nwg);
     if (row >= p.rows) {
         return;

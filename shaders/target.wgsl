@@ -70,7 +70,8 @@ fn add_delta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 // p_init (and both are then zero).
 @compute @workgroup_size(256)
 fn loss_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_id) lid: vec3<u32>) {
+             @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let r = flat_group(wid, nwg);
     if (r >= p.n_loss) {
         return;
@@ -144,7 +145,8 @@ fn uniform_u32(v: u32, lane: u32) -> u32 {
 // ‖δ‖ ≤ clamp·‖target_init‖.
 @compute @workgroup_size(256)
 fn step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
+        @builtin(local_invocation_id) lid: vec3<u32>{{SUBGROUP_PARAMS}}) {
+    {{SUBGROUP_INIT}}
     let j = flat_group(wid, nwg);
     if (j >= p.n) {
         return;

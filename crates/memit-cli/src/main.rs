@@ -130,6 +130,10 @@ struct Info {
     /// device has them: fragment side, subgroup size, whether the staged
     /// kernel is on.
     tensor_cores: Option<memit_gpu::CoopShape>,
+    /// Whether row reductions (norms, softmax, losses) run within
+    /// subgroups, and the adapter's subgroup sizes.
+    subgroup_reductions: bool,
+    subgroup_sizes: [u32; 2],
     max_storage_buffer_binding_size: u64,
     max_buffer_size: u64,
     max_compute_workgroup_storage_size: u32,
@@ -251,6 +255,8 @@ fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
         driver: format!("{} {}", adapter.driver, adapter.driver_info).trim().to_string(),
         shader_f16: ctx.has_shader_f16(),
         tensor_cores: ctx.coop_shape(),
+        subgroup_reductions: ctx.subgroup_reductions(),
+        subgroup_sizes: [adapter.subgroup_min_size, adapter.subgroup_max_size],
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
@@ -271,6 +277,12 @@ fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
         match info.tensor_cores {
             Some(c) => println!("tensor cores     {0}×{0} f16 fragments into f32, subgroups of {1}{2}", c.fragment, c.subgroup, if c.staged { "" } else { " (one-subgroup kernel only)" }),
             None => println!("tensor cores     no (f16 · f16 products on the portable kernels)"),
+        }
+        let [lo, hi] = info.subgroup_sizes;
+        let sizes = if lo == hi { format!("{lo}") } else { format!("{lo}-{hi}") };
+        match info.subgroup_reductions {
+            true => println!("subgroups        {sizes} invocations (row reductions within subgroups)"),
+            false => println!("subgroups        not used (row reductions through workgroup memory)"),
         }
         println!("storage binding  {:.0} MiB (tensors larger than this are split into chunks)", mib(info.max_storage_buffer_binding_size));
         println!("max buffer       {:.0} MiB", mib(info.max_buffer_size));

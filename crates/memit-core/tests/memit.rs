@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use memit_core::{apply_edit, apply_memit, compute_target_vectors, compute_targets, null_space_projector, EditMethod, EditState, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetOptions, TargetText, TargetVector};
-use memit_gpu::GpuContext;
+use memit_gpu::{GpuContext, GpuOptions};
 use memit_models::{argmax, load_hf_dir, LoadOptions, Model, TextTokenizer};
 use safetensors::SafeTensors;
 
@@ -27,9 +27,25 @@ fn load() -> (Model, TextTokenizer) {
     load_folder("facts-gpt2")
 }
 
+/// The same adapter with row reductions as trees through workgroup memory
+/// (browsers' path, and adapters' without subgroups): `ctx` reduces within
+/// subgroups where the adapter has them.
+fn tree_reductions_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let options = GpuOptions { subgroups: Some(false), ..Default::default() };
+        pollster::block_on(GpuContext::new(options)).expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+    .clone()
+}
+
 /// A fixture model folder with its tokenizer.
 fn load_folder(folder: &str) -> (Model, TextTokenizer) {
-    let loaded = load_hf_dir(ctx(), &fixtures().join(folder), LoadOptions::default()).unwrap();
+    load_folder_on(ctx(), folder)
+}
+
+fn load_folder_on(ctx: Arc<GpuContext>, folder: &str) -> (Model, TextTokenizer) {
+    let loaded = load_hf_dir(ctx, &fixtures().join(folder), LoadOptions::default()).unwrap();
     (loaded.model, loaded.tokenizer.unwrap_or_else(|| panic!("{folder} ships a tokenizer")))
 }
 
@@ -236,16 +252,18 @@ fn target_vectors(model: &Model, tok: &TextTokenizer, requests: &[EditRequest], 
 
 #[test]
 fn target_vectors_match_torch() {
-    let (model, tok) = load();
     let golden = Golden::open();
-    let hp = golden.hparams(&model);
-    let targets = target_vectors(&model, &tok, &golden.requests(), &golden.templates(), &hp, TargetOptions::default());
-    for (i, target) in targets.iter().enumerate() {
-        assert_close(&target.target_init, &golden.tensor(&format!("request.{i}.target_init")), 1e-5, "target_init");
-        assert_close(&target.z, &golden.tensor(&format!("request.{i}.z")), 2e-3, &format!("z of request {i}"));
-        let first = target.losses.first().unwrap().total();
-        let last = target.losses.last().unwrap().total();
-        assert!(last < first, "loss went from {first} to {last}");
+    for ctx in [ctx(), tree_reductions_ctx()] {
+        let (model, tok) = load_folder_on(ctx, "facts-gpt2");
+        let hp = golden.hparams(&model);
+        let targets = target_vectors(&model, &tok, &golden.requests(), &golden.templates(), &hp, TargetOptions::default());
+        for (i, target) in targets.iter().enumerate() {
+            assert_close(&target.target_init, &golden.tensor(&format!("request.{i}.target_init")), 1e-5, "target_init");
+            assert_close(&target.z, &golden.tensor(&format!("request.{i}.z")), 2e-3, &format!("z of request {i}"));
+            let first = target.losses.first().unwrap().total();
+            let last = target.losses.last().unwrap().total();
+            assert!(last < first, "loss went from {first} to {last}");
+        }
     }
 }
 

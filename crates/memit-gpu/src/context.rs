@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{GpuError, Result};
 use crate::ops::matmul::CoopSizes;
 use crate::runtime::{size_class, CostCounters, Counters, KernelTiming, Profiler, Recorder, Runtime, Work, PARAMS_SLOT};
-use crate::shader::{render, ShaderFamily};
+use crate::shader::{flag, render, ShaderFamily};
 use crate::tensor::{MemoryUsage, PooledBuffer};
 
 /// How to pick and configure the adapter.
@@ -51,6 +51,12 @@ pub struct GpuOptions {
     /// `MEMIT_TENSOR_CORES=0|1|subgroup` (off, staged, one subgroup per
     /// tile).
     pub tensor_cores: Option<TensorCores>,
+    /// Whether row reductions (norms, softmax, the target-vector loss,
+    /// attention's backward) may reduce within subgroups, where the adapter
+    /// has them (native only; browsers keep the portable path): `Some(false)`
+    /// keeps the workgroup-memory trees everywhere. By default on.
+    /// `GpuContext::from_env` reads `MEMIT_SUBGROUPS=0|1`.
+    pub subgroups: Option<bool>,
     /// Backends to consider. Default: Vulkan, Metal, DX12 (and WebGPU in a
     /// browser); OpenGL only when asked for, and never a software OpenGL
     /// renderer. `GpuContext::from_env` reads it from `MEMIT_BACKEND`.
@@ -148,6 +154,9 @@ pub struct GpuContext {
     big_product_groups: usize,
     split_k: SplitK,
     coop_shape: Option<CoopShape>,
+    /// The device has wgpu's subgroup operations and the row reductions
+    /// use them (`GpuOptions::subgroups`).
+    subgroup_reductions: bool,
     pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     runtime: Arc<Runtime>,
     /// Every dispatch's parameters, one `PARAMS_SLOT` each, rewritten
@@ -215,7 +224,13 @@ impl GpuContext {
             Some("0") => Some(TensorCores::Off),
             Some(other) => return Err(GpuError::UnknownTensorCoreChoice(other.to_string())),
         };
-        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, cpu_kernels, big_product_groups, tensor_cores, ..Default::default() }).await
+        let subgroups = match var("MEMIT_SUBGROUPS").as_deref() {
+            None => None,
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            Some(other) => return Err(GpuError::UnknownSubgroupChoice(other.to_string())),
+        };
+        Self::new(GpuOptions { adapter_name: var("MEMIT_ADAPTER"), backends, cpu_kernels, big_product_groups, tensor_cores, subgroups, ..Default::default() }).await
     }
 
     pub async fn new(options: GpuOptions) -> Result<Arc<Self>> {
@@ -232,8 +247,13 @@ impl GpuContext {
                 return Err(GpuError::LimitTooSmall { adapter: info.name.clone(), limit: name, have, need });
             }
         }
-        // Timestamps only serve `start_profiling`; asking for them changes nothing else.
-        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
+        // Timestamps only serve `start_profiling`; asking for them changes
+        // nothing else. Subgroups serve the row reductions, native only: a
+        // browser's WGSL compiler would need `enable subgroups;`, which
+        // naga's does not take.
+        let subgroups = !cfg!(target_arch = "wasm32") && options.subgroups != Some(false);
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY | if subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
+        let features = adapter.features() & wanted;
         let coop = features | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP;
         // Tensor cores (wgpu's experimental cooperative matrices, native
         // only) where the adapter has square f16 products into f32 (16×16×16
@@ -339,6 +359,7 @@ impl GpuContext {
             big_product_groups,
             split_k,
             coop_shape,
+            subgroup_reductions: subgroups && features.contains(wgpu::Features::SUBGROUP),
             pipelines: Mutex::new(HashMap::new()),
             runtime,
             params_ring,
@@ -407,6 +428,13 @@ impl GpuContext {
     /// The cooperative matrices the tensor-core kernels use, where they are on.
     pub fn coop_shape(&self) -> Option<CoopShape> {
         self.coop_shape
+    }
+
+    /// Whether row reductions run within subgroups (one barrier to combine
+    /// the subgroups' results) instead of as a tree through workgroup
+    /// memory (ten barriers).
+    pub fn subgroup_reductions(&self) -> bool {
+        self.subgroup_reductions
     }
 
     /// Whether kernels take their variants made for CPU adapters
@@ -544,11 +572,15 @@ impl GpuContext {
     }
 
     fn pipeline(&self, family: ShaderFamily, entry: &'static str, defines: &[(&'static str, String)]) -> Result<Arc<CachedPipeline>> {
-        let key = PipelineKey { family, entry, defines: defines.to_vec() };
+        let mut defines = defines.to_vec();
+        if self.subgroup_reductions {
+            defines.push(("SUBGROUPS", flag(true)));
+        }
+        let key = PipelineKey { family, entry, defines };
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let source = render(family, entry, defines)?;
+        let source = render(family, entry, &key.defines)?;
         let writable = writable_bindings(&source);
         let label = format!("{}::{entry}", family.name());
         let descriptor = wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) };

@@ -20,6 +20,8 @@ pub enum GpuError {
 
     #[error("MEMIT_TENSOR_CORES is {0:?}: use 1 (tensor cores where the adapter has them), subgroup (only the one-subgroup tile kernel) or 0 (portable kernels only)")]
     UnknownTensorCoreChoice(String),
+    #[error("MEMIT_SUBGROUPS is {0:?}: use 1 (row reductions within subgroups where the adapter has them) or 0 (through workgroup memory only)")]
+    UnknownSubgroupChoice(String),
 
     #[error("adapter `{adapter}` limit `{limit}` is {have}, but memit-wgpu needs at least {need}")]
     LimitTooSmall { adapter: String, limit: &'static str, have: u64, need: u64 },

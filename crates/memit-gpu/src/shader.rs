@@ -72,8 +72,19 @@ impl ShaderFamily {
     }
 }
 
-/// Helpers pasted where a family writes `{{COMMON}}`.
+/// Helpers pasted where a family writes `{{COMMON}}`, with the workgroup
+/// reductions of the device (`SUBGROUPS` set: through subgroups).
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+const REDUCE_TREE: &str = include_str!("../../../shaders/reduce_tree.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
+/// An entry point's subgroup builtins (`{{SUBGROUP_PARAMS}}`) and where the
+/// reductions find them (`{{SUBGROUP_INIT}}`), with subgroups.
+const SUBGROUP_PARAMS: &str = ", @builtin(subgroup_id) subgroup_id_in: u32, @builtin(num_subgroups) num_subgroups_in: u32, \
+     @builtin(subgroup_invocation_id) subgroup_lane_in: u32, @builtin(subgroup_size) subgroup_size_in: u32";
+const SUBGROUP_INIT: &str = "subgroup_slot = subgroup_id_in;
+    subgroup_count = num_subgroups_in;
+    subgroup_lane = subgroup_lane_in;
+    subgroup_width = subgroup_size_in;";
 /// The matrix products' parameters, pasted where `matmul` and
 /// `matmul_coop` write `{{MATMUL_PARAMS}}`.
 const MATMUL_PARAMS: &str = include_str!("../../../shaders/matmul_params.wgsl");
@@ -81,7 +92,9 @@ const MATMUL_PARAMS: &str = include_str!("../../../shaders/matmul_params.wgsl");
 pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
 
 /// Replaces every `{{KEY}}` in `source` with its value (`COMMON`,
-/// `ACTIVATIONS` and `MATMUL_PARAMS` are always available, and so are
+/// `ACTIVATIONS` and `MATMUL_PARAMS` are always available, as are
+/// `SUBGROUP_PARAMS` and `SUBGROUP_INIT`, empty unless `SUBGROUPS` is
+/// `true`, and so are
 /// `WIDE_BLOCK`, `BIG_BLOCK`, `COOP_BLOCK` and `COOP_STAGED_BLOCK`: the
 /// unrolled block of `matmul_wide`, `matmul_big`, `matmul_coop` and
 /// `matmul_coop_staged` where `entry` is that kernel, else nothing, since
@@ -90,6 +103,8 @@ pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.
 /// later.
 pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
+    let subgroups = defines.iter().any(|(k, v)| *k == "SUBGROUPS" && v == "true");
+    let common = COMMON.replace("{{WORKGROUP_REDUCTIONS}}", if subgroups { REDUCE_SUBGROUP } else { REDUCE_TREE });
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{{") {
@@ -104,7 +119,9 @@ pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, Strin
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.as_str())
-            .or((key == "COMMON").then_some(COMMON))
+            .or((key == "COMMON").then_some(common.as_str()))
+            .or((key == "SUBGROUP_PARAMS").then_some(if subgroups { SUBGROUP_PARAMS } else { "" }))
+            .or((key == "SUBGROUP_INIT").then_some(if subgroups { SUBGROUP_INIT } else { "" }))
             .or((key == "ACTIVATIONS").then_some(ACTIVATIONS))
             .or((key == "MATMUL_PARAMS").then_some(MATMUL_PARAMS))
             .or_else(|| (key == "WIDE_BLOCK").then(|| if entry == "matmul_wide" { crate::ops::matmul::wide_block(defines) } else { "" }))

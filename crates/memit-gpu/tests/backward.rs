@@ -35,7 +35,7 @@ fn dot(a: &[f64], b: &[f32]) -> f64 {
 
 #[test]
 fn norm_backward_matches_numeric_gradient() {
-    for ctx in [ctx(), other_kernels_ctx()] {
+    for ctx in [ctx(), other_kernels_ctx(), tree_reductions_ctx()] {
         check_norm_backward(&ctx);
     }
 }
@@ -134,7 +134,7 @@ fn rotary_inverse_undoes_rotary() {
 
 #[test]
 fn attention_backward_matches_numeric_gradient() {
-    for ctx in [ctx(), other_kernels_ctx()] {
+    for ctx in [ctx(), other_kernels_ctx(), tree_reductions_ctx()] {
         check_attention_backward(&ctx);
     }
 }

@@ -569,9 +569,20 @@ fn activations_match_reference_formulas() {
     assert_close(&got, &want, 2e-6, 2e-7, "swiglu");
 }
 
+/// lavapipe has subgroups (8 wide), so there the default context's row
+/// reductions must take them: the subgroup path is then what every
+/// reduction test below checks beside `tree_reductions_ctx`.
+#[test]
+fn row_reductions_take_subgroups_on_lavapipe() {
+    let ctx = ctx();
+    if ctx.adapter_info().name.contains("llvmpipe") && std::env::var("MEMIT_SUBGROUPS").as_deref() != Ok("0") {
+        assert!(ctx.subgroup_reductions(), "lavapipe reports subgroups, but row reductions do not use them");
+    }
+}
+
 #[test]
 fn reductions_over_last_dim() {
-    for ctx in [ctx(), tiny_chunk_ctx()] {
+    for ctx in [ctx(), tiny_chunk_ctx(), tree_reductions_ctx()] {
         for (rows, len) in [(1, 1), (5, 255), (33, 257), (4, 1000), (300, 3)] {
             let mut rng = Rng::new((rows * len) as u64);
             let x = rng.vec(rows * len, 4.0);
@@ -605,7 +616,7 @@ fn cpu_softmax(row: &[f32], visible: usize, log: bool) -> Vec<f64> {
 
 #[test]
 fn softmax_and_log_softmax() {
-    for ctx in [ctx(), tiny_chunk_ctx()] {
+    for ctx in [ctx(), tiny_chunk_ctx(), tree_reductions_ctx()] {
         for (rows, len) in [(1, 1), (7, 300), (40, 33), (3, 1025)] {
             if (len * 4) as u64 > ctx.chunk_bytes() {
                 continue;
@@ -625,7 +636,7 @@ fn softmax_and_log_softmax() {
 
 #[test]
 fn causal_softmax_masks_future_keys() {
-    for ctx in [ctx(), tiny_chunk_ctx()] {
+    for ctx in [ctx(), tiny_chunk_ctx(), tree_reductions_ctx()] {
         // [batch*heads = 6, queries = 5, keys = 8]: 3 cached positions.
         let (blocks, queries, past) = (6, 5, 3);
         let keys = queries + past;
@@ -644,7 +655,7 @@ fn causal_softmax_masks_future_keys() {
 
 #[test]
 fn layer_norm_and_rms_norm() {
-    for ctx in [ctx(), tiny_chunk_ctx(), other_kernels_ctx()] {
+    for ctx in [ctx(), tiny_chunk_ctx(), other_kernels_ctx(), tree_reductions_ctx()] {
         for (rows, len) in [(1, 1), (9, 64), (17, 257), (3, 1600), (300, 24)] {
             if (len * 4) as u64 > ctx.chunk_bytes() {
                 continue;

@@ -42,6 +42,21 @@ pub fn other_kernels_options() -> GpuOptions {
     GpuOptions { cpu_kernels: Some(!ctx().cpu_kernels()), ..Default::default() }
 }
 
+/// Same adapter with the GPU kernel variants and the row reductions as
+/// trees through workgroup memory (no subgroups), the path of browsers and
+/// of adapters without subgroups; the other contexts reduce within
+/// subgroups where the adapter has them.
+pub fn tree_reductions_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let options = GpuOptions { cpu_kernels: Some(false), subgroups: Some(false), ..Default::default() };
+        let ctx = pollster::block_on(GpuContext::new(options)).expect("a GPU adapter (install mesa-vulkan-drivers)");
+        assert!(!ctx.subgroup_reductions());
+        ctx
+    })
+    .clone()
+}
+
 /// Same adapter with every product that `matmul_direct` can take taken by
 /// it (CPU-style kernels, no row limit), so that kernel is checked at every
 /// shape whichever adapter is present.
