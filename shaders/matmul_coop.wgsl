@@ -24,9 +24,11 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(1) var<storage, read> a: array<f16>;
 @group(0) @binding(2) var<storage, read> b: array<f16>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
-// The staged kernel's view of A and B: eight halves per word.
-@group(0) @binding(8) var<storage, read> a_words: array<vec4<u32>>;
-@group(0) @binding(9) var<storage, read> b_words: array<vec4<u32>>;
+// The staged kernel's view of A and B: 16-byte words of eight halves, as
+// matrices of two columns of four so they load as f16 without a
+// conversion (a vec4<u32> view needs two per half: unpack to f32 and back).
+@group(0) @binding(8) var<storage, read> a_words: array<mat2x4<f16>>;
+@group(0) @binding(9) var<storage, read> b_words: array<mat2x4<f16>>;
 
 // The staged kernel's k slabs of A and B (rows padded by 8 halves, 16
 // bytes, against bank conflicts).

@@ -464,15 +464,15 @@ pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)])
                 line(format!("let q{w} = li + {}u;", w * threads));
                 line(format!("let ar{w} = q{w} / {}u; let ac{w} = (q{w} % {}u) * 8u;", slab / 8, slab / 8));
                 line(format!("let br{w} = q{w} / {b_rows_words}u; let bc{w} = (q{w} % {b_rows_words}u) * 8u;"));
-                line(format!("var wa{w} = vec4<u32>(); var wb{w} = vec4<u32>();"));
+                line(format!("var wa{w} = mat2x4<f16>(); var wb{w} = mat2x4<f16>();"));
             }
             let load = |line: &mut dyn FnMut(String), k: &str| {
                 for w in 0..words {
-                    line(format!("if ({k} + ac{w} < p.k) {{ wa{w} = a_words[(p.a_off + (m0 + ar{w}) * lda + {k} + ac{w}) / 8u]; }} else {{ wa{w} = vec4<u32>(); }}"));
+                    line(format!("if ({k} + ac{w} < p.k) {{ wa{w} = a_words[(p.a_off + (m0 + ar{w}) * lda + {k} + ac{w}) / 8u]; }} else {{ wa{w} = mat2x4<f16>(); }}"));
                     line(if trans_b {
-                        format!("if ({k} + bc{w} < p.k) {{ wb{w} = b_words[(p.b_off + (n0 + br{w}) * ldb + {k} + bc{w}) / 8u]; }} else {{ wb{w} = vec4<u32>(); }}")
+                        format!("if ({k} + bc{w} < p.k) {{ wb{w} = b_words[(p.b_off + (n0 + br{w}) * ldb + {k} + bc{w}) / 8u]; }} else {{ wb{w} = mat2x4<f16>(); }}")
                     } else {
-                        format!("if ({k} + br{w} < p.k) {{ wb{w} = b_words[(p.b_off + ({k} + br{w}) * ldb + n0 + bc{w}) / 8u]; }} else {{ wb{w} = vec4<u32>(); }}")
+                        format!("if ({k} + br{w} < p.k) {{ wb{w} = b_words[(p.b_off + ({k} + br{w}) * ldb + n0 + bc{w}) / 8u]; }} else {{ wb{w} = mat2x4<f16>(); }}")
                     });
                 }
             };
@@ -483,11 +483,11 @@ pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)])
             for w in 0..words {
                 line(format!("    let sa{w} = ar{w} * {stride}u + ac{w};"));
                 line(format!("    let sb{w} = br{w} * {b_stride}u + bc{w};"));
-                for (half, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-                    line(format!("    let ha{w}{lane} = vec2<f16>(unpack2x16float(wa{w}.{lane})); let hb{w}{lane} = vec2<f16>(unpack2x16float(wb{w}.{lane}));"));
-                    for (part, comp) in ["x", "y"].iter().enumerate() {
-                        let at = 2 * half + part;
-                        line(format!("    slab_a[sa{w} + {at}u] = ha{w}{lane}.{comp}; slab_b[sb{w} + {at}u] = hb{w}{lane}.{comp};"));
+                // A word's eight halves are its two columns of four.
+                for col in 0..2 {
+                    for (row, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+                        let at = 4 * col + row;
+                        line(format!("    slab_a[sa{w} + {at}u] = wa{w}[{col}].{comp}; slab_b[sb{w} + {at}u] = wb{w}[{col}].{comp};"));
                     }
                 }
             }
