@@ -13,7 +13,8 @@
 #          cores), and $BENCH_BEFORE if set.
 # edits:   SmolLM2-135M: 10 CounterFact edits with the paper's scores
 #          (statistics over 3,000 WikiText texts, as in README), prefill at
-#          4 × 32 and 4 × 512 tokens beside PyTorch, the per-kernel profiles;
+#          4 × 32 and 4 × 512 tokens beside PyTorch, the per-kernel profiles
+#          (and the 4 × 32 one with MEMIT_SUBGROUPS=0: reductions as trees);
 #          the bundled model's statistics and edits beside PyTorch; then
 #          $BENCH_BASELINE's 10 SmolLM2 edits (an older binary, for a
 #          before/after on this GPU) if set.
@@ -74,6 +75,8 @@ if [ "$phase" = edits ] || [ "$phase" = all ]; then
     step memit "$bench" memit --torch-python "$python" --out "$out/memit.json"
     step profile "$bench" profile --model "$model" --out "$out/profile.json"
     step profile-512 "$bench" profile --model "$model" --batch 4 --seq 512 --out "$out/profile-512.json"
+    # Row reductions through workgroup memory instead of subgroups, beside the profile above.
+    MEMIT_SUBGROUPS=0 step profile-tree "$bench" profile --model "$model" --out "$out/profile-tree.json"
     if [ -n "${BENCH_BASELINE:-}" ]; then
         step counterfact-baseline "$BENCH_BASELINE" counterfact --model "$model" --dataset "$dataset" --corpus "$corpus" --n-edits 10 --stats-texts 3000 --out "$out/counterfact-baseline.json"
     fi
