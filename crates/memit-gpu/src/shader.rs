@@ -183,4 +183,50 @@ mod tests {
         }
         cases
     }
+
+    /// What NVIDIA's driver gets for `matmul_coop_staged` at its sizes
+    /// (16×16×16 fragments, 32-wide subgroups): SPIR-V as wgpu writes it
+    /// for an audited module (no runtime checks), whose k loop moves each
+    /// 16-byte word of A and B into the slabs as it is: no conversion
+    /// (a `vec4<u32>` view took 128 per slab and invocation) and no index
+    /// clamp (80 with checks). Prints the instruction counts with and
+    /// without wgpu's checks (`--nocapture`).
+    #[test]
+    fn staged_tensor_core_kernel_moves_halves_without_conversions_or_clamps() {
+        use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
+        assert!(ShaderFamily::MatmulCoop.audited("matmul_coop_staged"));
+        for trans_b in [false, true] {
+            let mut defines = vec![("TRANS_B", flag(trans_b))];
+            defines.extend(crate::ops::matmul::CoopSizes::new(16, 32).defines());
+            let source = render(ShaderFamily::MatmulCoop, "matmul_coop_staged", &defines).unwrap();
+            let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
+            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all()).validate(&module).unwrap();
+            let mut counts = Vec::new();
+            for checked in [true, false] {
+                // wgpu's Vulkan options on NVIDIA (robust buffer access 2:
+                // storage buffers unchecked), with and without its checks.
+                let index = if checked { BoundsCheckPolicy::Restrict } else { BoundsCheckPolicy::Unchecked };
+                let options = naga::back::spv::Options {
+                    lang_version: (1, 6),
+                    bounds_check_policies: BoundsCheckPolicies { index, buffer: BoundsCheckPolicy::Unchecked, image_load: index, binding_array: BoundsCheckPolicy::Unchecked },
+                    force_loop_bounding: checked,
+                    ..Default::default()
+                };
+                let words = naga::back::spv::write_vec(&module, &info, &options, None).expect("SPIR-V");
+                // (all instructions, OpExtInst: GLSL.std.450 clamps and unpacks, OpFConvert)
+                let (mut total, mut ext, mut convert) = (0, 0, 0);
+                let mut at = 5;
+                while at < words.len() {
+                    let (op, len) = (words[at] & 0xffff, (words[at] >> 16) as usize);
+                    total += 1;
+                    ext += usize::from(op == 12);
+                    convert += usize::from(op == 115);
+                    at += len.max(1);
+                }
+                eprintln!("matmul_coop_staged trans_b={trans_b} runtime checks {checked}: {total} SPIR-V instructions, {ext} OpExtInst, {convert} OpFConvert");
+                counts.push((ext, convert));
+            }
+            assert_eq!(counts[1], (0, 0), "trans_b={trans_b}: the audited kernel converts or clamps (OpExtInst, OpFConvert)");
+        }
+    }
 }
