@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use memit_core::{apply_edit, apply_memit, compute_target_vectors, compute_targets, null_space_projector, EditMethod, EditState, load_cache, EditRequest, Hparams, LayerCovariance, StatsAccumulator, StatsIdentity, TargetOptions, TargetText, TargetVector};
-use memit_gpu::{GpuContext, GpuOptions};
+use memit_gpu::{DType, GpuContext, GpuOptions};
 use memit_models::{argmax, load_hf_dir, LoadOptions, Model, TextTokenizer};
 use safetensors::SafeTensors;
 
@@ -265,6 +265,62 @@ fn target_vectors_match_torch() {
             assert!(last < first, "loss went from {first} to {last}");
         }
     }
+}
+
+/// Every kernel a GPU runs for MEMIT (its kernel variants, with subgroup
+/// reductions where this adapter has them): statistics, target vectors
+/// with the backward pass, the solve and the edited forward of GPT-2 and
+/// Llama, the forward of GPT-J and GPT-NeoX, and the GPU's blocked
+/// Cholesky solve, translates through naga's Metal (MSL 2.4) and DX12
+/// (HLSL, shader model 6.2) writers, which wgpu uses on those backends and
+/// which no machine of this project's runs (the platforms' own compilers
+/// after them cannot run here).
+#[test]
+fn every_kernel_of_an_edit_translates_for_metal_and_dx12() {
+    let options = GpuOptions { cpu_kernels: Some(false), ..Default::default() };
+    let ctx = pollster::block_on(GpuContext::new(options)).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    for golden in [Golden::realistic("facts-gpt2"), Golden::realistic("tiny-llama-tok")] {
+        let (mut model, tok) = load_folder_on(ctx.clone(), golden.folder);
+        let hp = golden.hparams(&model);
+        let covs = pollster::block_on(collect(&model, &tok, hp.layers.clone(), golden.max_len()).covariances(&model)).unwrap();
+        let requests = golden.requests();
+        pollster::block_on(apply_memit(&mut model, &tok, &requests, &hp, &golden.templates(), &covs, &mut |_| {})).unwrap();
+        predictions(&model, &tok, &[requests[0].prompt.replace("{}", &requests[0].subject)]);
+    }
+    for folder in ["tiny-gptj", "tiny-gpt-neox"] {
+        let model = load_hf_dir(ctx.clone(), &fixtures().join(folder), LoadOptions::default()).unwrap().model;
+        pollster::block_on(model.last_token_logits(&[vec![1, 2, 3, 4, 5], vec![6, 7]])).unwrap();
+    }
+    // These systems are narrow enough for the host's float64 solve; a
+    // GPT-J-wide one takes the GPU's (two 64-wide panels here).
+    let (d, n) = (80, 120);
+    let keys: Vec<f32> = (0..n * d).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let a = ctx.solver_matrix(d, d).unwrap();
+    ctx.add_gram_lower(&a, &ctx.upload(&[n, d], &keys, DType::F32).unwrap(), 1.0).unwrap();
+    let factor = pollster::block_on(ctx.factor_spd_checked(a, 1.0)).unwrap();
+    let x = ctx.solve_factored(&factor, &ctx.upload(&[d, 1], &vec![1.0; d], DType::F32).unwrap()).unwrap();
+    assert!(pollster::block_on(ctx.read(&x)).unwrap().iter().all(|v| v.is_finite()));
+    let kernels = ctx.compiled_kernels().unwrap();
+    let families: std::collections::BTreeSet<&str> = kernels.iter().map(|(name, _)| name.split("::").next().unwrap()).collect();
+    for family in ["matmul", "norm", "attention", "activation", "softmax", "target", "solve", "embedding", "elementwise"] {
+        assert!(families.contains(family), "no {family} kernel ran: {families:?}");
+    }
+    if ctx.subgroup_reductions() {
+        assert!(kernels.iter().any(|(_, source)| source.contains("subgroupAdd")), "subgroup reductions on, but no kernel uses them");
+    }
+    let msl = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
+    let hlsl = naga::back::hlsl::Options { shader_model: naga::back::hlsl::ShaderModel::V6_2, fake_missing_bindings: true, ..Default::default() };
+    for (name, source) in &kernels {
+        let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+        let (metal, _) = naga::back::msl::write_string(&module, &info, &msl, &naga::back::msl::PipelineOptions::default()).unwrap_or_else(|e| panic!("{name} to MSL: {e}"));
+        let mut dx12 = String::new();
+        naga::back::hlsl::Writer::new(&mut dx12, &hlsl, &Default::default()).write(&module, &info, None).unwrap_or_else(|e| panic!("{name} to HLSL: {e}"));
+        assert!(metal.contains("kernel void") && dx12.contains("[numthreads("), "{name}: no compute entry point written");
+    }
+    eprintln!("{} kernels translated to MSL and HLSL: {}", kernels.len(), kernels.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
 }
 
 /// A target whose token prefix ends inside a character (an emoji's byte

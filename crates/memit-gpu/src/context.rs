@@ -608,6 +608,20 @@ impl GpuContext {
         Ok(pipeline)
     }
 
+    /// Every kernel this context has compiled, as `family::entry` and the
+    /// WGSL it compiled, sorted: to check the kernels a workload used
+    /// against other shader compilers (naga's Metal and DX12 writers) on a
+    /// machine that has neither.
+    pub fn compiled_kernels(&self) -> Result<Vec<(String, String)>> {
+        let keys: Vec<PipelineKey> = self.pipelines.lock().unwrap().keys().cloned().collect();
+        let mut kernels = keys
+            .iter()
+            .map(|k| Ok((format!("{}::{}", k.family.name(), k.entry), render(k.family, k.entry, &k.defines)?)))
+            .collect::<Result<Vec<_>>>()?;
+        kernels.sort();
+        Ok(kernels)
+    }
+
     /// Starts timing every dispatch on the GPU (timestamp queries around
     /// each one) until `finish_profiling`. Each submit then waits for the
     /// GPU, so profiled runs are slower than normal ones; the per-kernel
