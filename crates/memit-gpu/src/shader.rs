@@ -149,15 +149,16 @@ pub fn flag(b: bool) -> String {
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
-    use wgpu::naga;
 
     /// The tensor-core module runs only where an adapter has cooperative
     /// matrices (not on the system lavapipe of CI's Debian; tests/run.sh
     /// runs them on a newer one); naga checks here, on every machine, that
-    /// both kernels, in both layouts of B and at NVIDIA's and lavapipe's
-    /// sizes, parse, validate and translate to SPIR-V 1.6 as wgpu would.
+    /// both kernels, in both layouts of B and at NVIDIA's, Apple's and
+    /// lavapipe's sizes, parse, validate and translate to SPIR-V 1.6 (Vulkan)
+    /// and to MSL 2.4 (Metal, whose simdgroup matrices wgpu reports as
+    /// 8×8×8 f16 into f32) as wgpu would.
     #[test]
-    fn coop_module_translates_to_spirv() {
+    fn coop_module_translates_to_spirv_and_msl() {
         for (entry, trans_b, (fragment, subgroup)) in coop_cases() {
             let mut defines = vec![("TRANS_B", flag(trans_b))];
             defines.extend(crate::ops::matmul::CoopSizes::new(fragment, subgroup).defines());
@@ -169,6 +170,10 @@ mod tests {
             let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
             let words = naga::back::spv::write_vec(&module, &info, &options, None).expect("SPIR-V");
             assert!(words.len() > 100, "{entry} trans_b={trans_b} fragment {fragment}");
+            let msl = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
+            let (metal, _) = naga::back::msl::write_string(&module, &info, &msl, &Default::default())
+                .unwrap_or_else(|e| panic!("{entry} trans_b={trans_b} fragment {fragment} subgroup {subgroup} to MSL: {e}"));
+            assert!(metal.contains("simdgroup"), "{entry}: no simdgroup matrices in its MSL");
         }
     }
 
@@ -176,7 +181,8 @@ mod tests {
         let mut cases = Vec::new();
         for entry in ["matmul_coop", "matmul_coop_staged"] {
             for trans_b in [false, true] {
-                for sizes in [(16, 32), (8, 8)] {
+                // NVIDIA's, Apple's and lavapipe's (fragment, subgroup).
+                for sizes in [(16, 32), (8, 32), (8, 8)] {
                     cases.push((entry, trans_b, sizes));
                 }
             }
