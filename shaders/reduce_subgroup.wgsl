@@ -4,8 +4,11 @@
 // loading a few of them (one on a 32-wide GPU subgroup, four on lavapipe's
 // 8-wide ones). 2 barriers instead of the tree's 10, and every subgroup
 // reduces the same values in the same lanes, so all invocations get the
-// same result. No assumption on how invocations map to subgroups: the
-// entry point's subgroup builtins say which slot is whose.
+// same result. Which slot is whose comes from the entry point's subgroup
+// builtins, so nothing here assumes how invocations map to subgroups
+// (on DX12 naga derives subgroup_id from the local index and the wave
+// size, which assumes waves of consecutive invocations, as drivers make
+// them).
 
 var<private> subgroup_slot: u32;
 var<private> subgroup_count: u32;

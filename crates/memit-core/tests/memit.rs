@@ -27,16 +27,18 @@ fn load() -> (Model, TextTokenizer) {
     load_folder("facts-gpt2")
 }
 
-/// The same adapter with row reductions as trees through workgroup memory
-/// (browsers' path, and adapters' without subgroups): `ctx` reduces within
-/// subgroups where the adapter has them.
-fn tree_reductions_ctx() -> Arc<GpuContext> {
-    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        let options = GpuOptions { subgroups: Some(false), ..Default::default() };
-        pollster::block_on(GpuContext::new(options)).expect("a GPU adapter (install mesa-vulkan-drivers)")
-    })
-    .clone()
+/// The same adapter with a GPU's kernel variants (norms and attention's
+/// backward reduce over the workgroup) and row reductions within subgroups
+/// (`subgroups`, where the adapter has them) or as trees through workgroup
+/// memory (browsers' path, and adapters' without subgroups).
+fn gpu_kernels_ctx(subgroups: bool) -> Arc<GpuContext> {
+    static CTX: [OnceLock<Arc<GpuContext>>; 2] = [OnceLock::new(), OnceLock::new()];
+    CTX[usize::from(subgroups)]
+        .get_or_init(|| {
+            let options = GpuOptions { cpu_kernels: Some(false), subgroups: Some(subgroups), ..Default::default() };
+            pollster::block_on(GpuContext::new(options)).expect("a GPU adapter (install mesa-vulkan-drivers)")
+        })
+        .clone()
 }
 
 /// A fixture model folder with its tokenizer.
@@ -253,7 +255,7 @@ fn target_vectors(model: &Model, tok: &TextTokenizer, requests: &[EditRequest], 
 #[test]
 fn target_vectors_match_torch() {
     let golden = Golden::open();
-    for ctx in [ctx(), tree_reductions_ctx()] {
+    for ctx in [ctx(), gpu_kernels_ctx(true), gpu_kernels_ctx(false)] {
         let (model, tok) = load_folder_on(ctx, "facts-gpt2");
         let hp = golden.hparams(&model);
         let targets = target_vectors(&model, &tok, &golden.requests(), &golden.templates(), &hp, TargetOptions::default());
@@ -267,8 +269,9 @@ fn target_vectors_match_torch() {
     }
 }
 
-/// Every kernel a GPU runs for MEMIT (its kernel variants, with subgroup
-/// reductions where this adapter has them): statistics, target vectors
+/// Every kernel MEMIT runs (a GPU's kernel variants, with row reductions
+/// within subgroups where this adapter has them and as trees through
+/// workgroup memory, and a CPU adapter's): statistics, target vectors
 /// with the backward pass, the solve and the edited forward of GPT-2 and
 /// Llama, the forward of GPT-J and GPT-NeoX, and the GPU's blocked
 /// Cholesky solve, translates through naga's Metal (MSL 2.4) and DX12
@@ -277,8 +280,13 @@ fn target_vectors_match_torch() {
 /// after them cannot run here).
 #[test]
 fn every_kernel_of_an_edit_translates_for_metal_and_dx12() {
-    let options = GpuOptions { cpu_kernels: Some(false), ..Default::default() };
-    let ctx = pollster::block_on(GpuContext::new(options)).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    // The CPU adapters' variants too (DX12's WARP is one).
+    for ctx in [gpu_kernels_ctx(true), gpu_kernels_ctx(false), ctx()] {
+        check_kernels_translate(&ctx);
+    }
+}
+
+fn check_kernels_translate(ctx: &Arc<GpuContext>) {
     for golden in [Golden::realistic("facts-gpt2"), Golden::realistic("tiny-llama-tok")] {
         let (mut model, tok) = load_folder_on(ctx.clone(), golden.folder);
         let hp = golden.hparams(&model);
@@ -305,9 +313,8 @@ fn every_kernel_of_an_edit_translates_for_metal_and_dx12() {
     for family in ["matmul", "norm", "attention", "activation", "softmax", "target", "solve", "embedding", "elementwise"] {
         assert!(families.contains(family), "no {family} kernel ran: {families:?}");
     }
-    if ctx.subgroup_reductions() {
-        assert!(kernels.iter().any(|(_, source)| source.contains("subgroupAdd")), "subgroup reductions on, but no kernel uses them");
-    }
+    let subgroup_kernels = kernels.iter().filter(|(_, source)| source.contains("subgroupAdd")).count();
+    assert_eq!(subgroup_kernels > 0, ctx.subgroup_reductions(), "{subgroup_kernels} kernels reduce within subgroups");
     let msl = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
     let hlsl = naga::back::hlsl::Options { shader_model: naga::back::hlsl::ShaderModel::V6_2, fake_missing_bindings: true, ..Default::default() };
     for (name, source) in &kernels {

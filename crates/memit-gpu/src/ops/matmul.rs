@@ -454,9 +454,13 @@ pub(crate) fn coop_staged_block(entry: &str, defines: &[(&'static str, String)])
             // The subgroup's quarter of the workgroup's tile. Four whole
             // subgroups: the workgroup is 4 × the adapter's one subgroup
             // size (Vulkan promises full subgroups only on request, which
-            // wgpu does not make; every driver seen packs them so).
-            line(format!("let wm = (sg / 2u) * {}u;", sizes.subgroup_tile()));
-            line(format!("let wn = (sg % 2u) * {}u;", sizes.subgroup_tile()));
+            // wgpu does not make; every driver seen packs them so). The
+            // index is clamped to those four: the module runs without
+            // runtime checks, and a driver that split the workgroup
+            // otherwise must not reach past the slabs or the tile.
+            line("let quarter = min(sg, 3u);".into());
+            line(format!("let wm = (quarter / 2u) * {}u;", sizes.subgroup_tile()));
+            line(format!("let wn = (quarter % 2u) * {}u;", sizes.subgroup_tile()));
             // A slab is `tile` rows of `slab` halves: slab / 8 words a row.
             // A plain B's slab is `slab` rows of `tile` halves.
             let (b_rows_words, b_stride) = if trans_b { (slab / 8, stride) } else { (tile / 8, stride_cols) };
