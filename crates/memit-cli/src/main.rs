@@ -280,9 +280,10 @@ fn info(model: Option<PathBuf>, json: bool) -> Result<()> {
         }
         let [lo, hi] = info.subgroup_sizes;
         let sizes = if lo == hi { format!("{lo}") } else { format!("{lo}-{hi}") };
-        match info.subgroup_reductions {
-            true => println!("subgroups        {sizes} invocations (row reductions within subgroups)"),
-            false => println!("subgroups        not used (row reductions through workgroup memory)"),
+        if info.subgroup_reductions {
+            println!("subgroups        {sizes} invocations (row reductions within subgroups)");
+        } else {
+            println!("subgroups        not used (row reductions through workgroup memory)");
         }
         println!("storage binding  {:.0} MiB (tensors larger than this are split into chunks)", mib(info.max_storage_buffer_binding_size));
         println!("max buffer       {:.0} MiB", mib(info.max_buffer_size));

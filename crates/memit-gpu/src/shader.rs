@@ -108,7 +108,7 @@ pub(crate) const ACTIVATIONS: &str = include_str!("../../../shaders/activations.
 /// later.
 pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, String)]) -> Result<String> {
     let source = family.source();
-    let subgroups = defines.iter().any(|(k, v)| *k == "SUBGROUPS" && v == "true");
+    let subgroups = defined_true(defines, "SUBGROUPS");
     let common = COMMON.replace("{{WORKGROUP_REDUCTIONS}}", if subgroups { REDUCE_SUBGROUP } else { REDUCE_TREE });
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
@@ -141,6 +141,11 @@ pub fn render(family: ShaderFamily, entry: &str, defines: &[(&'static str, Strin
     Ok(out)
 }
 
+/// Whether `defines` sets `key` to `true` (as [`flag`] spells it).
+pub(crate) fn defined_true(defines: &[(&'static str, String)], key: &str) -> bool {
+    defines.iter().any(|(k, v)| *k == key && v == "true")
+}
+
 /// WGSL spelling of a boolean template value.
 pub fn flag(b: bool) -> String {
     if b { "true".into() } else { "false".into() }
@@ -162,13 +167,7 @@ mod tests {
     #[test]
     fn coop_module_translates_to_spirv_and_msl() {
         for (entry, trans_b, (fragment, subgroup)) in coop_cases() {
-            let mut defines = vec![("TRANS_B", flag(trans_b))];
-            defines.extend(crate::ops::matmul::CoopSizes::new(fragment, subgroup).defines());
-            let source = render(ShaderFamily::MatmulCoop, entry, &defines).unwrap();
-            let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
-            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
+            let (module, info) = coop_module(entry, trans_b, (fragment, subgroup));
             let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
             let words = naga::back::spv::write_vec(&module, &info, &options, None).expect("SPIR-V");
             assert!(words.len() > 100, "{entry} trans_b={trans_b} fragment {fragment}");
@@ -177,6 +176,19 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{entry} trans_b={trans_b} fragment {fragment} subgroup {subgroup} to MSL: {e}"));
             assert!(metal.contains("simdgroup"), "{entry}: no simdgroup matrices in its MSL");
         }
+    }
+
+    /// The tensor-core module for `entry`, the layout of B and the
+    /// (fragment, subgroup) sizes, parsed and validated by naga.
+    fn coop_module(entry: &str, trans_b: bool, (fragment, subgroup): (usize, usize)) -> (naga::Module, naga::valid::ModuleInfo) {
+        let mut defines = vec![("TRANS_B", flag(trans_b))];
+        defines.extend(crate::ops::matmul::CoopSizes::new(fragment, subgroup).defines());
+        let source = render(ShaderFamily::MatmulCoop, entry, &defines).unwrap();
+        let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
+        (module, info)
     }
 
     fn coop_cases() -> Vec<(&'static str, bool, (usize, usize))> {
@@ -206,11 +218,7 @@ mod tests {
         use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
         assert!(ShaderFamily::MatmulCoop.audited("matmul_coop_staged"));
         for trans_b in [false, true] {
-            let mut defines = vec![("TRANS_B", flag(trans_b))];
-            defines.extend(crate::ops::matmul::CoopSizes::new(16, 32).defines());
-            let source = render(ShaderFamily::MatmulCoop, "matmul_coop_staged", &defines).unwrap();
-            let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&source)));
-            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all()).validate(&module).unwrap();
+            let (module, info) = coop_module("matmul_coop_staged", trans_b, (16, 32));
             let mut counts = Vec::new();
             for checked in [true, false] {
                 // wgpu's Vulkan options on NVIDIA (robust buffer access 2:

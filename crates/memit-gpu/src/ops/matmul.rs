@@ -8,7 +8,7 @@ use super::{require_f32, u32_of};
 use crate::context::{grid_1d, GpuContext, Kernel, SplitK};
 use crate::runtime::Work;
 use crate::error::{GpuError, Result};
-use crate::shader::{flag, ShaderFamily};
+use crate::shader::{defined_true, flag, ShaderFamily};
 use crate::tensor::{chunk_spans, DType, Tensor, PooledBuffer};
 
 const TILE: usize = 64;
@@ -180,11 +180,6 @@ fn unrolled_block(write: impl FnOnce(&mut dyn FnMut(String))) -> String {
         s.push_str("\n    ");
     });
     s
-}
-
-/// Whether `defines` sets `key` to `true`.
-fn defined_true(defines: &[(&'static str, String)], key: &str) -> bool {
-    defines.iter().any(|(k, v)| *k == key && v == "true")
 }
 
 /// `matmul_wide`'s block (its WIDE_BLOCK) for the layouts of A and B that
